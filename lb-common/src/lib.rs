@@ -1,0 +1,246 @@
+//! Types shared by the XDP program (lb-ebpf) and the control plane (lb-userspace).
+//!
+//! Every struct here is a BPF map key or value: `#[repr(C)]`, padding spelled out as
+//! explicit fields (so a key never carries uninitialised bytes into a hash lookup), and
+//! its size asserted at compile time on both sides.
+#![no_std]
+
+/// Most services one director holds (size of the service map and of the Maglev outer map).
+pub const MAX_SERVICES: u32 = 4096;
+/// Most (service, real) pairs one director holds: the backend array's size.
+pub const MAX_BACKENDS: u32 = 65536;
+/// Maglev table size used when the operator gives none: a prime, as Katran and Cilium use.
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// A Maglev slot that holds no backend (a service with no usable real).
+pub const NO_BACKEND: u32 = u32::MAX;
+/// Default capacity of the connection table (flows tracked at once).
+pub const DEFAULT_CONN_CAPACITY: u32 = 1 << 20;
+/// Capacity of the fragment table (datagrams whose later fragments are still expected).
+pub const FRAG_CAPACITY: u32 = 16384;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A virtual service: VIP, port (network byte order; 0 = every port), L4 protocol.
+/// An IPv4 VIP sits in the first four bytes of `addr`, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Service flag: forward by IP-in-IP encapsulation (TUN) instead of MAC rewrite (DR).
+pub const SERVICE_F_TUN: u32 = 1 << 0;
+/// Service flag: schedule on the client address only (LVS persistence, IPVS `sh`).
+pub const SERVICE_F_HASH_SRC_IP: u32 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Index into the Maglev outer map and the per-service counters.
+    pub id: u32,
+    pub flags: u32,
+}
+
+/// Backend flag: established flows may be forwarded to it. Cleared when its MAC is unknown or
+/// it is failed over; a drained backend keeps it (it only leaves the Maglev table).
+pub const BACKEND_F_FORWARD: u8 = 1 << 0;
+
+/// One real server of one service, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    pub mac: [u8; 6],
+    pub family: u8,
+    pub flags: u8,
+    /// The service this backend belongs to; a tracked flow whose service differs re-schedules.
+    pub service_id: u32,
+    /// Bumped each time the id is given to another real, so flows tracked for the previous
+    /// holder re-schedule instead of landing on the new one (Katran's index-reuse trap).
+    pub generation: u32,
+}
+
+/// A flow: the 5-tuple as the client sent it. Ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Where a tracked flow (or fragmented datagram) goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnValue {
+    pub backend_id: u32,
+    pub generation: u32,
+    /// Coarse monotonic clock, seconds; refreshed at most once a second per flow.
+    pub last_seen_s: u32,
+    pub _pad: u32,
+}
+
+/// A fragmented datagram: addresses, IP identification, protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The ports of a fragmented datagram, learnt from its first fragment so that the later ones
+/// (which carry no L4 header) find their service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Per-service and per-backend traffic counters (per-CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub _pad: u64,
+}
+
+/// Director-wide settings the control plane writes once at attach.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// The MAC of the interface the program is attached to: the source of forwarded frames.
+    pub iface_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Indexes of the global per-CPU counter array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Global {
+    /// Frames handed to the kernel untouched (not for a service, or not parseable).
+    Passed = 0,
+    /// Frames forwarded to a real.
+    Forwarded = 1,
+    /// Packets for a service whose Maglev table has no usable real.
+    DropNoBackend = 2,
+    /// Later fragments whose first fragment was not seen (reordered or aged out) and whose VIP
+    /// has no port-0 service: passed to the kernel, which cannot reassemble them either.
+    FragUntracked = 3,
+    /// Packets for a service that could not be parsed far enough to schedule them.
+    DropMalformed = 4,
+    /// Flows that missed the connection table and were scheduled through Maglev.
+    ConnMiss = 5,
+    /// Tracked flows whose backend went away or changed, re-scheduled.
+    ConnStale = 6,
+}
+
+impl Global {
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Global; Self::COUNT as usize] = [
+        Global::Passed,
+        Global::Forwarded,
+        Global::DropNoBackend,
+        Global::FragUntracked,
+        Global::DropMalformed,
+        Global::ConnMiss,
+        Global::ConnStale,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Global::Passed => "passed",
+            Global::Forwarded => "forwarded",
+            Global::DropNoBackend => "drop_no_backend",
+            Global::FragUntracked => "frag_untracked",
+            Global::DropMalformed => "drop_malformed",
+            Global::ConnMiss => "conn_miss",
+            Global::ConnStale => "conn_stale",
+        }
+    }
+}
+
+/// Seed of the flow hash. Fixed: every director must pick the same slot for the same flow.
+pub const FLOW_HASH_SEED: u32 = 0x786c_6231; // "xlb1"
+
+/// MurmurHash3 (x86, 32-bit) over whole words: the flow hash that indexes a Maglev table.
+/// Shared so the control plane and tests can predict where a flow lands; part of the contract
+/// between directors behind one ECMP group, so changing it moves flows.
+#[inline(always)]
+pub fn flow_hash<const N: usize>(words: &[u32; N]) -> u32 {
+    let mut h = FLOW_HASH_SEED;
+    let mut i = 0;
+    while i < N {
+        let mut k = words[i].wrapping_mul(0xcc9e_2d51);
+        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= (N as u32) * 4;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 8);
+    assert!(core::mem::size_of::<Backend>() == 32);
+    assert!(core::mem::size_of::<ConnKey>() == 40);
+    assert!(core::mem::size_of::<ConnValue>() == 16);
+    assert!(core::mem::size_of::<FragKey>() == 40);
+    assert!(core::mem::size_of::<FragValue>() == 4);
+    assert!(core::mem::size_of::<Counters>() == 32);
+    assert!(core::mem::size_of::<Config>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain #[repr(C)] data with every padding byte an explicit field.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_hash_is_stable() {
+        // Pinned values: a change here moves flows between reals on every director.
+        assert_eq!(flow_hash(&[0u32; 0]), flow_hash(&[]));
+        assert_eq!(flow_hash(&[1, 2, 3]), flow_hash(&[1, 2, 3]));
+        assert_ne!(flow_hash(&[1, 2, 3]), flow_hash(&[3, 2, 1]));
+        assert_eq!(flow_hash(&[0xc612_0001]), GOLDEN_ONE_WORD);
+    }
+
+    // MurmurHash3_x86_32 of the little-endian bytes 01 00 12 c6 with seed "xlb1".
+    const GOLDEN_ONE_WORD: u32 = 0x19fd_d5de;
+}

@@ -1,0 +1,139 @@
+//! Connection table and fragment table.
+//!
+//! A flow is scheduled once (its SYN, or its first packet seen) through Maglev and recorded by
+//! 5-tuple, so it stays on its real when the set of reals changes. A TCP SYN always re-schedules:
+//! a new connection that reuses an old 5-tuple must not inherit a stale entry.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{
+    BACKEND_F_FORWARD, Backend, ConnKey, ConnValue, FragKey, FragValue, Global, ServiceValue,
+};
+
+use crate::{
+    counters, maglev,
+    maps::{BACKENDS, CONNS, FRAGS},
+    parse::Packet,
+};
+
+/// A backend the packet may be sent to, and whether this packet starts a new flow.
+pub struct Choice {
+    pub backend_id: u32,
+    pub backend: Backend,
+    pub new_flow: bool,
+}
+
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: a helper without arguments; the coarse clock costs no clock-source read.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+fn usable(backend: &Backend, svc: &ServiceValue) -> bool {
+    backend.flags & BACKEND_F_FORWARD != 0 && backend.service_id == svc.id
+}
+
+#[inline(always)]
+fn backend(id: u32) -> Option<Backend> {
+    BACKENDS.get(id).copied()
+}
+
+/// The real for a whole (unfragmented) packet: its tracked flow's, or a fresh Maglev choice.
+#[inline(always)]
+pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
+    let key = ConnKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    };
+    let now = now_s();
+    if !pkt.is_tcp_syn() {
+        match CONNS.get_ptr_mut(key) {
+            Some(entry) => {
+                // SAFETY: an LRU value; a concurrent writer of the same flow writes the same
+                // fields with equally valid values.
+                let conn = unsafe { &mut *entry };
+                if let Some(b) = backend(conn.backend_id) {
+                    if b.generation == conn.generation && usable(&b, svc) {
+                        if conn.last_seen_s != now {
+                            conn.last_seen_s = now;
+                        }
+                        return Some(Choice {
+                            backend_id: conn.backend_id,
+                            backend: b,
+                            new_flow: false,
+                        });
+                    }
+                }
+                counters::global(Global::ConnStale);
+            }
+            None => counters::global(Global::ConnMiss),
+        }
+    }
+    let backend_id = maglev::pick(svc.id, maglev::hash(pkt, svc, true))?;
+    let b = backend(backend_id)?;
+    if !usable(&b, svc) {
+        return None;
+    }
+    let value = ConnValue {
+        backend_id,
+        generation: b.generation,
+        last_seen_s: now,
+        _pad: 0,
+    };
+    // A full LRU evicts its oldest entry; a failed insert only means this flow is not pinned.
+    let _ = CONNS.insert(key, value, 0);
+    Some(Choice {
+        backend_id,
+        backend: b,
+        new_flow: true,
+    })
+}
+
+/// The real for a fragment: scheduled on addresses only (never on ports, which later fragments
+/// lack), so every fragment of a datagram reaches the same real without any shared state.
+#[inline(always)]
+pub fn select_fragment(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
+    let backend_id = maglev::pick(svc.id, maglev::hash(pkt, svc, false))?;
+    let b = backend(backend_id)?;
+    if !usable(&b, svc) {
+        return None;
+    }
+    Some(Choice {
+        backend_id,
+        backend: b,
+        new_flow: false,
+    })
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        id: pkt.frag_id,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    }
+}
+
+/// The first fragment tells which ports (hence which service) its datagram is for.
+#[inline(always)]
+pub fn remember_fragment_ports(pkt: &Packet) {
+    let value = FragValue {
+        sport: pkt.sport,
+        dport: pkt.dport,
+    };
+    let _ = FRAGS.insert(frag_key(pkt), value, 0);
+}
+
+/// The ports a later fragment's datagram was sent to, if its first fragment was seen.
+#[inline(always)]
+pub fn fragment_ports(pkt: &Packet) -> Option<FragValue> {
+    FRAGS.get_ptr(frag_key(pkt)).map(|v| unsafe { *v })
+}

@@ -1,0 +1,38 @@
+//! Per-CPU counters: the data path only ever adds to its own CPU's slot, without atomics;
+//! the control plane sums the CPUs when it reads.
+
+use lb_common::{Counters, Global};
+
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS};
+
+#[inline(always)]
+pub fn global(which: Global) {
+    if let Some(slot) = GLOBAL_STATS.get_ptr_mut(which as u32) {
+        // SAFETY: a per-CPU slot; nothing else writes it while this program runs on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn add(slot: Option<*mut Counters>, bytes: u64, new_flow: bool) {
+    if let Some(c) = slot {
+        // SAFETY: as in `global`.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            if new_flow {
+                (*c).new_flows += 1;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+pub fn service(id: u32, bytes: u64, new_flow: bool) {
+    add(SERVICE_STATS.get_ptr_mut(id), bytes, new_flow);
+}
+
+#[inline(always)]
+pub fn backend(id: u32, bytes: u64, new_flow: bool) {
+    add(BACKEND_STATS.get_ptr_mut(id), bytes, new_flow);
+}

@@ -1,0 +1,54 @@
+//! Maglev lookup: the table is built in userspace; here we only index it.
+
+use lb_common::{FAMILY_V4, NO_BACKEND, SERVICE_F_HASH_SRC_IP, ServiceValue, flow_hash};
+
+use crate::{maps::MAGLEV, parse::Packet};
+
+/// The flow hash that picks a slot. `with_ports` is false for fragments, which must all land on
+/// the same real although only the first one carries ports. A source-IP service hashes the
+/// client address alone, so all of a client's connections share a real.
+#[inline(always)]
+pub fn hash(pkt: &Packet, svc: &ServiceValue, with_ports: bool) -> u32 {
+    let src = words(&pkt.src);
+    if svc.flags & SERVICE_F_HASH_SRC_IP != 0 {
+        return if pkt.family == FAMILY_V4 {
+            flow_hash(&[src[0]])
+        } else {
+            flow_hash(&src)
+        };
+    }
+    let dst = words(&pkt.dst);
+    let ports = if with_ports {
+        (pkt.sport as u32) << 16 | pkt.dport as u32
+    } else {
+        0
+    };
+    let proto = pkt.proto as u32;
+    if pkt.family == FAMILY_V4 {
+        flow_hash(&[src[0], dst[0], ports, proto])
+    } else {
+        flow_hash(&[
+            src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], ports, proto,
+        ])
+    }
+}
+
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    // SAFETY: [u8; 16] and [u32; 4] have the same size; read_unaligned tolerates alignment.
+    unsafe { (addr.as_ptr() as *const [u32; 4]).read_unaligned() }
+}
+
+/// The backend id in the service's table for this hash, or None when the table is missing or
+/// holds no backend in that slot.
+#[inline(always)]
+pub fn pick(service_id: u32, hash: u32) -> Option<u32> {
+    let table = MAGLEV.get(service_id)?;
+    let size = table.get(0)?[0];
+    if size == 0 {
+        return None;
+    }
+    let slot = hash % size;
+    let id = table.get(1 + slot / 2)?[(slot & 1) as usize];
+    if id == NO_BACKEND { None } else { Some(id) }
+}

@@ -1,0 +1,86 @@
+//! xlb's XDP programs. This file only wires the stages together; each concern lives in its
+//! own module, as in Cilium's bpf/lib and Katran's lib/bpf.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod counters;
+mod forward_dr;
+mod maglev;
+mod maps;
+mod parse;
+mod service;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::Global;
+
+use crate::parse::Fragment;
+
+/// The balancer: packets for a service go to one real per flow; everything else passes.
+#[xdp]
+pub fn xlb_balancer(ctx: XdpContext) -> u32 {
+    let verdict = balance(&ctx);
+    if verdict == xdp_action::XDP_PASS {
+        counters::global(Global::Passed);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> u32 {
+    let Some(pkt) = parse::parse(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let dport = match pkt.fragment {
+        Fragment::Later => match conntrack::fragment_ports(&pkt) {
+            Some(ports) => ports.dport,
+            None => {
+                // Reordered or aged out: only an all-ports service can still claim it.
+                if service::lookup(&pkt, 0).is_none() {
+                    counters::global(Global::FragUntracked);
+                    return xdp_action::XDP_PASS;
+                }
+                0
+            }
+        },
+        _ => pkt.dport,
+    };
+    let Some(svc) = service::lookup(&pkt, dport) else {
+        return xdp_action::XDP_PASS;
+    };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let choice = match pkt.fragment {
+        Fragment::None => conntrack::select(&pkt, &svc),
+        Fragment::First => {
+            conntrack::remember_fragment_ports(&pkt);
+            conntrack::select_fragment(&pkt, &svc)
+        }
+        Fragment::Later => conntrack::select_fragment(&pkt, &svc),
+    };
+    let Some(choice) = choice else {
+        counters::service(svc.id, bytes, false);
+        counters::global(Global::DropNoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    counters::service(svc.id, bytes, choice.new_flow);
+    counters::backend(choice.backend_id, bytes, choice.new_flow);
+    counters::global(Global::Forwarded);
+    forward_dr::forward(ctx, &choice.backend)
+}
+
+/// A program that passes everything: the empty baseline of the benchmarks, and what a veth
+/// peer needs attached for XDP_TX frames to be delivered (see the lab).
+#[xdp]
+pub fn xlb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,54 @@
+//! Every map the data path uses, in one place: the control plane finds them by these names.
+
+use aya_ebpf::{
+    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Backend, Config, ConnKey, ConnValue, Counters, DEFAULT_CONN_CAPACITY, DEFAULT_RING_SIZE,
+    FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS, MAX_SERVICES, ServiceKey,
+    ServiceValue,
+};
+
+/// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
+/// so each element packs two slots: element 0 holds `[M, 0]`, element 1 + i/2 holds slot i in
+/// half i % 2. Userspace creates one per service with its own M (BPF_F_INNER_MAP lets sizes
+/// differ), fills it through mmap and swaps it into `MAGLEV` in one update, so the kernel never
+/// sees a half-built table.
+pub type MaglevTable = Array<
+    [u32; 2],
+    { DEFAULT_RING_SIZE.div_ceil(2) as usize + 1 },
+    { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize },
+>;
+
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static MAGLEV: ArrayOfMaps<MaglevTable, { MAX_SERVICES as usize }> = ArrayOfMaps::new();
+
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Shared (not per-CPU) LRU: a flow stays pinned even when its packets arrive on another CPU
+/// (RSS changes, generic XDP), and the control plane can count a real's flows in one walk.
+/// Its capacity is set by the loader.
+#[btf_map]
+pub static CONNS: LruHashMap<ConnKey, ConnValue, { DEFAULT_CONN_CAPACITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAG_CAPACITY as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<Counters, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static GLOBAL_STATS: PerCpuArray<u64, { Global::COUNT as usize }> = PerCpuArray::new();

@@ -1,0 +1,185 @@
+//! Header parsing: Ethernet (with one 802.1Q tag), IPv4 (any IHL), IPv6 (with extension
+//! headers), TCP and UDP. Every read is bounds-checked against `data_end`; a frame that ends
+//! early yields `None` and is handed to the kernel untouched.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const VLAN_HLEN: usize = 4;
+const IPV6_HLEN: usize = 40;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers skipped before giving up (Cilium uses the same bound).
+const IPV6_MAX_EXT_HEADERS: usize = 4;
+
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_ACK: u8 = 0x10;
+
+/// Where a packet stands in fragmentation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    None,
+    /// The first fragment: carries the L4 header.
+    First,
+    /// A later fragment: no L4 header, ports unknown.
+    Later,
+}
+
+/// What the balancer needs from a frame. Addresses are in network order; an IPv4 address
+/// fills the first four bytes. Ports are as on the wire (network order in memory).
+pub struct Packet {
+    pub family: u8,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub fragment: Fragment,
+    /// IP identification of a fragmented datagram (IPv6: the fragment header's 32 bits).
+    pub frag_id: u32,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn is_tcp_syn(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+}
+
+/// A pointer to a `T` at `offset` bytes into the frame, if the frame is long enough.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked that size_of::<T>() bytes at offset lie inside the frame.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// Parses L2 to L4. `None` means "not IPv4/IPv6 TCP/UDP, or too short to tell": pass it.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Option<Packet> {
+    let mut l3 = ETH_HLEN;
+    let mut ether_type = u16::from_be(read::<u16>(ctx, 12)?);
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        ether_type = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?);
+        l3 += VLAN_HLEN;
+    }
+    let mut pkt = Packet {
+        family: 0,
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        fragment: Fragment::None,
+        frag_id: 0,
+    };
+    let l4 = match ether_type {
+        ETH_P_IPV4 => parse_ipv4(ctx, l3, &mut pkt)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, l3, &mut pkt)?,
+        _ => return None,
+    };
+    if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
+        return None;
+    }
+    if pkt.fragment != Fragment::Later {
+        // Source and destination ports lead both TCP and UDP headers.
+        let ports = read::<[u16; 2]>(ctx, l4)?;
+        pkt.sport = ports[0];
+        pkt.dport = ports[1];
+        if pkt.proto == PROTO_TCP {
+            pkt.tcp_flags = read::<u8>(ctx, l4 + 13)?;
+        }
+    }
+    Some(pkt)
+}
+
+/// Fills addresses, protocol and fragment state; returns the L4 offset.
+///
+/// The fixed header is copied out in one bounds-checked read: the verifier then needs no
+/// reasoning about variable offsets for its fields (only the options length is variable).
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize, pkt: &mut Packet) -> Option<usize> {
+    let hdr = read::<[u8; 20]>(ctx, l3)?;
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    if hdr[0] >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    // The options (if any) must be present too: the L4 header starts after them.
+    ptr_at::<u8>(ctx, l3 + ihl - 1)?;
+    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let more_fragments = frag & 0x2000 != 0;
+    let offset = frag & 0x1fff;
+    pkt.fragment = if offset != 0 {
+        Fragment::Later
+    } else if more_fragments {
+        Fragment::First
+    } else {
+        Fragment::None
+    };
+    pkt.frag_id = u16::from_be_bytes([hdr[4], hdr[5]]) as u32;
+    pkt.proto = hdr[9];
+    pkt.family = FAMILY_V4;
+    pkt.src[..4].copy_from_slice(&hdr[12..16]);
+    pkt.dst[..4].copy_from_slice(&hdr[16..20]);
+    Some(l3 + ihl)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3: usize, pkt: &mut Packet) -> Option<usize> {
+    let hdr = read::<[u8; IPV6_HLEN]>(ctx, l3)?;
+    if hdr[0] >> 4 != 6 {
+        return None;
+    }
+    let mut next = hdr[6];
+    pkt.src.copy_from_slice(&hdr[8..24]);
+    pkt.dst.copy_from_slice(&hdr[24..40]);
+    pkt.family = FAMILY_V6;
+    let mut off = l3 + IPV6_HLEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let hdr = read::<[u8; 2]>(ctx, off)?;
+                next = hdr[0];
+                off += (hdr[1] as usize + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let hdr = read::<[u8; 8]>(ctx, off)?;
+                next = hdr[0];
+                let offset = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
+                let more_fragments = hdr[3] & 1 != 0;
+                pkt.fragment = if offset != 0 {
+                    Fragment::Later
+                } else if more_fragments {
+                    Fragment::First
+                } else {
+                    // An atomic fragment (RFC 6946): a whole datagram.
+                    Fragment::None
+                };
+                pkt.frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    pkt.proto = next;
+    Some(off)
+}

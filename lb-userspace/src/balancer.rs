@@ -1,0 +1,430 @@
+//! Policy: turns the operator's configuration into map contents. Allocates service and
+//! backend ids, builds Maglev tables, and rewrites them in place when reals change.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
+};
+
+use anyhow::{Context, Result, bail};
+use lb_common::{
+    BACKEND_F_FORWARD, Backend, Config as KernelConfig, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
+    MAX_SERVICES, SERVICE_F_HASH_SRC_IP, ServiceKey, ServiceValue,
+};
+
+use crate::{
+    config::{Config, HashKind, RealConfig, ServiceAddr, ServiceConfig, validate_real},
+    dataplane::Dataplane,
+    maglev,
+};
+
+pub type Mac = [u8; 6];
+
+/// Hands out ids. A freed id goes to the back of the queue, so it is reused as late as
+/// possible, and every reuse bumps its generation (flows tracked for the old holder notice).
+struct IdPool {
+    next: u32,
+    limit: u32,
+    free: VecDeque<u32>,
+    generations: HashMap<u32, u32>,
+}
+
+impl IdPool {
+    fn new(limit: u32) -> Self {
+        Self {
+            next: 0,
+            limit,
+            free: VecDeque::new(),
+            generations: HashMap::new(),
+        }
+    }
+
+    fn alloc(&mut self) -> Option<(u32, u32)> {
+        let id = if self.next < self.limit {
+            self.next += 1;
+            self.next - 1
+        } else {
+            self.free.pop_front()?
+        };
+        let generation = self.generations.entry(id).or_insert(0);
+        *generation = generation.wrapping_add(1);
+        Some((id, *generation))
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.push_back(id);
+    }
+}
+
+struct RealState {
+    weight: u32,
+    backend_id: u32,
+    generation: u32,
+}
+
+struct ServiceState {
+    config: ServiceConfig,
+    id: u32,
+    reals: BTreeMap<IpAddr, RealState>,
+}
+
+/// What `status` shows of one real.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RealStatus {
+    pub addr: IpAddr,
+    pub weight: u32,
+    pub backend_id: u32,
+    pub mac: Option<String>,
+    /// In the Maglev table (weight > 0 and MAC known).
+    pub in_table: bool,
+}
+
+pub struct Balancer {
+    dp: Dataplane,
+    services: BTreeMap<ServiceAddr, ServiceState>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+    macs: HashMap<IpAddr, Mac>,
+}
+
+fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+pub fn service_key(s: &ServiceAddr) -> ServiceKey {
+    let (addr, family) = addr_bytes(s.vip);
+    ServiceKey {
+        addr,
+        port: s.port.to_be(),
+        proto: s.proto.number(),
+        family,
+    }
+}
+
+pub fn format_mac(mac: &Mac) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Balancer {
+    pub fn new(dp: Dataplane) -> Self {
+        Self {
+            dp,
+            services: BTreeMap::new(),
+            service_ids: IdPool::new(MAX_SERVICES),
+            backend_ids: IdPool::new(MAX_BACKENDS),
+            macs: HashMap::new(),
+        }
+    }
+
+    pub fn dataplane(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+
+    pub fn set_iface_mac(&mut self, mac: Mac) -> Result<()> {
+        self.dp.set_config(KernelConfig {
+            iface_mac: mac,
+            _pad: [0; 2],
+        })
+    }
+
+    /// The configuration as the operator sees it (what `xlb save` prints).
+    pub fn config(&self) -> Config {
+        Config {
+            services: self
+                .services
+                .values()
+                .map(|s| {
+                    let mut c = s.config.clone();
+                    c.reals = s
+                        .reals
+                        .iter()
+                        .map(|(addr, r)| RealConfig {
+                            addr: *addr,
+                            weight: r.weight,
+                        })
+                        .collect();
+                    c
+                })
+                .collect(),
+        }
+    }
+
+    pub fn service_id(&self, s: &ServiceAddr) -> Option<u32> {
+        self.services.get(s).map(|st| st.id)
+    }
+
+    pub fn real_backend_id(&self, s: &ServiceAddr, real: IpAddr) -> Option<u32> {
+        self.services.get(s)?.reals.get(&real).map(|r| r.backend_id)
+    }
+
+    /// Every real address the balancer needs a MAC for.
+    pub fn real_addrs(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self
+            .services
+            .values()
+            .flat_map(|s| s.reals.keys().copied())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    pub fn mac_of(&self, addr: IpAddr) -> Option<Mac> {
+        self.macs.get(&addr).copied()
+    }
+
+    pub fn real_status(&self, s: &ServiceAddr) -> Vec<RealStatus> {
+        let Some(st) = self.services.get(s) else {
+            return Vec::new();
+        };
+        st.reals
+            .iter()
+            .map(|(addr, r)| {
+                let mac = self.macs.get(addr);
+                RealStatus {
+                    addr: *addr,
+                    weight: r.weight,
+                    backend_id: r.backend_id,
+                    mac: mac.map(format_mac),
+                    in_table: r.weight > 0 && mac.is_some(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn add_service(&mut self, config: ServiceConfig) -> Result<()> {
+        config.validate()?;
+        if self.services.contains_key(&config.service) {
+            bail!("service {} already exists", config.service);
+        }
+        if self.backend_ids.next as usize + config.reals.len() > MAX_BACKENDS as usize
+            && self.backend_ids.free.len() < config.reals.len()
+        {
+            bail!(
+                "service {}: no room for {} more reals",
+                config.service,
+                config.reals.len()
+            );
+        }
+        let (id, _) = self.service_ids.alloc().with_context(|| {
+            format!(
+                "no room for service {} (limit {MAX_SERVICES})",
+                config.service
+            )
+        })?;
+        let mut state = ServiceState {
+            config: ServiceConfig {
+                reals: Vec::new(),
+                ..config.clone()
+            },
+            id,
+            reals: BTreeMap::new(),
+        };
+        for real in &config.reals {
+            let (backend_id, generation) = self.backend_ids.alloc().context("no room for reals")?;
+            state.reals.insert(
+                real.addr,
+                RealState {
+                    weight: real.weight,
+                    backend_id,
+                    generation,
+                },
+            );
+        }
+        let key = service_key(&config.service);
+        self.dp.reset_service_counters(id)?;
+        self.services.insert(config.service, state);
+        let addrs: Vec<IpAddr> = config.reals.iter().map(|r| r.addr).collect();
+        for addr in addrs {
+            self.write_backend(&config.service, addr)?;
+        }
+        // The table goes in before the service entry, so no packet meets a service without one.
+        self.publish_table(&config.service)?;
+        let flags = match config.hash {
+            HashKind::FiveTuple => 0,
+            HashKind::SrcIp => SERVICE_F_HASH_SRC_IP,
+        };
+        self.dp.set_service(key, ServiceValue { id, flags })?;
+        Ok(())
+    }
+
+    pub fn remove_service(&mut self, s: &ServiceAddr) -> Result<()> {
+        let Some(state) = self.services.get(s) else {
+            bail!("service {s} does not exist");
+        };
+        let id = state.id;
+        let backends: Vec<u32> = state.reals.values().map(|r| r.backend_id).collect();
+        self.dp.remove_service(&service_key(s))?;
+        self.dp.clear_maglev(id)?;
+        for b in backends {
+            self.dp.set_backend(b, Backend::default())?;
+            self.backend_ids.release(b);
+        }
+        self.services.remove(s);
+        self.service_ids.release(id);
+        Ok(())
+    }
+
+    pub fn add_real(&mut self, s: &ServiceAddr, real: RealConfig) -> Result<()> {
+        let state = self
+            .services
+            .get_mut(s)
+            .with_context(|| format!("service {s} does not exist"))?;
+        validate_real(&state.config, &real)?;
+        if state.reals.contains_key(&real.addr) {
+            bail!("real {} is already in service {s}", real.addr);
+        }
+        let (backend_id, generation) = self
+            .backend_ids
+            .alloc()
+            .with_context(|| format!("no room for another real (limit {MAX_BACKENDS})"))?;
+        state.reals.insert(
+            real.addr,
+            RealState {
+                weight: real.weight,
+                backend_id,
+                generation,
+            },
+        );
+        self.dp.reset_backend_counters(backend_id)?;
+        self.write_backend(s, real.addr)?;
+        self.publish_table(s)
+    }
+
+    pub fn remove_real(&mut self, s: &ServiceAddr, addr: IpAddr) -> Result<()> {
+        let state = self
+            .services
+            .get_mut(s)
+            .with_context(|| format!("service {s} does not exist"))?;
+        let Some(real) = state.reals.remove(&addr) else {
+            bail!("real {addr} is not in service {s}");
+        };
+        // Out of the table first; then the backend entry goes, so its tracked flows re-schedule.
+        self.publish_table(s)?;
+        self.dp.set_backend(real.backend_id, Backend::default())?;
+        self.backend_ids.release(real.backend_id);
+        Ok(())
+    }
+
+    pub fn set_weight(&mut self, s: &ServiceAddr, addr: IpAddr, weight: u32) -> Result<()> {
+        let state = self
+            .services
+            .get_mut(s)
+            .with_context(|| format!("service {s} does not exist"))?;
+        validate_real(&state.config, &RealConfig { addr, weight })?;
+        let Some(real) = state.reals.get_mut(&addr) else {
+            bail!("real {addr} is not in service {s}");
+        };
+        real.weight = weight;
+        self.publish_table(s)
+    }
+
+    /// Records a real's MAC (or that it is unknown) and reprograms every service using it.
+    /// Returns whether anything changed.
+    pub fn set_mac(&mut self, addr: IpAddr, mac: Option<Mac>) -> Result<bool> {
+        let old = self.macs.get(&addr).copied();
+        if old == mac {
+            return Ok(false);
+        }
+        match mac {
+            Some(m) => self.macs.insert(addr, m),
+            None => self.macs.remove(&addr),
+        };
+        let affected: Vec<ServiceAddr> = self
+            .services
+            .iter()
+            .filter(|(_, st)| st.reals.contains_key(&addr))
+            .map(|(s, _)| *s)
+            .collect();
+        for s in affected {
+            self.write_backend(&s, addr)?;
+            self.publish_table(&s)?;
+        }
+        Ok(true)
+    }
+
+    /// Replaces the whole configuration: validated first, then applied. Services that did not
+    /// change keep their ids, tables and tracked flows.
+    pub fn replace(&mut self, config: &Config) -> Result<()> {
+        config.validate()?;
+        let wanted: BTreeMap<ServiceAddr, &ServiceConfig> =
+            config.services.iter().map(|s| (s.service, s)).collect();
+        let current = self.config();
+        for old in &current.services {
+            match wanted.get(&old.service) {
+                Some(new) if same_service_settings(old, new) => {}
+                _ => self.remove_service(&old.service)?,
+            }
+        }
+        for new in &config.services {
+            let Some(st) = self.services.get(&new.service) else {
+                self.add_service(new.clone())?;
+                continue;
+            };
+            let have: Vec<(IpAddr, u32)> = st.reals.iter().map(|(a, r)| (*a, r.weight)).collect();
+            for (addr, _) in &have {
+                if !new.reals.iter().any(|r| r.addr == *addr) {
+                    self.remove_real(&new.service, *addr)?;
+                }
+            }
+            for r in &new.reals {
+                match have.iter().find(|(a, _)| *a == r.addr) {
+                    None => self.add_real(&new.service, r.clone())?,
+                    Some((_, w)) if *w != r.weight => {
+                        self.set_weight(&new.service, r.addr, r.weight)?
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_backend(&mut self, s: &ServiceAddr, addr: IpAddr) -> Result<()> {
+        let state = &self.services[s];
+        let real = &state.reals[&addr];
+        let (bytes, family) = addr_bytes(addr);
+        let mac = self.macs.get(&addr).copied();
+        let backend = Backend {
+            addr: bytes,
+            mac: mac.unwrap_or_default(),
+            family,
+            // Never forward to an unknown MAC.
+            flags: if mac.is_some() { BACKEND_F_FORWARD } else { 0 },
+            service_id: state.id,
+            generation: real.generation,
+        };
+        self.dp.set_backend(real.backend_id, backend)
+    }
+
+    /// Rebuilds the service's Maglev table from its reals and publishes it atomically.
+    fn publish_table(&mut self, s: &ServiceAddr) -> Result<()> {
+        let state = &self.services[s];
+        let members: Vec<maglev::Member> = state
+            .reals
+            .iter()
+            .filter(|(addr, _)| self.macs.contains_key(addr))
+            .map(|(addr, r)| maglev::Member {
+                addr: *addr,
+                weight: r.weight,
+                id: r.backend_id,
+            })
+            .collect();
+        let table = maglev::build_table(&members, state.config.ring_size);
+        self.dp.set_maglev(state.id, &table)
+    }
+}
+
+fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
+    a.mode == b.mode && a.ring_size == b.ring_size && a.hash == b.hash
+}

@@ -1,0 +1,291 @@
+//! What the operator configures: services and their reals. This is what `xlb save` prints,
+//! `xlb restore` takes and the state file holds. Parsing and validation live here, so every
+//! entry point (CLI, API, state file) refuses bad input with the same one-line messages.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::maglev;
+
+pub const DEFAULT_WEIGHT: u32 = 100;
+pub const MAX_WEIGHT: u32 = 65535;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => lb_common::PROTO_TCP,
+            Proto::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+/// A virtual service, written `ADDR:PORT/PROTO` (`198.18.0.100:80/tcp`, `[fd00::100]:443/tcp`).
+/// Port 0 means every port of the VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceAddr {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for ServiceAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        match self.vip {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{proto}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{proto}", self.port),
+        }
+    }
+}
+
+impl FromStr for ServiceAddr {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (addr, proto) = s.rsplit_once('/').ok_or_else(|| {
+            anyhow::anyhow!("service '{s}': expected ADDR:PORT/PROTO, e.g. 198.18.0.100:80/tcp")
+        })?;
+        let proto = match proto {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            other => bail!("service '{s}': protocol '{other}' is not tcp or udp"),
+        };
+        let sock: std::net::SocketAddr = addr.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "service '{s}': '{addr}' is not ADDR:PORT (IPv6 goes in brackets: [fd00::1]:80)"
+            )
+        })?;
+        Ok(ServiceAddr {
+            vip: sock.ip(),
+            port: sock.port(),
+            proto,
+        })
+    }
+}
+
+impl Serialize for ServiceAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Direct routing: rewrite the destination MAC (reals on the director's L2 segment).
+    #[default]
+    Dr,
+    /// IP-in-IP tunnelling to the real.
+    Tun,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+pub enum HashKind {
+    /// Source and destination address, ports and protocol.
+    #[default]
+    #[serde(rename = "5tuple")]
+    #[value(name = "5tuple")]
+    FiveTuple,
+    /// The client address only: all of a client's connections go to one real.
+    #[serde(rename = "src-ip")]
+    #[value(name = "src-ip")]
+    SrcIp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealConfig {
+    pub addr: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+fn default_ring_size() -> u32 {
+    maglev::DEFAULT_SIZE
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub service: ServiceAddr,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    #[serde(default)]
+    pub hash: HashKind,
+    #[serde(default)]
+    pub reals: Vec<RealConfig>,
+}
+
+impl ServiceConfig {
+    pub fn new(service: ServiceAddr) -> Self {
+        Self {
+            service,
+            mode: Mode::Dr,
+            ring_size: maglev::DEFAULT_SIZE,
+            hash: HashKind::FiveTuple,
+            reals: Vec::new(),
+        }
+    }
+
+    /// Checks the service itself (not its reals).
+    pub fn validate(&self) -> Result<()> {
+        let s = &self.service;
+        if s.vip.is_unspecified() || s.vip.is_multicast() {
+            bail!("service {s}: {} cannot be a VIP", s.vip);
+        }
+        if self.mode == Mode::Tun {
+            bail!("service {s}: TUN mode is not available yet; use --mode dr");
+        }
+        if !(2..=maglev::MAX_SIZE).contains(&self.ring_size) || !maglev::is_prime(self.ring_size) {
+            bail!(
+                "service {s}: ring size {} must be a prime between 2 and {}",
+                self.ring_size,
+                maglev::MAX_SIZE
+            );
+        }
+        for (i, r) in self.reals.iter().enumerate() {
+            validate_real(self, r)?;
+            if self.reals[..i].iter().any(|o| o.addr == r.addr) {
+                bail!("service {s}: real {} is listed twice", r.addr);
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
+    let s = &svc.service;
+    if real.weight > MAX_WEIGHT {
+        bail!(
+            "real {}: weight {} is out of range 0..={MAX_WEIGHT}",
+            real.addr,
+            real.weight
+        );
+    }
+    if real.addr.is_unspecified() || real.addr.is_multicast() || real.addr.is_loopback() {
+        bail!("real {}: not a usable real-server address", real.addr);
+    }
+    if real.addr.is_ipv4() != s.vip.is_ipv4() {
+        bail!(
+            "real {}: address family differs from service {s} (DR needs both in one family)",
+            real.addr
+        );
+    }
+    Ok(())
+}
+
+/// The whole configuration of a director.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<()> {
+        for (i, svc) in self.services.iter().enumerate() {
+            svc.validate()?;
+            if self.services[..i].iter().any(|o| o.service == svc.service) {
+                bail!("service {} is listed twice", svc.service);
+            }
+        }
+        if self.services.len() > lb_common::MAX_SERVICES as usize {
+            bail!(
+                "{} services exceed the limit of {}",
+                self.services.len(),
+                lb_common::MAX_SERVICES
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_addresses_round_trip() {
+        for s in [
+            "198.18.0.100:80/tcp",
+            "[fd00::100]:443/tcp",
+            "198.18.0.100:0/udp",
+        ] {
+            let parsed: ServiceAddr = s.parse().unwrap();
+            assert_eq!(parsed.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn bad_service_addresses_are_refused() {
+        for s in [
+            "198.18.0.100:80",
+            "198.18.0.100/tcp",
+            "198.18.0.100:80/icmp",
+            "fd00::1:80/tcp",
+            "198.18.0.300:80/tcp",
+            "198.18.0.100:70000/tcp",
+        ] {
+            assert!(s.parse::<ServiceAddr>().is_err(), "{s} was accepted");
+        }
+    }
+
+    #[test]
+    fn config_json_round_trips() {
+        let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
+        svc.reals.push(RealConfig {
+            addr: "198.18.0.11".parse().unwrap(),
+            weight: 5,
+        });
+        let config = Config {
+            services: vec![svc],
+        };
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), config);
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
+        svc.ring_size = 65536;
+        assert!(svc.validate().is_err());
+        svc.ring_size = 65537;
+        svc.reals.push(RealConfig {
+            addr: "fd00::1".parse().unwrap(),
+            weight: 1,
+        });
+        assert!(svc.validate().is_err());
+        svc.reals[0].addr = "198.18.0.11".parse().unwrap();
+        svc.reals[0].weight = 70000;
+        assert!(svc.validate().is_err());
+        svc.reals[0].weight = 1;
+        svc.reals.push(svc.reals[0].clone());
+        assert!(svc.validate().is_err());
+    }
+}

@@ -1,0 +1,374 @@
+//! The data-plane handle: loads the embedded XDP object, attaches it, and reads and writes its
+//! maps. It knows map layouts, not policy: `balancer.rs` decides what goes into them.
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    Backend, Config, ConnKey, ConnValue, Counters, DEFAULT_CONN_CAPACITY, Global, ServiceKey,
+    ServiceValue,
+};
+
+/// The compiled eBPF object, built by build.rs with the pinned nightly and bpf-linker.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
+
+pub const BALANCER_PROGRAM: &str = "xlb_balancer";
+pub const PASS_PROGRAM: &str = "xlb_pass";
+
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// How the program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Native,
+    Generic,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+        }
+    }
+}
+
+/// What the operator asked for with `--xdp-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native (driver) mode, falling back to generic with a warning.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+pub struct LoadOptions {
+    /// Flows the connection table holds before the least recently used is evicted.
+    pub conn_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conn_capacity: DEFAULT_CONN_CAPACITY,
+        }
+    }
+}
+
+/// A Maglev table living in its own kernel map, filled through a shared mapping.
+struct MaglevMap {
+    map: MapData,
+}
+
+impl MaglevMap {
+    /// Creates an inner map: 8-byte elements, `[size, 0]` then the slots two by two (see
+    /// lb-ebpf's maps.rs); in the mmap they are simply consecutive u32s.
+    fn create(slots: &[u32]) -> Result<Self> {
+        let entries = slots.len().div_ceil(2) as u32 + 1;
+        let obj = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            8,
+            entries,
+            BPF_F_INNER_MAP | BPF_F_MMAPABLE,
+        );
+        let map =
+            MapData::create(obj, "xlb_maglev", None).context("creating a Maglev table map")?;
+        let len = entries as usize * 8;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: an mmapable array map of `len` bytes; the mapping is unmapped before return.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            if addr == libc::MAP_FAILED {
+                bail!(
+                    "mmap of a Maglev table: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let base = NonNull::new(addr as *mut u32).expect("mmap returned null");
+            base.as_ptr().write(slots.len() as u32);
+            std::ptr::copy_nonoverlapping(slots.as_ptr(), base.as_ptr().add(2), slots.len());
+            libc::munmap(addr, len);
+        }
+        Ok(Self { map })
+    }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    attached: Option<(XdpLinkId, AttachMode)>,
+}
+
+impl Dataplane {
+    /// Loads the balancer and the pass program into the kernel (nothing is attached yet).
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("CONNS", opts.conn_capacity)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        for name in [BALANCER_PROGRAM, PASS_PROGRAM] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .map_err(verifier_error)
+                .with_context(|| format!("loading program {name}"))?;
+        }
+        Ok(Self {
+            ebpf,
+            attached: None,
+        })
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?)
+    }
+
+    /// Attaches the balancer. `Auto` tries native mode and falls back to generic, logging why.
+    pub fn attach(&mut self, iface: &str, choice: XdpModeChoice) -> Result<AttachMode> {
+        let prog = self.program(BALANCER_PROGRAM)?;
+        let attempt = |prog: &mut Xdp, mode: AttachMode| {
+            let flags = match mode {
+                AttachMode::Native => XdpMode::Driver,
+                AttachMode::Generic => XdpMode::Skb,
+            };
+            prog.attach(iface, flags).map_err(|e| {
+                anyhow!(
+                    "cannot attach XDP to {iface} in {} mode: {}",
+                    mode.as_str(),
+                    error_chain(&e)
+                )
+            })
+        };
+        let (link, mode) = match choice {
+            XdpModeChoice::Native => (attempt(prog, AttachMode::Native)?, AttachMode::Native),
+            XdpModeChoice::Generic => (attempt(prog, AttachMode::Generic)?, AttachMode::Generic),
+            XdpModeChoice::Auto => match attempt(prog, AttachMode::Native) {
+                Ok(link) => (link, AttachMode::Native),
+                Err(native_err) => {
+                    tracing::warn!("{native_err:#}; falling back to generic mode");
+                    (attempt(prog, AttachMode::Generic)?, AttachMode::Generic)
+                }
+            },
+        };
+        self.attached = Some((link, mode));
+        Ok(mode)
+    }
+
+    pub fn attach_mode(&self) -> Option<AttachMode> {
+        self.attached.as_ref().map(|(_, mode)| *mode)
+    }
+
+    /// Attaches the pass-everything program (for a veth peer that must receive XDP_TX frames).
+    pub fn attach_pass(&mut self, iface: &str) -> Result<()> {
+        let prog = self.program(PASS_PROGRAM)?;
+        prog.attach(iface, XdpMode::Driver)
+            .or_else(|_| prog.attach(iface, XdpMode::Skb))
+            .map_err(|e| anyhow!("cannot attach XDP to {iface}: {}", error_chain(&e)))?;
+        Ok(())
+    }
+
+    pub fn set_config(&mut self, config: Config) -> Result<()> {
+        let mut map: Array<_, Config> = Array::try_from(self.map_mut("CONFIG")?)?;
+        map.set(0, config, 0)?;
+        Ok(())
+    }
+
+    pub fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+        let mut map: HashMap<_, ServiceKey, ServiceValue> =
+            HashMap::try_from(self.map_mut("SERVICES")?)?;
+        map.insert(key, value, 0)?;
+        Ok(())
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        let mut map: HashMap<_, ServiceKey, ServiceValue> =
+            HashMap::try_from(self.map_mut("SERVICES")?)?;
+        map.remove(key)?;
+        Ok(())
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        let mut map: Array<_, Backend> = Array::try_from(self.map_mut("BACKENDS")?)?;
+        map.set(id, backend, 0)?;
+        Ok(())
+    }
+
+    /// Publishes a service's Maglev table: a new map is filled completely, then swapped in with
+    /// one update of the outer map, so packets see either the old table or the new one.
+    pub fn set_maglev(&mut self, service_id: u32, slots: &[u32]) -> Result<()> {
+        let table = MaglevMap::create(slots)?;
+        let mut outer: ArrayOfMaps<_, MapData> = ArrayOfMaps::try_from(self.map_mut("MAGLEV")?)?;
+        outer
+            .set(service_id, &table.map, 0)
+            .context("publishing a Maglev table")?;
+        // Our fd is closed here; the kernel keeps the map alive while the outer map refers to it.
+        Ok(())
+    }
+
+    /// Drops a service's Maglev table, freeing its memory (its packets then find no backend).
+    pub fn clear_maglev(&mut self, service_id: u32) -> Result<()> {
+        let aya::maps::Map::ArrayOfMaps(outer) = self.map("MAGLEV")? else {
+            bail!("map MAGLEV is not an array of maps");
+        };
+        // aya has no delete for map-of-maps arrays; BPF_MAP_DELETE_ELEM clears the slot.
+        #[repr(C)]
+        struct DeleteAttr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+        let attr = DeleteAttr {
+            map_fd: outer.fd().as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            key: &service_id as *const u32 as u64,
+            value: 0,
+            flags: 0,
+        };
+        // SAFETY: attr points to a valid key for the duration of the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_DELETE_ELEM,
+                &attr as *const DeleteAttr,
+                std::mem::size_of::<DeleteAttr>(),
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOENT) {
+                bail!("clearing Maglev table {service_id}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        sum_counters(self.map("SERVICE_STATS")?, id)
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        sum_counters(self.map("BACKEND_STATS")?, id)
+    }
+
+    /// Resets one backend's counters (its id is being given to another real).
+    pub fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        let mut map: PerCpuArray<_, Counters> =
+            PerCpuArray::try_from(self.map_mut("BACKEND_STATS")?)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        map.set(id, vec![Counters::default(); cpus].try_into()?, 0)?;
+        Ok(())
+    }
+
+    pub fn reset_service_counters(&mut self, id: u32) -> Result<()> {
+        let mut map: PerCpuArray<_, Counters> =
+            PerCpuArray::try_from(self.map_mut("SERVICE_STATS")?)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        map.set(id, vec![Counters::default(); cpus].try_into()?, 0)?;
+        Ok(())
+    }
+
+    pub fn global_counter(&self, which: Global) -> Result<u64> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("GLOBAL_STATS")?)?;
+        Ok(map.get(&(which as u32), 0)?.iter().sum())
+    }
+
+    /// Every tracked flow (a walk of the whole table: for status and tests, not per packet).
+    pub fn conns(&self) -> Result<Vec<(ConnKey, ConnValue)>> {
+        let map: HashMap<_, ConnKey, ConnValue> = HashMap::try_from(self.map("CONNS")?)?;
+        Ok(map.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Runs a program once on `frame` with BPF_PROG_TEST_RUN: the verdict and the frame after.
+    pub fn test_run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.program(program)?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..TestRunOptions::default()
+        };
+        let result = prog.test_run(opts)?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs a program once and returns the kernel-measured duration (for benchmarks).
+    pub fn time_run(&mut self, program: &str, frame: &[u8]) -> Result<std::time::Duration> {
+        let prog = self.program(program)?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat: 1,
+            ..TestRunOptions::default()
+        };
+        Ok(prog.test_run(opts)?.duration)
+    }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    }
+}
+
+fn sum_counters(map: &aya::maps::Map, id: u32) -> Result<Counters> {
+    let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(map)?;
+    let mut total = Counters::default();
+    for c in map.get(&id, 0)?.iter() {
+        total.packets += c.packets;
+        total.bytes += c.bytes;
+        total.new_flows += c.new_flows;
+    }
+    Ok(total)
+}
+
+/// The verifier's log is long; keep its last lines, which say what failed.
+fn verifier_error(e: ProgramError) -> anyhow::Error {
+    let text = format!("{e:?}");
+    let tail: Vec<&str> = text.lines().rev().take(400).collect();
+    anyhow!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Tiny HTTP/1.1 server for the xlb network-namespace labs (python3 stdlib only).
+
+    lab-http-server.py --name r1 [--port 80] [--bind ADDR]
+
+Every GET answers 200 with the body "<name> <client-ip>\\n", where client-ip is the
+peer address the server saw on its socket (in DR mode that is the real client, which
+is what the lab checks). GET /healthz answers 200 "ok\\n". HEAD works too.
+
+One thread per connection, HTTP/1.1 keep-alive, Content-Length on every answer, a
+large accept backlog for bursts of short connections, no request logging. Without
+--bind it listens on every IPv4 and IPv6 address (dual-stack "::"), so it answers on
+a VIP bound to lo; IPv4 peers are reported as plain dotted quads.
+"""
+
+import argparse
+import signal
+import socket
+import socketserver
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive unless the client says otherwise
+    server_version = "xlb-lab-http"
+    sys_version = ""
+    disable_nagle_algorithm = True  # headers and body leave at once on kept-alive connections
+    timeout = 30  # seconds an idle kept-alive connection may stay open
+
+    def _peer(self):
+        ip = self.client_address[0]
+        if ip.startswith("::ffff:") and "." in ip:  # IPv4 peer on the dual-stack socket
+            ip = ip[len("::ffff:"):]
+        return ip
+
+    def _answer(self, with_body):
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            body = b"ok\n"
+        else:
+            body = f"{self.server.lab_name} {self._peer()}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def do_GET(self):
+        self._answer(True)
+
+    def do_HEAD(self):
+        self._answer(False)
+
+    def log_message(self, format, *args):  # quiet: no line per request
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, addr, family, v6only, name):
+        self.address_family = family
+        self.v6only = v6only
+        self.lab_name = name
+        super().__init__(addr, Handler)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if self.v6only else 0)
+        # HTTPServer.server_bind would call socket.getfqdn(), a DNS lookup that can hang
+        # for seconds inside a namespace without a route to the resolver.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = port
+
+    def handle_error(self, request, client_address):
+        # Resets and timeouts from clients are normal in a load-balancing lab.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, BrokenPipeError)):
+            return
+        print(f"{self.lab_name}: error serving {client_address[0]}: {exc!r}", file=sys.stderr)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="HTTP server for the xlb labs")
+    ap.add_argument("--name", required=True, help="name put in every answer, e.g. r1")
+    ap.add_argument("--port", type=int, default=80)
+    ap.add_argument("--bind", default=None,
+                    help="address to listen on (default: every IPv4 and IPv6 address)")
+    args = ap.parse_args()
+
+    if args.bind is None:
+        try:
+            server = Server(("::", args.port), socket.AF_INET6, False, args.name)
+        except OSError:  # IPv6 disabled in this namespace
+            server = Server(("0.0.0.0", args.port), socket.AF_INET, False, args.name)
+    elif ":" in args.bind:
+        server = Server((args.bind, args.port), socket.AF_INET6, True, args.name)
+    else:
+        server = Server((args.bind, args.port), socket.AF_INET, False, args.name)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+//! Helpers shared by the packet tests: a frame builder (every header byte under the test's
+//! control: VLAN tags, IPv4 options, fragments, IPv6 extension headers) and a balancer loaded
+//! into the kernel for BPF_PROG_TEST_RUN.
+
+use std::net::IpAddr;
+
+use lb_common::flow_hash;
+use xlb::{
+    balancer::{Balancer, Mac},
+    dataplane::{Dataplane, LoadOptions},
+    maglev,
+};
+
+pub const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
+pub const DIRECTOR_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// A balancer on a freshly loaded program with a small connection table.
+pub fn balancer() -> Balancer {
+    let dp = Dataplane::load(&LoadOptions {
+        conn_capacity: 4096,
+    })
+    .expect("load the XDP program (run as root after scripts/setup)");
+    let mut b = Balancer::new(dp);
+    b.set_iface_mac(DIRECTOR_MAC).unwrap();
+    b
+}
+
+/// A MAC for a real server, derived from its address so tests can tell reals apart by MAC.
+pub fn real_mac(addr: IpAddr) -> Mac {
+    let o = match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let n = o.len();
+    [0x02, 0xaa, o[n - 4], o[n - 3], o[n - 2], o[n - 1]]
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    Tcp { flags: u8 },
+    Udp,
+}
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+
+/// A frame to build: addresses, ports and optional oddities.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4: L4,
+    pub vlan: Option<u16>,
+    /// IPv4 option bytes (a multiple of 4).
+    pub ipv4_options: Vec<u8>,
+    /// (identification, fragment offset in 8-byte units, more fragments).
+    pub fragment: Option<(u32, u16, bool)>,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Self {
+        Self::new(src, dst, sport, dport, L4::Tcp { flags })
+    }
+
+    pub fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Self {
+        Self::new(src, dst, sport, dport, L4::Udp)
+    }
+
+    fn new(src: &str, dst: &str, sport: u16, dport: u16, l4: L4) -> Self {
+        Self {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            sport,
+            dport,
+            l4,
+            vlan: None,
+            ipv4_options: Vec::new(),
+            fragment: None,
+            payload: b"hello xlb".to_vec(),
+        }
+    }
+
+    fn proto(&self) -> u8 {
+        match self.l4 {
+            L4::Tcp { .. } => 6,
+            L4::Udp => 17,
+        }
+    }
+
+    /// The L4 segment (header + payload) with a correct checksum.
+    fn segment(&self) -> Vec<u8> {
+        let mut seg = Vec::new();
+        seg.extend_from_slice(&self.sport.to_be_bytes());
+        seg.extend_from_slice(&self.dport.to_be_bytes());
+        match self.l4 {
+            L4::Tcp { flags } => {
+                seg.extend_from_slice(&1000u32.to_be_bytes());
+                seg.extend_from_slice(&(if flags & ACK != 0 { 2000u32 } else { 0 }).to_be_bytes());
+                seg.push(5 << 4);
+                seg.push(flags);
+                seg.extend_from_slice(&64240u16.to_be_bytes());
+                seg.extend_from_slice(&[0, 0, 0, 0]);
+            }
+            L4::Udp => {
+                seg.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                seg.extend_from_slice(&[0, 0]);
+            }
+        }
+        seg.extend_from_slice(&self.payload);
+        let mut pseudo = Vec::new();
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                pseudo.extend_from_slice(&s.octets());
+                pseudo.extend_from_slice(&d.octets());
+                pseudo.extend_from_slice(&[0, self.proto()]);
+                pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                pseudo.extend_from_slice(&s.octets());
+                pseudo.extend_from_slice(&d.octets());
+                pseudo.extend_from_slice(&(seg.len() as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, self.proto()]);
+            }
+            _ => panic!("mixed address families"),
+        }
+        pseudo.extend_from_slice(&seg);
+        let sum = checksum(&pseudo);
+        let at = if matches!(self.l4, L4::Tcp { .. }) {
+            16
+        } else {
+            6
+        };
+        seg[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        seg
+    }
+
+    /// The IP payload: the whole segment, or for a later fragment just payload bytes.
+    fn ip_payload(&self) -> Vec<u8> {
+        match self.fragment {
+            Some((_, offset, _)) if offset > 0 => self.payload.clone(),
+            _ => self.segment(),
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&DIRECTOR_MAC);
+        f.extend_from_slice(&CLIENT_MAC);
+        let ether_type: u16 = if self.src.is_ipv4() { 0x0800 } else { 0x86dd };
+        if let Some(vid) = self.vlan {
+            f.extend_from_slice(&0x8100u16.to_be_bytes());
+            f.extend_from_slice(&vid.to_be_bytes());
+        }
+        f.extend_from_slice(&ether_type.to_be_bytes());
+        let payload = self.ip_payload();
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let ihl = 20 + self.ipv4_options.len();
+                assert_eq!(ihl % 4, 0);
+                let mut h = vec![0x40 | (ihl / 4) as u8, 0];
+                h.extend_from_slice(&((ihl + payload.len()) as u16).to_be_bytes());
+                let (id, offset, more) = self.fragment.unwrap_or((0x1234, 0, false));
+                h.extend_from_slice(&(id as u16).to_be_bytes());
+                let frag = offset | if more { 0x2000 } else { 0 };
+                h.extend_from_slice(&frag.to_be_bytes());
+                h.extend_from_slice(&[64, self.proto(), 0, 0]);
+                h.extend_from_slice(&s.octets());
+                h.extend_from_slice(&d.octets());
+                h.extend_from_slice(&self.ipv4_options);
+                let sum = checksum(&h);
+                h[10..12].copy_from_slice(&sum.to_be_bytes());
+                f.extend_from_slice(&h);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let frag_len = if self.fragment.is_some() { 8 } else { 0 };
+                f.extend_from_slice(&[0x60, 0, 0, 0]);
+                f.extend_from_slice(&((payload.len() + frag_len) as u16).to_be_bytes());
+                f.push(if self.fragment.is_some() {
+                    44
+                } else {
+                    self.proto()
+                });
+                f.push(64);
+                f.extend_from_slice(&s.octets());
+                f.extend_from_slice(&d.octets());
+                if let Some((id, offset, more)) = self.fragment {
+                    f.extend_from_slice(&[self.proto(), 0]);
+                    f.extend_from_slice(&(offset << 3 | more as u16).to_be_bytes());
+                    f.extend_from_slice(&id.to_be_bytes());
+                }
+            }
+            _ => panic!("mixed address families"),
+        }
+        f.extend_from_slice(&payload);
+        f
+    }
+}
+
+/// The Internet checksum (RFC 1071).
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += word as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ARP request (who has `target` tell `sender`).
+pub fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&sender);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target);
+    f.resize(60, 0);
+    f
+}
+
+fn words(addr: IpAddr) -> Vec<u32> {
+    let mut b = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => b[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => b.copy_from_slice(&a.octets()),
+    }
+    (0..4)
+        .map(|i| u32::from_ne_bytes(b[i * 4..i * 4 + 4].try_into().unwrap()))
+        .collect()
+}
+
+/// The flow hash the kernel computes for a 5-tuple service (mirrors lb-ebpf's maglev.rs).
+pub fn five_tuple_hash(f: &Frame, with_ports: bool) -> u32 {
+    let (s, d) = (words(f.src), words(f.dst));
+    let ports = if with_ports {
+        (f.sport.to_be() as u32) << 16 | f.dport.to_be() as u32
+    } else {
+        0
+    };
+    let proto = f.proto() as u32;
+    if f.src.is_ipv4() {
+        flow_hash(&[s[0], d[0], ports, proto])
+    } else {
+        flow_hash(&[s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports, proto])
+    }
+}
+
+/// The real a fresh flow lands on, predicted from the same Maglev table the control plane
+/// builds: `reals` are (address, weight).
+pub fn predict(reals: &[(IpAddr, u32)], ring: u32, hash: u32) -> IpAddr {
+    let members: Vec<maglev::Member> = reals
+        .iter()
+        .enumerate()
+        .map(|(i, (addr, weight))| maglev::Member {
+            addr: *addr,
+            weight: *weight,
+            id: i as u32,
+        })
+        .collect();
+    let table = maglev::build_table(&members, ring);
+    reals[table[(hash % ring) as usize] as usize].0
+}

@@ -1,0 +1,436 @@
+//! Packet tests: the compiled XDP program runs under BPF_PROG_TEST_RUN, and each case states
+//! the input frame, the expected verdict and the expected output frame (Katran's fixtures).
+
+use std::net::IpAddr;
+
+use lb_common::Global;
+use xlb::{
+    balancer::Balancer,
+    config::{HashKind, RealConfig, ServiceAddr, ServiceConfig},
+    dataplane::BALANCER_PROGRAM,
+};
+use xlb_tests::*;
+
+const VIP4: &str = "198.18.0.100";
+const VIP6: &str = "fd00:18::100";
+const CLIENT4: &str = "198.18.1.1";
+const CLIENT6: &str = "fd00:18:1::1";
+const RING: u32 = 65537;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A balancer with one service and reals whose MACs are known.
+fn with_service(service: &str, reals: &[&str], hash: HashKind) -> (Balancer, ServiceAddr) {
+    let mut b = balancer();
+    let addr: ServiceAddr = service.parse().unwrap();
+    let mut cfg = ServiceConfig::new(addr);
+    cfg.hash = hash;
+    for r in reals {
+        b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
+        cfg.reals.push(RealConfig {
+            addr: ip(r),
+            weight: 100,
+        });
+    }
+    b.add_service(cfg).unwrap();
+    (b, addr)
+}
+
+fn run(b: &mut Balancer, frame: &[u8]) -> (u32, Vec<u8>) {
+    b.dataplane().test_run(BALANCER_PROGRAM, frame).unwrap()
+}
+
+/// The frame DR forwarding must produce: only the two MACs differ.
+fn dr_rewritten(frame: &[u8], real: IpAddr) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[..6].copy_from_slice(&real_mac(real));
+    out[6..12].copy_from_slice(&DIRECTOR_MAC);
+    out
+}
+
+fn equal_weight(reals: &[&str]) -> Vec<(IpAddr, u32)> {
+    reals.iter().map(|r| (ip(r), 100)).collect()
+}
+
+const REALS4: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
+const REALS6: [&str; 3] = ["fd00:18::11", "fd00:18::12", "fd00:18::13"];
+
+#[test]
+fn dr_forwards_to_the_predicted_real_rewriting_only_macs() {
+    struct Case {
+        name: &'static str,
+        service: &'static str,
+        reals: &'static [&'static str],
+        frame: Frame,
+    }
+    let cases = [
+        Case {
+            name: "tcp syn v4",
+            service: "198.18.0.100:80/tcp",
+            reals: &REALS4,
+            frame: Frame::tcp(CLIENT4, VIP4, 40000, 80, SYN),
+        },
+        Case {
+            name: "udp v4",
+            service: "198.18.0.100:53/udp",
+            reals: &REALS4,
+            frame: Frame::udp(CLIENT4, VIP4, 40001, 53),
+        },
+        Case {
+            name: "tcp syn v6",
+            service: "[fd00:18::100]:443/tcp",
+            reals: &REALS6,
+            frame: Frame::tcp(CLIENT6, VIP6, 40002, 443, SYN),
+        },
+        Case {
+            name: "udp v6",
+            service: "[fd00:18::100]:53/udp",
+            reals: &REALS6,
+            frame: Frame::udp(CLIENT6, VIP6, 40003, 53),
+        },
+        Case {
+            name: "port-0 service takes any port",
+            service: "198.18.0.100:0/udp",
+            reals: &REALS4,
+            frame: Frame::udp(CLIENT4, VIP4, 40004, 9999),
+        },
+        Case {
+            name: "vlan tagged",
+            service: "198.18.0.100:80/tcp",
+            reals: &REALS4,
+            frame: Frame {
+                vlan: Some(42),
+                ..Frame::tcp(CLIENT4, VIP4, 40005, 80, SYN)
+            },
+        },
+        Case {
+            name: "ipv4 with options",
+            service: "198.18.0.100:80/tcp",
+            reals: &REALS4,
+            frame: Frame {
+                // Record route (7), length 11, pointer 4, two empty slots, then end of list.
+                ipv4_options: vec![7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                ..Frame::tcp(CLIENT4, VIP4, 40006, 80, SYN)
+            },
+        },
+    ];
+    for case in cases {
+        let (mut b, _) = with_service(case.service, case.reals, HashKind::FiveTuple);
+        let input = case.frame.bytes();
+        let expected_real = predict(
+            &equal_weight(case.reals),
+            RING,
+            five_tuple_hash(&case.frame, true),
+        );
+        let (verdict, out) = run(&mut b, &input);
+        assert_eq!(verdict, XDP_TX, "{}: verdict", case.name);
+        assert_eq!(
+            out,
+            dr_rewritten(&input, expected_real),
+            "{}: output frame",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn non_service_traffic_passes_byte_identical() {
+    let (mut b, _) = with_service("198.18.0.100:80/tcp", &REALS4, HashKind::FiveTuple);
+    let frames: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "arp for the vip",
+            arp_request([198, 18, 1, 1], [198, 18, 0, 100]),
+        ),
+        (
+            "tcp to another port of the vip",
+            Frame::tcp(CLIENT4, VIP4, 40000, 81, SYN).bytes(),
+        ),
+        (
+            "udp to the service port",
+            Frame::udp(CLIENT4, VIP4, 40000, 80).bytes(),
+        ),
+        (
+            "tcp to the director's own ip",
+            Frame::tcp(CLIENT4, "198.18.0.2", 40000, 22, SYN).bytes(),
+        ),
+        (
+            "ipv6 tcp, no v6 service",
+            Frame::tcp(CLIENT6, VIP6, 40000, 80, SYN).bytes(),
+        ),
+        (
+            "vlan tagged, other address",
+            Frame {
+                vlan: Some(7),
+                ..Frame::udp(CLIENT4, "198.18.0.2", 5000, 53)
+            }
+            .bytes(),
+        ),
+        ("icmp echo to the director", icmp_echo_v4()),
+    ];
+    for (name, input) in frames {
+        let (verdict, out) = run(&mut b, &input);
+        assert_eq!(verdict, XDP_PASS, "{name}: verdict");
+        assert_eq!(out, input, "{name}: bytes changed");
+    }
+    assert_eq!(b.dataplane().global_counter(Global::Forwarded).unwrap(), 0);
+    assert_eq!(b.dataplane().global_counter(Global::Passed).unwrap(), 7);
+}
+
+fn icmp_echo_v4() -> Vec<u8> {
+    let mut f = Frame::udp(CLIENT4, "198.18.0.2", 0, 0).bytes();
+    f[14 + 9] = 1; // protocol ICMP; the checksum no longer matters to a pass verdict
+    f
+}
+
+#[test]
+fn an_established_flow_keeps_its_real_when_the_reals_change() {
+    let (mut b, svc) = with_service("198.18.0.100:80/tcp", &["198.18.0.11"], HashKind::FiveTuple);
+    let more = ["198.18.0.12", "198.18.0.13", "198.18.0.14", "198.18.0.15"];
+    let after: Vec<(IpAddr, u32)> = ["198.18.0.11"]
+        .iter()
+        .chain(more.iter())
+        .map(|r| (ip(r), 100))
+        .collect();
+    // A flow that a fresh schedule after the change would put elsewhere than 198.18.0.11.
+    let sport = (1000..2000)
+        .find(|p| {
+            let f = Frame::tcp(CLIENT4, VIP4, *p, 80, SYN);
+            predict(&after, RING, five_tuple_hash(&f, true)) != ip("198.18.0.11")
+        })
+        .unwrap();
+    let syn = Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes();
+    let ack = Frame::tcp(CLIENT4, VIP4, sport, 80, ACK).bytes();
+    assert_eq!(
+        run(&mut b, &syn),
+        (XDP_TX, dr_rewritten(&syn, ip("198.18.0.11")))
+    );
+    for r in more {
+        b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
+        b.add_real(
+            &svc,
+            RealConfig {
+                addr: ip(r),
+                weight: 100,
+            },
+        )
+        .unwrap();
+    }
+    b.set_weight(&svc, ip("198.18.0.11"), 50).unwrap();
+    assert_eq!(
+        run(&mut b, &ack),
+        (XDP_TX, dr_rewritten(&ack, ip("198.18.0.11"))),
+        "established flow moved"
+    );
+    // A new connection on the same 5-tuple (a SYN) is scheduled afresh.
+    let expected = predict(
+        &[(ip("198.18.0.11"), 50)]
+            .into_iter()
+            .chain(more.iter().map(|r| (ip(r), 100)))
+            .collect::<Vec<_>>(),
+        RING,
+        five_tuple_hash(&Frame::tcp(CLIENT4, VIP4, sport, 80, SYN), true),
+    );
+    assert_eq!(run(&mut b, &syn), (XDP_TX, dr_rewritten(&syn, expected)));
+}
+
+#[test]
+fn flows_of_a_removed_real_are_rescheduled_and_its_id_reuse_does_not_inherit_them() {
+    let (mut b, svc) = with_service("198.18.0.100:80/tcp", &["198.18.0.11"], HashKind::FiveTuple);
+    let ack = Frame::tcp(CLIENT4, VIP4, 5555, 80, ACK).bytes();
+    assert_eq!(
+        run(&mut b, &ack),
+        (XDP_TX, dr_rewritten(&ack, ip("198.18.0.11")))
+    );
+    b.remove_real(&svc, ip("198.18.0.11")).unwrap();
+    // No real left: dropped, and counted.
+    assert_eq!(run(&mut b, &ack).0, XDP_DROP);
+    assert_eq!(
+        b.dataplane().global_counter(Global::DropNoBackend).unwrap(),
+        1
+    );
+    b.set_mac(ip("198.18.0.12"), Some(real_mac(ip("198.18.0.12"))))
+        .unwrap();
+    b.add_real(
+        &svc,
+        RealConfig {
+            addr: ip("198.18.0.12"),
+            weight: 100,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        run(&mut b, &ack),
+        (XDP_TX, dr_rewritten(&ack, ip("198.18.0.12")))
+    );
+}
+
+#[test]
+fn a_real_with_an_unknown_mac_gets_nothing() {
+    let (mut b, svc) = with_service("198.18.0.100:80/tcp", &["198.18.0.11"], HashKind::FiveTuple);
+    b.add_real(
+        &svc,
+        RealConfig {
+            addr: ip("198.18.0.12"),
+            weight: 100,
+        },
+    )
+    .unwrap();
+    for sport in 1000..1200 {
+        let f = Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes();
+        assert_eq!(
+            run(&mut b, &f),
+            (XDP_TX, dr_rewritten(&f, ip("198.18.0.11")))
+        );
+    }
+    // Its MAC lost: the tracked flows re-schedule, nothing goes to a zero MAC.
+    b.set_mac(ip("198.18.0.11"), None).unwrap();
+    let ack = Frame::tcp(CLIENT4, VIP4, 1000, 80, ACK).bytes();
+    assert_eq!(run(&mut b, &ack).0, XDP_DROP);
+}
+
+#[test]
+fn source_ip_hashing_sends_all_of_a_clients_connections_to_one_real() {
+    let reals = ["198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14"];
+    let (mut b, _) = with_service("198.18.0.100:80/tcp", &reals, HashKind::SrcIp);
+    for client in ["198.18.1.1", "198.18.1.2", "198.18.1.3"] {
+        let mut seen = std::collections::BTreeSet::new();
+        for sport in 2000..2050 {
+            let f = Frame::tcp(client, VIP4, sport, 80, SYN).bytes();
+            let (verdict, out) = run(&mut b, &f);
+            assert_eq!(verdict, XDP_TX);
+            seen.insert(out[..6].to_vec());
+        }
+        assert_eq!(seen.len(), 1, "client {client} was spread over {seen:?}");
+    }
+}
+
+#[test]
+fn all_fragments_of_a_datagram_reach_the_same_real() {
+    let reals = ["198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14"];
+    let cases = [
+        ("198.18.0.100:53/udp", CLIENT4, VIP4),
+        ("[fd00:18::100]:53/udp", CLIENT6, VIP6),
+    ];
+    for (service, client, vip) in cases {
+        let reals6 = ["fd00:18::11", "fd00:18::12", "fd00:18::13", "fd00:18::14"];
+        let reals: &[&str] = if vip == VIP4 { &reals } else { &reals6 };
+        let (mut b, _) = with_service(service, reals, HashKind::FiveTuple);
+        for id in 0..20u32 {
+            let first = Frame {
+                fragment: Some((id, 0, true)),
+                ..Frame::udp(client, vip, 3000 + id as u16, 53)
+            };
+            let later = Frame {
+                fragment: Some((id, 4, false)),
+                ..first.clone()
+            };
+            // Scheduled on addresses only: the ports of the first fragment do not matter.
+            let expected = predict(&equal_weight(reals), RING, five_tuple_hash(&first, false));
+            let (v1, out1) = run(&mut b, &first.bytes());
+            let (v2, out2) = run(&mut b, &later.bytes());
+            assert_eq!((v1, v2), (XDP_TX, XDP_TX), "{service} datagram {id}");
+            assert_eq!(out1, dr_rewritten(&first.bytes(), expected));
+            assert_eq!(out2, dr_rewritten(&later.bytes(), expected));
+        }
+        // A later fragment whose first was never seen cannot be matched to port 53: it passes.
+        let orphan = Frame {
+            fragment: Some((999, 8, false)),
+            ..Frame::udp(client, vip, 1, 53)
+        }
+        .bytes();
+        assert_eq!(run(&mut b, &orphan), (XDP_PASS, orphan.clone()));
+        assert_eq!(
+            b.dataplane().global_counter(Global::FragUntracked).unwrap(),
+            1
+        );
+    }
+    // With an all-ports service even an orphan later fragment is scheduled, consistently.
+    let (mut b, _) = with_service("198.18.0.100:0/udp", &reals, HashKind::FiveTuple);
+    let orphan = Frame {
+        fragment: Some((77, 8, false)),
+        ..Frame::udp(CLIENT4, VIP4, 1, 53)
+    };
+    let expected = predict(&equal_weight(&reals), RING, five_tuple_hash(&orphan, false));
+    let input = orphan.bytes();
+    assert_eq!(
+        run(&mut b, &input),
+        (XDP_TX, dr_rewritten(&input, expected))
+    );
+}
+
+#[test]
+fn frames_truncated_at_every_length_pass_or_drop_never_abort() {
+    let (mut b, _) = with_service("198.18.0.100:0/tcp", &REALS4, HashKind::FiveTuple);
+    let (mut b6, _) = with_service("[fd00:18::100]:0/udp", &REALS6, HashKind::FiveTuple);
+    let frames = [
+        Frame::tcp(CLIENT4, VIP4, 1, 80, SYN),
+        Frame {
+            vlan: Some(5),
+            ipv4_options: vec![1, 1, 1, 0],
+            ..Frame::tcp(CLIENT4, VIP4, 1, 80, SYN)
+        },
+        Frame {
+            fragment: Some((1, 0, true)),
+            ..Frame::udp(CLIENT6, VIP6, 1, 53)
+        },
+        Frame::udp(CLIENT6, VIP6, 1, 53),
+    ];
+    let mut tested = 0;
+    for frame in frames {
+        let full = frame.bytes();
+        let bal = if frame.src.is_ipv4() { &mut b } else { &mut b6 };
+        // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
+        for len in 14..full.len() {
+            let input = &full[..len];
+            let (verdict, out) = run(bal, input);
+            assert!(
+                verdict == XDP_PASS || verdict == XDP_DROP || verdict == XDP_TX,
+                "length {len}: verdict {verdict}"
+            );
+            assert_ne!(verdict, XDP_ABORTED);
+            if verdict == XDP_PASS {
+                assert_eq!(out, input, "length {len}: a passed frame was changed");
+            }
+            tested += 1;
+        }
+    }
+    assert!(tested > 200);
+}
+
+#[test]
+fn counters_count_packets_bytes_and_new_flows_per_service_and_real() {
+    let (mut b, svc) = with_service("198.18.0.100:80/tcp", &["198.18.0.11"], HashKind::FiveTuple);
+    let syn = Frame::tcp(CLIENT4, VIP4, 4000, 80, SYN).bytes();
+    let ack = Frame::tcp(CLIENT4, VIP4, 4000, 80, ACK).bytes();
+    for f in [&syn, &ack, &ack] {
+        assert_eq!(run(&mut b, f).0, XDP_TX);
+    }
+    let id = b.service_id(&svc).unwrap();
+    let real = b.real_backend_id(&svc, ip("198.18.0.11")).unwrap();
+    let expect_bytes = (syn.len() + 2 * ack.len()) as u64;
+    for c in [
+        b.dataplane().service_counters(id).unwrap(),
+        b.dataplane().backend_counters(real).unwrap(),
+    ] {
+        assert_eq!((c.packets, c.bytes, c.new_flows), (3, expect_bytes, 1));
+    }
+    assert_eq!(b.dataplane().global_counter(Global::Forwarded).unwrap(), 3);
+    assert_eq!(b.dataplane().global_counter(Global::ConnMiss).unwrap(), 0);
+    // An ACK of a flow never seen (no SYN) misses the table once, then is tracked.
+    let stray = Frame::tcp(CLIENT4, VIP4, 4001, 80, ACK).bytes();
+    run(&mut b, &stray);
+    run(&mut b, &stray);
+    assert_eq!(b.dataplane().global_counter(Global::ConnMiss).unwrap(), 1);
+    assert_eq!(b.dataplane().conns().unwrap().len(), 2);
+}
+
+#[test]
+fn removing_a_service_passes_its_traffic_again() {
+    let (mut b, svc) = with_service("198.18.0.100:80/tcp", &REALS4, HashKind::FiveTuple);
+    let f = Frame::tcp(CLIENT4, VIP4, 4000, 80, SYN).bytes();
+    assert_eq!(run(&mut b, &f).0, XDP_TX);
+    b.remove_service(&svc).unwrap();
+    assert_eq!(run(&mut b, &f), (XDP_PASS, f.clone()));
+}
