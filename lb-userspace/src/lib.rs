@@ -1,5 +1,13 @@
-//! xlb's control plane: configuration, policy (balancer), the data-plane handle, Maglev tables.
+//! xlb's control plane. Modules: `cli` (the command line), `api` (the control socket's
+//! protocol), `daemon` (serves it), `config` (what operators configure), `balancer` (policy:
+//! ids, Maglev tables), `dataplane` (the XDP program and its maps), `maglev`, `neighbour`
+//! (netlink), `state` (the state file).
+pub mod api;
 pub mod balancer;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod maglev;
+pub mod neighbour;
+pub mod state;

@@ -1,0 +1,370 @@
+//! The `xlb` command line: `xlb daemon` runs the director; every other command talks to it.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::{
+    api::{self, DEFAULT_SOCKET, Request},
+    config::{Config, DEFAULT_WEIGHT, HashKind, Mode, RealConfig, ServiceAddr, ServiceConfig},
+    daemon::{self, DaemonOptions},
+    dataplane::{Dataplane, LoadOptions, XdpModeChoice},
+    maglev, state,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "xlb",
+    version,
+    about = "An XDP L4 load balancer (LVS-style DR)"
+)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "XLB_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to an interface and serve the control API (foreground; logs to stderr).
+    Daemon {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = state::DEFAULT_STATE)]
+        state: PathBuf,
+        #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
+        xdp_mode: XdpModeChoice,
+        /// Flows the connection table tracks before evicting the least recently used.
+        #[arg(long, default_value_t = lb_common::DEFAULT_CONN_CAPACITY)]
+        conn_capacity: u32,
+    },
+    /// Add, remove and list virtual services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Add, remove, reweight and list a service's real servers.
+    #[command(subcommand)]
+    Real(RealCmd),
+    /// Services, reals, weights, MACs, states and active flows.
+    Status,
+    /// Packets, bytes and new flows per service and real.
+    Stats {
+        /// Per-second rates over one second instead of totals.
+        #[arg(long)]
+        rate: bool,
+    },
+    /// Print the whole configuration as JSON.
+    Save,
+    /// Replace the whole configuration from a JSON file (`-` for stdin), all or nothing.
+    Restore { file: String },
+    /// Attach a program that passes every packet, until interrupted. A veth peer needs one
+    /// for the director's XDP_TX frames to be delivered (labs).
+    #[command(hide = true)]
+    XdpPass {
+        #[arg(long)]
+        iface: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Add a service: ADDR:PORT/PROTO, e.g. 198.18.0.100:80/tcp (port 0 = every port).
+    Add {
+        service: ServiceAddr,
+        #[arg(long, value_enum, default_value_t = Mode::Dr)]
+        mode: Mode,
+        /// Maglev table size (a prime).
+        #[arg(long, default_value_t = maglev::DEFAULT_SIZE)]
+        ring_size: u32,
+        #[arg(long, value_enum, default_value_t = HashKind::FiveTuple)]
+        hash: HashKind,
+    },
+    Remove {
+        service: ServiceAddr,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum RealCmd {
+    Add {
+        service: ServiceAddr,
+        real: IpAddr,
+        #[arg(long, default_value_t = DEFAULT_WEIGHT)]
+        weight: u32,
+    },
+    Remove {
+        service: ServiceAddr,
+        real: IpAddr,
+    },
+    Weight {
+        service: ServiceAddr,
+        real: IpAddr,
+        weight: u32,
+    },
+    List {
+        service: ServiceAddr,
+    },
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with success; usage errors are one line.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return std::process::ExitCode::SUCCESS;
+            }
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid command line");
+            eprintln!("xlb: {}", first.trim_start_matches("error: "));
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xlb: {}", format!("{e:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let request = match cli.command {
+        Command::Daemon {
+            iface,
+            state,
+            xdp_mode,
+            conn_capacity,
+        } => {
+            init_logging();
+            let rt = tokio::runtime::Runtime::new()?;
+            return rt.block_on(daemon::run(DaemonOptions {
+                iface,
+                socket: cli.socket,
+                state,
+                xdp_mode,
+                conn_capacity,
+            }));
+        }
+        Command::XdpPass { iface } => return xdp_pass(&iface),
+        Command::Service(ServiceCmd::Add {
+            service,
+            mode,
+            ring_size,
+            hash,
+        }) => Request::ServiceAdd {
+            config: ServiceConfig {
+                mode,
+                ring_size,
+                hash,
+                ..ServiceConfig::new(service)
+            },
+        },
+        Command::Service(ServiceCmd::Remove { service }) => Request::ServiceRemove { service },
+        Command::Service(ServiceCmd::List) => Request::ServiceList,
+        Command::Real(RealCmd::Add {
+            service,
+            real,
+            weight,
+        }) => Request::RealAdd {
+            service,
+            real: RealConfig { addr: real, weight },
+        },
+        Command::Real(RealCmd::Remove { service, real }) => Request::RealRemove {
+            service,
+            addr: real,
+        },
+        Command::Real(RealCmd::Weight {
+            service,
+            real,
+            weight,
+        }) => Request::RealWeight {
+            service,
+            addr: real,
+            weight,
+        },
+        Command::Real(RealCmd::List { service }) => Request::RealList { service },
+        Command::Status => Request::Status,
+        Command::Stats { rate } => {
+            return stats(&cli.socket, cli.json, rate);
+        }
+        Command::Save => Request::Save,
+        Command::Restore { file } => {
+            let text = if file == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
+            };
+            let config: Config = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{file} is not a valid configuration: {e}"))?;
+            config.validate()?;
+            Request::Restore { config }
+        }
+    };
+    let data = call(&cli.socket, &request)?;
+    print(&request, &data, cli.json);
+    Ok(())
+}
+
+fn call(socket: &std::path::Path, request: &Request) -> Result<Value> {
+    let response = api::call(socket, request)?;
+    if !response.ok {
+        bail!(
+            "{}",
+            response.error.unwrap_or_else(|| "request refused".into())
+        );
+    }
+    Ok(response.data)
+}
+
+fn print(request: &Request, data: &Value, json: bool) {
+    if json || matches!(request, Request::Save) {
+        if !data.is_null() {
+            println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
+        }
+        return;
+    }
+    match request {
+        Request::ServiceList => {
+            for s in data["services"].as_array().into_iter().flatten() {
+                println!(
+                    "{} mode {} hash {} ring {} reals {}",
+                    s["service"].as_str().unwrap_or(""),
+                    s["mode"].as_str().unwrap_or(""),
+                    s["hash"].as_str().unwrap_or(""),
+                    s["ring_size"],
+                    s["reals"].as_array().map_or(0, |r| r.len())
+                );
+            }
+        }
+        Request::RealList { .. } => {
+            for r in data.as_array().into_iter().flatten() {
+                println!(
+                    "{} weight {}",
+                    r["addr"].as_str().unwrap_or(""),
+                    r["weight"]
+                );
+            }
+        }
+        Request::Status => {
+            println!(
+                "interface {} (XDP {})",
+                data["iface"].as_str().unwrap_or(""),
+                data["attach_mode"].as_str().unwrap_or("")
+            );
+            for s in data["services"].as_array().into_iter().flatten() {
+                println!(
+                    "{} mode {} hash {} ring {}",
+                    s["service"].as_str().unwrap_or(""),
+                    s["mode"].as_str().unwrap_or(""),
+                    s["hash"].as_str().unwrap_or(""),
+                    s["ring_size"]
+                );
+                for r in s["reals"].as_array().into_iter().flatten() {
+                    println!(
+                        "  -> {:<28} weight {:<5} mac {:<17} {:<10} active flows {}",
+                        r["addr"].as_str().unwrap_or(""),
+                        r["weight"],
+                        r["mac"].as_str().unwrap_or("-"),
+                        r["state"].as_str().unwrap_or(""),
+                        r["active_flows"]
+                    );
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn stats(socket: &std::path::Path, json: bool, rate: bool) -> Result<()> {
+    let mut data = call(socket, &Request::Stats)?;
+    if rate {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let later = call(socket, &Request::Stats)?;
+        data = diff(&later, &data);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let unit = if rate { "/s" } else { "" };
+    for s in data["services"].as_array().into_iter().flatten() {
+        println!(
+            "{} packets{unit} {} bytes{unit} {} new flows{unit} {}",
+            s["service"].as_str().unwrap_or(""),
+            s["packets"],
+            s["bytes"],
+            s["new_flows"]
+        );
+        for r in s["reals"].as_array().into_iter().flatten() {
+            println!(
+                "  -> {:<28} packets{unit} {} bytes{unit} {} new flows{unit} {}",
+                r["addr"].as_str().unwrap_or(""),
+                r["packets"],
+                r["bytes"],
+                r["new_flows"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Numbers in `later` minus those in `earlier`, keeping the structure (for `--rate`).
+fn diff(later: &Value, earlier: &Value) -> Value {
+    match (later, earlier) {
+        (Value::Number(a), Value::Number(b)) => Value::from(
+            a.as_u64()
+                .unwrap_or(0)
+                .saturating_sub(b.as_u64().unwrap_or(0)),
+        ),
+        (Value::Array(a), Value::Array(b)) => Value::Array(
+            a.iter()
+                .enumerate()
+                .map(|(i, x)| diff(x, b.get(i).unwrap_or(&Value::Null)))
+                .collect(),
+        ),
+        (Value::Object(a), Value::Object(b)) => Value::Object(
+            a.iter()
+                .map(|(k, v)| (k.clone(), diff(v, b.get(k).unwrap_or(&Value::Null))))
+                .collect(),
+        ),
+        (v, _) => v.clone(),
+    }
+}
+
+fn xdp_pass(iface: &str) -> Result<()> {
+    let mut dp = Dataplane::load(&LoadOptions {
+        conn_capacity: 1024,
+    })?;
+    dp.attach_pass(iface)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,349 @@
+//! `xlb daemon`: attaches the data path to an interface, restores the saved configuration,
+//! keeps reals' MACs current from the kernel's neighbour table, and serves the control API.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    api::{MAX_REQUEST_BYTES, Request, Response},
+    balancer::Balancer,
+    config::Config,
+    dataplane::{Dataplane, LoadOptions, XdpModeChoice},
+    neighbour::{Neighbours, trigger_resolution},
+    state,
+};
+
+/// A flow counts as active while it has sent a packet within this many seconds.
+pub const ACTIVE_FLOW_IDLE_S: u32 = 60;
+
+pub struct DaemonOptions {
+    pub iface: String,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub xdp_mode: XdpModeChoice,
+    pub conn_capacity: u32,
+}
+
+struct Shared {
+    balancer: Balancer,
+    iface: String,
+    attach_mode: &'static str,
+    state: PathBuf,
+}
+
+pub async fn run(opts: DaemonOptions) -> Result<()> {
+    let config = state::load(&opts.state)?;
+    if std::os::unix::net::UnixStream::connect(&opts.socket).is_ok() {
+        bail!(
+            "another xlb daemon is already serving {}",
+            opts.socket.display()
+        );
+    }
+    let neighbours = Neighbours::new()?;
+    let (ifindex, iface_mac) = neighbours.interface(&opts.iface).await?;
+    let mut dp = Dataplane::load(&LoadOptions {
+        conn_capacity: opts.conn_capacity,
+    })?;
+    let mode = dp.attach(&opts.iface, opts.xdp_mode)?;
+    tracing::info!(iface = %opts.iface, mode = mode.as_str(), "XDP program attached");
+    let mut balancer = Balancer::new(dp);
+    balancer.set_iface_mac(iface_mac)?;
+    balancer
+        .replace(&config)
+        .context("restoring the state file's configuration")?;
+    tracing::info!(
+        services = config.services.len(),
+        state = %opts.state.display(),
+        "configuration restored"
+    );
+    let shared = Arc::new(Mutex::new(Shared {
+        balancer,
+        iface: opts.iface.clone(),
+        attach_mode: mode.as_str(),
+        state: opts.state.clone(),
+    }));
+    refresh_neighbours(&shared, &neighbours, ifindex).await;
+
+    let listener = bind_socket(&opts.socket)?;
+    tracing::info!(socket = %opts.socket.display(), "control API listening");
+    let resolver = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                refresh_neighbours(&shared, &neighbours, ifindex).await;
+            }
+        })
+    };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = accepted?;
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve(stream, shared).await {
+                        tracing::debug!("control connection: {e:#}");
+                    }
+                });
+            }
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    resolver.abort();
+    let _ = std::fs::remove_file(&opts.socket);
+    tracing::info!("stopping; the XDP program is detached");
+    Ok(())
+}
+
+fn bind_socket(path: &PathBuf) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Nobody answered on it (checked at start): a leftover of a daemon that died.
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Reads the kernel's neighbour table and reprograms reals whose MAC appeared, changed or went.
+async fn refresh_neighbours(shared: &Arc<Mutex<Shared>>, neighbours: &Neighbours, ifindex: u32) {
+    let table = match neighbours.resolved(ifindex).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("reading the neighbour table: {e:#}");
+            return;
+        }
+    };
+    let mut guard = shared.lock().unwrap();
+    let addrs = guard.balancer.real_addrs();
+    for addr in addrs {
+        let mac = table.get(&addr).copied();
+        match guard.balancer.set_mac(addr, mac) {
+            Ok(true) => match mac {
+                Some(m) => {
+                    tracing::info!(real = %addr, mac = %crate::balancer::format_mac(&m), "neighbour resolved")
+                }
+                None => tracing::warn!(real = %addr, "neighbour lost; not forwarding to it"),
+            },
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(real = %addr, "reprogramming after a neighbour change: {e:#}")
+            }
+        }
+        if mac.is_none() {
+            trigger_resolution(addr);
+        }
+    }
+}
+
+async fn serve(stream: UnixStream, shared: Arc<Mutex<Shared>>) -> Result<()> {
+    let cred = stream.peer_cred()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let (read, mut write) = stream.into_split();
+    if cred.uid() != 0 && cred.uid() != me {
+        let e = anyhow::anyhow!("permission denied: uid {} may not control xlb", cred.uid());
+        write_response(&mut write, &Response::error(&e)).await?;
+        return Ok(());
+    }
+    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    let response = if line.len() > MAX_REQUEST_BYTES {
+        Response::error(&anyhow::anyhow!(
+            "request larger than {MAX_REQUEST_BYTES} bytes"
+        ))
+    } else {
+        match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let mut guard = shared.lock().unwrap();
+                match handle(&mut guard, req) {
+                    Ok(data) => Response::ok(data),
+                    Err(e) => Response::error(&e),
+                }
+            }
+            Err(e) => Response::error(&anyhow::anyhow!("malformed request: {e}")),
+        }
+    };
+    write_response(&mut write, &response).await
+}
+
+async fn write_response(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> Result<()> {
+    let mut out = serde_json::to_vec(response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+/// Applies one request. Mutations are validated before anything changes and saved after.
+fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
+    let b = &mut s.balancer;
+    let mutated = match req {
+        Request::ServiceAdd { config } => {
+            b.add_service(config.clone())?;
+            tracing::info!(service = %config.service, "service added");
+            true
+        }
+        Request::ServiceRemove { service } => {
+            b.remove_service(&service)?;
+            tracing::info!(%service, "service removed");
+            true
+        }
+        Request::RealAdd { service, real } => {
+            let addr = real.addr;
+            b.add_real(&service, real)?;
+            trigger_resolution(addr);
+            tracing::info!(%service, real = %addr, "real added");
+            true
+        }
+        Request::RealRemove { service, addr } => {
+            b.remove_real(&service, addr)?;
+            tracing::info!(%service, real = %addr, "real removed");
+            true
+        }
+        Request::RealWeight {
+            service,
+            addr,
+            weight,
+        } => {
+            b.set_weight(&service, addr, weight)?;
+            tracing::info!(%service, real = %addr, weight, "weight changed");
+            true
+        }
+        Request::Restore { config } => {
+            b.replace(&config)?;
+            for addr in b.real_addrs() {
+                trigger_resolution(addr);
+            }
+            tracing::info!(services = config.services.len(), "configuration restored");
+            true
+        }
+        Request::ServiceList | Request::Save => {
+            return Ok(serde_json::to_value(b.config())?);
+        }
+        Request::RealList { service } => {
+            let config = b.config();
+            let Some(svc) = config.services.iter().find(|c| c.service == service) else {
+                bail!("service {service} does not exist");
+            };
+            return Ok(serde_json::to_value(&svc.reals)?);
+        }
+        Request::Status => return status(s),
+        Request::Stats => return stats(s),
+    };
+    if mutated {
+        state::save(&s.state, &s.balancer.config())?;
+    }
+    Ok(serde_json::Value::Null)
+}
+
+/// Monotonic coarse seconds: the clock the data path stamps flows with.
+fn now_coarse_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
+fn active_flows(b: &mut Balancer) -> Result<HashMap<u32, u64>> {
+    let now = now_coarse_s();
+    let mut counts = HashMap::new();
+    for (_, v) in b.dataplane().conns()? {
+        if now.saturating_sub(v.last_seen_s) <= ACTIVE_FLOW_IDLE_S {
+            *counts.entry(v.backend_id).or_insert(0u64) += 1;
+        }
+    }
+    Ok(counts)
+}
+
+fn status(s: &mut Shared) -> Result<serde_json::Value> {
+    let config: Config = s.balancer.config();
+    let flows = active_flows(&mut s.balancer)?;
+    let services: Vec<serde_json::Value> = config
+        .services
+        .iter()
+        .map(|svc| {
+            let reals: Vec<serde_json::Value> = s
+                .balancer
+                .real_status(&svc.service)
+                .into_iter()
+                .map(|r| {
+                    json!({
+                        "addr": r.addr,
+                        "weight": r.weight,
+                        "mac": r.mac,
+                        "state": if r.mac.is_none() { "unresolved" } else { "up" },
+                        "in_table": r.in_table,
+                        "active_flows": flows.get(&r.backend_id).copied().unwrap_or(0),
+                    })
+                })
+                .collect();
+            json!({
+                "service": svc.service,
+                "mode": svc.mode,
+                "hash": svc.hash,
+                "ring_size": svc.ring_size,
+                "reals": reals,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "iface": s.iface,
+        "attach_mode": s.attach_mode,
+        "services": services,
+    }))
+}
+
+fn stats(s: &mut Shared) -> Result<serde_json::Value> {
+    let config = s.balancer.config();
+    let mut services = Vec::new();
+    for svc in &config.services {
+        let id = s.balancer.service_id(&svc.service).unwrap_or_default();
+        let c = s.balancer.dataplane().service_counters(id)?;
+        let mut reals = Vec::new();
+        for r in &svc.reals {
+            let Some(bid) = s.balancer.real_backend_id(&svc.service, r.addr) else {
+                continue;
+            };
+            let rc = s.balancer.dataplane().backend_counters(bid)?;
+            reals.push(json!({
+                "addr": r.addr, "packets": rc.packets, "bytes": rc.bytes, "new_flows": rc.new_flows,
+            }));
+        }
+        services.push(json!({
+            "service": svc.service, "packets": c.packets, "bytes": c.bytes,
+            "new_flows": c.new_flows, "reals": reals,
+        }));
+    }
+    let mut global = serde_json::Map::new();
+    for g in lb_common::Global::ALL {
+        global.insert(
+            g.name().into(),
+            s.balancer.dataplane().global_counter(g)?.into(),
+        );
+    }
+    Ok(json!({ "services": services, "global": global }))
+}
