@@ -1,0 +1,289 @@
+//! End-to-end: the DR lab (scripts/lab dr up) with the real xlb daemon, real HTTP traffic
+//! from the client namespace, checks of what each real server saw.
+//!
+//! One test function runs the scenarios in order: they share one lab (fixed namespace names),
+//! so they must not run in parallel.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+const VIP: &str = "198.18.0.100";
+const SERVICE: &str = "198.18.0.100:80/tcp";
+const SOCKET: &str = "/run/xlb-lab/dr/xlb.sock";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn xlb_bin() -> PathBuf {
+    repo().join("target/release/xlb")
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
+}
+
+fn xlb(args: &[&str]) -> Output {
+    let mut full = vec!["--socket", SOCKET];
+    full.extend_from_slice(args);
+    Command::new(xlb_bin()).args(&full).output().unwrap()
+}
+
+fn xlb_ok(args: &[&str]) -> String {
+    let out = xlb(args);
+    assert!(
+        out.status.success(),
+        "xlb {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// One HTTP GET from the client namespace on a new connection; the body, or None on failure.
+fn get(url: &str) -> Option<String> {
+    let out = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            "xlb-dr-client",
+            "curl",
+            "-s",
+            "-g",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "2",
+            url,
+        ],
+    );
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Sends `n` requests to the VIP: answers per real name, failures, client addresses seen.
+fn spread(n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) {
+    let mut per_real = BTreeMap::new();
+    let mut failed = 0;
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        match get(&format!("http://{VIP}/")) {
+            Some(body) => {
+                let mut words = body.split_whitespace();
+                let name = words.next().unwrap_or("").to_string();
+                let client = words.next().unwrap_or("").to_string();
+                *per_real.entry(name).or_insert(0) += 1;
+                if !clients.contains(&client) {
+                    clients.push(client);
+                }
+            }
+            None => failed += 1,
+        }
+    }
+    (per_real, failed, clients)
+}
+
+struct Lab;
+
+impl Lab {
+    fn up() -> Lab {
+        let out = sh(repo().join("scripts/lab").to_str().unwrap(), &["dr", "up"]);
+        assert!(
+            out.status.success(),
+            "lab dr up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Lab
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = sh(
+            repo().join("scripts/lab").to_str().unwrap(),
+            &["dr", "down"],
+        );
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+#[test]
+fn dr_lab_end_to_end() {
+    assert!(
+        xlb_bin().exists(),
+        "build target/release/xlb first (scripts/test does)"
+    );
+    let _lab = Lab::up();
+
+    // 300 requests all succeed, every real gets 20-47 %, and reals see the client's address.
+    let (per_real, failed, clients) = spread(300);
+    eprintln!("spread over reals: {per_real:?}, failed {failed}");
+    assert_eq!(failed, 0, "failed requests: {per_real:?}");
+    assert_eq!(per_real.len(), 3, "{per_real:?}");
+    for (real, n) in &per_real {
+        let share = *n as f64 / 300.0;
+        assert!(
+            (0.20..=0.47).contains(&share),
+            "{real} got {share:.3} of requests"
+        );
+    }
+    assert_eq!(
+        clients,
+        vec!["198.18.0.1".to_string()],
+        "DR must keep the client source"
+    );
+
+    // Traffic that is not for a service still reaches the director's own stack.
+    let ping = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            "xlb-dr-client",
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "198.18.0.2",
+        ],
+    );
+    assert!(ping.status.success(), "ping to the director failed");
+    let server = Command::new("ip")
+        .args(["netns", "exec", "xlb-dr-dir", "python3"])
+        .arg(repo().join("scripts/lab-http-server.py"))
+        .args(["--name", "director", "--port", "8080"])
+        .spawn()
+        .unwrap();
+    let mut server = KillOnDrop(server);
+    wait_for(
+        "the director's own HTTP server",
+        Duration::from_secs(10),
+        || get("http://198.18.0.2:8080/").is_some(),
+    );
+    assert_eq!(
+        get("http://198.18.0.2:8080/").as_deref(),
+        Some("director 198.18.0.1")
+    );
+    let _ = server.0.kill();
+
+    // After `real remove`, no new connection reaches that real; after `real add`, new ones do.
+    xlb_ok(&["real", "remove", SERVICE, "198.18.0.12"]);
+    let (per_real, failed, _) = spread(60);
+    assert_eq!(failed, 0);
+    assert!(
+        !per_real.contains_key("r2"),
+        "r2 still got requests: {per_real:?}"
+    );
+    xlb_ok(&["real", "add", SERVICE, "198.18.0.12"]);
+    let (per_real, failed, _) = spread(60);
+    assert_eq!(failed, 0);
+    assert!(
+        per_real.contains_key("r2"),
+        "r2 got nothing after re-adding: {per_real:?}"
+    );
+
+    // Bad input is refused with one line and changes nothing.
+    let before = xlb_ok(&["save"]);
+    for bad in [
+        vec!["service", "add", "198.18.0.300:80/tcp"],
+        vec!["real", "add", "198.18.0.101:80/tcp", "198.18.0.11"],
+        vec!["real", "add", SERVICE, "198.18.0.11"],
+        vec!["real", "add", SERVICE, "198.18.0.21", "--weight", "70000"],
+        vec!["real", "add", SERVICE, "fd00:18::21"],
+        vec!["service", "add", SERVICE],
+    ] {
+        let out = xlb(&bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{bad:?}: not one line: {err}"
+        );
+    }
+    assert_eq!(xlb_ok(&["save"]), before);
+
+    // A second daemon on the same interface is refused.
+    let second = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            "xlb-dr-dir",
+            xlb_bin().to_str().unwrap(),
+            "--socket",
+            "/run/xlb-lab/dr/second.sock",
+            "daemon",
+            "--iface",
+            "eth0",
+            "--state",
+            "/run/xlb-lab/dr/second.json",
+        ],
+    );
+    assert!(!second.status.success(), "a second daemon attached");
+
+    // A restarted daemon restores its services from the state file, and traffic flows.
+    let pid = std::fs::read_to_string("/run/xlb-lab/dr/xlb.pid").unwrap();
+    let pid = pid.trim().to_string();
+    assert!(sh("kill", &[&pid]).status.success());
+    wait_for("the daemon to exit", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid)
+    });
+    let restarted = Command::new("ip")
+        .args(["netns", "exec", "xlb-dr-dir"])
+        .arg(xlb_bin())
+        .args(["--socket", SOCKET, "daemon", "--iface", "eth0", "--state"])
+        .arg("/run/xlb-lab/dr/state.json")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _restarted = KillOnDrop(restarted);
+    wait_for("the restarted daemon", Duration::from_secs(10), || {
+        xlb(&["status"]).status.success()
+    });
+    assert_eq!(xlb_ok(&["save"]), before, "configuration not restored");
+    wait_for("reals resolved again", Duration::from_secs(10), || {
+        !xlb_ok(&["status"]).contains("unresolved")
+    });
+    let (per_real, failed, _) = spread(60);
+    assert_eq!(failed, 0, "{per_real:?}");
+    assert_eq!(per_real.len(), 3, "{per_real:?}");
+}
+
+fn is_zombie(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
