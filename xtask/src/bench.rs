@@ -1,0 +1,280 @@
+//! `cargo xtask bench`: per-packet cost of the XDP data path under BPF_PROG_TEST_RUN.
+//!
+//! `repeat = N` would rerun the program on its own output (a DR rewrite turns into a pass from
+//! the second run on), so every sample is one call with repeat = 1. The empty program
+//! (`xlb_pass`) is measured the same way in the same run and its median is the floor: the
+//! syscall and test-run harness cost that every path pays.
+
+use std::{fs, path::Path};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Map, Value, json};
+use xlb::{
+    balancer::Balancer,
+    config::{RealConfig, ServiceAddr, ServiceConfig},
+    dataplane::{BALANCER_PROGRAM, PASS_PROGRAM},
+};
+use xlb_tests::{ACK, Frame, SYN, XDP_PASS, XDP_TX, real_mac};
+
+pub const DEFAULT_CALLS: usize = 200_000;
+pub const QUICK_CALLS: usize = 20_000;
+
+/// Calls per path before moving to the next path: small enough that drift (frequency, noisy
+/// neighbours) hits every path alike, large enough to keep caches warm within a round.
+const ROUND: usize = 1_000;
+
+const CLIENT4: &str = "198.18.1.1";
+const CLIENT6: &str = "fd00:18:1::1";
+const SERVICE4: &str = "198.18.0.100:80/tcp";
+const SERVICE6: &str = "[fd00:18::100]:80/tcp";
+const REALS4: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
+const REALS6: [&str; 3] = ["fd00:18::11", "fd00:18::12", "fd00:18::13"];
+
+/// One measured path: a program, the frame it runs on every call, and what it must return.
+struct BenchPath {
+    name: &'static str,
+    program: &'static str,
+    frame: Vec<u8>,
+    verdict: u32,
+    /// Budget for the median over the floor, in ns.
+    target_ns: Option<u64>,
+}
+
+/// Median and p99 of one path's samples, in ns.
+#[derive(Clone, Copy)]
+struct Stats {
+    median: u64,
+    p99: u64,
+}
+
+pub fn run(calls: usize) -> Result<()> {
+    let cpu = pin_to_one_cpu()?;
+    let mut balancer = balancer_with_services()?;
+    let paths = bench_paths(&mut balancer)?;
+    check_verdicts(&mut balancer, &paths)?;
+
+    eprintln!(
+        "measuring {} paths, {calls} calls each, pinned to CPU {cpu}",
+        paths.len()
+    );
+    let samples = measure(&mut balancer, &paths, calls)?;
+    let stats: Vec<Stats> = samples.into_iter().map(stats).collect();
+    let floor = stats[0].median;
+
+    print_table(&paths, &stats, floor);
+    let summary = summary_json(&paths, &stats, calls, cpu)?;
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/summary.json");
+    fs::create_dir_all(out.parent().unwrap())?;
+    fs::write(&out, serde_json::to_string_pretty(&summary)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.canonicalize()?.display());
+    Ok(())
+}
+
+/// Pins this thread to CPU 1 (CPU 0 takes most interrupts) or CPU 0 on a single-CPU machine:
+/// a test run executes on the caller's CPU, so a migration would show up in the samples.
+fn pin_to_one_cpu() -> Result<usize> {
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cpu = if online >= 2 { 1 } else { 0 };
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(cpu)
+}
+
+/// The balancer the packet tests use, with one IPv4 and one IPv6 TCP service of 3 reals each.
+fn balancer_with_services() -> Result<Balancer> {
+    let mut b = xlb_tests::balancer();
+    for (service, reals) in [(SERVICE4, &REALS4), (SERVICE6, &REALS6)] {
+        let addr: ServiceAddr = service.parse()?;
+        let mut cfg = ServiceConfig::new(addr);
+        for real in reals {
+            let addr = real.parse()?;
+            b.set_mac(addr, Some(real_mac(addr)))?;
+            cfg.reals.push(RealConfig { addr, weight: 100 });
+        }
+        b.add_service(cfg)?;
+    }
+    Ok(b)
+}
+
+/// The paths, floor first. Established paths get their flow into the connection table here.
+fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
+    let pass_v4 = Frame::tcp(CLIENT4, "198.18.0.2", 40000, 22, SYN).bytes();
+    let pass_v6 = Frame::tcp(CLIENT6, "fd00:18::2", 40000, 22, SYN).bytes();
+    let syn_v4 = Frame::tcp(CLIENT4, "198.18.0.100", 40001, 80, SYN).bytes();
+    let established_v4 = establish(b, CLIENT4, "198.18.0.100", 40002)?;
+    let established_v6 = establish(b, CLIENT6, "fd00:18::100", 40002)?;
+
+    let path = |name, program, frame, verdict, target_ns| BenchPath {
+        name,
+        program,
+        frame,
+        verdict,
+        target_ns,
+    };
+    Ok(vec![
+        path("floor", PASS_PROGRAM, pass_v4.clone(), XDP_PASS, None),
+        path("pass_v4", BALANCER_PROGRAM, pass_v4, XDP_PASS, Some(30)),
+        path("pass_v6", BALANCER_PROGRAM, pass_v6, XDP_PASS, Some(30)),
+        path("dr_syn_v4", BALANCER_PROGRAM, syn_v4, XDP_TX, Some(150)),
+        path(
+            "dr_established_v4",
+            BALANCER_PROGRAM,
+            established_v4,
+            XDP_TX,
+            Some(80),
+        ),
+        path(
+            "dr_established_v6",
+            BALANCER_PROGRAM,
+            established_v6,
+            XDP_TX,
+            Some(80),
+        ),
+    ])
+}
+
+/// Sends the SYN of a flow to port 80 and returns its ACK frame, after checking the SYN
+/// added a connection-table entry (otherwise the ACK would measure the new-flow path).
+fn establish(b: &mut Balancer, client: &str, vip: &str, sport: u16) -> Result<Vec<u8>> {
+    let before = b.dataplane().conns()?.len();
+    let syn = Frame::tcp(client, vip, sport, 80, SYN).bytes();
+    let (verdict, _) = b.dataplane().test_run(BALANCER_PROGRAM, &syn)?;
+    ensure!(
+        verdict == XDP_TX,
+        "SYN {client}:{sport} -> {vip}:80: expected {}, got {}",
+        verdict_name(XDP_TX),
+        verdict_name(verdict)
+    );
+    let after = b.dataplane().conns()?.len();
+    ensure!(
+        after == before + 1,
+        "SYN {client}:{sport} -> {vip}:80 did not add a connection ({before} -> {after} entries)"
+    );
+    Ok(Frame::tcp(client, vip, sport, 80, ACK).bytes())
+}
+
+fn check_verdicts(b: &mut Balancer, paths: &[BenchPath]) -> Result<()> {
+    for p in paths {
+        let (verdict, _) = b.dataplane().test_run(p.program, &p.frame)?;
+        if verdict != p.verdict {
+            bail!(
+                "path {}: {} returned {}, expected {}",
+                p.name,
+                p.program,
+                verdict_name(verdict),
+                verdict_name(p.verdict)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn verdict_name(v: u32) -> String {
+    match v {
+        0 => "XDP_ABORTED".into(),
+        1 => "XDP_DROP".into(),
+        2 => "XDP_PASS".into(),
+        3 => "XDP_TX".into(),
+        4 => "XDP_REDIRECT".into(),
+        _ => format!("verdict {v}"),
+    }
+}
+
+/// `calls` single-run samples per path (ns), taken in round-robin rounds of `ROUND` calls.
+fn measure(b: &mut Balancer, paths: &[BenchPath], calls: usize) -> Result<Vec<Vec<u64>>> {
+    let dp = b.dataplane();
+    // One unrecorded round each, so the first recorded round does not pay for cold caches.
+    for p in paths {
+        for _ in 0..ROUND {
+            dp.time_run(p.program, &p.frame)?;
+        }
+    }
+    let mut samples: Vec<Vec<u64>> = paths.iter().map(|_| Vec::with_capacity(calls)).collect();
+    let mut done = 0;
+    while done < calls {
+        let n = ROUND.min(calls - done);
+        for (p, s) in paths.iter().zip(&mut samples) {
+            for _ in 0..n {
+                s.push(dp.time_run(p.program, &p.frame)?.as_nanos() as u64);
+            }
+        }
+        done += n;
+    }
+    Ok(samples)
+}
+
+fn stats(mut samples: Vec<u64>) -> Stats {
+    samples.sort_unstable();
+    Stats {
+        median: percentile(&samples, 0.50),
+        p99: percentile(&samples, 0.99),
+    }
+}
+
+/// Nearest-rank percentile of sorted, non-empty samples.
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Raw minus the floor median, at least 0: the program's own cost.
+fn over(raw: Stats, floor: u64) -> Stats {
+    Stats {
+        median: raw.median.saturating_sub(floor),
+        p99: raw.p99.saturating_sub(floor),
+    }
+}
+
+fn print_table(paths: &[BenchPath], stats: &[Stats], floor: u64) {
+    println!(
+        "{:<20} {:>10} {:>10} {:>12} {:>12} {:>8}  status",
+        "path", "median ns", "p99 ns", "median-floor", "p99-floor", "target"
+    );
+    for (p, &s) in paths.iter().zip(stats) {
+        let net = over(s, floor);
+        let (target, status) = match p.target_ns {
+            Some(t) if net.median <= t => (format!("<= {t}"), "ok"),
+            Some(t) => (format!("<= {t}"), "MISS"),
+            None => ("-".into(), ""),
+        };
+        println!(
+            "{:<20} {:>10} {:>10} {:>12} {:>12} {:>8}  {}",
+            p.name, s.median, s.p99, net.median, net.p99, target, status
+        );
+    }
+}
+
+fn summary_json(paths: &[BenchPath], stats: &[Stats], calls: usize, cpu: usize) -> Result<Value> {
+    let floor = stats[0].median;
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading the kernel release")?
+        .trim()
+        .to_string();
+    let stats_json = |s: Stats| json!({ "median_ns": s.median, "p99_ns": s.p99 });
+    let (mut net, mut raw, mut ratios) = (Map::new(), Map::new(), Map::new());
+    for (p, &s) in paths.iter().zip(stats) {
+        raw.insert(p.name.into(), stats_json(s));
+        if p.program == PASS_PROGRAM {
+            continue;
+        }
+        net.insert(p.name.into(), stats_json(over(s, floor)));
+        // Two decimals: the samples are whole nanoseconds.
+        let ratio = (s.median as f64 / floor as f64 * 100.0).round() / 100.0;
+        ratios.insert(p.name.into(), json!(ratio));
+    }
+    Ok(json!({
+        "floor_ns": floor,
+        "calls_per_path": calls,
+        "cpu": cpu,
+        "kernel": kernel,
+        "paths": net,
+        "raw": raw,
+        "ratios": ratios,
+    }))
+}
