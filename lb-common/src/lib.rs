@@ -128,6 +128,10 @@ pub struct Config {
     /// The MAC of the interface the program is attached to: the source of forwarded frames.
     pub iface_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// How many all-ports (port 0) services exist: while none does, a packet that misses the
+    /// exact (VIP, port, proto) lookup passes without a second lookup.
+    pub all_ports_services: u32,
+    pub _pad2: u32,
 }
 
 /// Indexes of the global per-CPU counter array.
@@ -210,7 +214,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<Counters>() == 32);
-    assert!(core::mem::size_of::<Config>() == 8);
+    assert!(core::mem::size_of::<Config>() == 16);
 };
 
 #[cfg(feature = "user")]

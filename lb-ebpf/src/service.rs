@@ -2,7 +2,10 @@
 
 use lb_common::{ServiceKey, ServiceValue};
 
-use crate::{maps::SERVICES, parse::Packet};
+use crate::{
+    maps::{CONFIG, SERVICES},
+    parse::Packet,
+};
 
 #[inline(always)]
 pub fn lookup(pkt: &Packet, dport: u16) -> Option<ServiceValue> {
@@ -16,7 +19,8 @@ pub fn lookup(pkt: &Packet, dport: u16) -> Option<ServiceValue> {
         // SAFETY: a hash map value; the control plane replaces services whole.
         return Some(unsafe { *svc });
     }
-    if dport == 0 {
+    let any_all_ports = CONFIG.get(0).is_some_and(|c| c.all_ports_services != 0);
+    if dport == 0 || !any_all_ports {
         return None;
     }
     key.port = 0;

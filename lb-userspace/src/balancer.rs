@@ -85,6 +85,7 @@ pub struct Balancer {
     service_ids: IdPool,
     backend_ids: IdPool,
     macs: HashMap<IpAddr, Mac>,
+    iface_mac: Mac,
 }
 
 fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
@@ -123,6 +124,7 @@ impl Balancer {
             service_ids: IdPool::new(MAX_SERVICES),
             backend_ids: IdPool::new(MAX_BACKENDS),
             macs: HashMap::new(),
+            iface_mac: [0; 6],
         }
     }
 
@@ -131,9 +133,17 @@ impl Balancer {
     }
 
     pub fn set_iface_mac(&mut self, mac: Mac) -> Result<()> {
+        self.iface_mac = mac;
+        self.write_kernel_config()
+    }
+
+    fn write_kernel_config(&mut self) -> Result<()> {
+        let all_ports_services = self.services.keys().filter(|s| s.port == 0).count() as u32;
         self.dp.set_config(KernelConfig {
-            iface_mac: mac,
+            iface_mac: self.iface_mac,
             _pad: [0; 2],
+            all_ports_services,
+            _pad2: 0,
         })
     }
 
@@ -254,8 +264,9 @@ impl Balancer {
             HashKind::FiveTuple => 0,
             HashKind::SrcIp => SERVICE_F_HASH_SRC_IP,
         };
-        self.dp.set_service(key, ServiceValue { id, flags })?;
-        Ok(())
+        // The all-ports count goes first too, so the new service is found from its first packet.
+        self.write_kernel_config()?;
+        self.dp.set_service(key, ServiceValue { id, flags })
     }
 
     pub fn remove_service(&mut self, s: &ServiceAddr) -> Result<()> {
@@ -272,7 +283,7 @@ impl Balancer {
         }
         self.services.remove(s);
         self.service_ids.release(id);
-        Ok(())
+        self.write_kernel_config()
     }
 
     pub fn add_real(&mut self, s: &ServiceAddr, real: RealConfig) -> Result<()> {
