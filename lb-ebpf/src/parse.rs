@@ -34,6 +34,21 @@ pub enum Fragment {
     Later,
 }
 
+impl Fragment {
+    /// From a header's fragment offset and "more fragments" flag.
+    #[inline(always)]
+    fn from_header(offset: u16, more_fragments: bool) -> Self {
+        if offset != 0 {
+            Fragment::Later
+        } else if more_fragments {
+            Fragment::First
+        } else {
+            // Whole, or an IPv6 atomic fragment (RFC 6946).
+            Fragment::None
+        }
+    }
+}
+
 /// What the balancer needs from a frame. Addresses are in network order; an IPv4 address
 /// fills the first four bytes. Ports are as on the wire (network order in memory).
 pub struct Packet {
@@ -126,15 +141,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, pkt: &mut Packet) -> Option<usize> {
     // The options (if any) must be present too: the L4 header starts after them.
     ptr_at::<u8>(ctx, l3 + ihl - 1)?;
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
-    let more_fragments = frag & 0x2000 != 0;
-    let offset = frag & 0x1fff;
-    pkt.fragment = if offset != 0 {
-        Fragment::Later
-    } else if more_fragments {
-        Fragment::First
-    } else {
-        Fragment::None
-    };
+    pkt.fragment = Fragment::from_header(frag & 0x1fff, frag & 0x2000 != 0);
     pkt.frag_id = u16::from_be_bytes([hdr[4], hdr[5]]) as u32;
     pkt.proto = hdr[9];
     pkt.family = FAMILY_V4;
@@ -165,15 +172,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, pkt: &mut Packet) -> Option<usize> {
                 let hdr = read::<[u8; 8]>(ctx, off)?;
                 next = hdr[0];
                 let offset = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
-                let more_fragments = hdr[3] & 1 != 0;
-                pkt.fragment = if offset != 0 {
-                    Fragment::Later
-                } else if more_fragments {
-                    Fragment::First
-                } else {
-                    // An atomic fragment (RFC 6946): a whole datagram.
-                    Fragment::None
-                };
+                pkt.fragment = Fragment::from_header(offset, hdr[3] & 1 != 0);
                 pkt.frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
                 off += 8;
             }

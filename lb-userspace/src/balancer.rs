@@ -241,15 +241,7 @@ impl Balancer {
             reals: BTreeMap::new(),
         };
         for real in &config.reals {
-            let (backend_id, generation) = self.backend_ids.alloc().context("no room for reals")?;
-            state.reals.insert(
-                real.addr,
-                RealState {
-                    weight: real.weight,
-                    backend_id,
-                    generation,
-                },
-            );
+            state.reals.insert(real.addr, self.new_real(real.weight)?);
         }
         let key = service_key(&config.service);
         self.dp.reset_service_counters(id)?;
@@ -295,20 +287,14 @@ impl Balancer {
         if state.reals.contains_key(&real.addr) {
             bail!("real {} is already in service {s}", real.addr);
         }
-        let (backend_id, generation) = self
-            .backend_ids
-            .alloc()
-            .with_context(|| format!("no room for another real (limit {MAX_BACKENDS})"))?;
-        state.reals.insert(
-            real.addr,
-            RealState {
-                weight: real.weight,
-                backend_id,
-                generation,
-            },
-        );
-        self.dp.reset_backend_counters(backend_id)?;
-        self.write_backend(s, real.addr)?;
+        let addr = real.addr;
+        let state_real = self.new_real(real.weight)?;
+        self.services
+            .get_mut(s)
+            .expect("checked above")
+            .reals
+            .insert(addr, state_real);
+        self.write_backend(s, addr)?;
         self.publish_table(s)
     }
 
@@ -399,6 +385,20 @@ impl Balancer {
             }
         }
         Ok(())
+    }
+
+    /// A fresh backend id for a real, its counters zeroed (the id may have served another).
+    fn new_real(&mut self, weight: u32) -> Result<RealState> {
+        let (backend_id, generation) = self
+            .backend_ids
+            .alloc()
+            .with_context(|| format!("no room for another real (limit {MAX_BACKENDS})"))?;
+        self.dp.reset_backend_counters(backend_id)?;
+        Ok(RealState {
+            weight,
+            backend_id,
+            generation,
+        })
     }
 
     fn write_backend(&mut self, s: &ServiceAddr, addr: IpAddr) -> Result<()> {
