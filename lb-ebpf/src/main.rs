@@ -31,21 +31,21 @@ fn balance(ctx: &XdpContext) -> u32 {
     let Some(pkt) = parse::parse(ctx) else {
         return xdp_action::XDP_PASS;
     };
-    let dport = match pkt.fragment {
+    let svc = match pkt.fragment {
         Fragment::Later => match conntrack::fragment_ports(&pkt) {
-            Some(ports) => ports.dport,
+            Some(ports) => service::lookup(&pkt, ports.dport),
             None => {
                 // Reordered or aged out: only an all-ports service can still claim it.
-                if service::lookup(&pkt, 0).is_none() {
+                let svc = service::lookup(&pkt, 0);
+                if svc.is_none() {
                     counters::global(Global::FragUntracked);
-                    return xdp_action::XDP_PASS;
                 }
-                0
+                svc
             }
         },
-        _ => pkt.dport,
+        _ => service::lookup(&pkt, pkt.dport),
     };
-    let Some(svc) = service::lookup(&pkt, dport) else {
+    let Some(svc) = svc else {
         return xdp_action::XDP_PASS;
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;

@@ -19,8 +19,7 @@ pub fn lookup(pkt: &Packet, dport: u16) -> Option<ServiceValue> {
         // SAFETY: a hash map value; the control plane replaces services whole.
         return Some(unsafe { *svc });
     }
-    let any_all_ports = CONFIG.get(0).is_some_and(|c| c.all_ports_services != 0);
-    if dport == 0 || !any_all_ports {
+    if dport == 0 || !CONFIG.get(0).is_some_and(|c| c.all_ports_services != 0) {
         return None;
     }
     key.port = 0;

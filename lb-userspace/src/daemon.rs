@@ -198,28 +198,24 @@ async fn write_response(
 /// Applies one request. Mutations are validated before anything changes and saved after.
 fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
     let b = &mut s.balancer;
-    let mutated = match req {
+    match req {
         Request::ServiceAdd { config } => {
             b.add_service(config.clone())?;
             tracing::info!(service = %config.service, "service added");
-            true
         }
         Request::ServiceRemove { service } => {
             b.remove_service(&service)?;
             tracing::info!(%service, "service removed");
-            true
         }
         Request::RealAdd { service, real } => {
             let addr = real.addr;
             b.add_real(&service, real)?;
             trigger_resolution(addr);
             tracing::info!(%service, real = %addr, "real added");
-            true
         }
         Request::RealRemove { service, addr } => {
             b.remove_real(&service, addr)?;
             tracing::info!(%service, real = %addr, "real removed");
-            true
         }
         Request::RealWeight {
             service,
@@ -228,7 +224,6 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
         } => {
             b.set_weight(&service, addr, weight)?;
             tracing::info!(%service, real = %addr, weight, "weight changed");
-            true
         }
         Request::Restore { config } => {
             b.replace(&config)?;
@@ -236,7 +231,6 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
                 trigger_resolution(addr);
             }
             tracing::info!(services = config.services.len(), "configuration restored");
-            true
         }
         Request::ServiceList | Request::Save => {
             return Ok(serde_json::to_value(b.config())?);
@@ -250,10 +244,9 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
         }
         Request::Status => return status(s),
         Request::Stats => return stats(s),
-    };
-    if mutated {
-        state::save(&s.state, &s.balancer.config())?;
     }
+    // Only mutations get here: reads returned above.
+    state::save(&s.state, &s.balancer.config())?;
     Ok(serde_json::Value::Null)
 }
 
