@@ -54,6 +54,11 @@ impl IdPool {
     fn release(&mut self, id: u32) {
         self.free.push_back(id);
     }
+
+    /// How many ids can still be handed out.
+    fn available(&self) -> usize {
+        (self.limit - self.next) as usize + self.free.len()
+    }
 }
 
 struct RealState {
@@ -217,11 +222,9 @@ impl Balancer {
         if self.services.contains_key(&config.service) {
             bail!("service {} already exists", config.service);
         }
-        if self.backend_ids.next as usize + config.reals.len() > MAX_BACKENDS as usize
-            && self.backend_ids.free.len() < config.reals.len()
-        {
+        if self.backend_ids.available() < config.reals.len() {
             bail!(
-                "service {}: no room for {} more reals",
+                "service {}: no room for {} more reals (limit {MAX_BACKENDS} in all)",
                 config.service,
                 config.reals.len()
             );
@@ -232,33 +235,50 @@ impl Balancer {
                 config.service
             )
         })?;
-        let mut state = ServiceState {
-            config: ServiceConfig {
-                reals: Vec::new(),
-                ..config.clone()
+        self.services.insert(
+            config.service,
+            ServiceState {
+                config: ServiceConfig {
+                    reals: Vec::new(),
+                    ..config.clone()
+                },
+                id,
+                reals: BTreeMap::new(),
             },
-            id,
-            reals: BTreeMap::new(),
-        };
-        for real in &config.reals {
-            state.reals.insert(real.addr, self.new_real(real.weight)?);
+        );
+        // A step the kernel refuses undoes the whole service, so nothing is left half-added.
+        if let Err(e) = self.program_new_service(&config) {
+            if let Err(undo) = self.remove_service(&config.service) {
+                tracing::error!(service = %config.service, "undoing a failed add: {undo:#}");
+            }
+            return Err(e);
         }
-        let key = service_key(&config.service);
+        Ok(())
+    }
+
+    fn program_new_service(&mut self, config: &ServiceConfig) -> Result<()> {
+        let s = &config.service;
+        let id = self.services[s].id;
         self.dp.reset_service_counters(id)?;
-        self.services.insert(config.service, state);
-        let addrs: Vec<IpAddr> = config.reals.iter().map(|r| r.addr).collect();
-        for addr in addrs {
-            self.write_backend(&config.service, addr)?;
+        for real in &config.reals {
+            let state = self.new_real(real.weight)?;
+            self.services
+                .get_mut(s)
+                .expect("inserted by add_service")
+                .reals
+                .insert(real.addr, state);
+            self.write_backend(s, real.addr)?;
         }
         // The table goes in before the service entry, so no packet meets a service without one.
-        self.publish_table(&config.service)?;
+        self.publish_table(s)?;
         let flags = match config.hash {
             HashKind::FiveTuple => 0,
             HashKind::SrcIp => SERVICE_F_HASH_SRC_IP,
         };
         // The all-ports count goes first too, so the new service is found from its first packet.
         self.write_kernel_config()?;
-        self.dp.set_service(key, ServiceValue { id, flags })
+        self.dp
+            .set_service(service_key(s), ServiceValue { id, flags })
     }
 
     pub fn remove_service(&mut self, s: &ServiceAddr) -> Result<()> {
@@ -350,10 +370,25 @@ impl Balancer {
         Ok(true)
     }
 
-    /// Replaces the whole configuration: validated first, then applied. Services that did not
+    /// Replaces the whole configuration, all or nothing: validated first, then applied; if the
+    /// kernel refuses a step, the previous configuration is put back. Services that did not
     /// change keep their ids, tables and tracked flows.
     pub fn replace(&mut self, config: &Config) -> Result<()> {
         config.validate()?;
+        let previous = self.config();
+        let Err(e) = self.apply(config) else {
+            return Ok(());
+        };
+        // The previous configuration fitted before, so going back only frees resources.
+        if let Err(back) = self.apply(&previous) {
+            tracing::error!(
+                "restoring the previous configuration after a failed replace: {back:#}"
+            );
+        }
+        Err(e)
+    }
+
+    fn apply(&mut self, config: &Config) -> Result<()> {
         let wanted: BTreeMap<ServiceAddr, &ServiceConfig> =
             config.services.iter().map(|s| (s.service, s)).collect();
         let current = self.config();
@@ -393,7 +428,10 @@ impl Balancer {
             .backend_ids
             .alloc()
             .with_context(|| format!("no room for another real (limit {MAX_BACKENDS})"))?;
-        self.dp.reset_backend_counters(backend_id)?;
+        if let Err(e) = self.dp.reset_backend_counters(backend_id) {
+            self.backend_ids.release(backend_id);
+            return Err(e);
+        }
         Ok(RealState {
             weight,
             backend_id,

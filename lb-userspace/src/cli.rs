@@ -44,6 +44,9 @@ enum Command {
         /// Flows the connection table tracks before evicting the least recently used.
         #[arg(long, default_value_t = lb_common::DEFAULT_CONN_CAPACITY)]
         conn_capacity: u32,
+        /// Serve Prometheus metrics on ADDR:PORT (GET /metrics).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Add, remove and list virtual services.
     #[command(subcommand)]
@@ -139,7 +142,7 @@ pub fn main() -> std::process::ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -154,6 +157,7 @@ fn run(cli: Cli) -> Result<()> {
             state,
             xdp_mode,
             conn_capacity,
+            metrics,
         } => {
             init_logging();
             let rt = tokio::runtime::Runtime::new()?;
@@ -163,6 +167,7 @@ fn run(cli: Cli) -> Result<()> {
                 state,
                 xdp_mode,
                 conn_capacity,
+                metrics,
             }));
         }
         Command::XdpPass { iface } => return xdp_pass(&iface),

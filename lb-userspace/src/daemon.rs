@@ -21,6 +21,7 @@ use crate::{
     balancer::Balancer,
     config::Config,
     dataplane::{Dataplane, LoadOptions, XdpModeChoice},
+    metrics,
     neighbour::{Neighbours, trigger_resolution},
     state,
 };
@@ -34,6 +35,8 @@ pub struct DaemonOptions {
     pub state: PathBuf,
     pub xdp_mode: XdpModeChoice,
     pub conn_capacity: u32,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 struct Shared {
@@ -51,6 +54,10 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             opts.socket.display()
         );
     }
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let neighbours = Neighbours::new()?;
     let (ifindex, iface_mac) = neighbours.interface(&opts.iface).await?;
     let mut dp = Dataplane::load(&LoadOptions {
@@ -88,6 +95,16 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             }
         })
     };
+    let metrics_server = metrics_listener.map(|listener| {
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
+        let shared = shared.clone();
+        let render = Arc::new(move || {
+            let mut guard = shared.lock().unwrap();
+            let flows = active_flows(&mut guard.balancer)?;
+            metrics::render(&mut guard.balancer, &flows)
+        });
+        tokio::spawn(metrics::serve(listener, render))
+    });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -105,6 +122,9 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         }
     }
     resolver.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     let _ = std::fs::remove_file(&opts.socket);
     tracing::info!("stopping; the XDP program is detached");
     Ok(())

@@ -207,7 +207,10 @@ impl Dataplane {
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         let mut map: HashMap<_, ServiceKey, ServiceValue> =
             HashMap::try_from(self.map_mut("SERVICES")?)?;
-        map.remove(key)?;
+        // Absent already (a service whose setup failed half-way) is fine: the goal is reached.
+        if map.get(key, 0).is_ok() {
+            map.remove(key)?;
+        }
         Ok(())
     }
 

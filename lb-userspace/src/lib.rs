@@ -1,7 +1,7 @@
 //! xlb's control plane. Modules: `cli` (the command line), `api` (the control socket's
 //! protocol), `daemon` (serves it), `config` (what operators configure), `balancer` (policy:
 //! ids, Maglev tables), `dataplane` (the XDP program and its maps), `maglev`, `neighbour`
-//! (netlink), `state` (the state file).
+//! (netlink), `state` (the state file), `metrics` (Prometheus).
 pub mod api;
 pub mod balancer;
 pub mod cli;
@@ -9,5 +9,6 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod maglev;
+pub mod metrics;
 pub mod neighbour;
 pub mod state;

@@ -205,6 +205,66 @@ fn dr_lab_end_to_end() {
         "r2 got nothing after re-adding: {per_real:?}"
     );
 
+    // A long-lived TCP connection keeps its real while other reals are added, removed and
+    // reweighted, and while its own real is reweighted.
+    let mut conn = KeepAlive::start();
+    let (port, holder) = conn.next_answer();
+    let holder_ip = format!("198.18.0.1{}", holder.trim_start_matches('r'));
+    let other = ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
+        .into_iter()
+        .find(|r| *r != holder_ip)
+        .unwrap();
+    let steps: [&[&str]; 7] = [
+        &["real", "weight", SERVICE, other, "50"],
+        &["real", "remove", SERVICE, other],
+        &["real", "add", SERVICE, other],
+        &["real", "add", SERVICE, "198.18.0.21"],
+        &["real", "remove", SERVICE, "198.18.0.21"],
+        &["real", "weight", SERVICE, &holder_ip, "300"],
+        &["real", "weight", SERVICE, &holder_ip, "100"],
+    ];
+    for step in steps {
+        xlb_ok(step);
+        for _ in 0..5 {
+            assert_eq!(
+                conn.next_answer(),
+                (port.clone(), holder.clone()),
+                "the long-lived connection moved or broke after {step:?}"
+            );
+        }
+    }
+    drop(conn);
+
+    // The metrics endpoint shows the traffic per real.
+    let page = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            "xlb-dr-dir",
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9180/metrics",
+        ],
+    );
+    let page = String::from_utf8_lossy(&page.stdout);
+    // Every real has its series; the long-lived connection's real carried its packets (the
+    // others were just re-added, so their counters restarted).
+    for real in ["198.18.0.11", "198.18.0.12", "198.18.0.13"] {
+        let series = format!("xlb_real_packets_total{{real=\"{real}\",service=\"{SERVICE}\"}}");
+        let value = metric(&page, &series);
+        assert!(value.is_some(), "metrics lack {series}:\n{page}");
+        if real == holder_ip {
+            assert!(value.unwrap() >= 70.0, "{series} {value:?}");
+        }
+    }
+    assert!(
+        metric(&page, "xlb_datapath_events_total{event=\"forwarded\"}").is_some_and(|v| v > 0.0),
+        "{page}"
+    );
+
     // Bad input is refused with one line and changes nothing.
     let before = xlb_ok(&["save"]);
     for bad in [
@@ -271,6 +331,60 @@ fn dr_lab_end_to_end() {
     let (per_real, failed, _) = spread(60);
     assert_eq!(failed, 0, "{per_real:?}");
     assert_eq!(per_real.len(), 3, "{per_real:?}");
+}
+
+/// The value of one sample line of a Prometheus text page.
+fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// One HTTP/1.1 connection from the client namespace, kept open with a request every 50 ms
+/// (scripts/lab-http-keepalive.py); its answers arrive on a channel.
+struct KeepAlive {
+    _child: KillOnDrop,
+    answers: std::sync::mpsc::Receiver<String>,
+}
+
+impl KeepAlive {
+    fn start() -> KeepAlive {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", "xlb-dr-client", "python3"])
+            .arg(repo().join("scripts/lab-http-keepalive.py"))
+            .args([VIP, "80", "--max-seconds", "60"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, answers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        KeepAlive {
+            _child: KillOnDrop(child),
+            answers,
+        }
+    }
+
+    /// The next answer as (local port, real name); panics on an error or a 5 s silence.
+    fn next_answer(&mut self) -> (String, String) {
+        let line = self
+            .answers
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the long-lived connection went silent");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            words.len() == 3 && words[0] != "error:",
+            "long-lived connection: {line}"
+        );
+        (words[0].to_string(), words[1].to_string())
+    }
 }
 
 fn is_zombie(pid: &str) -> bool {

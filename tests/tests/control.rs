@@ -1,0 +1,138 @@
+//! Control-plane failures: what the daemon says when it cannot start, and a configuration
+//! replace that the kernel refuses half-way leaving the previous configuration in place.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use lb_common::MAX_BACKENDS;
+use xlb::{
+    config::{Config, RealConfig, ServiceConfig},
+    dataplane::BALANCER_PROGRAM,
+};
+use xlb_tests::*;
+
+fn xlb_bin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("target/release/xlb")
+}
+
+/// Runs `xlb daemon` with a private socket and state file; it must fail, and its error is
+/// returned (after checking it is one line).
+fn daemon_error(netns: Option<&str>, args: &[&str]) -> String {
+    let dir = std::env::temp_dir().join(format!("xlb-control-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("xlb.sock");
+    let state = dir.join("state.json");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(xlb_bin());
+            c
+        }
+        None => Command::new(xlb_bin()),
+    };
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("daemon")
+        .arg("--state")
+        .arg(&state);
+    let out: Output = cmd.args(args).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "daemon {args:?} started");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("xlb: ")).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one error line: {err}");
+    lines[0].to_string()
+}
+
+#[test]
+fn daemon_refuses_an_unknown_interface() {
+    assert!(xlb_bin().exists(), "build target/release/xlb first");
+    let err = daemon_error(None, &["--iface", "xlb-nosuch0"]);
+    assert!(err.contains("xlb-nosuch0"), "{err}");
+}
+
+#[test]
+fn daemon_that_cannot_attach_names_the_mode_it_tried() {
+    assert!(xlb_bin().exists(), "build target/release/xlb first");
+    // A namespace of our own: its loopback has no native XDP support.
+    let ns = format!("xlb-test-attach-{}", std::process::id());
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let err = daemon_error(Some(&ns), &["--iface", "lo", "--xdp-mode", "native"]);
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    assert!(err.contains("native") && err.contains("lo"), "{err}");
+}
+
+#[test]
+fn a_replace_the_kernel_cannot_hold_leaves_the_previous_configuration() {
+    let mut b = balancer();
+    let reals = ["198.18.0.11", "198.18.0.12"];
+    let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
+    for r in reals {
+        let addr: IpAddr = r.parse().unwrap();
+        b.set_mac(addr, Some(real_mac(addr))).unwrap();
+        svc.reals.push(RealConfig { addr, weight: 100 });
+    }
+    let before = Config {
+        services: vec![svc],
+    };
+    b.replace(&before).unwrap();
+    let syn = Frame::tcp("198.18.1.1", "198.18.0.100", 40000, 80, SYN).bytes();
+    let (verdict, out) = b.dataplane().test_run(BALANCER_PROGRAM, &syn).unwrap();
+    assert_eq!(verdict, XDP_TX);
+    let chosen_mac = out[..6].to_vec();
+
+    // Two services whose reals together exceed the backend table: valid on its own, but the
+    // second service cannot be placed after the first.
+    let half = MAX_BACKENDS as usize / 2 + 1;
+    let big = |vip: &str, base: u32| {
+        let mut s = ServiceConfig::new(format!("{vip}:80/tcp").parse().unwrap());
+        s.reals = (0..half as u32)
+            .map(|i| RealConfig {
+                addr: IpAddr::V4((base + i).into()),
+                weight: 1,
+            })
+            .collect();
+        s
+    };
+    let too_big = Config {
+        services: vec![
+            big("198.18.0.101", u32::from_be_bytes([10, 0, 0, 0])),
+            big("198.18.0.102", u32::from_be_bytes([10, 1, 0, 0])),
+        ],
+    };
+    too_big.validate().unwrap();
+    let err = b.replace(&too_big).unwrap_err();
+    assert!(format!("{err:#}").contains("no room"), "{err:#}");
+
+    let after = b.config();
+    let services: Vec<String> = after
+        .services
+        .iter()
+        .map(|s| s.service.to_string())
+        .collect();
+    assert!(
+        after == before,
+        "the previous configuration is not back: {services:?}"
+    );
+    let (verdict, out) = b.dataplane().test_run(BALANCER_PROGRAM, &syn).unwrap();
+    assert_eq!(verdict, XDP_TX, "the restored service does not forward");
+    assert_eq!(out[..6], chosen_mac[..], "the flow moved to another real");
+    let other = Frame::tcp("198.18.1.1", "198.18.0.101", 40000, 80, SYN).bytes();
+    let (verdict, _) = b.dataplane().test_run(BALANCER_PROGRAM, &other).unwrap();
+    assert_eq!(
+        verdict, XDP_PASS,
+        "a service of the refused configuration is live"
+    );
+}
