@@ -4,8 +4,11 @@
     lab-http-server.py --name r1 [--port 80] [--bind ADDR]
 
 Every GET answers 200 with the body "<name> <client-ip>\\n", where client-ip is the
-peer address the server saw on its socket (in DR mode that is the real client, which
-is what the lab checks). GET /healthz answers 200 "ok\\n". HEAD works too.
+peer address the server saw on its socket (in DR and TUN mode that is the real client,
+which is what the labs check). GET /healthz answers 200 "ok\\n". HEAD works too.
+Every POST reads its body (Content-Length; no chunked bodies) and answers 200 with
+"<name> <client-ip> <bytes-received>\\n", so a lab can check that a large upload
+arrived whole (the TUN lab's path-MTU test).
 
 One thread per connection, HTTP/1.1 keep-alive, Content-Length on every answer, a
 large accept backlog for bursts of short connections, no request logging. Without
@@ -34,12 +37,14 @@ class Handler(BaseHTTPRequestHandler):
             ip = ip[len("::ffff:"):]
         return ip
 
-    def _answer(self, with_body):
+    def _answer(self, with_body, received=None):
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
             body = b"ok\n"
-        else:
+        elif received is None:
             body = f"{self.server.lab_name} {self._peer()}\n".encode()
+        else:
+            body = f"{self.server.lab_name} {self._peer()} {received}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -52,6 +57,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self):
         self._answer(False)
+
+    def do_POST(self):
+        # A request with neither Content-Length nor Transfer-Encoding has no body.
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if self.headers.get("Transfer-Encoding") or not length.isdigit():
+            # The end of the body is unknown: refuse and close the connection.
+            self.close_connection = True
+            self.send_error(411, "POST needs a Content-Length body (no chunked bodies)")
+            return
+        want, received = int(length), 0
+        while received < want:
+            chunk = self.rfile.read(min(65536, want - received))
+            if not chunk:  # the client went away mid-body: nobody to answer
+                self.close_connection = True
+                return
+            received += len(chunk)
+        self._answer(True, received)
 
     def log_message(self, format, *args):  # quiet: no line per request
         pass

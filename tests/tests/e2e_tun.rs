@@ -1,0 +1,569 @@
+//! End-to-end: the TUN lab (scripts/lab tun up) with the real xlb daemon and the reals'
+//! XDP decapsulator, real HTTP traffic from the client namespace through the router and the
+//! director, checks of what each real server saw and of what crossed the real segment.
+//!
+//! One test function runs the scenarios in order: they share one lab (fixed namespace names),
+//! so they must not run in parallel.
+
+use std::{
+    collections::BTreeMap,
+    io::BufRead,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+const VIP4: &str = "198.18.0.200";
+const VIP6: &str = "fd00:18::200";
+const SERVICE4: &str = "198.18.0.200:80/tcp";
+const SERVICE6: &str = "[fd00:18::200]:80/tcp";
+const URL4: &str = "http://198.18.0.200/";
+const URL6: &str = "http://[fd00:18::200]/";
+const SOCKET: &str = "/run/xlb-lab/tun/xlb.sock";
+const CLIENT_NS: &str = "xlb-tun-client";
+const CLIENT4: &str = "198.18.1.1";
+const CLIENT6: &str = "fd00:18:1::1";
+/// The director's own addresses: the tunnels' outer source.
+const TUNNEL_SRC4: &str = "198.18.1.2";
+const TUNNEL_SRC6: &str = "fd00:18:1::2";
+/// The router, where the real segment is captured (its real-facing interface).
+const ROUTER_NS: &str = "xlb-tun-rt";
+const ROUTER_REAL_IFACE: &str = "eth1";
+/// (name, IPv4, IPv6) of each real server.
+const REALS: [(&str, &str, &str); 3] = [
+    ("r1", "198.18.2.11", "fd00:18:2::11"),
+    ("r2", "198.18.2.12", "fd00:18:2::12"),
+    ("r3", "198.18.2.13", "fd00:18:2::13"),
+];
+/// The path-MTU upload: far more than one full-size segment.
+const POST_BYTES: usize = 204_800;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn xlb_bin() -> PathBuf {
+    repo().join("target/release/xlb")
+}
+
+fn lab_script() -> PathBuf {
+    repo().join("scripts/lab")
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
+}
+
+/// stdout and stderr of a command, as text.
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn xlb(args: &[&str]) -> Output {
+    let mut full = vec!["--socket", SOCKET];
+    full.extend_from_slice(args);
+    Command::new(xlb_bin()).args(&full).output().unwrap()
+}
+
+fn xlb_ok(args: &[&str]) -> String {
+    let out = xlb(args);
+    assert!(
+        out.status.success(),
+        "xlb {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `xlb realserver VERB --iface eth0 --vip VIP --mode tun` inside the real's namespace (with
+/// the lab's state file for setup and teardown), bounded by `timeout 30`.
+fn realserver(real: &str, verb: &str, vip: &str) -> Output {
+    let ns = format!("xlb-tun-{real}");
+    let state = format!("/run/xlb-lab/tun/{real}-realserver.json");
+    let bin = xlb_bin();
+    let mut args = vec!["30", "ip", "netns", "exec", &ns, bin.to_str().unwrap()];
+    args.extend([
+        "realserver",
+        verb,
+        "--iface",
+        "eth0",
+        "--vip",
+        vip,
+        "--mode",
+        "tun",
+    ]);
+    if verb != "check" {
+        args.extend(["--state", &state]);
+    }
+    sh("timeout", &args)
+}
+
+fn realserver_ok(real: &str, verb: &str, vip: &str) {
+    let out = realserver(real, verb, vip);
+    assert!(
+        out.status.success(),
+        "xlb realserver {verb} --vip {vip} on {real} failed: {}",
+        text(&out)
+    );
+}
+
+/// One curl from the client namespace on a new connection; the body, or None on failure.
+fn curl(max_time: &str, args: &[&str]) -> Option<String> {
+    let mut full = vec![
+        "netns",
+        "exec",
+        CLIENT_NS,
+        "curl",
+        "-s",
+        "-g",
+        "--noproxy",
+        "*",
+        "--max-time",
+        max_time,
+    ];
+    full.extend_from_slice(args);
+    let out = sh("ip", &full);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn get(url: &str) -> Option<String> {
+    curl("2", &[url])
+}
+
+/// POSTs `file` (no `Expect: 100-continue` round trip) and returns the answer.
+fn post(url: &str, file: &Path) -> Option<String> {
+    let data = format!("@{}", file.display());
+    curl("10", &["-H", "Expect:", "--data-binary", &data, url])
+}
+
+/// Sends `n` GETs to `url`: answers per real name, failures, client addresses seen. Gives up
+/// (panics) when the first 10 all fail rather than wait 2 s for each of the rest.
+fn spread(url: &str, n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) {
+    let mut per_real = BTreeMap::new();
+    let mut failed = 0;
+    let mut clients = Vec::new();
+    for i in 0..n {
+        match get(url) {
+            Some(body) => {
+                let mut words = body.split_whitespace();
+                let name = words.next().unwrap_or("").to_string();
+                let client = words.next().unwrap_or("").to_string();
+                *per_real.entry(name).or_insert(0) += 1;
+                if !clients.contains(&client) {
+                    clients.push(client);
+                }
+            }
+            None => failed += 1,
+        }
+        if i + 1 == 10 && failed == 10 {
+            panic!(
+                "the first 10 requests to {url} all failed\n{}",
+                diagnostics()
+            );
+        }
+    }
+    (per_real, failed, clients)
+}
+
+/// What a failure message needs: the lab's status and the end of the daemon's log.
+fn diagnostics() -> String {
+    let status = sh(lab_script().to_str().unwrap(), &["tun", "status"]);
+    let log = std::fs::read_to_string("/run/xlb-lab/tun/xlb.log").unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    format!(
+        "--- scripts/lab tun status ---\n{}--- xlb.log (end) ---\n{}",
+        text(&status),
+        tail.join("\n")
+    )
+}
+
+/// Captures up to `count` packets matching `filter` on the router's real-facing interface
+/// while `traffic` runs, and returns tcpdump's lines. Not on a real's own eth0: its XDP
+/// decapsulator runs before any capture tap, so a capture there sees inner packets only.
+/// Bounded: tcpdump runs under `timeout 5`.
+fn capture_real_segment(filter: &str, count: usize, traffic: impl FnOnce()) -> Vec<String> {
+    let count = count.to_string();
+    let mut child = Command::new("ip")
+        .args([
+            "netns", "exec", ROUTER_NS, "timeout", "5", "tcpdump", "-l", "-n",
+        ])
+        .args(["-i", ROUTER_REAL_IFACE, "-c", &count, filter])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running tcpdump (scripts/setup installs it)");
+    // tcpdump says "listening on IFACE" on stderr once the capture is attached.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut said = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("listening on") => break,
+            Ok(line) => said.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tcpdump did not start capturing: {said:?}");
+            }
+        }
+    }
+    traffic();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The captured lines that show a tunnelled request: outer `src > one of reals`, inner
+/// `client.PORT > vip.80`, as tcpdump prints IPIP and IP6IP6 ("IP a > b: IP c.p > d.80: ...",
+/// "IP6 a > b: IP6 c.p > d.80: ..."; an extension header may sit between the two).
+fn tunnelled(lines: &[String], src: &str, reals: &[&str], client: &str, vip: &str) -> usize {
+    lines
+        .iter()
+        .filter(|line| {
+            let Some((_, outer)) = line.split_once(&format!(" {src} > ")) else {
+                return false;
+            };
+            let Some((dst, inner)) = outer.split_once(": ") else {
+                return false;
+            };
+            reals.contains(&dst)
+                && inner.contains(&format!(" {client}."))
+                && inner.contains(&format!(" > {vip}.80: "))
+        })
+        .count()
+}
+
+/// `ip route get` (or `ip -6 route get`) from the client, with any cached path MTU.
+fn client_route(family: &str, dst: &str) -> String {
+    let out = sh(
+        "ip",
+        &[
+            "netns", "exec", CLIENT_NS, "ip", family, "route", "get", dst,
+        ],
+    );
+    assert!(out.status.success(), "ip route get {dst}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Whether the real's eth0 carries an XDP program.
+fn real_has_xdp(real: &str) -> bool {
+    let out = sh(
+        "ip",
+        &[
+            "-n",
+            &format!("xlb-tun-{real}"),
+            "-d",
+            "link",
+            "show",
+            "dev",
+            "eth0",
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+/// Whether the real's lo holds `addr`.
+fn real_has_vip(real: &str, addr: &str) -> bool {
+    let out = sh(
+        "ip",
+        &[
+            "-n",
+            &format!("xlb-tun-{real}"),
+            "addr",
+            "show",
+            "dev",
+            "lo",
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/"))
+}
+
+fn tun_namespaces() -> Vec<String> {
+    let out = sh("ip", &["netns", "list"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|ns| ns.starts_with("xlb-tun-"))
+        .map(str::to_string)
+        .collect()
+}
+
+struct Lab;
+
+impl Lab {
+    fn up() -> Lab {
+        let out = sh(lab_script().to_str().unwrap(), &["tun", "up"]);
+        assert!(out.status.success(), "lab tun up failed: {}", text(&out));
+        Lab
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = sh(lab_script().to_str().unwrap(), &["tun", "down"]);
+    }
+}
+
+/// A file removed when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn tun_lab_end_to_end() {
+    assert!(
+        xlb_bin().exists(),
+        "build target/release/xlb first (scripts/test does)"
+    );
+    let lab = Lab::up();
+
+    // The lab's own view: every process alive, every real prepared for both VIPs.
+    let status = text(&sh(lab_script().to_str().unwrap(), &["tun", "status"]));
+    for name in ["xlb", "xdp-pass", "http-r1", "http-r2", "http-r3"] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name) && l.ends_with("alive")),
+            "{name} not alive:\n{status}"
+        );
+    }
+    assert!(!status.contains("NOT prepared"), "{status}");
+
+    // 1. 300 IPv4 requests all succeed, every real gets 20-47 %, and the reals see the
+    // client's own address (the tunnel carries the client's packet unchanged).
+    let (per_real, failed, clients) = spread(URL4, 300);
+    eprintln!("IPv4 spread over reals: {per_real:?}, failed {failed}");
+    assert_eq!(
+        failed,
+        0,
+        "failed requests: {per_real:?}\n{}",
+        diagnostics()
+    );
+    assert_eq!(per_real.len(), 3, "{per_real:?}");
+    for (real, n) in &per_real {
+        let share = *n as f64 / 300.0;
+        assert!(
+            (0.20..=0.47).contains(&share),
+            "{real} got {share:.3} of requests"
+        );
+    }
+    assert_eq!(
+        clients,
+        vec![CLIENT4.to_string()],
+        "TUN must keep the client source"
+    );
+
+    // 2. The same over IPv6 (IP6IP6), with fewer requests.
+    let (per_real, failed, clients) = spread(URL6, 90);
+    eprintln!("IPv6 spread over reals: {per_real:?}, failed {failed}");
+    assert_eq!(
+        failed,
+        0,
+        "failed requests: {per_real:?}\n{}",
+        diagnostics()
+    );
+    assert_eq!(per_real.len(), 3, "every real answers: {per_real:?}");
+    assert_eq!(clients, vec![CLIENT6.to_string()]);
+
+    // 3. On the real segment the requests travel encapsulated: protocol 4 (IPIP) from the
+    // director's tunnel source to a real, carrying the client's packet to the VIP; likewise
+    // IPv6 in IPv6. Captured on the router's real-facing interface; at least 5 of the first
+    // 10 packets captured must be such tunnelled requests (10 GETs make dozens).
+    let reals4: Vec<&str> = REALS.iter().map(|r| r.1).collect();
+    let reals6: Vec<&str> = REALS.iter().map(|r| r.2).collect();
+    let lines = capture_real_segment(
+        &format!("ip proto 4 and src host {TUNNEL_SRC4}"),
+        10,
+        || {
+            spread(URL4, 10);
+        },
+    );
+    assert!(
+        tunnelled(&lines, TUNNEL_SRC4, &reals4, CLIENT4, VIP4) >= 5,
+        "no IPIP packets {TUNNEL_SRC4} -> real on the real segment: {lines:#?}"
+    );
+    // Any IPv6 from the director: `ip6 proto 41` would miss a tunnel whose outer header
+    // carries an extension header (RFC 2473's encapsulation limit), `tunnelled` reads past it.
+    let lines = capture_real_segment(&format!("ip6 and src host {TUNNEL_SRC6}"), 10, || {
+        spread(URL6, 10);
+    });
+    assert!(
+        tunnelled(&lines, TUNNEL_SRC6, &reals6, CLIENT6, VIP6) >= 5,
+        "no IP6IP6 packets {TUNNEL_SRC6} -> real on the real segment: {lines:#?}"
+    );
+
+    // 4. Path MTU: full-size client segments plus the tunnel header do not fit the
+    // director's 1500-byte link. A 200 KB upload arrives whole only if the director's ICMP
+    // "fragmentation needed" (IPv4, MTU 1480) / "packet too big" (IPv6, MTU 1460) reaches
+    // the client and its TCP lowers its segment size; the client then caches that MTU.
+    let file =
+        TempFile(std::env::temp_dir().join(format!("xlb-tun-post-{}.bin", std::process::id())));
+    let body: Vec<u8> = (0..POST_BYTES).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file.0, body).unwrap();
+    for (family, url, vip, client, mtu) in [
+        ("-4", URL4, VIP4, CLIENT4, "mtu 1480"),
+        ("-6", URL6, VIP6, CLIENT6, "mtu 1460"),
+    ] {
+        let before = client_route(family, vip);
+        assert!(
+            !before.contains("mtu"),
+            "a path MTU is cached before the upload: {before}"
+        );
+        let answer = post(url, &file.0).unwrap_or_else(|| {
+            panic!(
+                "POST of {POST_BYTES} bytes to {url} failed\n{}",
+                diagnostics()
+            )
+        });
+        let words: Vec<&str> = answer.split_whitespace().collect();
+        assert!(
+            words.len() == 3
+                && REALS.iter().any(|r| r.0 == words[0])
+                && words[1] == client
+                && words[2] == POST_BYTES.to_string(),
+            "POST to {url}: answer {answer:?}, want \"rN {client} {POST_BYTES}\""
+        );
+        let after = client_route(family, vip);
+        assert!(
+            after.contains(mtu),
+            "the client has no cached {mtu} towards {vip}: {after}"
+        );
+    }
+    drop(file);
+
+    // 5. `xlb realserver check` passes on every prepared real. Taking r3 out of both
+    // services and tearing it down leaves it unprepared (the check names each missing piece
+    // on its own line) while the other reals keep answering; set up and added again, it
+    // answers again.
+    for (real, _, _) in REALS {
+        for vip in [VIP4, VIP6] {
+            realserver_ok(real, "check", vip);
+        }
+    }
+    let (r3, r3_v4, r3_v6) = REALS[2];
+    xlb_ok(&["real", "remove", SERVICE4, r3_v4]);
+    xlb_ok(&["real", "remove", SERVICE6, r3_v6]);
+    realserver_ok(r3, "teardown", VIP4);
+    realserver_ok(r3, "teardown", VIP6);
+    assert!(
+        !real_has_vip(r3, VIP4),
+        "{VIP4} still on {r3}'s lo after teardown"
+    );
+    assert!(
+        !real_has_vip(r3, VIP6),
+        "{VIP6} still on {r3}'s lo after teardown"
+    );
+    assert!(
+        !real_has_xdp(r3),
+        "the decapsulator is still on {r3}'s eth0 after teardown"
+    );
+    for vip in [VIP4, VIP6] {
+        let out = realserver(r3, "check", vip);
+        let said = text(&out);
+        let missing: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
+        eprintln!("check on torn-down {r3} for {vip}:\n{said}");
+        assert!(
+            !out.status.success(),
+            "check passed on torn-down {r3} for {vip}"
+        );
+        // At least the VIP on lo and the decapsulator are gone, one line each.
+        assert!(
+            missing.len() >= 2,
+            "check on torn-down {r3} for {vip}: want one line per missing piece, got: {said}"
+        );
+    }
+    for url in [URL4, URL6] {
+        let (per_real, failed, _) = spread(url, 60);
+        assert_eq!(failed, 0, "{url}: {per_real:?}\n{}", diagnostics());
+        assert!(
+            !per_real.contains_key(r3),
+            "{r3} still got requests: {per_real:?}"
+        );
+    }
+    realserver_ok(r3, "setup", VIP4);
+    realserver_ok(r3, "setup", VIP6);
+    realserver_ok(r3, "check", VIP4);
+    realserver_ok(r3, "check", VIP6);
+    assert!(
+        real_has_vip(r3, VIP4) && real_has_xdp(r3),
+        "{r3} not set up again"
+    );
+    xlb_ok(&["real", "add", SERVICE4, r3_v4]);
+    xlb_ok(&["real", "add", SERVICE6, r3_v6]);
+    for url in [URL4, URL6] {
+        let (per_real, failed, _) = spread(url, 60);
+        assert_eq!(failed, 0, "{url}: {per_real:?}\n{}", diagnostics());
+        assert!(
+            per_real.contains_key(r3),
+            "{r3} got nothing after re-adding: {per_real:?}"
+        );
+    }
+
+    // The metrics endpoint shows the traffic per real.
+    let page = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            "xlb-tun-dir",
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9181/metrics",
+        ],
+    );
+    let page = String::from_utf8_lossy(&page.stdout);
+    for (_, real, _) in REALS {
+        let series = format!("xlb_real_packets_total{{real=\"{real}\",service=\"{SERVICE4}\"}}");
+        assert!(
+            metric(&page, &series).is_some_and(|v| v > 0.0),
+            "metrics lack traffic on {series}:\n{page}"
+        );
+    }
+
+    // 6. `down` leaves no namespace and no state behind.
+    drop(lab);
+    let left = tun_namespaces();
+    assert!(left.is_empty(), "lab tun down left namespaces: {left:?}");
+    assert!(
+        !Path::new("/run/xlb-lab/tun").exists(),
+        "lab tun down left /run/xlb-lab/tun"
+    );
+}
+
+/// The value of one sample line of a Prometheus text page.
+fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
