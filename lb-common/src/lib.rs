@@ -17,6 +17,8 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const DEFAULT_CONN_CAPACITY: u32 = 1 << 20;
 /// Capacity of the fragment table (datagrams whose later fragments are still expected).
 pub const FRAG_CAPACITY: u32 = 16384;
+/// Most VIPs one real server decapsulates for (the decapsulator's `DECAP_VIPS` map).
+pub const DECAP_CAPACITY: u32 = 1024;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -45,13 +47,17 @@ pub struct ServiceValue {
     /// Index into the Maglev outer map and the per-service counters.
     pub id: u32,
     pub flags: u32,
+    /// TUN only: the outer source address of encapsulated packets (IPv4 in the first four
+    /// bytes). Per service, so a director can tunnel from the address its reals expect.
+    pub tunnel_src: [u8; 16],
 }
 
 /// Backend flag: established flows may be forwarded to it. Cleared when its MAC is unknown or
 /// it is failed over; a drained backend keeps it (it only leaves the Maglev table).
 pub const BACKEND_F_FORWARD: u8 = 1 << 0;
 
-/// One real server of one service, indexed by backend id.
+/// One real server of one service, indexed by backend id. For a TUN service `addr` is the
+/// outer destination and `mac` the MAC of the next hop towards it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
@@ -87,7 +93,9 @@ pub struct ConnValue {
     pub generation: u32,
     /// Coarse monotonic clock, seconds; refreshed at most once a second per flow.
     pub last_seen_s: u32,
-    pub _pad: u32,
+    /// The flow's 5-tuple hash, kept so that established TUN packets get their IPv6 flow label
+    /// without hashing again (0 for a DR service hashing on the source address only).
+    pub flow_hash: u32,
 }
 
 /// A fragmented datagram: addresses, IP identification, protocol.
@@ -131,7 +139,9 @@ pub struct Config {
     /// How many all-ports (port 0) services exist: while none does, a packet that misses the
     /// exact (VIP, port, proto) lookup passes without a second lookup.
     pub all_ports_services: u32,
-    pub _pad2: u32,
+    /// MTU of the egress interface: a TUN packet that no longer fits once encapsulated is
+    /// answered with ICMP "too big" (or dropped). 0 disables the check.
+    pub mtu: u32,
 }
 
 /// Indexes of the global per-CPU counter array.
@@ -153,10 +163,16 @@ pub enum Global {
     ConnMiss = 5,
     /// Tracked flows whose backend went away or changed, re-scheduled.
     ConnStale = 6,
+    /// TUN packets too big for the egress MTU once encapsulated, answered with ICMP
+    /// "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too big".
+    IcmpTooBigSent = 7,
+    /// TUN packets too big for the egress MTU that may not be answered: IPv4 without DF
+    /// (fragmenting is the kernel's job, not ours), or too short to quote.
+    DropTooBig = 8,
 }
 
 impl Global {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Global; Self::COUNT as usize] = [
         Global::Passed,
         Global::Forwarded,
@@ -165,6 +181,8 @@ impl Global {
         Global::DropMalformed,
         Global::ConnMiss,
         Global::ConnStale,
+        Global::IcmpTooBigSent,
+        Global::DropTooBig,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -176,6 +194,53 @@ impl Global {
             Global::DropMalformed => "drop_malformed",
             Global::ConnMiss => "conn_miss",
             Global::ConnStale => "conn_stale",
+            Global::IcmpTooBigSent => "icmp_too_big_sent",
+            Global::DropTooBig => "drop_too_big",
+        }
+    }
+}
+
+/// A VIP a real server accepts tunnelled traffic for: the key of the decapsulator's
+/// `DECAP_VIPS` map. An IPv4 address fills the first four bytes, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Indexes of the decapsulator's per-CPU counter array (`DECAP_STATS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decap {
+    /// Tunnel packets for a local VIP: outer header stripped, inner packet passed to the stack.
+    Decapsulated = 0,
+    /// Tunnel packets whose inner destination is not a local VIP: passed untouched.
+    Refused = 1,
+    /// Tunnel packets too short for their inner header (or whose inner header is not of the
+    /// outer family): passed untouched.
+    Malformed = 2,
+    /// Fragmented tunnel packets (the director sets DF, so something on the path fragmented
+    /// them): passed untouched, since a fragment cannot be decapsulated on its own.
+    Fragment = 3,
+}
+
+impl Decap {
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Decap; Self::COUNT as usize] = [
+        Decap::Decapsulated,
+        Decap::Refused,
+        Decap::Malformed,
+        Decap::Fragment,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Decap::Decapsulated => "decapsulated",
+            Decap::Refused => "refused",
+            Decap::Malformed => "malformed",
+            Decap::Fragment => "fragment",
         }
     }
 }
@@ -207,7 +272,7 @@ pub fn flow_hash<const N: usize>(words: &[u32; N]) -> u32 {
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
-    assert!(core::mem::size_of::<ServiceValue>() == 8);
+    assert!(core::mem::size_of::<ServiceValue>() == 24);
     assert!(core::mem::size_of::<Backend>() == 32);
     assert!(core::mem::size_of::<ConnKey>() == 40);
     assert!(core::mem::size_of::<ConnValue>() == 16);
@@ -215,6 +280,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<Counters>() == 32);
     assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<VipKey>() == 20);
 };
 
 #[cfg(feature = "user")]
@@ -230,6 +296,7 @@ mod pod {
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for VipKey {}
 }
 
 #[cfg(test)]

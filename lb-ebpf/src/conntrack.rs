@@ -6,7 +6,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_FORWARD, Backend, ConnKey, ConnValue, FragKey, FragValue, Global, ServiceValue,
+    BACKEND_F_FORWARD, Backend, ConnKey, ConnValue, FragKey, FragValue, Global,
+    SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, ServiceValue,
 };
 
 use crate::{
@@ -20,6 +21,8 @@ pub struct Choice {
     pub backend_id: u32,
     pub backend: Backend,
     pub new_flow: bool,
+    /// The flow's 5-tuple hash (see `flow_hash`).
+    pub flow_hash: u32,
 }
 
 #[inline(always)]
@@ -36,6 +39,19 @@ fn usable(backend: &Backend, svc: &ServiceValue) -> bool {
 #[inline(always)]
 fn backend(id: u32) -> Option<Backend> {
     BACKENDS.get(id).copied()
+}
+
+/// The 5-tuple hash a TUN service labels IPv6 flows with: the scheduling hash itself, unless
+/// the service schedules on the source address alone (then only TUN pays for a second hash).
+#[inline(always)]
+fn flow_hash(pkt: &Packet, svc: &ServiceValue, sched_hash: u32, with_ports: bool) -> u32 {
+    if svc.flags & SERVICE_F_HASH_SRC_IP == 0 {
+        sched_hash
+    } else if svc.flags & SERVICE_F_TUN != 0 {
+        maglev::five_tuple_hash(pkt, with_ports)
+    } else {
+        0
+    }
 }
 
 /// The real for a whole (unfragmented) packet: its tracked flow's, or a fresh Maglev choice.
@@ -66,6 +82,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
                             backend_id: conn.backend_id,
                             backend: b,
                             new_flow: false,
+                            flow_hash: conn.flow_hash,
                         });
                     }
                 }
@@ -74,7 +91,8 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
             None => counters::global(Global::ConnMiss),
         }
     }
-    let backend_id = maglev::pick(svc.id, maglev::hash(pkt, svc, true))?;
+    let hash = maglev::hash(pkt, svc, true);
+    let backend_id = maglev::pick(svc.id, hash)?;
     let b = backend(backend_id)?;
     if !usable(&b, svc) {
         return None;
@@ -83,7 +101,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         backend_id,
         generation: b.generation,
         last_seen_s: now,
-        _pad: 0,
+        flow_hash: flow_hash(pkt, svc, hash, true),
     };
     // A full LRU evicts its oldest entry; a failed insert only means this flow is not pinned.
     let _ = CONNS.insert(key, value, 0);
@@ -91,6 +109,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         backend_id,
         backend: b,
         new_flow: true,
+        flow_hash: value.flow_hash,
     })
 }
 
@@ -98,7 +117,8 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
 /// lack), so every fragment of a datagram reaches the same real without any shared state.
 #[inline(always)]
 pub fn select_fragment(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
-    let backend_id = maglev::pick(svc.id, maglev::hash(pkt, svc, false))?;
+    let hash = maglev::hash(pkt, svc, false);
+    let backend_id = maglev::pick(svc.id, hash)?;
     let b = backend(backend_id)?;
     if !usable(&b, svc) {
         return None;
@@ -107,6 +127,7 @@ pub fn select_fragment(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         backend_id,
         backend: b,
         new_flow: false,
+        flow_hash: flow_hash(pkt, svc, hash, false),
     })
 }
 

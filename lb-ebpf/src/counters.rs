@@ -1,14 +1,23 @@
 //! Per-CPU counters: the data path only ever adds to its own CPU's slot, without atomics;
 //! the control plane sums the CPUs when it reads.
 
-use lb_common::{Counters, Global};
+use lb_common::{Counters, Decap, Global};
 
-use crate::maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS};
+use crate::maps::{BACKEND_STATS, DECAP_STATS, GLOBAL_STATS, SERVICE_STATS};
 
 #[inline(always)]
 pub fn global(which: Global) {
     if let Some(slot) = GLOBAL_STATS.get_ptr_mut(which as u32) {
         // SAFETY: a per-CPU slot; nothing else writes it while this program runs on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The decapsulator's counters.
+#[inline(always)]
+pub fn decap(which: Decap) {
+    if let Some(slot) = DECAP_STATS.get_ptr_mut(which as u32) {
+        // SAFETY: as in `global`.
         unsafe { *slot += 1 };
     }
 }

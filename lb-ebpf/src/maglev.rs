@@ -17,6 +17,14 @@ pub fn hash(pkt: &Packet, svc: &ServiceValue, with_ports: bool) -> u32 {
             flow_hash(&src)
         };
     }
+    five_tuple_hash(pkt, with_ports)
+}
+
+/// The hash of addresses, ports (zero when `with_ports` is false) and protocol. Also the
+/// source of an IP6IP6 outer flow label, whatever the service's scheduling hash.
+#[inline(always)]
+pub fn five_tuple_hash(pkt: &Packet, with_ports: bool) -> u32 {
+    let src = words(&pkt.src);
     let dst = words(&pkt.dst);
     let ports = if with_ports {
         (pkt.sport as u32) << 16 | pkt.dport as u32

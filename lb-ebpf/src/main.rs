@@ -5,14 +5,18 @@
 
 mod conntrack;
 mod counters;
+mod csum;
+mod decap;
 mod forward_dr;
+mod forward_tun;
+mod icmp;
 mod maglev;
 mod maps;
 mod parse;
 mod service;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::Global;
+use lb_common::{Global, SERVICE_F_TUN};
 
 use crate::parse::Fragment;
 
@@ -48,6 +52,13 @@ fn balance(ctx: &XdpContext) -> u32 {
     let Some(svc) = svc else {
         return xdp_action::XDP_PASS;
     };
+    let tun = svc.flags & SERVICE_F_TUN != 0;
+    if tun {
+        // Before scheduling: a packet that cannot be encapsulated must not become a flow.
+        if let Some(verdict) = forward_tun::check(ctx, &pkt) {
+            return verdict;
+        }
+    }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let choice = match pkt.fragment {
         Fragment::None => conntrack::select(&pkt, &svc),
@@ -65,7 +76,18 @@ fn balance(ctx: &XdpContext) -> u32 {
     counters::service(svc.id, bytes, choice.new_flow);
     counters::backend(choice.backend_id, bytes, choice.new_flow);
     counters::global(Global::Forwarded);
-    forward_dr::forward(ctx, &choice.backend)
+    if tun {
+        forward_tun::forward(ctx, &pkt, &svc, &choice)
+    } else {
+        forward_dr::forward(ctx, &choice.backend)
+    }
+}
+
+/// The decapsulator, for real servers of TUN services: unwraps tunnelled packets for local
+/// VIPs and passes them to the stack; everything else passes untouched.
+#[xdp]
+pub fn xlb_decap(ctx: XdpContext) -> u32 {
+    decap::decap(&ctx)
 }
 
 /// A program that passes everything: the empty baseline of the benchmarks, and what a veth

@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Config, ConnKey, ConnValue, Counters, DEFAULT_CONN_CAPACITY, DEFAULT_RING_SIZE,
-    FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS, MAX_SERVICES, ServiceKey,
-    ServiceValue,
+    Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
+    DEFAULT_RING_SIZE, Decap, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
+    MAX_SERVICES, ServiceKey, ServiceValue, VipKey,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -52,3 +52,11 @@ pub static BACKEND_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = Per
 
 #[btf_map]
 pub static GLOBAL_STATS: PerCpuArray<u64, { Global::COUNT as usize }> = PerCpuArray::new();
+
+/// Decapsulator (real servers): the VIPs whose tunnelled packets are unwrapped here. The value
+/// is unused (0); a hash map rather than an LPM trie, since VIPs are single addresses.
+#[btf_map]
+pub static DECAP_VIPS: HashMap<VipKey, u32, { DECAP_CAPACITY as usize }> = HashMap::new();
+
+#[btf_map]
+pub static DECAP_STATS: PerCpuArray<u64, { Decap::COUNT as usize }> = PerCpuArray::new();

@@ -6,12 +6,13 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
-const VLAN_HLEN: usize = 4;
-const IPV6_HLEN: usize = 40;
+pub const VLAN_HLEN: usize = 4;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
 
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
@@ -62,6 +63,8 @@ pub struct Packet {
     pub fragment: Fragment,
     /// IP identification of a fragmented datagram (IPv6: the fragment header's 32 bits).
     pub frag_id: u32,
+    /// Offset of the IP header: the L2 header's length (14, or 18 with a VLAN tag).
+    pub l3_off: usize,
 }
 
 impl Packet {
@@ -82,20 +85,27 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     // SAFETY: ptr_at checked that size_of::<T>() bytes at offset lie inside the frame.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
 }
 
-/// Parses L2 to L4. `None` means "not IPv4/IPv6 TCP/UDP, or too short to tell": pass it.
+/// The EtherType after at most one VLAN tag, and the offset of the L3 header.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Option<Packet> {
+pub fn ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
     let mut l3 = ETH_HLEN;
     let mut ether_type = u16::from_be(read::<u16>(ctx, 12)?);
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
         ether_type = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?);
         l3 += VLAN_HLEN;
     }
+    Some((ether_type, l3))
+}
+
+/// Parses L2 to L4. `None` means "not IPv4/IPv6 TCP/UDP, or too short to tell": pass it.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Option<Packet> {
+    let (ether_type, l3) = ethernet(ctx)?;
     let mut pkt = Packet {
         family: 0,
         proto: 0,
@@ -106,6 +116,7 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
         tcp_flags: 0,
         fragment: Fragment::None,
         frag_id: 0,
+        l3_off: l3,
     };
     let l4 = match ether_type {
         ETH_P_IPV4 => parse_ipv4(ctx, l3, &mut pkt)?,

@@ -3,17 +3,17 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{Context, Result, bail};
 use lb_common::{
     BACKEND_F_FORWARD, Backend, Config as KernelConfig, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
-    MAX_SERVICES, SERVICE_F_HASH_SRC_IP, ServiceKey, ServiceValue,
+    MAX_SERVICES, SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, ServiceKey, ServiceValue,
 };
 
 use crate::{
-    config::{Config, HashKind, RealConfig, ServiceAddr, ServiceConfig, validate_real},
+    config::{Config, HashKind, Mode, RealConfig, ServiceAddr, ServiceConfig, validate_real},
     dataplane::Dataplane,
     maglev,
 };
@@ -91,7 +91,16 @@ pub struct Balancer {
     backend_ids: IdPool,
     macs: HashMap<IpAddr, Mac>,
     iface_mac: Mac,
+    /// Egress MTU the kernel checks TUN packets against (0: no check).
+    mtu: u32,
+    /// Outer source of TUN services that name none (addresses of the interface).
+    tunnel_v4: Option<Ipv4Addr>,
+    tunnel_v6: Option<Ipv6Addr>,
 }
+
+/// The smallest MTU `set_mtu` accepts: every IPv4 host takes 576-byte datagrams (RFC 791), and
+/// above it a packet too big to tunnel is always long enough to be quoted in the ICMP reply.
+pub const MIN_MTU: u32 = 576;
 
 fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
     let mut out = [0u8; 16];
@@ -130,6 +139,9 @@ impl Balancer {
             backend_ids: IdPool::new(MAX_BACKENDS),
             macs: HashMap::new(),
             iface_mac: [0; 6],
+            mtu: 0,
+            tunnel_v4: None,
+            tunnel_v6: None,
         }
     }
 
@@ -142,13 +154,56 @@ impl Balancer {
         self.write_kernel_config()
     }
 
+    /// The egress interface's MTU: TUN packets that would exceed it once encapsulated get an
+    /// ICMP "too big" (or are dropped). 0 turns the check off.
+    pub fn set_mtu(&mut self, mtu: u32) -> Result<()> {
+        if mtu != 0 && !(MIN_MTU..=65535).contains(&mtu) {
+            bail!("MTU {mtu} is out of range {MIN_MTU}..=65535 (0 turns the check off)");
+        }
+        self.mtu = mtu;
+        self.write_kernel_config()
+    }
+
+    /// Outer source addresses for TUN services added later without a `tunnel_src` of their
+    /// own (the daemon passes addresses of its interface).
+    pub fn set_default_tunnel_sources(&mut self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) {
+        self.tunnel_v4 = v4;
+        self.tunnel_v6 = v6;
+    }
+
+    /// The service's own tunnel source, else the default of its family.
+    /// The outer source of a TUN service's packets (zero for DR).
+    fn tunnel_src(&self, config: &ServiceConfig) -> Result<[u8; 16]> {
+        if config.mode == Mode::Dr {
+            return Ok([0; 16]);
+        }
+        let src = match (config.tunnel_src, config.service.vip) {
+            (Some(src), _) => Some(src),
+            (None, IpAddr::V4(_)) => self.tunnel_v4.map(IpAddr::V4),
+            (None, IpAddr::V6(_)) => self.tunnel_v6.map(IpAddr::V6),
+        };
+        let Some(src) = src else {
+            let family = if config.service.vip.is_ipv4() {
+                "IPv4"
+            } else {
+                "IPv6"
+            };
+            bail!(
+                "service {}: no {family} address to use as tunnel source on the interface; \
+                 pass --tunnel-src",
+                config.service
+            );
+        };
+        Ok(addr_bytes(src).0)
+    }
+
     fn write_kernel_config(&mut self) -> Result<()> {
         let all_ports_services = self.services.keys().filter(|s| s.port == 0).count() as u32;
         self.dp.set_config(KernelConfig {
             iface_mac: self.iface_mac,
             _pad: [0; 2],
             all_ports_services,
-            _pad2: 0,
+            mtu: self.mtu,
         })
     }
 
@@ -222,6 +277,8 @@ impl Balancer {
         if self.services.contains_key(&config.service) {
             bail!("service {} already exists", config.service);
         }
+        // Checked before anything is allocated: a TUN service needs a tunnel source.
+        let tunnel_src = self.tunnel_src(&config)?;
         if self.backend_ids.available() < config.reals.len() {
             bail!(
                 "service {}: no room for {} more reals (limit {MAX_BACKENDS} in all)",
@@ -247,7 +304,7 @@ impl Balancer {
             },
         );
         // A step the kernel refuses undoes the whole service, so nothing is left half-added.
-        if let Err(e) = self.program_new_service(&config) {
+        if let Err(e) = self.program_new_service(&config, tunnel_src) {
             if let Err(undo) = self.remove_service(&config.service) {
                 tracing::error!(service = %config.service, "undoing a failed add: {undo:#}");
             }
@@ -256,7 +313,7 @@ impl Balancer {
         Ok(())
     }
 
-    fn program_new_service(&mut self, config: &ServiceConfig) -> Result<()> {
+    fn program_new_service(&mut self, config: &ServiceConfig, tunnel_src: [u8; 16]) -> Result<()> {
         let s = &config.service;
         let id = self.services[s].id;
         self.dp.reset_service_counters(id)?;
@@ -271,14 +328,23 @@ impl Balancer {
         }
         // The table goes in before the service entry, so no packet meets a service without one.
         self.publish_table(s)?;
-        let flags = match config.hash {
+        let mut flags = match config.hash {
             HashKind::FiveTuple => 0,
             HashKind::SrcIp => SERVICE_F_HASH_SRC_IP,
         };
+        if config.mode == Mode::Tun {
+            flags |= SERVICE_F_TUN;
+        }
         // The all-ports count goes first too, so the new service is found from its first packet.
         self.write_kernel_config()?;
-        self.dp
-            .set_service(service_key(s), ServiceValue { id, flags })
+        self.dp.set_service(
+            service_key(s),
+            ServiceValue {
+                id,
+                flags,
+                tunnel_src,
+            },
+        )
     }
 
     pub fn remove_service(&mut self, s: &ServiceAddr) -> Result<()> {
@@ -475,5 +541,8 @@ impl Balancer {
 }
 
 fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
-    a.mode == b.mode && a.ring_size == b.ring_size && a.hash == b.hash
+    a.mode == b.mode
+        && a.ring_size == b.ring_size
+        && a.hash == b.hash
+        && a.tunnel_src == b.tunnel_src
 }

@@ -139,6 +139,10 @@ pub struct ServiceConfig {
     pub hash: HashKind,
     #[serde(default)]
     pub reals: Vec<RealConfig>,
+    /// TUN only: the outer source address of encapsulated packets. None: the director's
+    /// default for the VIP's family (an address of its interface).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_src: Option<IpAddr>,
 }
 
 impl ServiceConfig {
@@ -149,6 +153,7 @@ impl ServiceConfig {
             ring_size: maglev::DEFAULT_SIZE,
             hash: HashKind::FiveTuple,
             reals: Vec::new(),
+            tunnel_src: None,
         }
     }
 
@@ -158,8 +163,16 @@ impl ServiceConfig {
         if s.vip.is_unspecified() || s.vip.is_multicast() {
             bail!("service {s}: {} cannot be a VIP", s.vip);
         }
-        if self.mode == Mode::Tun {
-            bail!("service {s}: TUN mode is not available yet; use --mode dr");
+        if let Some(src) = self.tunnel_src {
+            if self.mode != Mode::Tun {
+                bail!("service {s}: a tunnel source needs --mode tun");
+            }
+            if src.is_ipv4() != s.vip.is_ipv4() {
+                bail!("service {s}: tunnel source {src} is not of the VIP's address family");
+            }
+            if src.is_unspecified() || src.is_multicast() {
+                bail!("service {s}: {src} cannot be a tunnel source");
+            }
         }
         if !(2..=maglev::MAX_SIZE).contains(&self.ring_size) || !maglev::is_prime(self.ring_size) {
             bail!(
@@ -191,10 +204,17 @@ pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
         bail!("real {}: not a usable real-server address", real.addr);
     }
     if real.addr.is_ipv4() != s.vip.is_ipv4() {
-        bail!(
-            "real {}: address family differs from service {s} (DR needs both in one family)",
-            real.addr
-        );
+        match svc.mode {
+            Mode::Dr => bail!(
+                "real {}: address family differs from service {s} (DR needs both in one family)",
+                real.addr
+            ),
+            Mode::Tun => bail!(
+                "real {}: address family differs from service {s} (TUN: IPIP carries IPv4 to \
+                 IPv4 reals, IP6IP6 IPv6 to IPv6 reals)",
+                real.addr
+            ),
+        }
     }
     Ok(())
 }
@@ -287,5 +307,84 @@ mod tests {
         svc.reals[0].weight = 1;
         svc.reals.push(svc.reals[0].clone());
         assert!(svc.validate().is_err());
+    }
+
+    fn error(svc: &ServiceConfig) -> String {
+        format!("{:#}", svc.validate().unwrap_err())
+    }
+
+    #[test]
+    fn tun_services_are_accepted_with_reals_of_their_family() {
+        for (service, real, src) in [
+            ("198.18.0.100:80/tcp", "10.1.0.11", "198.18.0.2"),
+            ("[fd00:18::100]:443/tcp", "fd00:1::11", "fd00:18::2"),
+        ] {
+            let mut svc = ServiceConfig::new(service.parse().unwrap());
+            svc.mode = Mode::Tun;
+            svc.reals.push(RealConfig {
+                addr: real.parse().unwrap(),
+                weight: 1,
+            });
+            svc.validate().unwrap();
+            svc.tunnel_src = Some(src.parse().unwrap());
+            svc.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn tun_refuses_reals_of_the_other_family_with_its_own_message() {
+        let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
+        svc.reals.push(RealConfig {
+            addr: "fd00::11".parse().unwrap(),
+            weight: 1,
+        });
+        assert!(error(&svc).contains("DR needs both in one family"));
+        svc.mode = Mode::Tun;
+        let msg = error(&svc);
+        assert!(
+            msg.contains("IPIP carries IPv4 to IPv4 reals, IP6IP6 IPv6 to IPv6 reals"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+        let mut svc6 = ServiceConfig::new("[fd00::100]:80/tcp".parse().unwrap());
+        svc6.mode = Mode::Tun;
+        svc6.reals.push(RealConfig {
+            addr: "10.0.0.1".parse().unwrap(),
+            weight: 1,
+        });
+        assert!(error(&svc6).contains("IP6IP6"));
+    }
+
+    #[test]
+    fn tunnel_source_is_checked() {
+        let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
+        svc.tunnel_src = Some("198.18.0.2".parse().unwrap());
+        assert!(error(&svc).contains("needs --mode tun"));
+        svc.mode = Mode::Tun;
+        svc.validate().unwrap();
+        for bad in ["fd00::2", "0.0.0.0", "224.0.0.1"] {
+            svc.tunnel_src = Some(bad.parse().unwrap());
+            assert!(svc.validate().is_err(), "{bad} was accepted");
+        }
+        assert!(error(&svc).contains("cannot be a tunnel source"));
+        let mut svc6 = ServiceConfig::new("[fd00::100]:80/tcp".parse().unwrap());
+        svc6.mode = Mode::Tun;
+        for bad in ["198.18.0.2", "::", "ff02::1"] {
+            svc6.tunnel_src = Some(bad.parse().unwrap());
+            assert!(svc6.validate().is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn tunnel_source_is_saved_only_when_set() {
+        let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
+        svc.mode = Mode::Tun;
+        let json = serde_json::to_string(&svc).unwrap();
+        assert!(!json.contains("tunnel_src"), "{json}");
+        assert_eq!(serde_json::from_str::<ServiceConfig>(&json).unwrap(), svc);
+        svc.tunnel_src = Some("198.18.0.2".parse().unwrap());
+        let json = serde_json::to_string(&svc).unwrap();
+        assert!(json.contains(r#""tunnel_src":"198.18.0.2""#), "{json}");
+        assert_eq!(serde_json::from_str::<ServiceConfig>(&json).unwrap(), svc);
     }
 }

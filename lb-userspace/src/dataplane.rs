@@ -18,7 +18,8 @@ use lb_common::{
 };
 
 /// The compiled eBPF object, built by build.rs with the pinned nightly and bpf-linker.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
 
 pub const BALANCER_PROGRAM: &str = "xlb_balancer";
 pub const PASS_PROGRAM: &str = "xlb_pass";
@@ -359,7 +360,7 @@ fn sum_counters(map: &aya::maps::Map, id: u32) -> Result<Counters> {
 }
 
 /// The verifier's log is long; keep its last lines, which say what failed.
-fn verifier_error(e: ProgramError) -> anyhow::Error {
+pub(crate) fn verifier_error(e: ProgramError) -> anyhow::Error {
     let text = format!("{e:?}");
     let tail: Vec<&str> = text.lines().rev().take(400).collect();
     anyhow!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))

@@ -1,13 +1,15 @@
 //! xlb's control plane. Modules: `cli` (the command line), `api` (the control socket's
 //! protocol), `daemon` (serves it), `config` (what operators configure), `balancer` (policy:
-//! ids, Maglev tables), `dataplane` (the XDP program and its maps), `maglev`, `neighbour`
-//! (netlink), `state` (the state file), `metrics` (Prometheus).
+//! ids, Maglev tables), `dataplane` (the XDP program and its maps), `decap` (a real server's
+//! decapsulator for TUN), `maglev`, `neighbour` (netlink), `state` (the state file), `metrics`
+//! (Prometheus).
 pub mod api;
 pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod maglev;
 pub mod metrics;
 pub mod neighbour;

@@ -1,6 +1,7 @@
 //! Helpers shared by the packet tests: a frame builder (every header byte under the test's
-//! control: VLAN tags, IPv4 options, fragments, IPv6 extension headers) and a balancer loaded
-//! into the kernel for BPF_PROG_TEST_RUN.
+//! control: VLAN tags, IPv4 options, fragments, IPv6 extension headers), an IP-in-IP
+//! encapsulator written independently of the XDP program, and a balancer (or decapsulator)
+//! loaded into the kernel for BPF_PROG_TEST_RUN.
 
 use std::net::IpAddr;
 
@@ -8,6 +9,7 @@ use lb_common::flow_hash;
 use xlb::{
     balancer::{Balancer, Mac},
     dataplane::{Dataplane, LoadOptions},
+    decap::Decapsulator,
     maglev,
 };
 
@@ -28,6 +30,11 @@ pub fn balancer() -> Balancer {
     let mut b = Balancer::new(dp);
     b.set_iface_mac(DIRECTOR_MAC).unwrap();
     b
+}
+
+/// A freshly loaded decapsulator with no VIPs.
+pub fn decapsulator() -> Decapsulator {
+    Decapsulator::load().expect("load the decapsulator (run as root after scripts/setup)")
 }
 
 /// A MAC for a real server, derived from its address so tests can tell reals apart by MAC.
@@ -62,6 +69,10 @@ pub struct Frame {
     pub ipv4_options: Vec<u8>,
     /// (identification, fragment offset in 8-byte units, more fragments).
     pub fragment: Option<(u32, u16, bool)>,
+    /// IPv4 ToS / IPv6 traffic class.
+    pub tos: u8,
+    /// IPv4 "don't fragment".
+    pub df: bool,
     pub payload: Vec<u8>,
 }
 
@@ -84,6 +95,8 @@ impl Frame {
             vlan: None,
             ipv4_options: Vec::new(),
             fragment: None,
+            tos: 0,
+            df: false,
             payload: b"hello xlb".to_vec(),
         }
     }
@@ -165,11 +178,12 @@ impl Frame {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let ihl = 20 + self.ipv4_options.len();
                 assert_eq!(ihl % 4, 0);
-                let mut h = vec![0x40 | (ihl / 4) as u8, 0];
+                let mut h = vec![0x40 | (ihl / 4) as u8, self.tos];
                 h.extend_from_slice(&((ihl + payload.len()) as u16).to_be_bytes());
                 let (id, offset, more) = self.fragment.unwrap_or((0x1234, 0, false));
                 h.extend_from_slice(&(id as u16).to_be_bytes());
-                let frag = offset | if more { 0x2000 } else { 0 };
+                let frag =
+                    offset | if more { 0x2000 } else { 0 } | if self.df { 0x4000 } else { 0 };
                 h.extend_from_slice(&frag.to_be_bytes());
                 h.extend_from_slice(&[64, self.proto(), 0, 0]);
                 h.extend_from_slice(&s.octets());
@@ -181,7 +195,7 @@ impl Frame {
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 let frag_len = if self.fragment.is_some() { 8 } else { 0 };
-                f.extend_from_slice(&[0x60, 0, 0, 0]);
+                f.extend_from_slice(&[0x60 | self.tos >> 4, self.tos << 4, 0, 0]);
                 f.extend_from_slice(&((payload.len() + frag_len) as u16).to_be_bytes());
                 f.push(if self.fragment.is_some() {
                     44
@@ -219,6 +233,87 @@ pub fn checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// The L2 header length of a frame (one VLAN tag at most, as the program parses).
+pub fn l2_len(frame: &[u8]) -> usize {
+    if frame[12..14] == [0x81, 0x00] || frame[12..14] == [0x88, 0xa8] {
+        18
+    } else {
+        14
+    }
+}
+
+/// An outer IP header as RFC 2003 (IPIP) and RFC 2473 (IP6IP6) describe it, built here
+/// independently of the XDP program: the expected bytes of TUN tests, and the input of
+/// decapsulator tests. `inner_len` is the inner datagram's length.
+pub fn outer_header(
+    src: IpAddr,
+    dst: IpAddr,
+    tos: u8,
+    flow_label: u32,
+    inner_len: usize,
+) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut h = vec![0x45, tos];
+            h.extend_from_slice(&((20 + inner_len) as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0x40, 0, 64, 4, 0, 0]);
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            let sum = checksum(&h);
+            h[10..12].copy_from_slice(&sum.to_be_bytes());
+            h
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut h = vec![
+                0x60 | tos >> 4,
+                tos << 4 | (flow_label >> 16) as u8 & 0x0f,
+                (flow_label >> 8) as u8,
+                flow_label as u8,
+            ];
+            h.extend_from_slice(&(inner_len as u16).to_be_bytes());
+            h.extend_from_slice(&[41, 64]);
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            h
+        }
+        _ => panic!("mixed address families"),
+    }
+}
+
+/// The inner datagram's length from its own header (IPv4 total length, IPv6 payload + 40).
+pub fn ip_len(l3: &[u8]) -> usize {
+    if l3[0] >> 4 == 4 {
+        u16::from_be_bytes([l3[2], l3[3]]) as usize
+    } else {
+        40 + u16::from_be_bytes([l3[4], l3[5]]) as usize
+    }
+}
+
+/// `frame` encapsulated: its L2 header with new MACs, an outer header, then its IP packet
+/// (and any Ethernet padding) unchanged.
+pub fn encapsulate(frame: &[u8], dst_mac: Mac, src_mac: Mac, outer: &[u8]) -> Vec<u8> {
+    let l2 = l2_len(frame);
+    let mut out = dst_mac.to_vec();
+    out.extend_from_slice(&src_mac);
+    out.extend_from_slice(&frame[12..l2]);
+    out.extend_from_slice(outer);
+    out.extend_from_slice(&frame[l2..]);
+    out
+}
+
+/// The ICMPv6 checksum of `msg` (checksum field included) from `src` to `dst`: 0 when right.
+pub fn icmpv6_checksum(src: IpAddr, dst: IpAddr, msg: &[u8]) -> u16 {
+    let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) else {
+        panic!("ICMPv6 needs IPv6 addresses");
+    };
+    let mut pseudo = s.octets().to_vec();
+    pseudo.extend_from_slice(&d.octets());
+    pseudo.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(msg);
+    checksum(&pseudo)
 }
 
 /// An ARP request (who has `target` tell `sender`).

@@ -3,7 +3,8 @@
 //! `repeat = N` would rerun the program on its own output (a DR rewrite turns into a pass from
 //! the second run on), so every sample is one call with repeat = 1. The empty program
 //! (`xlb_pass`) is measured the same way in the same run and its median is the floor: the
-//! syscall and test-run harness cost that every path pays.
+//! syscall and test-run harness cost that every path pays. The decapsulator is a second load
+//! of the same object, measured against the same floor.
 
 use std::{fs, path::Path};
 
@@ -11,10 +12,13 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Map, Value, json};
 use xlb::{
     balancer::Balancer,
-    config::{RealConfig, ServiceAddr, ServiceConfig},
+    config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
     dataplane::{BALANCER_PROGRAM, PASS_PROGRAM},
+    decap::{DECAP_PROGRAM, Decapsulator},
 };
-use xlb_tests::{ACK, Frame, SYN, XDP_PASS, XDP_TX, real_mac};
+use xlb_tests::{
+    ACK, DIRECTOR_MAC, Frame, SYN, XDP_PASS, XDP_TX, encapsulate, ip_len, outer_header, real_mac,
+};
 
 pub const DEFAULT_CALLS: usize = 200_000;
 pub const QUICK_CALLS: usize = 20_000;
@@ -29,10 +33,20 @@ const SERVICE4: &str = "198.18.0.100:80/tcp";
 const SERVICE6: &str = "[fd00:18::100]:80/tcp";
 const REALS4: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
 const REALS6: [&str; 3] = ["fd00:18::11", "fd00:18::12", "fd00:18::13"];
+/// TUN services: same reals' count, behind one router; the director's MTU check is on.
+const TUN_SERVICE4: &str = "198.18.0.101:80/tcp";
+const TUN_SERVICE6: &str = "[fd00:18::101]:80/tcp";
+const TUN_REALS4: [&str; 3] = ["10.1.0.11", "10.1.0.12", "10.1.0.13"];
+const TUN_REALS6: [&str; 3] = ["fd00:1::11", "fd00:1::12", "fd00:1::13"];
+const TUN_SRC4: &str = "198.18.0.2";
+const TUN_SRC6: &str = "fd00:18::2";
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const MTU: u32 = 1500;
 
 /// One measured path: a program, the frame it runs on every call, and what it must return.
 struct BenchPath {
     name: &'static str,
+    /// A program of the balancer's load, or `DECAP_PROGRAM` (the decapsulator's load).
     program: &'static str,
     frame: Vec<u8>,
     verdict: u32,
@@ -49,15 +63,19 @@ struct Stats {
 
 pub fn run(calls: usize) -> Result<()> {
     let cpu = pin_to_one_cpu()?;
-    let mut balancer = balancer_with_services()?;
-    let paths = bench_paths(&mut balancer)?;
-    check_verdicts(&mut balancer, &paths)?;
+    let mut progs = Programs {
+        balancer: balancer_with_services()?,
+        decap: Decapsulator::load()?,
+    };
+    progs.decap.add_vip("198.18.0.101".parse()?)?;
+    let paths = bench_paths(&mut progs.balancer)?;
+    check_verdicts(&mut progs, &paths)?;
 
     eprintln!(
         "measuring {} paths, {calls} calls each, pinned to CPU {cpu}",
         paths.len()
     );
-    let samples = measure(&mut balancer, &paths, calls)?;
+    let samples = measure(&mut progs, &paths, calls)?;
     let stats: Vec<Stats> = samples.into_iter().map(stats).collect();
     let floor = stats[0].median;
 
@@ -86,15 +104,52 @@ fn pin_to_one_cpu() -> Result<usize> {
     Ok(cpu)
 }
 
-/// The balancer the packet tests use, with one IPv4 and one IPv6 TCP service of 3 reals each.
+/// The two loads a run measures.
+struct Programs {
+    balancer: Balancer,
+    decap: Decapsulator,
+}
+
+impl Programs {
+    fn test_run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        if program == DECAP_PROGRAM {
+            self.decap.test_run(frame)
+        } else {
+            self.balancer.dataplane().test_run(program, frame)
+        }
+    }
+
+    fn time_run(&mut self, program: &str, frame: &[u8]) -> Result<std::time::Duration> {
+        if program == DECAP_PROGRAM {
+            self.decap.time_run(frame)
+        } else {
+            self.balancer.dataplane().time_run(program, frame)
+        }
+    }
+}
+
+/// The balancer the packet tests use, with one IPv4 and one IPv6 TCP service of 3 reals each
+/// in DR mode, and the same in TUN mode (on other VIPs) with the MTU check on.
 fn balancer_with_services() -> Result<Balancer> {
     let mut b = xlb_tests::balancer();
-    for (service, reals) in [(SERVICE4, &REALS4), (SERVICE6, &REALS6)] {
+    b.set_default_tunnel_sources(Some(TUN_SRC4.parse()?), Some(TUN_SRC6.parse()?));
+    b.set_mtu(MTU)?;
+    for (service, reals, mode) in [
+        (SERVICE4, &REALS4, Mode::Dr),
+        (SERVICE6, &REALS6, Mode::Dr),
+        (TUN_SERVICE4, &TUN_REALS4, Mode::Tun),
+        (TUN_SERVICE6, &TUN_REALS6, Mode::Tun),
+    ] {
         let addr: ServiceAddr = service.parse()?;
         let mut cfg = ServiceConfig::new(addr);
+        cfg.mode = mode;
         for real in reals {
             let addr = real.parse()?;
-            b.set_mac(addr, Some(real_mac(addr)))?;
+            let mac = match mode {
+                Mode::Dr => real_mac(addr),
+                Mode::Tun => ROUTER_MAC,
+            };
+            b.set_mac(addr, Some(mac))?;
             cfg.reals.push(RealConfig { addr, weight: 100 });
         }
         b.add_service(cfg)?;
@@ -109,6 +164,20 @@ fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
     let syn_v4 = Frame::tcp(CLIENT4, "198.18.0.100", 40001, 80, SYN).bytes();
     let established_v4 = establish(b, CLIENT4, "198.18.0.100", 40002)?;
     let established_v6 = establish(b, CLIENT6, "fd00:18::100", 40002)?;
+    let tun_syn_v4 = Frame::tcp(CLIENT4, "198.18.0.101", 40001, 80, SYN).bytes();
+    let tun_established_v4 = establish(b, CLIENT4, "198.18.0.101", 40002)?;
+    let tun_established_v6 = establish(b, CLIENT6, "fd00:18::101", 40002)?;
+    // What a real server receives for the established IPv4 TUN flow.
+    let decap_v4 = {
+        let outer = outer_header(
+            TUN_SRC4.parse()?,
+            TUN_REALS4[0].parse()?,
+            0,
+            0,
+            ip_len(&tun_established_v4[14..]),
+        );
+        encapsulate(&tun_established_v4, ROUTER_MAC, DIRECTOR_MAC, &outer)
+    };
 
     let path = |name, program, frame, verdict, target_ns| BenchPath {
         name,
@@ -136,6 +205,28 @@ fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
             XDP_TX,
             Some(80),
         ),
+        path(
+            "tun_syn_v4",
+            BALANCER_PROGRAM,
+            tun_syn_v4,
+            XDP_TX,
+            Some(190),
+        ),
+        path(
+            "tun_established_v4",
+            BALANCER_PROGRAM,
+            tun_established_v4,
+            XDP_TX,
+            Some(120),
+        ),
+        path(
+            "tun_established_v6",
+            BALANCER_PROGRAM,
+            tun_established_v6,
+            XDP_TX,
+            Some(120),
+        ),
+        path("decap_v4", DECAP_PROGRAM, decap_v4, XDP_PASS, Some(60)),
     ])
 }
 
@@ -159,9 +250,9 @@ fn establish(b: &mut Balancer, client: &str, vip: &str, sport: u16) -> Result<Ve
     Ok(Frame::tcp(client, vip, sport, 80, ACK).bytes())
 }
 
-fn check_verdicts(b: &mut Balancer, paths: &[BenchPath]) -> Result<()> {
+fn check_verdicts(progs: &mut Programs, paths: &[BenchPath]) -> Result<()> {
     for p in paths {
-        let (verdict, _) = b.dataplane().test_run(p.program, &p.frame)?;
+        let (verdict, _) = progs.test_run(p.program, &p.frame)?;
         if verdict != p.verdict {
             bail!(
                 "path {}: {} returned {}, expected {}",
@@ -187,12 +278,11 @@ fn verdict_name(v: u32) -> String {
 }
 
 /// `calls` single-run samples per path (ns), taken in round-robin rounds of `ROUND` calls.
-fn measure(b: &mut Balancer, paths: &[BenchPath], calls: usize) -> Result<Vec<Vec<u64>>> {
-    let dp = b.dataplane();
+fn measure(progs: &mut Programs, paths: &[BenchPath], calls: usize) -> Result<Vec<Vec<u64>>> {
     // One unrecorded round each, so the first recorded round does not pay for cold caches.
     for p in paths {
         for _ in 0..ROUND {
-            dp.time_run(p.program, &p.frame)?;
+            progs.time_run(p.program, &p.frame)?;
         }
     }
     let mut samples: Vec<Vec<u64>> = paths.iter().map(|_| Vec::with_capacity(calls)).collect();
@@ -201,7 +291,7 @@ fn measure(b: &mut Balancer, paths: &[BenchPath], calls: usize) -> Result<Vec<Ve
         let n = ROUND.min(calls - done);
         for (p, s) in paths.iter().zip(&mut samples) {
             for _ in 0..n {
-                s.push(dp.time_run(p.program, &p.frame)?.as_nanos() as u64);
+                s.push(progs.time_run(p.program, &p.frame)?.as_nanos() as u64);
             }
         }
         done += n;

@@ -1,0 +1,50 @@
+//! Internet checksum (RFC 1071) pieces for the headers the data path writes.
+//!
+//! Sums are taken over 16-bit words as they lie in memory (native order): one's complement
+//! addition commutes with byte swapping, so a checksum summed and stored in native order is
+//! right on the wire, and it mixes with `bpf_csum_diff`, which sums packet memory the same way.
+
+use aya_ebpf::helpers::bpf_csum_diff;
+
+/// `sum` plus the 16-bit words of `bytes` (N even).
+#[inline(always)]
+pub fn add<const N: usize>(sum: u64, bytes: &[u8; N]) -> u64 {
+    let mut s = sum;
+    let mut i = 0;
+    while i + 1 < N {
+        s += u16::from_ne_bytes([bytes[i], bytes[i + 1]]) as u64;
+        i += 2;
+    }
+    s
+}
+
+/// Folds a sum to 16 bits and complements it: the value to store in a checksum field.
+/// Four folds bring any sum of up to 2^32 words below 2^16, without a loop.
+#[inline(always)]
+pub fn finish(sum: u64) -> [u8; 2] {
+    let s = (sum & 0xffff_ffff) + (sum >> 32);
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    (!(s as u16)).to_ne_bytes()
+}
+
+/// The partial sum of `N` bytes of packet memory (N a multiple of 4, at most 512: the
+/// helper's limit), or None if the helper refuses.
+#[inline(always)]
+pub fn packet<const N: usize>(bytes: *mut [u8; N]) -> Option<u64> {
+    // SAFETY: the caller bounds-checked the N bytes; the helper only reads them.
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, bytes as *mut u32, N as u32, 0) };
+    if sum < 0 {
+        return None;
+    }
+    Some(sum as u32 as u64)
+}
+
+/// A checksum after one 16-bit word of the header changed from `old` to `new` (RFC 1624,
+/// eqn. 3): HC' = ~(~HC + ~m + m').
+#[inline(always)]
+pub fn replace(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2] {
+    let not = |w: [u8; 2]| (!u16::from_ne_bytes(w)) as u64;
+    finish(not(check) + not(old) + u16::from_ne_bytes(new) as u64)
+}

@@ -1,0 +1,166 @@
+//! TUN forwarding: the packet is encapsulated whole (IPIP for an IPv4 service, IP6IP6 for an
+//! IPv6 one) and sent back out of the same interface to the next hop towards the real, which
+//! strips the outer header (xlb_decap, or a kernel tunnel) and answers the client directly.
+//!
+//! Only the outer header is written: the inner packet stays where it is and the L2 header moves
+//! to the new start of the frame, so the cost does not grow with the packet.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{Backend, Config, FAMILY_V4, Global, ServiceValue};
+
+use crate::{
+    conntrack::Choice,
+    counters, csum, icmp,
+    maps::CONFIG,
+    parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN, ptr_at, read},
+};
+
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+const OUTER_TTL: u8 = 64;
+/// An L2 header with one VLAN tag: the longest the parser accepts.
+const L2_MAX: usize = ETH_HLEN + VLAN_HLEN;
+
+/// What the outer header takes from the inner one. Read here rather than by the parser, so
+/// that DR packets do not pay for it.
+pub struct Inner {
+    /// The datagram's length as its header states it (IPv4 total length, IPv6 payload length
+    /// + 40): the outer length comes from it, never from the frame, which may be padded.
+    pub len: u32,
+    /// IPv4 ToS / IPv6 traffic class (DSCP and ECN).
+    pub tos: u8,
+    /// IPv4 "don't fragment".
+    pub df: bool,
+}
+
+#[inline(always)]
+fn inner(ctx: &XdpContext, pkt: &Packet) -> Option<Inner> {
+    if pkt.family == FAMILY_V4 {
+        let h = read::<[u8; 8]>(ctx, pkt.l3_off)?;
+        Some(Inner {
+            len: u16::from_be_bytes([h[2], h[3]]) as u32,
+            tos: h[1],
+            df: h[6] & 0x40 != 0,
+        })
+    } else {
+        let h = read::<[u8; 6]>(ctx, pkt.l3_off)?;
+        Some(Inner {
+            len: u16::from_be_bytes([h[4], h[5]]) as u32 + IPV6_HLEN as u32,
+            tos: h[0] << 4 | h[1] >> 4,
+            df: false,
+        })
+    }
+}
+
+/// Runs before scheduling, so that a packet that cannot be encapsulated never becomes a
+/// tracked flow: `Some(verdict)` for a malformed packet or one too big for the egress MTU once
+/// encapsulated (answered with ICMP, or dropped), `None` to go on.
+#[inline(always)]
+pub fn check(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
+    let config = CONFIG.get(0)?;
+    let inner = inner(ctx, pkt)?;
+    let overhead = if pkt.family == FAMILY_V4 {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
+    } as u32;
+    // The outer length is taken from the inner header, so that header must describe bytes that
+    // are really there (a shorter frame would make the outer header lie).
+    let avail = (ctx.data_end() - ctx.data() - pkt.l3_off) as u32;
+    if inner.len < overhead || inner.len > avail {
+        counters::global(Global::DropMalformed);
+        return Some(xdp_action::XDP_DROP);
+    }
+    if config.mtu == 0 || inner.len + overhead <= config.mtu {
+        return None;
+    }
+    if pkt.family == FAMILY_V4 && !inner.df {
+        // Fragmenting is not the balancer's job, and the sender allowed it, so it gets no ICMP.
+        counters::global(Global::DropTooBig);
+        return Some(xdp_action::XDP_DROP);
+    }
+    Some(icmp::too_big(
+        ctx,
+        pkt,
+        inner.len,
+        config.mtu - overhead,
+        config,
+    ))
+}
+
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choice) -> u32 {
+    let (Some(config), Some(inner)) = (CONFIG.get(0), inner(ctx, pkt)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let backend = &choice.backend;
+    if pkt.family == FAMILY_V4 {
+        let mut h = [0u8; IPV4_HLEN];
+        h[0] = 0x45;
+        h[1] = inner.tos;
+        h[2..4].copy_from_slice(&((inner.len + IPV4_HLEN as u32) as u16).to_be_bytes());
+        // Identification 0 with DF set: an atomic datagram's id means nothing (RFC 6864).
+        h[6] = 0x40;
+        h[8] = OUTER_TTL;
+        h[9] = IPPROTO_IPIP;
+        h[12..16].copy_from_slice(&svc.tunnel_src[..4]);
+        h[16..20].copy_from_slice(&backend.addr[..4]);
+        let check = csum::finish(csum::add(0, &h));
+        h[10] = check[0];
+        h[11] = check[1];
+        encapsulate(ctx, pkt.l3_off, &h, backend, config)
+    } else {
+        // The flow label spreads flows over the receiver's queues and ECMP paths, which see
+        // only the outer addresses otherwise. Fragments hash without ports (later ones have
+        // none), so every fragment of a datagram takes the same path.
+        let label = choice.flow_hash & 0xf_ffff;
+        let mut h = [0u8; IPV6_HLEN];
+        h[0] = 0x60 | inner.tos >> 4;
+        h[1] = inner.tos << 4 | (label >> 16) as u8;
+        h[2] = (label >> 8) as u8;
+        h[3] = label as u8;
+        h[4..6].copy_from_slice(&(inner.len as u16).to_be_bytes());
+        h[6] = IPPROTO_IPV6;
+        h[7] = OUTER_TTL;
+        h[8..24].copy_from_slice(&svc.tunnel_src);
+        h[24..40].copy_from_slice(&backend.addr);
+        encapsulate(ctx, pkt.l3_off, &h, backend, config)
+    }
+}
+
+/// Grows the frame by the outer header `N` bytes at the front, moves the L2 header there with
+/// new MACs (its VLAN tag and EtherType stay: the outer header is of the inner's family) and
+/// writes the outer header after it.
+#[inline(always)]
+fn encapsulate<const N: usize>(
+    ctx: &XdpContext,
+    l2: usize,
+    outer: &[u8; N],
+    backend: &Backend,
+    config: &Config,
+) -> u32 {
+    // Copied whole: without a tag the last four bytes are the inner header's, overwritten
+    // below by the outer header. One fixed-size copy keeps the verifier's work simple.
+    let Some(mut eth) = read::<[u8; L2_MAX]>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    eth[..6].copy_from_slice(&backend.mac);
+    eth[6..12].copy_from_slice(&config.iface_mac);
+    // SAFETY: the context is the program's own; a failure leaves the frame unchanged.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(N as i32)) } != 0 {
+        // No headroom: a driver problem, visible through the xdp_exception tracepoint.
+        return xdp_action::XDP_ABORTED;
+    }
+    // adjust_head voids every packet pointer: both are derived afresh from the context.
+    let (Some(eth_at), Some(outer_at)) =
+        (ptr_at::<[u8; L2_MAX]>(ctx, 0), ptr_at::<[u8; N]>(ctx, l2))
+    else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: ptr_at checked both ranges; the outer header is written last on purpose.
+    unsafe {
+        eth_at.write_unaligned(eth);
+        outer_at.write_unaligned(*outer);
+    }
+    xdp_action::XDP_TX
+}
