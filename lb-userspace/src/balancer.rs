@@ -237,16 +237,20 @@ impl Balancer {
         self.services.get(s)?.reals.get(&real).map(|r| r.backend_id)
     }
 
-    /// Every real address the balancer needs a MAC for.
-    pub fn real_addrs(&self) -> Vec<IpAddr> {
-        let mut v: Vec<IpAddr> = self
-            .services
-            .values()
-            .flat_map(|s| s.reals.keys().copied())
-            .collect();
-        v.sort();
-        v.dedup();
-        v
+    /// Every real address the balancer needs a MAC for, with how it is reached: TUN reals need
+    /// their next hop's MAC, DR reals their own. A real in both kinds of service counts as TUN
+    /// (on-link, its next hop is itself).
+    pub fn reals_by_mode(&self) -> BTreeMap<IpAddr, Mode> {
+        let mut out = BTreeMap::new();
+        for s in self.services.values() {
+            for addr in s.reals.keys() {
+                let mode = out.entry(*addr).or_insert(s.config.mode);
+                if s.config.mode == Mode::Tun {
+                    *mode = Mode::Tun;
+                }
+            }
+        }
+        out
     }
 
     pub fn mac_of(&self, addr: IpAddr) -> Option<Mac> {

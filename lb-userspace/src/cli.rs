@@ -11,14 +11,14 @@ use crate::{
     config::{Config, DEFAULT_WEIGHT, HashKind, Mode, RealConfig, ServiceAddr, ServiceConfig},
     daemon::{self, DaemonOptions},
     dataplane::{Dataplane, LoadOptions, XdpModeChoice},
-    maglev, state,
+    maglev, realserver, state,
 };
 
 #[derive(Parser)]
 #[command(
     name = "xlb",
     version,
-    about = "An XDP L4 load balancer (LVS-style DR)"
+    about = "An XDP L4 load balancer (LVS-style DR and TUN)"
 )]
 pub struct Cli {
     /// The daemon's control socket.
@@ -66,6 +66,10 @@ enum Command {
     Save,
     /// Replace the whole configuration from a JSON file (`-` for stdin), all or nothing.
     Restore { file: String },
+    /// Prepare this host as a real server (VIP on lo, ARP and rp_filter sysctls, TUN
+    /// decapsulator), undo that, or report what is missing. Runs locally, without the daemon.
+    #[command(subcommand)]
+    Realserver(RealserverCmd),
     /// Attach a program that passes every packet, until interrupted. A veth peer needs one
     /// for the director's XDP_TX frames to be delivered (labs).
     #[command(hide = true)]
@@ -87,11 +91,51 @@ enum ServiceCmd {
         ring_size: u32,
         #[arg(long, value_enum, default_value_t = HashKind::FiveTuple)]
         hash: HashKind,
+        /// TUN: the outer source address (default: the director interface's own address).
+        #[arg(long, value_name = "ADDR")]
+        tunnel_src: Option<IpAddr>,
     },
     Remove {
         service: ServiceAddr,
     },
     List,
+}
+
+#[derive(clap::Args)]
+struct RealserverArgs {
+    /// The interface clients' (DR) or tunnelled (TUN) packets arrive on.
+    #[arg(long)]
+    iface: String,
+    /// The service's virtual address.
+    #[arg(long)]
+    vip: IpAddr,
+    #[arg(long, value_enum, default_value_t = Mode::Dr)]
+    mode: Mode,
+    /// Where setup records what it changed, for teardown.
+    #[arg(long, default_value = realserver::DEFAULT_STATE)]
+    state: PathBuf,
+}
+
+impl RealserverArgs {
+    fn options(self) -> realserver::Options {
+        realserver::Options {
+            iface: self.iface,
+            vip: self.vip,
+            mode: self.mode,
+            state: self.state,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum RealserverCmd {
+    /// Put the VIP on lo, hide it from ARP, and for TUN relax rp_filter and attach the
+    /// decapsulator (it stays attached after this command exits).
+    Setup(RealserverArgs),
+    /// Undo exactly what setup changed (previous sysctl values come back).
+    Teardown(RealserverArgs),
+    /// Report each missing piece; exit 1 if anything is missing.
+    Check(RealserverArgs),
 }
 
 #[derive(Subcommand)]
@@ -171,16 +215,19 @@ fn run(cli: Cli) -> Result<()> {
             }));
         }
         Command::XdpPass { iface } => return xdp_pass(&iface),
+        Command::Realserver(cmd) => return realserver_cmd(cmd),
         Command::Service(ServiceCmd::Add {
             service,
             mode,
             ring_size,
             hash,
+            tunnel_src,
         }) => Request::ServiceAdd {
             config: ServiceConfig {
                 mode,
                 ring_size,
                 hash,
+                tunnel_src,
                 ..ServiceConfig::new(service)
             },
         },
@@ -285,9 +332,15 @@ fn print(request: &Request, data: &Value, json: bool) {
                     s["ring_size"]
                 );
                 for r in s["reals"].as_array().into_iter().flatten() {
+                    let addr = r["addr"].as_str().unwrap_or("");
+                    // A TUN real's MAC is its next hop's; say which hop when it is not the real.
+                    let via = match r["next_hop"].as_str() {
+                        Some(hop) if hop != addr => format!(" via {hop}"),
+                        _ => String::new(),
+                    };
                     println!(
-                        "  -> {:<28} weight {:<5} mac {:<17} {:<10} active flows {}",
-                        r["addr"].as_str().unwrap_or(""),
+                        "  -> {:<28} weight {:<5} mac {:<17} {:<10} active flows {}{via}",
+                        addr,
                         r["weight"],
                         r["mac"].as_str().unwrap_or("-"),
                         r["state"].as_str().unwrap_or(""),
@@ -354,6 +407,54 @@ fn diff(later: &Value, earlier: &Value) -> Value {
         ),
         (v, _) => v.clone(),
     }
+}
+
+fn realserver_cmd(cmd: RealserverCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cmd {
+            RealserverCmd::Setup(args) => {
+                let opts = args.options();
+                realserver::setup(&opts).await?;
+                println!(
+                    "{} ready as a {} real server on {}",
+                    opts.vip,
+                    realserver::mode_name(opts.mode),
+                    opts.iface
+                );
+            }
+            RealserverCmd::Teardown(args) => {
+                let opts = args.options();
+                realserver::teardown(&opts).await?;
+                println!("{} no longer set up on {}", opts.vip, opts.iface);
+            }
+            RealserverCmd::Check(args) => {
+                let opts = args.options();
+                let missing = realserver::check(&opts).await?;
+                if !missing.is_empty() {
+                    for m in &missing {
+                        println!("missing: {m}");
+                    }
+                    bail!(
+                        "{} is not ready as a {} real server on {}: {} missing",
+                        opts.vip,
+                        realserver::mode_name(opts.mode),
+                        opts.iface,
+                        missing.len()
+                    );
+                }
+                println!(
+                    "{} ready as a {} real server on {}",
+                    opts.vip,
+                    realserver::mode_name(opts.mode),
+                    opts.iface
+                );
+            }
+        }
+        anyhow::Ok(())
+    })
 }
 
 fn xdp_pass(iface: &str) -> Result<()> {

@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -19,7 +20,7 @@ use tokio::{
 use crate::{
     api::{MAX_REQUEST_BYTES, Request, Response},
     balancer::Balancer,
-    config::Config,
+    config::{Config, Mode},
     dataplane::{Dataplane, LoadOptions, XdpModeChoice},
     metrics,
     neighbour::{Neighbours, trigger_resolution},
@@ -44,6 +45,8 @@ struct Shared {
     iface: String,
     attach_mode: &'static str,
     state: PathBuf,
+    /// Each real's next hop as last looked up (shown by `status`).
+    next_hops: HashMap<IpAddr, NextHop>,
 }
 
 pub async fn run(opts: DaemonOptions) -> Result<()> {
@@ -59,14 +62,18 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         None => None,
     };
     let neighbours = Neighbours::new()?;
-    let (ifindex, iface_mac) = neighbours.interface(&opts.iface).await?;
+    let iface = neighbours.interface(&opts.iface).await?;
+    let ifindex = iface.index;
     let mut dp = Dataplane::load(&LoadOptions {
         conn_capacity: opts.conn_capacity,
     })?;
     let mode = dp.attach(&opts.iface, opts.xdp_mode)?;
     tracing::info!(iface = %opts.iface, mode = mode.as_str(), "XDP program attached");
     let mut balancer = Balancer::new(dp);
-    balancer.set_iface_mac(iface_mac)?;
+    balancer.set_iface_mac(iface.mac)?;
+    balancer.set_mtu(iface.mtu)?;
+    let (v4, v6) = neighbours.primary_addresses(ifindex).await?;
+    balancer.set_default_tunnel_sources(v4, v6);
     balancer
         .replace(&config)
         .context("restoring the state file's configuration")?;
@@ -80,6 +87,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         iface: opts.iface.clone(),
         attach_mode: mode.as_str(),
         state: opts.state.clone(),
+        next_hops: HashMap::new(),
     }));
     refresh_neighbours(&shared, &neighbours, ifindex).await;
 
@@ -142,7 +150,9 @@ fn bind_socket(path: &PathBuf) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Reads the kernel's neighbour table and reprograms reals whose MAC appeared, changed or went.
+/// Finds each real's next hop (TUN: the kernel's route to it; DR: the real itself, which must
+/// be on-link), reads the neighbour table, and reprograms reals whose MAC appeared, changed or
+/// went. A next hop that leaves by another interface is unusable: xlb sends out of its own.
 async fn refresh_neighbours(shared: &Arc<Mutex<Shared>>, neighbours: &Neighbours, ifindex: u32) {
     let table = match neighbours.resolved(ifindex).await {
         Ok(t) => t,
@@ -151,24 +161,70 @@ async fn refresh_neighbours(shared: &Arc<Mutex<Shared>>, neighbours: &Neighbours
             return;
         }
     };
+    let reals = shared.lock().unwrap().balancer.reals_by_mode();
+    // Route lookups are netlink round trips: done without holding the lock.
+    let mut hops = HashMap::new();
+    for (addr, mode) in reals {
+        let hop = match mode {
+            Mode::Dr => NextHop::Via(addr),
+            Mode::Tun => match neighbours.next_hop(addr).await {
+                Ok(Some((hop, oif))) if oif == ifindex => NextHop::Via(hop),
+                Ok(Some(_)) => NextHop::OtherInterface,
+                Ok(None) | Err(_) => NextHop::NoRoute,
+            },
+        };
+        hops.insert(addr, hop);
+    }
     let mut guard = shared.lock().unwrap();
-    let addrs = guard.balancer.real_addrs();
-    for addr in addrs {
-        let mac = table.get(&addr).copied();
+    for (&addr, &hop) in &hops {
+        if guard.next_hops.get(&addr) != Some(&hop) {
+            match hop {
+                NextHop::OtherInterface => tracing::warn!(
+                    real = %addr,
+                    "the route to this real leaves by another interface; not forwarding to it"
+                ),
+                NextHop::NoRoute => tracing::warn!(real = %addr, "no route to this real"),
+                NextHop::Via(_) => {}
+            }
+        }
+        let mac = match hop {
+            NextHop::Via(h) => table.get(&h).copied(),
+            _ => None,
+        };
         match guard.balancer.set_mac(addr, mac) {
             Ok(true) => match mac {
                 Some(m) => {
-                    tracing::info!(real = %addr, mac = %crate::balancer::format_mac(&m), "neighbour resolved")
+                    tracing::info!(real = %addr, next_hop = %hop, mac = %crate::balancer::format_mac(&m), "next hop resolved")
                 }
-                None => tracing::warn!(real = %addr, "neighbour lost; not forwarding to it"),
+                None => tracing::warn!(real = %addr, "next hop unresolved; not forwarding to it"),
             },
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(real = %addr, "reprogramming after a neighbour change: {e:#}")
             }
         }
-        if mac.is_none() {
+        if mac.is_none() && matches!(hop, NextHop::Via(_)) {
+            // Sending towards the real makes the kernel resolve whatever its next hop is.
             trigger_resolution(addr);
+        }
+    }
+    guard.next_hops = hops;
+}
+
+/// How a real is reached, as last looked up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NextHop {
+    Via(IpAddr),
+    OtherInterface,
+    NoRoute,
+}
+
+impl std::fmt::Display for NextHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NextHop::Via(a) => write!(f, "{a}"),
+            NextHop::OtherInterface => f.write_str("via another interface"),
+            NextHop::NoRoute => f.write_str("no route"),
         }
     }
 }
@@ -247,7 +303,7 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
         }
         Request::Restore { config } => {
             b.replace(&config)?;
-            for addr in b.real_addrs() {
+            for addr in b.reals_by_mode().into_keys() {
                 trigger_resolution(addr);
             }
             tracing::info!(services = config.services.len(), "configuration restored");
@@ -308,6 +364,7 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
                         "addr": r.addr,
                         "weight": r.weight,
                         "mac": r.mac,
+                        "next_hop": s.next_hops.get(&r.addr).map(|h| h.to_string()),
                         "state": if r.mac.is_none() { "unresolved" } else { "up" },
                         "in_table": r.in_table,
                         "active_flows": flows.get(&r.backend_id).copied().unwrap_or(0),

@@ -1,19 +1,31 @@
 //! A real server's side of TUN: the decapsulator program (`xlb_decap`) and its VIP map.
 //!
 //! It comes from the same object as the balancer, whose big maps are shrunk to one entry at
-//! load: a real server needs only `DECAP_VIPS` and `DECAP_STATS`. Attaching is the caller's.
+//! load: a real server needs only `DECAP_VIPS` and `DECAP_STATS`.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapError, PerCpuArray},
+    maps::{HashMap, MapData, MapError, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{DECAP_CAPACITY, Decap, FAMILY_V4, FAMILY_V6, VipKey};
 
-use crate::dataplane::{EBPF_OBJECT, verifier_error};
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    LinkUnspec,
+    packet_route::link::{LinkAttribute, LinkXdp, XdpAttached},
+};
+
+use crate::{
+    dataplane::{EBPF_OBJECT, verifier_error},
+    neighbour::Neighbours,
+};
 
 pub const DECAP_PROGRAM: &str = "xlb_decap";
 
@@ -173,4 +185,141 @@ impl Decapsulator {
         };
         Ok(self.program()?.test_run(opts)?.duration)
     }
+}
+
+// --- Attaching on a real server --------------------------------------------------------------
+//
+// `xlb realserver setup` is a one-shot command, so the decapsulator is attached through
+// netlink (as `ip link set dev IF xdp ...` does), not through a bpf_link owned by the process:
+// it stays attached after the command exits, until `teardown` removes its last VIP. Later
+// commands find it again by the program id the kernel reports for the interface.
+
+/// XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE (linux/if_link.h).
+const XDP_FLAGS_UPDATE_IF_NOEXIST: u32 = 1 << 0;
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+/// The XDP program attached to an interface: its id and the mode flag to detach it with.
+async fn attached_program(nl: &Neighbours, ifindex: u32) -> Result<Option<(u32, u32)>> {
+    let mut links = nl.handle().link().get().match_index(ifindex).execute();
+    let Some(link) = links.try_next().await.context("reading the interface")? else {
+        bail!("interface {ifindex} disappeared");
+    };
+    let mut id = None;
+    let mut mode = XDP_FLAGS_DRV_MODE;
+    for attr in &link.attributes {
+        if let LinkAttribute::Xdp(xdp) = attr {
+            for x in xdp {
+                match x {
+                    LinkXdp::ProgId(p) if *p != 0 => id = Some(*p),
+                    LinkXdp::Attached(XdpAttached::SocketBuffer) => mode = XDP_FLAGS_SKB_MODE,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(id.map(|id| (id, mode)))
+}
+
+/// The VIP map of an attached decapsulator, or None if the program is not xlb's decapsulator.
+fn vips_map_of(prog_id: u32) -> Result<Option<MapData>> {
+    let Some(info) = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .find(|p| p.id() == prog_id)
+    else {
+        return Ok(None);
+    };
+    if info.name_as_str() != Some(DECAP_PROGRAM) {
+        return Ok(None);
+    }
+    for map_id in info.map_ids()?.unwrap_or_default() {
+        let map = MapData::from_id(map_id)?;
+        if map.info()?.name_as_str() == Some("DECAP_VIPS") {
+            return Ok(Some(map));
+        }
+    }
+    Ok(None)
+}
+
+async fn set_xdp(nl: &Neighbours, ifindex: u32, fd: i32, flags: u32) -> Result<()> {
+    let msg = LinkUnspec::new_with_index(ifindex)
+        .append_extra_attribute(LinkAttribute::Xdp(vec![
+            LinkXdp::Fd(fd),
+            LinkXdp::Flags(flags),
+        ]))
+        .build();
+    nl.handle().link().set(msg).execute().await?;
+    Ok(())
+}
+
+/// Makes the decapsulator on `iface` accept `vip`, attaching it first if needed (native mode,
+/// else generic). Refuses to replace another XDP program.
+pub async fn attach_vip(nl: &Neighbours, ifindex: u32, iface: &str, vip: IpAddr) -> Result<()> {
+    if let Some((prog_id, _)) = attached_program(nl, ifindex).await? {
+        let Some(map) = vips_map_of(prog_id)? else {
+            bail!(
+                "{iface} already has another XDP program (id {prog_id}); xlb will not replace it"
+            );
+        };
+        let mut vips: HashMap<MapData, VipKey, u32> =
+            HashMap::try_from(aya::maps::Map::HashMap(map))?;
+        vips.insert(vip_key(vip), 0, 0)
+            .with_context(|| format!("adding {vip} to the decapsulator on {iface}"))?;
+        return Ok(());
+    }
+    let mut decap = Decapsulator::load()?;
+    decap.add_vip(vip)?;
+    let fd = decap.program()?.fd()?.as_fd().as_raw_fd();
+    let native = set_xdp(
+        nl,
+        ifindex,
+        fd,
+        XDP_FLAGS_UPDATE_IF_NOEXIST | XDP_FLAGS_DRV_MODE,
+    )
+    .await;
+    if let Err(native_err) = native {
+        set_xdp(nl, ifindex, fd, XDP_FLAGS_UPDATE_IF_NOEXIST | XDP_FLAGS_SKB_MODE)
+            .await
+            .with_context(|| {
+                format!("attaching the decapsulator to {iface} (native mode failed: {native_err:#}; generic too)")
+            })?;
+    }
+    // Dropping `decap` closes our fds; the attachment keeps the program and its maps alive.
+    Ok(())
+}
+
+/// Stops decapsulating for `vip` on `iface`; detaches the program when no VIP is left.
+pub async fn detach_vip(nl: &Neighbours, ifindex: u32, iface: &str, vip: IpAddr) -> Result<()> {
+    let Some((prog_id, mode)) = attached_program(nl, ifindex).await? else {
+        return Ok(());
+    };
+    let Some(map) = vips_map_of(prog_id)? else {
+        return Ok(());
+    };
+    let mut vips: HashMap<MapData, VipKey, u32> = HashMap::try_from(aya::maps::Map::HashMap(map))?;
+    let _ = vips.remove(&vip_key(vip));
+    if vips.keys().next().is_none() {
+        set_xdp(nl, ifindex, -1, mode)
+            .await
+            .with_context(|| format!("detaching the decapsulator from {iface}"))?;
+    }
+    Ok(())
+}
+
+/// The VIPs the decapsulator attached to the interface accepts; None if none is attached.
+pub async fn attached_vips(nl: &Neighbours, ifindex: u32) -> Result<Option<Vec<IpAddr>>> {
+    let Some((prog_id, _)) = attached_program(nl, ifindex).await? else {
+        return Ok(None);
+    };
+    let Some(map) = vips_map_of(prog_id)? else {
+        return Ok(None);
+    };
+    let vips: HashMap<MapData, VipKey, u32> = HashMap::try_from(aya::maps::Map::HashMap(map))?;
+    let mut out: Vec<IpAddr> = vips
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter_map(|k| vip_addr(&k))
+        .collect();
+    out.sort();
+    Ok(Some(out))
 }

@@ -1,8 +1,8 @@
 //! xlb's control plane. Modules: `cli` (the command line), `api` (the control socket's
 //! protocol), `daemon` (serves it), `config` (what operators configure), `balancer` (policy:
 //! ids, Maglev tables), `dataplane` (the XDP program and its maps), `decap` (a real server's
-//! decapsulator for TUN), `maglev`, `neighbour` (netlink), `state` (the state file), `metrics`
-//! (Prometheus).
+//! decapsulator for TUN), `maglev`, `neighbour` (netlink: interfaces, routes, neighbours),
+//! `state` (the state file), `metrics` (Prometheus), `realserver` (preparing a real server).
 pub mod api;
 pub mod balancer;
 pub mod cli;
@@ -13,4 +13,5 @@ pub mod decap;
 pub mod maglev;
 pub mod metrics;
 pub mod neighbour;
+pub mod realserver;
 pub mod state;

@@ -1,16 +1,22 @@
-//! Neighbour resolution over rtnetlink: the MACs of DR reals and of the attached interface.
-//! The kernel's own neighbour table is the source of truth; we only read it and, for a real it
-//! does not know yet, make the kernel resolve it.
+//! What the daemon asks the kernel over rtnetlink: the attached interface (index, MAC, MTU,
+//! addresses), the route to a real (its next hop), and the neighbour table (next hops' MACs).
+//! The kernel's tables are the source of truth; we only read them and, for a next hop the
+//! kernel does not know yet, make it resolve it.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context, Result, bail};
 use futures_util::TryStreamExt;
 use rtnetlink::{
-    Handle,
+    Handle, RouteMessageBuilder,
     packet_route::{
+        address::AddressAttribute,
         link::LinkAttribute,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        route::{RouteAddress, RouteAttribute},
     },
 };
 
@@ -18,6 +24,14 @@ use crate::balancer::Mac;
 
 pub struct Neighbours {
     handle: Handle,
+}
+
+/// The interface the balancer is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub index: u32,
+    pub mac: Mac,
+    pub mtu: u32,
 }
 
 impl Neighbours {
@@ -28,8 +42,26 @@ impl Neighbours {
         Ok(Self { handle })
     }
 
-    /// The interface's index and MAC; an unknown interface is an error naming it.
-    pub async fn interface(&self, name: &str) -> Result<(u32, Mac)> {
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// An interface's index (for interfaces without a MAC, such as lo).
+    pub async fn interface_index(&self, name: &str) -> Result<u32> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link.header.index),
+            _ => bail!("interface {name} does not exist"),
+        }
+    }
+
+    /// The interface's index, MAC and MTU; an unknown interface is an error naming it.
+    pub async fn interface(&self, name: &str) -> Result<Interface> {
         let mut links = self
             .handle
             .link()
@@ -50,7 +82,76 @@ impl Neighbours {
                 _ => None,
             })
             .with_context(|| format!("interface {name} has no Ethernet address"))?;
-        Ok((link.header.index, mac))
+        let mtu = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .unwrap_or(1500);
+        Ok(Interface {
+            index: link.header.index,
+            mac,
+            mtu,
+        })
+    }
+
+    /// The interface's first IPv4 address and first global IPv6 address: the default tunnel
+    /// sources (what LVS-TUN uses: the director's own address).
+    pub async fn primary_addresses(
+        &self,
+        ifindex: u32,
+    ) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
+        let mut v4 = None;
+        let mut v6 = None;
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .execute();
+        while let Some(msg) = stream.try_next().await.context("dumping addresses")? {
+            for attr in &msg.attributes {
+                match attr {
+                    AddressAttribute::Address(IpAddr::V4(a)) if v4.is_none() => v4 = Some(*a),
+                    AddressAttribute::Address(IpAddr::V6(a))
+                        if v6.is_none() && !a.is_unicast_link_local() =>
+                    {
+                        v6 = Some(*a)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok((v4, v6))
+    }
+
+    /// The kernel's route to `dst` (a FIB lookup, policy routing included): the next hop (the
+    /// gateway, or `dst` itself when it is on-link) and the interface it leaves by.
+    pub async fn next_hop(&self, dst: IpAddr) -> Result<Option<(IpAddr, u32)>> {
+        let prefix = if dst.is_ipv4() { 32 } else { 128 };
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, prefix)
+            .map_err(|e| anyhow::anyhow!("route lookup for {dst}: {e}"))?
+            .build();
+        let mut stream = self.handle.route().get(msg).execute();
+        let route = match stream.try_next().await {
+            Ok(Some(r)) => r,
+            // No route (ENETUNREACH) is an answer, not a failure.
+            Ok(None) | Err(_) => return Ok(None),
+        };
+        let mut gateway = None;
+        let mut oif = None;
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        Ok(oif.map(|oif| (gateway.unwrap_or(dst), oif)))
     }
 
     /// Usable (resolved) neighbours on one interface: address -> MAC.

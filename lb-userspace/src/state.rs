@@ -26,23 +26,32 @@ pub fn load(path: &Path) -> Result<Config> {
 }
 
 pub fn save(path: &Path, config: &Config) -> Result<()> {
+    let mut text = serde_json::to_vec_pretty(config)?;
+    text.push(b'\n');
+    write_atomically(path, &text)
+}
+
+/// Replaces `path` with `contents` so that a crash leaves the old file or the new one, never a
+/// mix: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp_name);
     let write = || -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(config)?.as_bytes())?;
-        f.write_all(b"\n")?;
+        f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         fs::File::open(dir)?.sync_all()
     };
     write().map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        anyhow::anyhow!("writing state file {}: {e}", path.display())
+        anyhow::anyhow!("writing {}: {e}", path.display())
     })
 }
 

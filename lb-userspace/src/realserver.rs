@@ -1,0 +1,357 @@
+//! `xlb realserver setup|teardown|check`: prepares this host to be a real server of a DR or TUN
+//! service, undoes exactly that, or reports what is missing. A half-prepared real server is the
+//! most common DR/TUN failure, so `check` names each missing piece.
+//!
+//! Setup puts the VIP on `lo` and hides it from ARP (`arp_ignore=1`, `arp_announce=2` on `all`
+//! and the interface, IPv4 only: Linux answers IPv6 neighbour solicitations only for addresses
+//! of the receiving interface). TUN also relaxes strict reverse-path filtering to loose (the
+//! client's packets arrive inside a tunnel) and attaches xlb's decapsulator to the interface
+//! (this kernel, like many, has no ipip module). What setup changed is recorded in a state file,
+//! keyed by network namespace, so teardown restores the previous values and removes only what
+//! setup added.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, CacheInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::{config::Mode, decap, neighbour::Neighbours, state};
+
+pub const DEFAULT_STATE: &str = "/var/lib/xlb/realserver.json";
+
+pub struct Options {
+    pub iface: String,
+    pub vip: IpAddr,
+    pub mode: Mode,
+    pub state: PathBuf,
+}
+
+/// What one setup changed, so teardown can undo exactly that.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Record {
+    /// The network namespace (`/proc/self/ns/net` link text): one state file serves a host
+    /// whose namespaces are each a real server (labs).
+    netns: String,
+    iface: String,
+    vip: IpAddr,
+    mode: Mode,
+    /// Whether setup added the VIP to `lo` (it may have been there already).
+    added_vip: bool,
+    /// Sysctls setup changed, with the values they had before.
+    sysctls: Vec<SysctlChange>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct SysctlChange {
+    key: String,
+    previous: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Records {
+    records: Vec<Record>,
+}
+
+fn netns_id() -> Result<String> {
+    Ok(std::fs::read_link("/proc/self/ns/net")
+        .context("reading /proc/self/ns/net")?
+        .to_string_lossy()
+        .into_owned())
+}
+
+fn load(path: &Path) -> Result<Records> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid realserver state file", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Records::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn sysctl_path(key: &str) -> PathBuf {
+    Path::new("/proc/sys").join(key.replace('.', "/"))
+}
+
+fn read_sysctl(key: &str) -> Result<String> {
+    Ok(std::fs::read_to_string(sysctl_path(key))
+        .with_context(|| format!("reading sysctl {key}"))?
+        .trim()
+        .to_string())
+}
+
+fn write_sysctl(key: &str, value: &str) -> Result<()> {
+    std::fs::write(sysctl_path(key), value).with_context(|| format!("setting {key}={value}"))
+}
+
+fn read_sysctl_num(key: &str) -> Result<u32> {
+    let text = read_sysctl(key)?;
+    text.parse()
+        .with_context(|| format!("sysctl {key} is not a number: {text}"))
+}
+
+/// A per-interface IPv4 sysctl the real server needs. The kernel applies the larger of the
+/// `all` and the interface's value (for arp_ignore, arp_announce and rp_filter alike).
+struct Knob {
+    name: &'static str,
+    /// Set where a scope's value is not `ok`.
+    want: u32,
+    ok: fn(u32) -> bool,
+    /// What is wrong while the effective value is not `ok`.
+    what: &'static str,
+}
+
+/// The sysctls a real server of this mode and VIP family needs.
+fn knobs(vip: IpAddr, mode: Mode) -> Vec<Knob> {
+    if vip.is_ipv6() {
+        return Vec::new();
+    }
+    let mut v = vec![
+        Knob {
+            name: "arp_ignore",
+            want: 1,
+            ok: |n| n >= 1,
+            what: "this host answers ARP for the VIP",
+        },
+        Knob {
+            name: "arp_announce",
+            want: 2,
+            ok: |n| n >= 2,
+            what: "this host may announce the VIP in its ARP requests",
+        },
+    ];
+    if mode == Mode::Tun {
+        v.push(Knob {
+            name: "rp_filter",
+            want: 2,
+            ok: |n| n != 1,
+            what: "strict reverse-path filtering drops tunnelled clients' packets",
+        });
+    }
+    v
+}
+
+fn knob_key(scope: &str, name: &str) -> String {
+    format!("net.ipv4.conf.{scope}.{name}")
+}
+
+async fn lo_has(nl: &Neighbours, lo: u32, vip: IpAddr) -> Result<bool> {
+    let mut stream = nl
+        .handle()
+        .address()
+        .get()
+        .set_link_index_filter(lo)
+        .execute();
+    while let Some(msg) = stream.try_next().await.context("dumping lo's addresses")? {
+        if msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(x) if *x == vip))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn vip_prefix(vip: IpAddr) -> u8 {
+    if vip.is_ipv4() { 32 } else { 128 }
+}
+
+pub async fn setup(opts: &Options) -> Result<()> {
+    validate(opts)?;
+    let nl = Neighbours::new()?;
+    let iface = nl.interface(&opts.iface).await?;
+    let lo = nl.interface_index("lo").await?;
+    let netns = netns_id()?;
+    let mut records = load(&opts.state)?;
+    let existing = records
+        .records
+        .iter()
+        .position(|r| r.netns == netns && r.iface == opts.iface && r.vip == opts.vip);
+    if let Some(i) = existing
+        && records.records[i].mode != opts.mode
+    {
+        bail!(
+            "{} is already set up for {} mode on {}; tear it down first",
+            opts.vip,
+            mode_name(records.records[i].mode),
+            opts.iface
+        );
+    }
+
+    let mut record = Record {
+        netns: netns.clone(),
+        iface: opts.iface.clone(),
+        vip: opts.vip,
+        mode: opts.mode,
+        added_vip: false,
+        sysctls: Vec::new(),
+    };
+    // Decide every change before making any, so a failed sysctl read changes nothing.
+    let mut changes = Vec::new();
+    for knob in knobs(opts.vip, opts.mode) {
+        for scope in ["all", opts.iface.as_str()] {
+            let key = knob_key(scope, knob.name);
+            let current = read_sysctl_num(&key)?;
+            if !(knob.ok)(current) {
+                changes.push((key, knob.want, current.to_string()));
+            }
+        }
+    }
+    for (key, want, previous) in changes {
+        write_sysctl(&key, &want.to_string())?;
+        record.sysctls.push(SysctlChange { key, previous });
+    }
+    if !lo_has(&nl, lo, opts.vip).await? {
+        let mut add = nl
+            .handle()
+            .address()
+            .add(lo, opts.vip, vip_prefix(opts.vip));
+        if opts.vip.is_ipv6() {
+            // No duplicate detection (every real holds the VIP), and deprecated (preferred
+            // lifetime 0) so the host never picks the VIP as the source of its own traffic.
+            let msg = add.message_mut();
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            let mut lifetimes = CacheInfo::default();
+            lifetimes.ifa_preferred = 0;
+            lifetimes.ifa_valid = u32::MAX;
+            msg.attributes.push(AddressAttribute::CacheInfo(lifetimes));
+        }
+        add.execute()
+            .await
+            .with_context(|| format!("adding {} to lo", opts.vip))?;
+        record.added_vip = true;
+    }
+    if opts.mode == Mode::Tun {
+        decap::attach_vip(&nl, iface.index, &opts.iface, opts.vip).await?;
+    }
+    match existing {
+        // Set up again: keep what the first setup recorded, add what this one changed.
+        Some(i) => {
+            let r = &mut records.records[i];
+            r.added_vip |= record.added_vip;
+            r.sysctls.extend(record.sysctls);
+        }
+        None => records.records.push(record),
+    }
+    state::write_atomically(&opts.state, &serde_json::to_vec_pretty(&records)?)
+}
+
+pub async fn teardown(opts: &Options) -> Result<()> {
+    validate(opts)?;
+    let nl = Neighbours::new()?;
+    let iface = nl.interface(&opts.iface).await?;
+    let lo = nl.interface_index("lo").await?;
+    let netns = netns_id()?;
+    let mut records = load(&opts.state)?;
+    let Some(i) = records
+        .records
+        .iter()
+        .position(|r| r.netns == netns && r.iface == opts.iface && r.vip == opts.vip)
+    else {
+        bail!(
+            "{} on {} was not set up by xlb realserver setup (no record in {})",
+            opts.vip,
+            opts.iface,
+            opts.state.display()
+        );
+    };
+    let record = records.records.remove(i);
+    if record.mode == Mode::Tun {
+        decap::detach_vip(&nl, iface.index, &opts.iface, opts.vip).await?;
+    }
+    if record.added_vip && lo_has(&nl, lo, opts.vip).await? {
+        let mut stream = nl
+            .handle()
+            .address()
+            .get()
+            .set_link_index_filter(lo)
+            .execute();
+        while let Some(msg) = stream.try_next().await? {
+            if msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(x) if *x == opts.vip))
+            {
+                nl.handle()
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .with_context(|| format!("removing {} from lo", opts.vip))?;
+                break;
+            }
+        }
+    }
+    // Another VIP set up in this namespace still needs the sysctls: it inherits the record of
+    // their previous values instead of having them restored under it.
+    match records.records.iter_mut().find(|r| r.netns == netns) {
+        Some(other) => other.sysctls.extend(record.sysctls),
+        None => {
+            for change in record.sysctls.iter().rev() {
+                write_sysctl(&change.key, &change.previous)?;
+            }
+        }
+    }
+    state::write_atomically(&opts.state, &serde_json::to_vec_pretty(&records)?)
+}
+
+/// What this host lacks to be a real server for the VIP in this mode: one line each.
+pub async fn check(opts: &Options) -> Result<Vec<String>> {
+    validate(opts)?;
+    let nl = Neighbours::new()?;
+    let iface = nl.interface(&opts.iface).await?;
+    let lo = nl.interface_index("lo").await?;
+    let mut missing = Vec::new();
+    if !lo_has(&nl, lo, opts.vip).await? {
+        missing.push(format!("the VIP {} is not on lo", opts.vip));
+    }
+    for knob in knobs(opts.vip, opts.mode) {
+        let all = read_sysctl_num(&knob_key("all", knob.name))?;
+        let on_iface = read_sysctl_num(&knob_key(&opts.iface, knob.name))?;
+        if !(knob.ok)(all.max(on_iface)) {
+            missing.push(format!(
+                "{}: {} (all = {all}, {} = {on_iface}; want {})",
+                knob.name, knob.what, opts.iface, knob.want
+            ));
+        }
+    }
+    if opts.mode == Mode::Tun {
+        match decap::attached_vips(&nl, iface.index).await? {
+            None => missing.push(format!(
+                "no xlb decapsulator on {}: tunnelled packets are not decapsulated",
+                opts.iface
+            )),
+            Some(vips) if !vips.contains(&opts.vip) => missing.push(format!(
+                "the decapsulator on {} does not accept {}",
+                opts.iface, opts.vip
+            )),
+            Some(_) => {}
+        }
+    }
+    Ok(missing)
+}
+
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Dr => "DR",
+        Mode::Tun => "TUN",
+    }
+}
+
+fn validate(opts: &Options) -> Result<()> {
+    let v = opts.vip;
+    if v.is_unspecified() || v.is_multicast() || v.is_loopback() {
+        bail!("{v} cannot be a VIP");
+    }
+    if opts.iface == "lo" {
+        bail!("--iface is the interface clients' packets arrive on, not lo");
+    }
+    Ok(())
+}
