@@ -432,7 +432,11 @@ fn realserver_cmd(cmd: RealserverCmd) -> Result<()> {
             }
             RealserverCmd::Check(args) => {
                 let opts = args.options();
-                let missing = realserver::check(&opts).await?;
+                let check = realserver::check(&opts).await?;
+                for line in &check.report {
+                    println!("{line}");
+                }
+                let missing = check.missing;
                 if !missing.is_empty() {
                     for m in &missing {
                         println!("missing: {m}");

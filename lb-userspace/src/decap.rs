@@ -221,8 +221,8 @@ async fn attached_program(nl: &Neighbours, ifindex: u32) -> Result<Option<(u32, 
     Ok(id.map(|id| (id, mode)))
 }
 
-/// The VIP map of an attached decapsulator, or None if the program is not xlb's decapsulator.
-fn vips_map_of(prog_id: u32) -> Result<Option<MapData>> {
+/// A map of an attached decapsulator, or None if the program is not xlb's decapsulator.
+fn map_of(prog_id: u32, name: &str) -> Result<Option<MapData>> {
     let Some(info) = aya::programs::loaded_programs()
         .filter_map(|p| p.ok())
         .find(|p| p.id() == prog_id)
@@ -234,7 +234,7 @@ fn vips_map_of(prog_id: u32) -> Result<Option<MapData>> {
     }
     for map_id in info.map_ids()?.unwrap_or_default() {
         let map = MapData::from_id(map_id)?;
-        if map.info()?.name_as_str() == Some("DECAP_VIPS") {
+        if map.info()?.name_as_str() == Some(name) {
             return Ok(Some(map));
         }
     }
@@ -256,7 +256,7 @@ async fn set_xdp(nl: &Neighbours, ifindex: u32, fd: i32, flags: u32) -> Result<(
 /// else generic). Refuses to replace another XDP program.
 pub async fn attach_vip(nl: &Neighbours, ifindex: u32, iface: &str, vip: IpAddr) -> Result<()> {
     if let Some((prog_id, _)) = attached_program(nl, ifindex).await? {
-        let Some(map) = vips_map_of(prog_id)? else {
+        let Some(map) = map_of(prog_id, "DECAP_VIPS")? else {
             bail!(
                 "{iface} already has another XDP program (id {prog_id}); xlb will not replace it"
             );
@@ -293,7 +293,7 @@ pub async fn detach_vip(nl: &Neighbours, ifindex: u32, iface: &str, vip: IpAddr)
     let Some((prog_id, mode)) = attached_program(nl, ifindex).await? else {
         return Ok(());
     };
-    let Some(map) = vips_map_of(prog_id)? else {
+    let Some(map) = map_of(prog_id, "DECAP_VIPS")? else {
         return Ok(());
     };
     let mut vips: HashMap<MapData, VipKey, u32> = HashMap::try_from(aya::maps::Map::HashMap(map))?;
@@ -306,20 +306,35 @@ pub async fn detach_vip(nl: &Neighbours, ifindex: u32, iface: &str, vip: IpAddr)
     Ok(())
 }
 
-/// The VIPs the decapsulator attached to the interface accepts; None if none is attached.
-pub async fn attached_vips(nl: &Neighbours, ifindex: u32) -> Result<Option<Vec<IpAddr>>> {
+/// What the decapsulator attached to an interface does: its VIPs and counters.
+pub struct Attached {
+    pub vips: Vec<IpAddr>,
+    pub counters: Vec<(Decap, u64)>,
+}
+
+/// The decapsulator attached to the interface, if any.
+pub async fn attached(nl: &Neighbours, ifindex: u32) -> Result<Option<Attached>> {
     let Some((prog_id, _)) = attached_program(nl, ifindex).await? else {
         return Ok(None);
     };
-    let Some(map) = vips_map_of(prog_id)? else {
+    let (Some(vips), Some(stats)) = (
+        map_of(prog_id, "DECAP_VIPS")?,
+        map_of(prog_id, "DECAP_STATS")?,
+    ) else {
         return Ok(None);
     };
-    let vips: HashMap<MapData, VipKey, u32> = HashMap::try_from(aya::maps::Map::HashMap(map))?;
-    let mut out: Vec<IpAddr> = vips
+    let vips: HashMap<MapData, VipKey, u32> = HashMap::try_from(aya::maps::Map::HashMap(vips))?;
+    let mut vips: Vec<IpAddr> = vips
         .keys()
         .filter_map(|k| k.ok())
         .filter_map(|k| vip_addr(&k))
         .collect();
-    out.sort();
-    Ok(Some(out))
+    vips.sort();
+    let stats: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(stats))?;
+    let counters = Decap::ALL
+        .iter()
+        .map(|&d| Ok((d, stats.get(&(d as u32), 0)?.iter().sum())))
+        .collect::<Result<_>>()?;
+    Ok(Some(Attached { vips, counters }))
 }

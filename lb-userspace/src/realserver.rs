@@ -302,13 +302,21 @@ pub async fn teardown(opts: &Options) -> Result<()> {
     state::write_atomically(&opts.state, &serde_json::to_vec_pretty(&records)?)
 }
 
-/// What this host lacks to be a real server for the VIP in this mode: one line each.
-pub async fn check(opts: &Options) -> Result<Vec<String>> {
+/// What `check` found.
+pub struct Check {
+    /// What this host lacks to be a real server for the VIP in this mode: one line each.
+    pub missing: Vec<String>,
+    /// What is in place worth showing (the decapsulator's VIPs and counters).
+    pub report: Vec<String>,
+}
+
+pub async fn check(opts: &Options) -> Result<Check> {
     validate(opts)?;
     let nl = Neighbours::new()?;
     let iface = nl.interface(&opts.iface).await?;
     let lo = nl.interface_index("lo").await?;
     let mut missing = Vec::new();
+    let mut report = Vec::new();
     if !lo_has(&nl, lo, opts.vip).await? {
         missing.push(format!("the VIP {} is not on lo", opts.vip));
     }
@@ -323,19 +331,37 @@ pub async fn check(opts: &Options) -> Result<Vec<String>> {
         }
     }
     if opts.mode == Mode::Tun {
-        match decap::attached_vips(&nl, iface.index).await? {
+        match decap::attached(&nl, iface.index).await? {
             None => missing.push(format!(
                 "no xlb decapsulator on {}: tunnelled packets are not decapsulated",
                 opts.iface
             )),
-            Some(vips) if !vips.contains(&opts.vip) => missing.push(format!(
-                "the decapsulator on {} does not accept {}",
-                opts.iface, opts.vip
-            )),
-            Some(_) => {}
+            Some(d) => {
+                if !d.vips.contains(&opts.vip) {
+                    missing.push(format!(
+                        "the decapsulator on {} does not accept {}",
+                        opts.iface, opts.vip
+                    ));
+                }
+                let counts: Vec<String> = d
+                    .counters
+                    .iter()
+                    .map(|(c, n)| format!("{} {n}", c.name()))
+                    .collect();
+                report.push(format!(
+                    "decapsulator on {}: VIPs {}; packets {}",
+                    opts.iface,
+                    d.vips
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    counts.join(", ")
+                ));
+            }
         }
     }
-    Ok(missing)
+    Ok(Check { missing, report })
 }
 
 pub fn mode_name(mode: Mode) -> &'static str {

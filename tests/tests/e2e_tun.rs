@@ -469,6 +469,15 @@ fn tun_lab_end_to_end() {
         for vip in [VIP4, VIP6] {
             realserver_ok(real, "check", vip);
         }
+        // Its report shows the decapsulator at work: every real took part of the traffic.
+        let report = text(&realserver(real, "check", VIP4));
+        let decapsulated: u64 = report
+            .split("decapsulated ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no decapsulated count in check on {real}: {report}"));
+        assert!(decapsulated > 0, "{real} decapsulated nothing: {report}");
     }
     let (r3, r3_v4, r3_v6) = REALS[2];
     xlb_ok(&["real", "remove", SERVICE4, r3_v4]);
