@@ -96,7 +96,13 @@ pub struct ConnValue {
     /// The flow's 5-tuple hash, kept so that established TUN packets get their IPv6 flow label
     /// without hashing again (0 for a DR service hashing on the source address only).
     pub flow_hash: u32,
+    /// `CONN_F_CLOSING` once the client sent a FIN or RST: the control plane stops counting the
+    /// flow as active soon after (`xlb real wait-drained`), while packets still follow it.
+    pub flags: u32,
 }
+
+/// Connection flag: the client has sent a FIN or RST.
+pub const CONN_F_CLOSING: u32 = 1 << 0;
 
 /// A fragmented datagram: addresses, IP identification, protocol.
 #[repr(C)]
@@ -275,7 +281,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 24);
     assert!(core::mem::size_of::<Backend>() == 32);
     assert!(core::mem::size_of::<ConnKey>() == 40);
-    assert!(core::mem::size_of::<ConnValue>() == 16);
+    assert!(core::mem::size_of::<ConnValue>() == 20);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<Counters>() == 32);

@@ -6,7 +6,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_FORWARD, Backend, ConnKey, ConnValue, FragKey, FragValue, Global,
+    BACKEND_F_FORWARD, Backend, CONN_F_CLOSING, ConnKey, ConnValue, FragKey, FragValue, Global,
     SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, ServiceValue,
 };
 
@@ -78,6 +78,10 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
                         if conn.last_seen_s != now {
                             conn.last_seen_s = now;
                         }
+                        // Written once per flow, so the cache line stays shared otherwise.
+                        if pkt.is_tcp_fin_or_rst() && conn.flags & CONN_F_CLOSING == 0 {
+                            conn.flags |= CONN_F_CLOSING;
+                        }
                         return Some(Choice {
                             backend_id: conn.backend_id,
                             backend: b,
@@ -102,6 +106,11 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         generation: b.generation,
         last_seen_s: now,
         flow_hash: flow_hash(pkt, svc, hash, true),
+        flags: if pkt.is_tcp_fin_or_rst() {
+            CONN_F_CLOSING
+        } else {
+            0
+        },
     };
     // A full LRU evicts its oldest entry; a failed insert only means this flow is not pinned.
     let _ = CONNS.insert(key, value, 0);

@@ -21,7 +21,9 @@ const IPPROTO_DSTOPTS: u8 = 60;
 /// IPv6 extension headers skipped before giving up (Cilium uses the same bound).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Where a packet stands in fragmentation.
@@ -68,6 +70,11 @@ pub struct Packet {
 }
 
 impl Packet {
+    #[inline(always)]
+    pub fn is_tcp_fin_or_rst(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
+    }
+
     #[inline(always)]
     pub fn is_tcp_syn(&self) -> bool {
         self.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN

@@ -43,6 +43,16 @@ pub enum Request {
     RealList {
         service: ServiceAddr,
     },
+    /// No new flows for the real; tracked ones go on.
+    RealDrain {
+        service: ServiceAddr,
+        addr: IpAddr,
+    },
+    /// Undoes a drain.
+    RealEnable {
+        service: ServiceAddr,
+        addr: IpAddr,
+    },
     Status,
     Stats,
     Save,

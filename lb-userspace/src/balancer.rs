@@ -13,8 +13,11 @@ use lb_common::{
 };
 
 use crate::{
-    config::{Config, HashKind, Mode, RealConfig, ServiceAddr, ServiceConfig, validate_real},
+    config::{
+        Config, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig, validate_real,
+    },
     dataplane::Dataplane,
+    health::Health,
     maglev,
 };
 
@@ -65,12 +68,38 @@ struct RealState {
     weight: u32,
     backend_id: u32,
     generation: u32,
+    /// As the health checks report it (`Up` for a real without checks).
+    health: Health,
+    /// Drained by the operator: out of the table, its tracked flows go on.
+    draining: bool,
+}
+
+impl RealState {
+    /// Whether new flows may be given to it (its MAC aside).
+    fn eligible(&self) -> bool {
+        self.weight > 0 && self.health == Health::Up && !self.draining
+    }
 }
 
 struct ServiceState {
     config: ServiceConfig,
     id: u32,
     reals: BTreeMap<IpAddr, RealState>,
+    /// The fallback real, in the table only while no real is eligible.
+    fallback: Option<(IpAddr, RealState)>,
+}
+
+impl ServiceState {
+    fn real(&self, addr: IpAddr) -> Option<&RealState> {
+        self.reals.get(&addr).or(match &self.fallback {
+            Some((a, r)) if *a == addr => Some(r),
+            _ => None,
+        })
+    }
+
+    fn has(&self, addr: IpAddr) -> bool {
+        self.real(addr).is_some()
+    }
 }
 
 /// What `status` shows of one real.
@@ -80,7 +109,11 @@ pub struct RealStatus {
     pub weight: u32,
     pub backend_id: u32,
     pub mac: Option<String>,
-    /// In the Maglev table (weight > 0 and MAC known).
+    pub health: Health,
+    pub draining: bool,
+    /// The service's fallback (used only while no real is eligible).
+    pub fallback: bool,
+    /// In the Maglev table: receives new flows.
     pub in_table: bool,
 }
 
@@ -219,8 +252,8 @@ impl Balancer {
                         .reals
                         .iter()
                         .map(|(addr, r)| RealConfig {
-                            addr: *addr,
-                            weight: r.weight,
+                            draining: r.draining,
+                            ..RealConfig::new(*addr, r.weight)
                         })
                         .collect();
                     c
@@ -243,7 +276,8 @@ impl Balancer {
     pub fn reals_by_mode(&self) -> BTreeMap<IpAddr, Mode> {
         let mut out = BTreeMap::new();
         for s in self.services.values() {
-            for addr in s.reals.keys() {
+            let fallback = s.fallback.as_ref().map(|(a, _)| a);
+            for addr in s.reals.keys().chain(fallback) {
                 let mode = out.entry(*addr).or_insert(s.config.mode);
                 if s.config.mode == Mode::Tun {
                     *mode = Mode::Tun;
@@ -261,17 +295,20 @@ impl Balancer {
         let Some(st) = self.services.get(s) else {
             return Vec::new();
         };
-        st.reals
-            .iter()
-            .map(|(addr, r)| {
-                let mac = self.macs.get(addr);
-                RealStatus {
-                    addr: *addr,
-                    weight: r.weight,
-                    backend_id: r.backend_id,
-                    mac: mac.map(format_mac),
-                    in_table: r.weight > 0 && mac.is_some(),
-                }
+        let table = self.table_members(st);
+        let reals = st.reals.iter().map(|(a, r)| (a, r, false));
+        let fallback = st.fallback.iter().map(|(a, r)| (a, r, true));
+        reals
+            .chain(fallback)
+            .map(|(addr, r, fallback)| RealStatus {
+                addr: *addr,
+                weight: r.weight,
+                backend_id: r.backend_id,
+                mac: self.macs.get(addr).map(format_mac),
+                health: r.health,
+                draining: r.draining,
+                fallback,
+                in_table: table.iter().any(|m| m.id == r.backend_id),
             })
             .collect()
     }
@@ -283,7 +320,7 @@ impl Balancer {
         }
         // Checked before anything is allocated: a TUN service needs a tunnel source.
         let tunnel_src = self.tunnel_src(&config)?;
-        if self.backend_ids.available() < config.reals.len() {
+        if self.backend_ids.available() < config.reals.len() + config.fallback.is_some() as usize {
             bail!(
                 "service {}: no room for {} more reals (limit {MAX_BACKENDS} in all)",
                 config.service,
@@ -305,6 +342,7 @@ impl Balancer {
                 },
                 id,
                 reals: BTreeMap::new(),
+                fallback: None,
             },
         );
         // A step the kernel refuses undoes the whole service, so nothing is left half-added.
@@ -322,13 +360,22 @@ impl Balancer {
         let id = self.services[s].id;
         self.dp.reset_service_counters(id)?;
         for real in &config.reals {
-            let state = self.new_real(real.weight)?;
+            let mut state = self.new_real(real.weight)?;
+            state.draining = real.draining;
             self.services
                 .get_mut(s)
                 .expect("inserted by add_service")
                 .reals
                 .insert(real.addr, state);
             self.write_backend(s, real.addr)?;
+        }
+        if let Some(addr) = config.fallback {
+            let state = self.new_real(0)?;
+            self.services
+                .get_mut(s)
+                .expect("inserted by add_service")
+                .fallback = Some((addr, state));
+            self.write_backend(s, addr)?;
         }
         // The table goes in before the service entry, so no packet meets a service without one.
         self.publish_table(s)?;
@@ -356,7 +403,12 @@ impl Balancer {
             bail!("service {s} does not exist");
         };
         let id = state.id;
-        let backends: Vec<u32> = state.reals.values().map(|r| r.backend_id).collect();
+        let backends: Vec<u32> = state
+            .reals
+            .values()
+            .chain(state.fallback.as_ref().map(|(_, r)| r))
+            .map(|r| r.backend_id)
+            .collect();
         self.dp.remove_service(&service_key(s))?;
         self.dp.clear_maglev(id)?;
         for b in backends {
@@ -377,8 +429,12 @@ impl Balancer {
         if state.reals.contains_key(&real.addr) {
             bail!("real {} is already in service {s}", real.addr);
         }
+        if state.config.fallback == Some(real.addr) {
+            bail!("real {} is service {s}'s fallback", real.addr);
+        }
         let addr = real.addr;
-        let state_real = self.new_real(real.weight)?;
+        let mut state_real = self.new_real(real.weight)?;
+        state_real.draining = real.draining;
         self.services
             .get_mut(s)
             .expect("checked above")
@@ -408,7 +464,7 @@ impl Balancer {
             .services
             .get_mut(s)
             .with_context(|| format!("service {s} does not exist"))?;
-        validate_real(&state.config, &RealConfig { addr, weight })?;
+        validate_real(&state.config, &RealConfig::new(addr, weight))?;
         let Some(real) = state.reals.get_mut(&addr) else {
             bail!("real {addr} is not in service {s}");
         };
@@ -430,7 +486,7 @@ impl Balancer {
         let affected: Vec<ServiceAddr> = self
             .services
             .iter()
-            .filter(|(_, st)| st.reals.contains_key(&addr))
+            .filter(|(_, st)| st.has(addr))
             .map(|(s, _)| *s)
             .collect();
         for s in affected {
@@ -473,19 +529,26 @@ impl Balancer {
                 self.add_service(new.clone())?;
                 continue;
             };
-            let have: Vec<(IpAddr, u32)> = st.reals.iter().map(|(a, r)| (*a, r.weight)).collect();
-            for (addr, _) in &have {
+            let have: Vec<(IpAddr, u32, bool)> = st
+                .reals
+                .iter()
+                .map(|(a, r)| (*a, r.weight, r.draining))
+                .collect();
+            for (addr, _, _) in &have {
                 if !new.reals.iter().any(|r| r.addr == *addr) {
                     self.remove_real(&new.service, *addr)?;
                 }
             }
             for r in &new.reals {
-                match have.iter().find(|(a, _)| *a == r.addr) {
-                    None => self.add_real(&new.service, r.clone())?,
-                    Some((_, w)) if *w != r.weight => {
-                        self.set_weight(&new.service, r.addr, r.weight)?
-                    }
-                    Some(_) => {}
+                let Some((_, weight, draining)) = have.iter().find(|(a, _, _)| *a == r.addr) else {
+                    self.add_real(&new.service, r.clone())?;
+                    continue;
+                };
+                if *weight != r.weight {
+                    self.set_weight(&new.service, r.addr, r.weight)?;
+                }
+                if *draining != r.draining {
+                    self.set_draining(&new.service, r.addr, r.draining)?;
                 }
             }
         }
@@ -506,46 +569,108 @@ impl Balancer {
             weight,
             backend_id,
             generation,
+            health: Health::Up,
+            draining: false,
         })
     }
 
     fn write_backend(&mut self, s: &ServiceAddr, addr: IpAddr) -> Result<()> {
         let state = &self.services[s];
-        let real = &state.reals[&addr];
+        let real = state.real(addr).expect("a real of the service");
         let (bytes, family) = addr_bytes(addr);
         let mac = self.macs.get(&addr).copied();
+        // Never forward to an unknown MAC. A real that is down loses its tracked flows too
+        // (they re-schedule on their next packet) unless the service keeps them (IPVS-like).
+        let failed_over = real.health == Health::Down && state.config.on_down == OnDown::Move;
         let backend = Backend {
             addr: bytes,
             mac: mac.unwrap_or_default(),
             family,
-            // Never forward to an unknown MAC.
-            flags: if mac.is_some() { BACKEND_F_FORWARD } else { 0 },
+            flags: if mac.is_some() && !failed_over {
+                BACKEND_F_FORWARD
+            } else {
+                0
+            },
             service_id: state.id,
             generation: real.generation,
         };
         self.dp.set_backend(real.backend_id, backend)
     }
 
-    /// Rebuilds the service's Maglev table from its reals and publishes it atomically.
-    fn publish_table(&mut self, s: &ServiceAddr) -> Result<()> {
-        let state = &self.services[s];
+    /// The Maglev members of a service: its eligible reals with known MACs, or else its
+    /// fallback (if its MAC is known).
+    fn table_members(&self, state: &ServiceState) -> Vec<maglev::Member> {
+        let member = |addr: &IpAddr, r: &RealState, weight: u32| maglev::Member {
+            addr: *addr,
+            weight,
+            id: r.backend_id,
+        };
         let members: Vec<maglev::Member> = state
             .reals
             .iter()
-            .filter(|(addr, _)| self.macs.contains_key(addr))
-            .map(|(addr, r)| maglev::Member {
-                addr: *addr,
-                weight: r.weight,
-                id: r.backend_id,
-            })
+            .filter(|(addr, r)| r.eligible() && self.macs.contains_key(addr))
+            .map(|(addr, r)| member(addr, r, r.weight))
             .collect();
-        let table = maglev::build_table(&members, state.config.ring_size);
+        if !members.is_empty() {
+            return members;
+        }
+        state
+            .fallback
+            .iter()
+            .filter(|(addr, _)| self.macs.contains_key(addr))
+            .map(|(addr, r)| member(addr, r, 1))
+            .collect()
+    }
+
+    /// Rebuilds the service's Maglev table from its reals and publishes it atomically.
+    fn publish_table(&mut self, s: &ServiceAddr) -> Result<()> {
+        let state = &self.services[s];
+        let table = maglev::build_table(&self.table_members(state), state.config.ring_size);
         self.dp.set_maglev(state.id, &table)
+    }
+
+    /// Records what a real's health checks concluded; reprograms the service if that changes
+    /// anything. Returns whether it changed.
+    pub fn set_health(&mut self, s: &ServiceAddr, addr: IpAddr, health: Health) -> Result<bool> {
+        let state = self
+            .services
+            .get_mut(s)
+            .with_context(|| format!("service {s} does not exist"))?;
+        let real = match state.reals.get_mut(&addr) {
+            Some(r) => r,
+            None => match &mut state.fallback {
+                Some((a, r)) if *a == addr => r,
+                _ => bail!("real {addr} is not in service {s}"),
+            },
+        };
+        if real.health == health {
+            return Ok(false);
+        }
+        real.health = health;
+        // Out of the table first, then its flows are let go (or the reverse when it comes up).
+        self.publish_table(s)?;
+        self.write_backend(s, addr)?;
+        Ok(true)
+    }
+
+    /// Drains a real (no new flows; tracked flows go on) or enables it again.
+    pub fn set_draining(&mut self, s: &ServiceAddr, addr: IpAddr, draining: bool) -> Result<()> {
+        let state = self
+            .services
+            .get_mut(s)
+            .with_context(|| format!("service {s} does not exist"))?;
+        let Some(real) = state.reals.get_mut(&addr) else {
+            bail!("real {addr} is not in service {s}");
+        };
+        real.draining = draining;
+        self.publish_table(s)
     }
 }
 
 fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
-    a.mode == b.mode
+    a.on_down == b.on_down
+        && a.fallback == b.fallback
+        && a.mode == b.mode
         && a.ring_size == b.ring_size
         && a.hash == b.hash
         && a.tunnel_src == b.tunnel_src

@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use crate::{
     api::{self, DEFAULT_SOCKET, Request},
-    config::{Config, DEFAULT_WEIGHT, HashKind, Mode, RealConfig, ServiceAddr, ServiceConfig},
+    config::{
+        Config, DEFAULT_WEIGHT, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig,
+    },
     daemon::{self, DaemonOptions},
     dataplane::{Dataplane, LoadOptions, XdpModeChoice},
     maglev, realserver, state,
@@ -94,6 +96,12 @@ enum ServiceCmd {
         /// TUN: the outer source address (default: the director interface's own address).
         #[arg(long, value_name = "ADDR")]
         tunnel_src: Option<IpAddr>,
+        /// A real that fails its checks: its flows move to live reals, or stay (IPVS-like).
+        #[arg(long, value_enum, default_value_t = OnDown::Move)]
+        on_down: OnDown,
+        /// Where new flows go while no real is up (a sorry server); default: dropped.
+        #[arg(long, value_name = "REAL_IP")]
+        fallback: Option<IpAddr>,
     },
     Remove {
         service: ServiceAddr,
@@ -157,6 +165,25 @@ enum RealCmd {
     },
     List {
         service: ServiceAddr,
+    },
+    /// No new flows for the real; its established flows go on until they end.
+    Drain {
+        service: ServiceAddr,
+        real: IpAddr,
+    },
+    /// Give the real new flows again (undoes drain).
+    Enable {
+        service: ServiceAddr,
+        real: IpAddr,
+    },
+    /// Wait until the real has no active flows (seen in the last 60 s, or 2 s after the
+    /// client's FIN/RST); exit 1 on timeout.
+    WaitDrained {
+        service: ServiceAddr,
+        real: IpAddr,
+        /// e.g. 30s, 5m.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        timeout: std::time::Duration,
     },
 }
 
@@ -222,12 +249,16 @@ fn run(cli: Cli) -> Result<()> {
             ring_size,
             hash,
             tunnel_src,
+            on_down,
+            fallback,
         }) => Request::ServiceAdd {
             config: ServiceConfig {
                 mode,
                 ring_size,
                 hash,
                 tunnel_src,
+                on_down,
+                fallback,
                 ..ServiceConfig::new(service)
             },
         },
@@ -239,7 +270,7 @@ fn run(cli: Cli) -> Result<()> {
             weight,
         }) => Request::RealAdd {
             service,
-            real: RealConfig { addr: real, weight },
+            real: RealConfig::new(real, weight),
         },
         Command::Real(RealCmd::Remove { service, real }) => Request::RealRemove {
             service,
@@ -255,6 +286,19 @@ fn run(cli: Cli) -> Result<()> {
             weight,
         },
         Command::Real(RealCmd::List { service }) => Request::RealList { service },
+        Command::Real(RealCmd::Drain { service, real }) => Request::RealDrain {
+            service,
+            addr: real,
+        },
+        Command::Real(RealCmd::Enable { service, real }) => Request::RealEnable {
+            service,
+            addr: real,
+        },
+        Command::Real(RealCmd::WaitDrained {
+            service,
+            real,
+            timeout,
+        }) => return wait_drained(&cli.socket, &service, real, timeout),
         Command::Status => Request::Status,
         Command::Stats { rate } => {
             return stats(&cli.socket, cli.json, rate);
@@ -406,6 +450,45 @@ fn diff(later: &Value, earlier: &Value) -> Value {
                 .collect(),
         ),
         (v, _) => v.clone(),
+    }
+}
+
+/// Polls the daemon until the real has no active flows left.
+fn wait_drained(
+    socket: &std::path::Path,
+    service: &ServiceAddr,
+    real: IpAddr,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let status = call(socket, &Request::Status)?;
+        let service_text = service.to_string();
+        let svc = status["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["service"].as_str() == Some(service_text.as_str()))
+            .with_context(|| format!("service {service} does not exist"))?;
+        let real_text = real.to_string();
+        let r = svc["reals"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["addr"].as_str() == Some(real_text.as_str()))
+            .with_context(|| format!("real {real} is not in service {service}"))?;
+        let active = r["active_flows"].as_u64().unwrap_or(0);
+        if active == 0 {
+            println!("{real} has no active flows in {service}");
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            bail!(
+                "{real} still has {active} active flows in {service} after {}",
+                humantime::format_duration(timeout)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
 

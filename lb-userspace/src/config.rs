@@ -117,6 +117,30 @@ pub struct RealConfig {
     pub addr: IpAddr,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Drained by the operator: no new flows, tracked ones go on. Kept across restarts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
+impl RealConfig {
+    pub fn new(addr: IpAddr, weight: u32) -> Self {
+        Self {
+            addr,
+            weight,
+            draining: false,
+        }
+    }
+}
+
+/// What happens to a real's tracked flows when its checks take it down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// They move to a live real on their next packet (they cannot succeed where they are).
+    #[default]
+    Move,
+    /// They stay, as IPVS keeps them (only new flows avoid the real).
+    Keep,
 }
 
 fn default_weight() -> u32 {
@@ -143,6 +167,11 @@ pub struct ServiceConfig {
     /// default for the VIP's family (an address of its interface).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_src: Option<IpAddr>,
+    #[serde(default)]
+    pub on_down: OnDown,
+    /// Where new flows go while no real is up (keepalived's sorry server). None: dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<IpAddr>,
 }
 
 impl ServiceConfig {
@@ -154,6 +183,8 @@ impl ServiceConfig {
             hash: HashKind::FiveTuple,
             reals: Vec::new(),
             tunnel_src: None,
+            on_down: OnDown::Move,
+            fallback: None,
         }
     }
 
@@ -185,6 +216,13 @@ impl ServiceConfig {
             validate_real(self, r)?;
             if self.reals[..i].iter().any(|o| o.addr == r.addr) {
                 bail!("service {s}: real {} is listed twice", r.addr);
+            }
+        }
+        if let Some(f) = self.fallback {
+            validate_real(self, &RealConfig::new(f, 0))
+                .map_err(|e| anyhow::anyhow!("service {s}: fallback {e:#}"))?;
+            if self.reals.iter().any(|r| r.addr == f) {
+                bail!("service {s}: fallback {f} is also one of its reals");
             }
         }
         Ok(())
@@ -279,10 +317,8 @@ mod tests {
     #[test]
     fn config_json_round_trips() {
         let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
-        svc.reals.push(RealConfig {
-            addr: "198.18.0.11".parse().unwrap(),
-            weight: 5,
-        });
+        svc.reals
+            .push(RealConfig::new("198.18.0.11".parse().unwrap(), 5));
         let config = Config {
             services: vec![svc],
         };
@@ -296,10 +332,8 @@ mod tests {
         svc.ring_size = 65536;
         assert!(svc.validate().is_err());
         svc.ring_size = 65537;
-        svc.reals.push(RealConfig {
-            addr: "fd00::1".parse().unwrap(),
-            weight: 1,
-        });
+        svc.reals
+            .push(RealConfig::new("fd00::1".parse().unwrap(), 1));
         assert!(svc.validate().is_err());
         svc.reals[0].addr = "198.18.0.11".parse().unwrap();
         svc.reals[0].weight = 70000;
@@ -321,10 +355,7 @@ mod tests {
         ] {
             let mut svc = ServiceConfig::new(service.parse().unwrap());
             svc.mode = Mode::Tun;
-            svc.reals.push(RealConfig {
-                addr: real.parse().unwrap(),
-                weight: 1,
-            });
+            svc.reals.push(RealConfig::new(real.parse().unwrap(), 1));
             svc.validate().unwrap();
             svc.tunnel_src = Some(src.parse().unwrap());
             svc.validate().unwrap();
@@ -334,10 +365,8 @@ mod tests {
     #[test]
     fn tun_refuses_reals_of_the_other_family_with_its_own_message() {
         let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
-        svc.reals.push(RealConfig {
-            addr: "fd00::11".parse().unwrap(),
-            weight: 1,
-        });
+        svc.reals
+            .push(RealConfig::new("fd00::11".parse().unwrap(), 1));
         assert!(error(&svc).contains("DR needs both in one family"));
         svc.mode = Mode::Tun;
         let msg = error(&svc);
@@ -348,10 +377,8 @@ mod tests {
         assert!(!msg.contains('\n'));
         let mut svc6 = ServiceConfig::new("[fd00::100]:80/tcp".parse().unwrap());
         svc6.mode = Mode::Tun;
-        svc6.reals.push(RealConfig {
-            addr: "10.0.0.1".parse().unwrap(),
-            weight: 1,
-        });
+        svc6.reals
+            .push(RealConfig::new("10.0.0.1".parse().unwrap(), 1));
         assert!(error(&svc6).contains("IP6IP6"));
     }
 

@@ -27,8 +27,11 @@ use crate::{
     state,
 };
 
-/// A flow counts as active while it has sent a packet within this many seconds.
+/// A flow counts as active while it has sent a packet within this many seconds...
 pub const ACTIVE_FLOW_IDLE_S: u32 = 60;
+/// ...or, once its client sent a FIN or RST, within this many (a half-closed connection that
+/// still receives data keeps ACKing, so it stays active).
+pub const CLOSING_FLOW_IDLE_S: u32 = 2;
 
 pub struct DaemonOptions {
     pub iface: String,
@@ -301,6 +304,14 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
             b.set_weight(&service, addr, weight)?;
             tracing::info!(%service, real = %addr, weight, "weight changed");
         }
+        Request::RealDrain { service, addr } => {
+            b.set_draining(&service, addr, true)?;
+            tracing::info!(%service, real = %addr, "real draining");
+        }
+        Request::RealEnable { service, addr } => {
+            b.set_draining(&service, addr, false)?;
+            tracing::info!(%service, real = %addr, "real enabled");
+        }
         Request::Restore { config } => {
             b.replace(&config)?;
             for addr in b.reals_by_mode().into_keys() {
@@ -341,7 +352,12 @@ fn active_flows(b: &mut Balancer) -> Result<HashMap<u32, u64>> {
     let now = now_coarse_s();
     let mut counts = HashMap::new();
     for (_, v) in b.dataplane().conns()? {
-        if now.saturating_sub(v.last_seen_s) <= ACTIVE_FLOW_IDLE_S {
+        let idle_limit = if v.flags & lb_common::CONN_F_CLOSING != 0 {
+            CLOSING_FLOW_IDLE_S
+        } else {
+            ACTIVE_FLOW_IDLE_S
+        };
+        if now.saturating_sub(v.last_seen_s) <= idle_limit {
             *counts.entry(v.backend_id).or_insert(0u64) += 1;
         }
     }
@@ -365,7 +381,10 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
                         "weight": r.weight,
                         "mac": r.mac,
                         "next_hop": s.next_hops.get(&r.addr).map(|h| h.to_string()),
-                        "state": if r.mac.is_none() { "unresolved" } else { "up" },
+                        "state": real_state(&r),
+                        "health": r.health,
+                        "draining": r.draining,
+                        "fallback": r.fallback,
                         "in_table": r.in_table,
                         "active_flows": flows.get(&r.backend_id).copied().unwrap_or(0),
                     })
@@ -385,6 +404,23 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
         "attach_mode": s.attach_mode,
         "services": services,
     }))
+}
+
+/// One word for a real's state, most pressing first.
+fn real_state(r: &crate::balancer::RealStatus) -> &'static str {
+    use crate::health::Health;
+    if r.mac.is_none() {
+        "unresolved"
+    } else if r.draining {
+        "draining"
+    } else {
+        match r.health {
+            Health::Down => "down",
+            Health::Unknown => "checking",
+            Health::Up if r.fallback => "fallback",
+            Health::Up => "up",
+        }
+    }
 }
 
 fn stats(s: &mut Shared) -> Result<serde_json::Value> {

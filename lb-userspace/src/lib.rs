@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod neighbour;

@@ -82,7 +82,7 @@ fn a_replace_the_kernel_cannot_hold_leaves_the_previous_configuration() {
     for r in reals {
         let addr: IpAddr = r.parse().unwrap();
         b.set_mac(addr, Some(real_mac(addr))).unwrap();
-        svc.reals.push(RealConfig { addr, weight: 100 });
+        svc.reals.push(RealConfig::new(addr, 100));
     }
     let before = Config {
         services: vec![svc],
@@ -99,10 +99,7 @@ fn a_replace_the_kernel_cannot_hold_leaves_the_previous_configuration() {
     let big = |vip: &str, base: u32| {
         let mut s = ServiceConfig::new(format!("{vip}:80/tcp").parse().unwrap());
         s.reals = (0..half as u32)
-            .map(|i| RealConfig {
-                addr: IpAddr::V4((base + i).into()),
-                weight: 1,
-            })
+            .map(|i| RealConfig::new(IpAddr::V4((base + i).into()), 1))
             .collect();
         s
     };

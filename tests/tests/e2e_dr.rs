@@ -233,7 +233,53 @@ fn dr_lab_end_to_end() {
             );
         }
     }
+
+    // Draining the connection's real: it keeps working, no new connection reaches the real,
+    // and wait-drained returns only once the connection has closed.
+    xlb_ok(&["real", "drain", SERVICE, &holder_ip]);
+    assert!(xlb_ok(&["status"]).contains("draining"));
+    let (per_real, failed, _) = spread(45);
+    assert_eq!(failed, 0, "{per_real:?}");
+    assert!(
+        !per_real.contains_key(&holder),
+        "the draining {holder} got new connections: {per_real:?}"
+    );
+    for _ in 0..5 {
+        assert_eq!(conn.next_answer(), (port.clone(), holder.clone()));
+    }
+    let early = xlb(&[
+        "real",
+        "wait-drained",
+        SERVICE,
+        &holder_ip,
+        "--timeout",
+        "1s",
+    ]);
+    assert!(
+        !early.status.success(),
+        "wait-drained returned while the connection was open"
+    );
     drop(conn);
+    let closed = Instant::now();
+    xlb_ok(&[
+        "real",
+        "wait-drained",
+        SERVICE,
+        &holder_ip,
+        "--timeout",
+        "20s",
+    ]);
+    eprintln!(
+        "wait-drained returned {:?} after the connection closed",
+        closed.elapsed()
+    );
+    xlb_ok(&["real", "enable", SERVICE, &holder_ip]);
+    let (per_real, failed, _) = spread(45);
+    assert_eq!(failed, 0, "{per_real:?}");
+    assert!(
+        per_real.contains_key(&holder),
+        "{holder} got nothing after enable: {per_real:?}"
+    );
 
     // The metrics endpoint shows the traffic per real.
     let page = sh(

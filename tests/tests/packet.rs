@@ -29,10 +29,7 @@ fn with_service(service: &str, reals: &[&str], hash: HashKind) -> (Balancer, Ser
     cfg.hash = hash;
     for r in reals {
         b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
-        cfg.reals.push(RealConfig {
-            addr: ip(r),
-            weight: 100,
-        });
+        cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();
     (b, addr)
@@ -208,14 +205,7 @@ fn an_established_flow_keeps_its_real_when_the_reals_change() {
     );
     for r in more {
         b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
-        b.add_real(
-            &svc,
-            RealConfig {
-                addr: ip(r),
-                weight: 100,
-            },
-        )
-        .unwrap();
+        b.add_real(&svc, RealConfig::new(ip(r), 100)).unwrap();
     }
     b.set_weight(&svc, ip("198.18.0.11"), 50).unwrap();
     assert_eq!(
@@ -252,14 +242,8 @@ fn flows_of_a_removed_real_are_rescheduled_and_its_id_reuse_does_not_inherit_the
     );
     b.set_mac(ip("198.18.0.12"), Some(real_mac(ip("198.18.0.12"))))
         .unwrap();
-    b.add_real(
-        &svc,
-        RealConfig {
-            addr: ip("198.18.0.12"),
-            weight: 100,
-        },
-    )
-    .unwrap();
+    b.add_real(&svc, RealConfig::new(ip("198.18.0.12"), 100))
+        .unwrap();
     assert_eq!(
         run(&mut b, &ack),
         (XDP_TX, dr_rewritten(&ack, ip("198.18.0.12")))
@@ -269,14 +253,8 @@ fn flows_of_a_removed_real_are_rescheduled_and_its_id_reuse_does_not_inherit_the
 #[test]
 fn a_real_with_an_unknown_mac_gets_nothing() {
     let (mut b, svc) = with_service("198.18.0.100:80/tcp", &["198.18.0.11"], HashKind::FiveTuple);
-    b.add_real(
-        &svc,
-        RealConfig {
-            addr: ip("198.18.0.12"),
-            weight: 100,
-        },
-    )
-    .unwrap();
+    b.add_real(&svc, RealConfig::new(ip("198.18.0.12"), 100))
+        .unwrap();
     for sport in 1000..1200 {
         let f = Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes();
         assert_eq!(
@@ -433,4 +411,147 @@ fn removing_a_service_passes_its_traffic_again() {
     assert_eq!(run(&mut b, &f).0, XDP_TX);
     b.remove_service(&svc).unwrap();
     assert_eq!(run(&mut b, &f), (XDP_PASS, f.clone()));
+}
+
+#[test]
+fn a_client_fin_or_rst_marks_its_flow_closing_and_a_new_syn_clears_it() {
+    const FIN: u8 = 0x01;
+    const RST: u8 = 0x04;
+    let (mut b, _) = with_service("198.18.0.100:80/tcp", &REALS4, HashKind::FiveTuple);
+    let flags_of = |b: &mut Balancer, sport: u16| {
+        let conns = b.dataplane().conns().unwrap();
+        let (_, v) = conns
+            .iter()
+            .find(|(k, _)| k.sport == sport.to_be())
+            .expect("flow tracked");
+        v.flags
+    };
+    for (sport, close) in [(41000u16, FIN | ACK), (41001, RST)] {
+        run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes());
+        run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, ACK).bytes());
+        assert_eq!(flags_of(&mut b, sport), 0, "open flow marked closing");
+        let (verdict, _) = run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, close).bytes());
+        assert_eq!(verdict, XDP_TX, "the closing packet still goes to its real");
+        assert_eq!(flags_of(&mut b, sport), lb_common::CONN_F_CLOSING);
+        // The last ACK of the close keeps the mark; a new connection on the 5-tuple clears it.
+        run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, ACK).bytes());
+        assert_eq!(flags_of(&mut b, sport), lb_common::CONN_F_CLOSING);
+        run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes());
+        assert_eq!(
+            flags_of(&mut b, sport),
+            0,
+            "a new SYN inherited the closing mark"
+        );
+    }
+}
+
+/// The real a flow from `sport` is on, by the destination MAC of its forwarded frame.
+fn real_of(b: &mut Balancer, flags: u8, sport: u16, reals: &[&str]) -> Option<IpAddr> {
+    let frame = Frame::tcp(CLIENT4, VIP4, sport, 80, flags).bytes();
+    let (verdict, out) = run(b, &frame);
+    if verdict != XDP_TX {
+        return None;
+    }
+    reals
+        .iter()
+        .map(|r| ip(r))
+        .find(|r| out[..6] == real_mac(*r))
+}
+
+#[test]
+fn a_real_going_down_moves_its_flows_unless_the_service_keeps_them() {
+    use xlb::{config::OnDown, health::Health};
+    for on_down in [OnDown::Move, OnDown::Keep] {
+        let mut b = balancer();
+        let svc: ServiceAddr = "198.18.0.100:80/tcp".parse().unwrap();
+        let mut cfg = ServiceConfig::new(svc);
+        cfg.on_down = on_down;
+        for r in REALS4 {
+            b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
+            cfg.reals.push(RealConfig::new(ip(r), 100));
+        }
+        b.add_service(cfg).unwrap();
+        // Flows on every real; then the first one goes down.
+        let on: Vec<(u16, IpAddr)> = (2000..2060)
+            .map(|p| (p, real_of(&mut b, SYN, p, &REALS4).unwrap()))
+            .collect();
+        let down = ip(REALS4[0]);
+        assert!(b.set_health(&svc, down, Health::Down).unwrap());
+        for (p, was) in &on {
+            let now = real_of(&mut b, ACK, *p, &REALS4).unwrap();
+            match (on_down, *was == down) {
+                (OnDown::Move, true) => assert_ne!(now, down, "{on_down:?}: flow stayed"),
+                _ => assert_eq!(now, *was, "{on_down:?}: flow {p} moved"),
+            }
+        }
+        // New flows never reach the down real, either way.
+        for p in 3000..3100 {
+            assert_ne!(real_of(&mut b, SYN, p, &REALS4), Some(down));
+        }
+        let status = b.real_status(&svc);
+        assert!(status.iter().any(|r| r.addr == down && !r.in_table));
+        // Up again: new flows reach it again.
+        assert!(b.set_health(&svc, down, Health::Up).unwrap());
+        assert!((3000..3100).any(|p| real_of(&mut b, SYN, p, &REALS4) == Some(down)));
+    }
+}
+
+#[test]
+fn drained_reals_keep_their_flows_and_get_no_new_ones() {
+    let (mut b, svc) = with_service("198.18.0.100:80/tcp", &REALS4, HashKind::FiveTuple);
+    let on: Vec<(u16, IpAddr)> = (2000..2060)
+        .map(|p| (p, real_of(&mut b, SYN, p, &REALS4).unwrap()))
+        .collect();
+    let drained = ip(REALS4[1]);
+    b.set_draining(&svc, drained, true).unwrap();
+    for (p, was) in &on {
+        assert_eq!(
+            real_of(&mut b, ACK, *p, &REALS4),
+            Some(*was),
+            "flow {p} moved"
+        );
+    }
+    for p in 3000..3100 {
+        assert_ne!(real_of(&mut b, SYN, p, &REALS4), Some(drained));
+    }
+    assert!(b.config().services[0].reals[1].draining, "drain not saved");
+    b.set_draining(&svc, drained, false).unwrap();
+    assert!((3000..3100).any(|p| real_of(&mut b, SYN, p, &REALS4) == Some(drained)));
+}
+
+#[test]
+fn with_every_real_down_new_flows_go_to_the_fallback_or_are_dropped() {
+    use xlb::health::Health;
+    let sorry = "198.18.0.99";
+    let all: Vec<&str> = REALS4.iter().copied().chain([sorry]).collect();
+    for fallback in [Some(ip(sorry)), None] {
+        let mut b = balancer();
+        let svc: ServiceAddr = "198.18.0.100:80/tcp".parse().unwrap();
+        let mut cfg = ServiceConfig::new(svc);
+        cfg.fallback = fallback;
+        for r in &all {
+            b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
+        }
+        for r in REALS4 {
+            cfg.reals.push(RealConfig::new(ip(r), 100));
+        }
+        b.add_service(cfg).unwrap();
+        // While any real is up, the fallback gets nothing.
+        for r in &REALS4[..2] {
+            b.set_health(&svc, ip(r), Health::Down).unwrap();
+        }
+        for p in 4000..4050 {
+            assert_eq!(real_of(&mut b, SYN, p, &all), Some(ip(REALS4[2])));
+        }
+        b.set_health(&svc, ip(REALS4[2]), Health::Down).unwrap();
+        let dropped_before = b.dataplane().global_counter(Global::DropNoBackend).unwrap();
+        for p in 4100..4150 {
+            assert_eq!(real_of(&mut b, SYN, p, &all), fallback);
+        }
+        let dropped = b.dataplane().global_counter(Global::DropNoBackend).unwrap() - dropped_before;
+        assert_eq!(dropped, if fallback.is_some() { 0 } else { 50 });
+        // A real back up takes over from the fallback.
+        b.set_health(&svc, ip(REALS4[0]), Health::Up).unwrap();
+        assert_eq!(real_of(&mut b, SYN, 4200, &all), Some(ip(REALS4[0])));
+    }
 }

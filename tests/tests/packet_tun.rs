@@ -48,10 +48,7 @@ fn tun_service(service: &str, reals: &[&str], tunnel_src: Option<&str>) -> (Bala
     cfg.tunnel_src = tunnel_src.map(ip);
     for r in reals {
         b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
-        cfg.reals.push(RealConfig {
-            addr: ip(r),
-            weight: 100,
-        });
+        cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();
     (b, addr)
@@ -429,14 +426,7 @@ fn an_established_flow_keeps_its_real_over_tun_when_the_reals_change() {
     );
     for r in more {
         b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
-        b.add_real(
-            &svc,
-            RealConfig {
-                addr: ip(r),
-                weight: 100,
-            },
-        )
-        .unwrap();
+        b.add_real(&svc, RealConfig::new(ip(r), 100)).unwrap();
     }
     assert_eq!(
         run(&mut b, &ack),
@@ -483,10 +473,7 @@ fn tun_and_dr_services_live_side_by_side() {
     let dr_real = "198.18.0.11";
     b.set_mac(ip(dr_real), Some(real_mac(ip(dr_real)))).unwrap();
     let mut dr = ServiceConfig::new("198.18.0.100:81/tcp".parse().unwrap());
-    dr.reals.push(RealConfig {
-        addr: ip(dr_real),
-        weight: 100,
-    });
+    dr.reals.push(RealConfig::new(ip(dr_real), 100));
     b.add_service(dr).unwrap();
     let input = Frame::tcp(CLIENT4, VIP4, 4000, 81, SYN).bytes();
     let mut expected = input.clone();
@@ -849,10 +836,7 @@ fn hash_kind_src_ip_still_labels_flows_by_five_tuple() {
     cfg.hash = HashKind::SrcIp;
     for r in REALS6 {
         b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
-        cfg.reals.push(RealConfig {
-            addr: ip(r),
-            weight: 100,
-        });
+        cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();
     let mut labels = std::collections::BTreeSet::new();

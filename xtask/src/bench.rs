@@ -150,7 +150,7 @@ fn balancer_with_services() -> Result<Balancer> {
                 Mode::Tun => ROUTER_MAC,
             };
             b.set_mac(addr, Some(mac))?;
-            cfg.reals.push(RealConfig { addr, weight: 100 });
+            cfg.reals.push(RealConfig::new(addr, 100));
         }
         b.add_service(cfg)?;
     }
