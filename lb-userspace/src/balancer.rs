@@ -72,6 +72,8 @@ struct RealState {
     health: Health,
     /// Drained by the operator: out of the table, its tracked flows go on.
     draining: bool,
+    /// Its own health check, overriding the service's.
+    check: Option<crate::health::CheckConfig>,
 }
 
 impl RealState {
@@ -253,6 +255,7 @@ impl Balancer {
                         .iter()
                         .map(|(addr, r)| RealConfig {
                             draining: r.draining,
+                            check: r.check.clone(),
                             ..RealConfig::new(*addr, r.weight)
                         })
                         .collect();
@@ -360,8 +363,7 @@ impl Balancer {
         let id = self.services[s].id;
         self.dp.reset_service_counters(id)?;
         for real in &config.reals {
-            let mut state = self.new_real(real.weight)?;
-            state.draining = real.draining;
+            let state = self.new_real(config, real)?;
             self.services
                 .get_mut(s)
                 .expect("inserted by add_service")
@@ -370,7 +372,14 @@ impl Balancer {
             self.write_backend(s, real.addr)?;
         }
         if let Some(addr) = config.fallback {
-            let state = self.new_real(0)?;
+            // A sorry server is not health-checked (as in keepalived).
+            let state = self.new_real(
+                &ServiceConfig {
+                    check: None,
+                    ..ServiceConfig::new(*s)
+                },
+                &RealConfig::new(addr, 0),
+            )?;
             self.services
                 .get_mut(s)
                 .expect("inserted by add_service")
@@ -433,8 +442,8 @@ impl Balancer {
             bail!("real {} is service {s}'s fallback", real.addr);
         }
         let addr = real.addr;
-        let mut state_real = self.new_real(real.weight)?;
-        state_real.draining = real.draining;
+        let svc_config = state.config.clone();
+        let state_real = self.new_real(&svc_config, &real)?;
         self.services
             .get_mut(s)
             .expect("checked above")
@@ -529,15 +538,25 @@ impl Balancer {
                 self.add_service(new.clone())?;
                 continue;
             };
+            // A real whose own check changed starts over (health unknown) as a new real.
             let have: Vec<(IpAddr, u32, bool)> = st
                 .reals
                 .iter()
+                .filter(|(a, r)| {
+                    new.reals
+                        .iter()
+                        .any(|n| n.addr == **a && n.check == r.check)
+                })
                 .map(|(a, r)| (*a, r.weight, r.draining))
                 .collect();
-            for (addr, _, _) in &have {
-                if !new.reals.iter().any(|r| r.addr == *addr) {
-                    self.remove_real(&new.service, *addr)?;
-                }
+            let gone: Vec<IpAddr> = st
+                .reals
+                .keys()
+                .filter(|a| !have.iter().any(|(h, _, _)| h == *a))
+                .copied()
+                .collect();
+            for addr in gone {
+                self.remove_real(&new.service, addr)?;
             }
             for r in &new.reals {
                 let Some((_, weight, draining)) = have.iter().find(|(a, _, _)| *a == r.addr) else {
@@ -555,8 +574,9 @@ impl Balancer {
         Ok(())
     }
 
-    /// A fresh backend id for a real, its counters zeroed (the id may have served another).
-    fn new_real(&mut self, weight: u32) -> Result<RealState> {
+    /// A fresh backend id for a real, its counters zeroed (the id may have served another). A
+    /// checked real starts `Unknown`: no new flows until its first check answers.
+    fn new_real(&mut self, svc: &ServiceConfig, real: &RealConfig) -> Result<RealState> {
         let (backend_id, generation) = self
             .backend_ids
             .alloc()
@@ -566,11 +586,16 @@ impl Balancer {
             return Err(e);
         }
         Ok(RealState {
-            weight,
+            weight: real.weight,
             backend_id,
             generation,
-            health: Health::Up,
-            draining: false,
+            health: if real.effective_check(svc).is_some() {
+                Health::Unknown
+            } else {
+                Health::Up
+            },
+            draining: real.draining,
+            check: real.check.clone(),
         })
     }
 
@@ -668,7 +693,8 @@ impl Balancer {
 }
 
 fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
-    a.on_down == b.on_down
+    a.check == b.check
+        && a.on_down == b.on_down
         && a.fallback == b.fallback
         && a.mode == b.mode
         && a.ring_size == b.ring_size

@@ -13,6 +13,7 @@ use crate::{
     },
     daemon::{self, DaemonOptions},
     dataplane::{Dataplane, LoadOptions, XdpModeChoice},
+    health::{CheckConfig, CheckKind},
     maglev, realserver, state,
 };
 
@@ -102,11 +103,93 @@ enum ServiceCmd {
         /// Where new flows go while no real is up (a sorry server); default: dropped.
         #[arg(long, value_name = "REAL_IP")]
         fallback: Option<IpAddr>,
+        #[command(flatten)]
+        check: Box<CheckArgs>,
     },
     Remove {
         service: ServiceAddr,
     },
     List,
+}
+
+/// Health-check options, on `service add` (for every real) and `real add` (this real only).
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// How reals are checked; without it they are never checked (always up).
+    #[arg(long, value_enum)]
+    check: Option<CheckKind>,
+    /// Port to check (default: the service port).
+    #[arg(long)]
+    check_port: Option<u16>,
+    /// http: the path to GET (default /).
+    #[arg(long)]
+    check_path: Option<String>,
+    /// http: the status that means healthy (default 200).
+    #[arg(long)]
+    expect_status: Option<u16>,
+    /// udp: the payload to send, hex.
+    #[arg(long, value_name = "HEX")]
+    check_send: Option<String>,
+    /// udp: what the reply must start with, hex (default: any reply).
+    #[arg(long, value_name = "HEX")]
+    check_expect: Option<String>,
+    /// exec: a shell command; exit 0 is healthy. $XLB_REAL, $XLB_REAL_PORT, $XLB_SERVICE set.
+    #[arg(long, value_name = "CMD")]
+    check_cmd: Option<String>,
+    /// Time between checks (e.g. 1s, 500ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    interval: Option<std::time::Duration>,
+    /// How long one check may take.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// Consecutive successes that bring a down real back.
+    #[arg(long)]
+    rise: Option<u32>,
+    /// Consecutive failures that take a real down.
+    #[arg(long)]
+    fall: Option<u32>,
+}
+
+impl CheckArgs {
+    /// The check these options describe (validated with the service by the daemon).
+    fn config(self) -> Result<Option<CheckConfig>> {
+        let Some(kind) = self.check else {
+            let any = self.check_port.is_some()
+                || self.check_path.is_some()
+                || self.expect_status.is_some()
+                || self.check_send.is_some()
+                || self.check_expect.is_some()
+                || self.check_cmd.is_some()
+                || self.interval.is_some()
+                || self.timeout.is_some()
+                || self.rise.is_some()
+                || self.fall.is_some();
+            if any {
+                bail!("health-check options need --check tcp|http|udp|exec|none");
+            }
+            return Ok(None);
+        };
+        let mut c = CheckConfig::new(kind);
+        c.port = self.check_port;
+        c.path = self.check_path;
+        c.expect_status = self.expect_status;
+        c.send = self.check_send;
+        c.expect = self.check_expect;
+        c.cmd = self.check_cmd;
+        if let Some(i) = self.interval {
+            c.interval_ms = i.as_millis() as u64;
+        }
+        if let Some(t) = self.timeout {
+            c.timeout_ms = t.as_millis() as u64;
+        }
+        if let Some(r) = self.rise {
+            c.rise = r;
+        }
+        if let Some(f) = self.fall {
+            c.fall = f;
+        }
+        Ok(Some(c))
+    }
 }
 
 #[derive(clap::Args)]
@@ -153,6 +236,8 @@ enum RealCmd {
         real: IpAddr,
         #[arg(long, default_value_t = DEFAULT_WEIGHT)]
         weight: u32,
+        #[command(flatten)]
+        check: CheckArgs,
     },
     Remove {
         service: ServiceAddr,
@@ -251,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
             tunnel_src,
             on_down,
             fallback,
+            check,
         }) => Request::ServiceAdd {
             config: ServiceConfig {
                 mode,
@@ -259,6 +345,7 @@ fn run(cli: Cli) -> Result<()> {
                 tunnel_src,
                 on_down,
                 fallback,
+                check: check.config()?,
                 ..ServiceConfig::new(service)
             },
         },
@@ -268,9 +355,13 @@ fn run(cli: Cli) -> Result<()> {
             service,
             real,
             weight,
+            check,
         }) => Request::RealAdd {
             service,
-            real: RealConfig::new(real, weight),
+            real: RealConfig {
+                check: check.config()?,
+                ..RealConfig::new(real, weight)
+            },
         },
         Command::Real(RealCmd::Remove { service, real }) => Request::RealRemove {
             service,
@@ -382,8 +473,16 @@ fn print(request: &Request, data: &Value, json: bool) {
                         Some(hop) if hop != addr => format!(" via {hop}"),
                         _ => String::new(),
                     };
+                    let check = match r["check"]["detail"].as_str() {
+                        Some(d) => format!(
+                            " check {} {d} ({:.1} ms)",
+                            r["check"]["kind"].as_str().unwrap_or(""),
+                            r["check"]["latency_ms"].as_f64().unwrap_or(0.0)
+                        ),
+                        None => String::new(),
+                    };
                     println!(
-                        "  -> {:<28} weight {:<5} mac {:<17} {:<10} active flows {}{via}",
+                        "  -> {:<28} weight {:<5} mac {:<17} {:<10} active flows {}{via}{check}",
                         addr,
                         r["weight"],
                         r["mac"].as_str().unwrap_or("-"),

@@ -7,7 +7,7 @@ use std::{fmt, net::IpAddr, str::FromStr};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::maglev;
+use crate::{health::CheckConfig, maglev};
 
 pub const DEFAULT_WEIGHT: u32 = 100;
 pub const MAX_WEIGHT: u32 = 65535;
@@ -120,14 +120,27 @@ pub struct RealConfig {
     /// Drained by the operator: no new flows, tracked ones go on. Kept across restarts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// Overrides the service's health check for this real.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckConfig>,
 }
 
 impl RealConfig {
+    /// The check that applies to this real in `svc`: its own, else the service's; None when
+    /// it is not checked (no check, or kind `none`).
+    pub fn effective_check<'a>(&'a self, svc: &'a ServiceConfig) -> Option<&'a CheckConfig> {
+        self.check
+            .as_ref()
+            .or(svc.check.as_ref())
+            .filter(|c| c.kind != crate::health::CheckKind::None)
+    }
+
     pub fn new(addr: IpAddr, weight: u32) -> Self {
         Self {
             addr,
             weight,
             draining: false,
+            check: None,
         }
     }
 }
@@ -172,6 +185,9 @@ pub struct ServiceConfig {
     /// Where new flows go while no real is up (keepalived's sorry server). None: dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<IpAddr>,
+    /// How its reals are health-checked. None: they are never checked (always up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckConfig>,
 }
 
 impl ServiceConfig {
@@ -185,6 +201,7 @@ impl ServiceConfig {
             tunnel_src: None,
             on_down: OnDown::Move,
             fallback: None,
+            check: None,
         }
     }
 
@@ -218,6 +235,10 @@ impl ServiceConfig {
                 bail!("service {s}: real {} is listed twice", r.addr);
             }
         }
+        if let Some(c) = &self.check {
+            c.validate(s.port)
+                .map_err(|e| anyhow::anyhow!("service {s}: {e:#}"))?;
+        }
         if let Some(f) = self.fallback {
             validate_real(self, &RealConfig::new(f, 0))
                 .map_err(|e| anyhow::anyhow!("service {s}: fallback {e:#}"))?;
@@ -231,6 +252,10 @@ impl ServiceConfig {
 
 pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
     let s = &svc.service;
+    if let Some(c) = &real.check {
+        c.validate(s.port)
+            .map_err(|e| anyhow::anyhow!("real {}: {e:#}", real.addr))?;
+    }
     if real.weight > MAX_WEIGHT {
         bail!(
             "real {}: weight {} is out of range 0..={MAX_WEIGHT}",

@@ -20,6 +20,7 @@ use tokio::{
 use crate::{
     api::{MAX_REQUEST_BYTES, Request, Response},
     balancer::Balancer,
+    checks::Checks,
     config::{Config, Mode},
     dataplane::{Dataplane, LoadOptions, XdpModeChoice},
     metrics,
@@ -50,6 +51,7 @@ struct Shared {
     state: PathBuf,
     /// Each real's next hop as last looked up (shown by `status`).
     next_hops: HashMap<IpAddr, NextHop>,
+    checks: Checks,
 }
 
 pub async fn run(opts: DaemonOptions) -> Result<()> {
@@ -85,13 +87,28 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         state = %opts.state.display(),
         "configuration restored"
     );
+    let (mut checks, mut reports) = Checks::new();
+    checks.reconcile(&balancer);
     let shared = Arc::new(Mutex::new(Shared {
         balancer,
         iface: opts.iface.clone(),
         attach_mode: mode.as_str(),
         state: opts.state.clone(),
         next_hops: HashMap::new(),
+        checks,
     }));
+    let checker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(report) = reports.recv().await {
+                let mut guard = shared.lock().unwrap();
+                let Shared {
+                    checks, balancer, ..
+                } = &mut *guard;
+                checks.apply(balancer, report);
+            }
+        })
+    };
     refresh_neighbours(&shared, &neighbours, ifindex).await;
 
     let listener = bind_socket(&opts.socket)?;
@@ -133,6 +150,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         }
     }
     resolver.abort();
+    checker.abort();
     if let Some(server) = metrics_server {
         server.abort();
     }
@@ -333,6 +351,7 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
         Request::Stats => return stats(s),
     }
     // Only mutations get here: reads returned above.
+    s.checks.reconcile(&s.balancer);
     state::save(&s.state, &s.balancer.config())?;
     Ok(serde_json::Value::Null)
 }
@@ -385,6 +404,7 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
                         "health": r.health,
                         "draining": r.draining,
                         "fallback": r.fallback,
+                        "check": s.checks.last(&svc.service, r.addr),
                         "in_table": r.in_table,
                         "active_flows": flows.get(&r.backend_id).copied().unwrap_or(0),
                     })

@@ -87,7 +87,7 @@ pub const DEFAULT_HTTP_STATUS: u16 = 200;
 /// The largest UDP payload (IPv4: 65535 less the IP and UDP headers).
 pub const MAX_UDP_PAYLOAD: usize = 65507;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     /// A TCP connect, closed at once.
@@ -223,7 +223,7 @@ impl CheckConfig {
             &[K::Tcp, K::Http, K::Udp, K::Exec],
         )?;
         only(self.path.is_some(), "--check-path", &[K::Http])?;
-        only(self.expect_status.is_some(), "--check-status", &[K::Http])?;
+        only(self.expect_status.is_some(), "--expect-status", &[K::Http])?;
         only(self.send.is_some(), "--check-send", &[K::Udp])?;
         only(self.expect.is_some(), "--check-expect", &[K::Udp])?;
         only(self.cmd.is_some(), "--check-cmd", &[K::Exec])?;
@@ -248,7 +248,7 @@ impl CheckConfig {
         if let Some(status) = self.expect_status
             && !(100..=599).contains(&status)
         {
-            bail!("check: --check-status {status} is not an HTTP status (100..=599)");
+            bail!("check: --expect-status {status} is not an HTTP status (100..=599)");
         }
         if kind == K::Udp {
             let Some(send) = &self.send else {
@@ -1181,7 +1181,7 @@ mod probe_tests {
                     ..udp("00", None, 1000)
                 },
                 80,
-                "check: --check-status only applies to http",
+                "check: --expect-status only applies to http",
             ),
             (
                 CheckConfig {
@@ -1242,7 +1242,7 @@ mod probe_tests {
                     ..http("/", 1000)
                 },
                 80,
-                "check: --check-status 99 is not an HTTP status (100..=599)",
+                "check: --expect-status 99 is not an HTTP status (100..=599)",
             ),
             (
                 CheckConfig {

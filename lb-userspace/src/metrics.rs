@@ -126,6 +126,16 @@ pub fn render(b: &mut Balancer, active_flows: &HashMap<u32, u64>) -> Result<Stri
         "1 if the real receives new flows (weight above 0 and MAC resolved).",
         real_labels,
     )?;
+    let real_up = gauge(
+        "xlb_real_up",
+        "1 if the real passes its health checks (or has none).",
+        real_labels,
+    )?;
+    let real_draining = gauge(
+        "xlb_real_draining",
+        "1 if the operator drained the real.",
+        real_labels,
+    )?;
     let real_resolved = gauge(
         "xlb_real_resolved",
         "1 if the real's next-hop MAC is known.",
@@ -160,6 +170,12 @@ pub fn render(b: &mut Balancer, active_flows: &HashMap<u32, u64>) -> Result<Stri
             real_in_table
                 .with_label_values(&labels)
                 .set(r.in_table.into());
+            real_up
+                .with_label_values(&labels)
+                .set((r.health == crate::health::Health::Up).into());
+            real_draining
+                .with_label_values(&labels)
+                .set(r.draining.into());
             real_resolved
                 .with_label_values(&labels)
                 .set(r.mac.is_some().into());

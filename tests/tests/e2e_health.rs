@@ -1,0 +1,396 @@
+//! End-to-end health checking in the DR lab: a real whose server dies is taken out within its
+//! detection window under continuous client load and comes back after `rise` successes; a
+//! flapping real is not readmitted early; tcp, http, udp and exec checks each detect a failure.
+//!
+//! One sequential test: it owns the DR lab (fixed namespace names) while it runs.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+const VIP: &str = "198.18.0.100";
+const SERVICE: &str = "198.18.0.100:80/tcp";
+const SOCKET: &str = "/run/xlb-lab/dr/xlb.sock";
+const STATE: &str = "/run/xlb-lab/dr";
+const REALS: [(&str, &str); 3] = [
+    ("r1", "198.18.0.11"),
+    ("r2", "198.18.0.12"),
+    ("r3", "198.18.0.13"),
+];
+const INTERVAL_MS: u64 = 300;
+const FALL: u64 = 3;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn xlb(args: &[&str]) -> Output {
+    Command::new(repo().join("target/release/xlb"))
+        .arg("--socket")
+        .arg(SOCKET)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn xlb_ok(args: &[&str]) -> String {
+    let out = xlb(args);
+    assert!(
+        out.status.success(),
+        "xlb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The state word `status --json` gives a real of a service.
+fn state_of(service: &str, real: &str) -> String {
+    let status: serde_json::Value = serde_json::from_str(&xlb_ok(&["--json", "status"])).unwrap();
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == service)
+        .and_then(|s| {
+            s["reals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["addr"] == real)
+        })
+        .map(|r| r["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn wait_state(service: &str, real: &str, want: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if state_of(service, real) == want {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{real} of {service} is {} after {timeout:?}, not {want}",
+        state_of(service, real)
+    );
+}
+
+/// One GET to the VIP on a new connection: the answering real's name, or None.
+fn get() -> Option<String> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "xlb-dr-client",
+            "curl",
+            "-s",
+            "--noproxy",
+            "*",
+        ])
+        .args(["--max-time", "1", &format!("http://{VIP}/")])
+        .output()
+        .unwrap();
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    })
+}
+
+fn pid_file(name: &str) -> String {
+    format!("{STATE}/{name}.pid")
+}
+
+fn kill_server(real: &str) {
+    let pid = std::fs::read_to_string(pid_file(&format!("http-{real}"))).unwrap();
+    assert!(
+        Command::new("kill")
+            .arg(pid.trim())
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// A process of the test's own, killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a lab HTTP server in a real's namespace, in place of the lab's.
+fn start_server(real: &str) -> Child {
+    let child = Command::new("ip")
+        .args(["netns", "exec", &format!("xlb-dr-{real}"), "python3"])
+        .arg(repo().join("scripts/lab-http-server.py"))
+        .args(["--name", real, "--port", "80"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Child(child)
+}
+
+/// A UDP echo server in a real's namespace.
+fn udp_echo(real: &str) -> Child {
+    let script = "import socket\n\
+                      s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                      s.bind(('0.0.0.0', 5353))\n\
+                      while True:\n    d, a = s.recvfrom(2048)\n    s.sendto(d, a)\n";
+    Child(
+        Command::new("ip")
+            .args(["netns", "exec", &format!("xlb-dr-{real}"), "python3", "-c"])
+            .arg(script)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+struct Lab;
+
+impl Lab {
+    fn up() -> Lab {
+        let out = Command::new(repo().join("scripts/lab"))
+            .args(["dr", "up"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab dr up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Lab
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/lab"))
+            .args(["dr", "down"])
+            .output();
+    }
+}
+
+#[test]
+fn health_checks_in_the_dr_lab() {
+    let _lab = Lab::up();
+
+    // The lab's service gets an HTTP check on /healthz.
+    let mut config: serde_json::Value = serde_json::from_str(&xlb_ok(&["save"])).unwrap();
+    let svc = config["services"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|s| s["service"] == SERVICE)
+        .unwrap();
+    svc["check"] = serde_json::json!({
+        "kind": "http", "path": "/healthz",
+        "interval_ms": INTERVAL_MS, "timeout_ms": INTERVAL_MS, "rise": 2, "fall": FALL,
+    });
+    let file = format!("{STATE}/health-config.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    xlb_ok(&["restore", &file]);
+    for (_, addr) in REALS {
+        wait_state(SERVICE, addr, "up", Duration::from_secs(5));
+    }
+
+    // Under continuous load, kill r1's server: requests fail only until the checks take r1
+    // out, then all succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut log = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let start = Instant::now();
+                log.push((start, get()));
+            }
+            log
+        })
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    let killed = Instant::now();
+    kill_server("r1");
+    let detected = wait_state(SERVICE, "198.18.0.11", "down", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let log = load.join().unwrap();
+    let before: Vec<_> = log.iter().filter(|(t, _)| *t < killed).collect();
+    assert!(
+        before.iter().all(|(_, r)| r.is_some()),
+        "failures before the kill"
+    );
+    let last_failure = log
+        .iter()
+        .filter(|(t, r)| *t >= killed && r.is_none())
+        .map(|(t, _)| t.duration_since(killed))
+        .max()
+        .unwrap_or_default();
+    let after_detection: Vec<_> = log
+        .iter()
+        .filter(|(t, _)| t.duration_since(killed) > detected)
+        .collect();
+    let failed_after = after_detection.iter().filter(|(_, r)| r.is_none()).count();
+    let budget = Duration::from_millis(FALL * INTERVAL_MS);
+    eprintln!(
+        "detection: status showed r1 down {detected:?} after the kill; last failed request \
+         started {last_failure:?} after it (fall x interval = {budget:?}); {} requests during \
+         the test, {failed_after} failed of {} after detection",
+        log.len(),
+        after_detection.len()
+    );
+    assert_eq!(failed_after, 0, "requests failed after r1 was taken out");
+    assert!(
+        after_detection.len() >= 10,
+        "too little load after detection"
+    );
+    assert!(
+        last_failure <= budget + Duration::from_millis(400),
+        "requests failed for {last_failure:?}, beyond fall x interval {budget:?}"
+    );
+
+    // r1's server back: up after `rise` successes, new connections reach it again.
+    let _r1_server = start_server("r1");
+    wait_state(SERVICE, "198.18.0.11", "up", Duration::from_secs(5));
+    assert!(
+        (0..30).any(|_| get().as_deref() == Some("r1")),
+        "r1 got nothing after coming back up"
+    );
+
+    // tcp: a second service checks port 80 by connecting; killing r3's server takes r3 down
+    // there too.
+    xlb_ok(&[
+        "service",
+        "add",
+        "198.18.0.100:8082/tcp",
+        "--mode",
+        "dr",
+        "--check",
+        "tcp",
+        "--check-port",
+        "80",
+        "--interval",
+        "300ms",
+        "--timeout",
+        "300ms",
+    ]);
+    // exec: a third service's reals are healthy while a marker file exists; r2 flaps.
+    let marker = |real: &str| format!("{STATE}/health-ok-{real}");
+    xlb_ok(&[
+        "service",
+        "add",
+        "198.18.0.100:8083/tcp",
+        "--mode",
+        "dr",
+        "--check",
+        "exec",
+        "--check-cmd",
+        &format!("test -e {STATE}/health-ok-$XLB_REAL"),
+        "--interval",
+        "200ms",
+        "--timeout",
+        "200ms",
+        "--rise",
+        "3",
+        "--fall",
+        "1",
+    ]);
+    // udp: a fourth service's reals run an echo server on 5353.
+    let echo: Vec<Child> = REALS.iter().map(|(r, _)| udp_echo(r)).collect();
+    xlb_ok(&[
+        "service",
+        "add",
+        "198.18.0.100:5353/udp",
+        "--mode",
+        "dr",
+        "--check",
+        "udp",
+        "--check-send",
+        "70696e67",
+        "--check-expect",
+        "70696e67",
+        "--interval",
+        "300ms",
+        "--timeout",
+        "300ms",
+    ]);
+    for (_, addr) in REALS {
+        std::fs::write(marker(addr), "").unwrap();
+        for svc in [
+            "198.18.0.100:8082/tcp",
+            "198.18.0.100:8083/tcp",
+            "198.18.0.100:5353/udp",
+        ] {
+            xlb_ok(&["real", "add", svc, addr]);
+        }
+    }
+    for (_, addr) in REALS {
+        for svc in [
+            "198.18.0.100:8082/tcp",
+            "198.18.0.100:8083/tcp",
+            "198.18.0.100:5353/udp",
+        ] {
+            wait_state(svc, addr, "up", Duration::from_secs(5));
+        }
+    }
+    kill_server("r3");
+    wait_state(
+        "198.18.0.100:8082/tcp",
+        "198.18.0.13",
+        "down",
+        Duration::from_secs(5),
+    );
+    wait_state(SERVICE, "198.18.0.13", "down", Duration::from_secs(5));
+    drop(echo);
+    wait_state(
+        "198.18.0.100:5353/udp",
+        "198.18.0.11",
+        "down",
+        Duration::from_secs(5),
+    );
+
+    // exec and flapping: r2's marker goes, r2 is down; it comes back for less than `rise`
+    // checks twice and stays down; steady, it is readmitted.
+    let exec_svc = "198.18.0.100:8083/tcp";
+    std::fs::remove_file(marker("198.18.0.12")).unwrap();
+    wait_state(exec_svc, "198.18.0.12", "down", Duration::from_secs(5));
+    for _ in 0..2 {
+        std::fs::write(marker("198.18.0.12"), "").unwrap();
+        let flap = Instant::now();
+        while flap.elapsed() < Duration::from_millis(350) {
+            assert_eq!(
+                state_of(exec_svc, "198.18.0.12"),
+                "down",
+                "readmitted early"
+            );
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        std::fs::remove_file(marker("198.18.0.12")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(state_of(exec_svc, "198.18.0.12"), "down");
+    }
+    std::fs::write(marker("198.18.0.12"), "").unwrap();
+    let back = wait_state(exec_svc, "198.18.0.12", "up", Duration::from_secs(5));
+    eprintln!("steady r2 readmitted after {back:?} (rise 3 x 200 ms)");
+    assert!(
+        back >= Duration::from_millis(400),
+        "readmitted after {back:?}"
+    );
+}
