@@ -14,7 +14,7 @@ use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        link::LinkAttribute,
+        link::{LinkAttribute, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute},
     },
@@ -48,6 +48,10 @@ impl Neighbours {
 
     /// An interface's index (for interfaces without a MAC, such as lo).
     pub async fn interface_index(&self, name: &str) -> Result<u32> {
+        Ok(self.link(name).await?.header.index)
+    }
+
+    async fn link(&self, name: &str) -> Result<LinkMessage> {
         let mut links = self
             .handle
             .link()
@@ -55,23 +59,14 @@ impl Neighbours {
             .match_name(name.to_string())
             .execute();
         match links.try_next().await {
-            Ok(Some(link)) => Ok(link.header.index),
+            Ok(Some(link)) => Ok(link),
             _ => bail!("interface {name} does not exist"),
         }
     }
 
     /// The interface's index, MAC and MTU; an unknown interface is an error naming it.
     pub async fn interface(&self, name: &str) -> Result<Interface> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let link = match links.try_next().await {
-            Ok(Some(link)) => link,
-            _ => bail!("interface {name} does not exist"),
-        };
+        let link = self.link(name).await?;
         let mac = link
             .attributes
             .iter()

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, CacheInfo};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, CacheInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::{config::Mode, decap, neighbour::Neighbours, state};
@@ -139,7 +139,8 @@ fn knob_key(scope: &str, name: &str) -> String {
     format!("net.ipv4.conf.{scope}.{name}")
 }
 
-async fn lo_has(nl: &Neighbours, lo: u32, vip: IpAddr) -> Result<bool> {
+/// The VIP's address entry on lo, if it is there.
+async fn lo_address(nl: &Neighbours, lo: u32, vip: IpAddr) -> Result<Option<AddressMessage>> {
     let mut stream = nl
         .handle()
         .address()
@@ -152,22 +153,46 @@ async fn lo_has(nl: &Neighbours, lo: u32, vip: IpAddr) -> Result<bool> {
             .iter()
             .any(|a| matches!(a, AddressAttribute::Address(x) if *x == vip))
         {
-            return Ok(true);
+            return Ok(Some(msg));
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 fn vip_prefix(vip: IpAddr) -> u8 {
     if vip.is_ipv4() { 32 } else { 128 }
 }
 
+/// What every verb starts from: netlink, the interfaces involved, this namespace's identity.
+struct Host {
+    nl: Neighbours,
+    ifindex: u32,
+    lo: u32,
+    netns: String,
+}
+
+impl Host {
+    async fn open(opts: &Options) -> Result<Host> {
+        validate(opts)?;
+        let nl = Neighbours::new()?;
+        let ifindex = nl.interface(&opts.iface).await?.index;
+        let lo = nl.interface_index("lo").await?;
+        Ok(Host {
+            nl,
+            ifindex,
+            lo,
+            netns: netns_id()?,
+        })
+    }
+}
+
 pub async fn setup(opts: &Options) -> Result<()> {
-    validate(opts)?;
-    let nl = Neighbours::new()?;
-    let iface = nl.interface(&opts.iface).await?;
-    let lo = nl.interface_index("lo").await?;
-    let netns = netns_id()?;
+    let Host {
+        nl,
+        ifindex,
+        lo,
+        netns,
+    } = Host::open(opts).await?;
     let mut records = load(&opts.state)?;
     let existing = records
         .records
@@ -207,7 +232,7 @@ pub async fn setup(opts: &Options) -> Result<()> {
         write_sysctl(&key, &want.to_string())?;
         record.sysctls.push(SysctlChange { key, previous });
     }
-    if !lo_has(&nl, lo, opts.vip).await? {
+    if lo_address(&nl, lo, opts.vip).await?.is_none() {
         let mut add = nl
             .handle()
             .address()
@@ -229,7 +254,7 @@ pub async fn setup(opts: &Options) -> Result<()> {
         record.added_vip = true;
     }
     if opts.mode == Mode::Tun {
-        decap::attach_vip(&nl, iface.index, &opts.iface, opts.vip).await?;
+        decap::attach_vip(&nl, ifindex, &opts.iface, opts.vip).await?;
     }
     match existing {
         // Set up again: keep what the first setup recorded, add what this one changed.
@@ -244,11 +269,12 @@ pub async fn setup(opts: &Options) -> Result<()> {
 }
 
 pub async fn teardown(opts: &Options) -> Result<()> {
-    validate(opts)?;
-    let nl = Neighbours::new()?;
-    let iface = nl.interface(&opts.iface).await?;
-    let lo = nl.interface_index("lo").await?;
-    let netns = netns_id()?;
+    let Host {
+        nl,
+        ifindex,
+        lo,
+        netns,
+    } = Host::open(opts).await?;
     let mut records = load(&opts.state)?;
     let Some(i) = records
         .records
@@ -264,30 +290,17 @@ pub async fn teardown(opts: &Options) -> Result<()> {
     };
     let record = records.records.remove(i);
     if record.mode == Mode::Tun {
-        decap::detach_vip(&nl, iface.index, &opts.iface, opts.vip).await?;
+        decap::detach_vip(&nl, ifindex, &opts.iface, opts.vip).await?;
     }
-    if record.added_vip && lo_has(&nl, lo, opts.vip).await? {
-        let mut stream = nl
-            .handle()
+    if record.added_vip
+        && let Some(msg) = lo_address(&nl, lo, opts.vip).await?
+    {
+        nl.handle()
             .address()
-            .get()
-            .set_link_index_filter(lo)
-            .execute();
-        while let Some(msg) = stream.try_next().await? {
-            if msg
-                .attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Address(x) if *x == opts.vip))
-            {
-                nl.handle()
-                    .address()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .with_context(|| format!("removing {} from lo", opts.vip))?;
-                break;
-            }
-        }
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("removing {} from lo", opts.vip))?;
     }
     // Another VIP set up in this namespace still needs the sysctls: it inherits the record of
     // their previous values instead of having them restored under it.
@@ -311,13 +324,12 @@ pub struct Check {
 }
 
 pub async fn check(opts: &Options) -> Result<Check> {
-    validate(opts)?;
-    let nl = Neighbours::new()?;
-    let iface = nl.interface(&opts.iface).await?;
-    let lo = nl.interface_index("lo").await?;
+    let Host {
+        nl, ifindex, lo, ..
+    } = Host::open(opts).await?;
     let mut missing = Vec::new();
     let mut report = Vec::new();
-    if !lo_has(&nl, lo, opts.vip).await? {
+    if lo_address(&nl, lo, opts.vip).await?.is_none() {
         missing.push(format!("the VIP {} is not on lo", opts.vip));
     }
     for knob in knobs(opts.vip, opts.mode) {
@@ -331,7 +343,7 @@ pub async fn check(opts: &Options) -> Result<Check> {
         }
     }
     if opts.mode == Mode::Tun {
-        match decap::attached(&nl, iface.index).await? {
+        match decap::attached(&nl, ifindex).await? {
             None => missing.push(format!(
                 "no xlb decapsulator on {}: tunnelled packets are not decapsulated",
                 opts.iface

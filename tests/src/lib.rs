@@ -3,6 +3,8 @@
 //! encapsulator written independently of the XDP program, and a balancer (or decapsulator)
 //! loaded into the kernel for BPF_PROG_TEST_RUN.
 
+pub mod lab;
+
 use std::net::IpAddr;
 
 use lb_common::flow_hash;

@@ -6,149 +6,44 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
     time::{Duration, Instant},
 };
+
+use xlb_tests::lab::{KillOnDrop, Lab, assert_spread, metric, repo, sh, wait_for, xlb_bin};
 
 const VIP: &str = "198.18.0.100";
 const SERVICE: &str = "198.18.0.100:80/tcp";
 const SOCKET: &str = "/run/xlb-lab/dr/xlb.sock";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn xlb_bin() -> PathBuf {
-    repo().join("target/release/xlb")
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
-}
+const LAB: Lab = Lab::new("dr");
 
 fn xlb(args: &[&str]) -> Output {
-    let mut full = vec!["--socket", SOCKET];
-    full.extend_from_slice(args);
-    Command::new(xlb_bin()).args(&full).output().unwrap()
+    LAB.xlb().run(args)
 }
 
 fn xlb_ok(args: &[&str]) -> String {
-    let out = xlb(args);
-    assert!(
-        out.status.success(),
-        "xlb {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    LAB.xlb().ok(args)
 }
 
-/// One HTTP GET from the client namespace on a new connection; the body, or None on failure.
 fn get(url: &str) -> Option<String> {
-    let out = sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            "xlb-dr-client",
-            "curl",
-            "-s",
-            "-g",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "2",
-            url,
-        ],
-    );
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    LAB.get(url)
 }
 
-/// Sends `n` requests to the VIP: answers per real name, failures, client addresses seen.
 fn spread(n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) {
-    let mut per_real = BTreeMap::new();
-    let mut failed = 0;
-    let mut clients = Vec::new();
-    for _ in 0..n {
-        match get(&format!("http://{VIP}/")) {
-            Some(body) => {
-                let mut words = body.split_whitespace();
-                let name = words.next().unwrap_or("").to_string();
-                let client = words.next().unwrap_or("").to_string();
-                *per_real.entry(name).or_insert(0) += 1;
-                if !clients.contains(&client) {
-                    clients.push(client);
-                }
-            }
-            None => failed += 1,
-        }
-    }
-    (per_real, failed, clients)
-}
-
-struct Lab;
-
-impl Lab {
-    fn up() -> Lab {
-        let out = sh(repo().join("scripts/lab").to_str().unwrap(), &["dr", "up"]);
-        assert!(
-            out.status.success(),
-            "lab dr up failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Lab
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = sh(
-            repo().join("scripts/lab").to_str().unwrap(),
-            &["dr", "down"],
-        );
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
+    LAB.spread(&format!("http://{VIP}/"), n, String::new)
 }
 
 #[test]
 fn dr_lab_end_to_end() {
-    assert!(
-        xlb_bin().exists(),
-        "build target/release/xlb first (scripts/test does)"
-    );
-    let _lab = Lab::up();
+    let _lab = LAB.up();
 
     // 300 requests all succeed, every real gets 20-47 %, and reals see the client's address.
     let (per_real, failed, clients) = spread(300);
     eprintln!("spread over reals: {per_real:?}, failed {failed}");
     assert_eq!(failed, 0, "failed requests: {per_real:?}");
-    assert_eq!(per_real.len(), 3, "{per_real:?}");
-    for (real, n) in &per_real {
-        let share = *n as f64 / 300.0;
-        assert!(
-            (0.20..=0.47).contains(&share),
-            "{real} got {share:.3} of requests"
-        );
-    }
+    assert_spread(&per_real, 3, 300);
     assert_eq!(
         clients,
         vec!["198.18.0.1".to_string()],
@@ -379,12 +274,6 @@ fn dr_lab_end_to_end() {
     assert_eq!(per_real.len(), 3, "{per_real:?}");
 }
 
-/// The value of one sample line of a Prometheus text page.
-fn metric(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-}
-
 /// One HTTP/1.1 connection from the client namespace, kept open with a request every 50 ms
 /// (scripts/lab-http-keepalive.py); its answers arrive on a channel.
 struct KeepAlive {
@@ -437,13 +326,4 @@ fn is_zombie(pid: &str) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.contains(") Z "))
         .unwrap_or(true)
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

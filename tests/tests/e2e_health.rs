@@ -5,8 +5,7 @@
 //! One sequential test: it owns the DR lab (fixed namespace names) while it runs.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -14,9 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use xlb_tests::lab::{KillOnDrop, Lab, repo};
+
 const VIP: &str = "198.18.0.100";
 const SERVICE: &str = "198.18.0.100:80/tcp";
-const SOCKET: &str = "/run/xlb-lab/dr/xlb.sock";
 const STATE: &str = "/run/xlb-lab/dr";
 const REALS: [(&str, &str); 3] = [
     ("r1", "198.18.0.11"),
@@ -26,30 +26,10 @@ const REALS: [(&str, &str); 3] = [
 const INTERVAL_MS: u64 = 300;
 const FALL: u64 = 3;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn xlb(args: &[&str]) -> Output {
-    Command::new(repo().join("target/release/xlb"))
-        .arg("--socket")
-        .arg(SOCKET)
-        .args(args)
-        .output()
-        .unwrap()
-}
+const LAB: Lab = Lab::new("dr");
 
 fn xlb_ok(args: &[&str]) -> String {
-    let out = xlb(args);
-    assert!(
-        out.status.success(),
-        "xlb {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    LAB.xlb().ok(args)
 }
 
 /// The state word `status --json` gives a real of a service.
@@ -87,26 +67,8 @@ fn wait_state(service: &str, real: &str, want: &str, timeout: Duration) -> Durat
 
 /// One GET to the VIP on a new connection: the answering real's name, or None.
 fn get() -> Option<String> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            "xlb-dr-client",
-            "curl",
-            "-s",
-            "--noproxy",
-            "*",
-        ])
-        .args(["--max-time", "1", &format!("http://{VIP}/")])
-        .output()
-        .unwrap();
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    })
+    LAB.curl("1", &[&format!("http://{VIP}/")])
+        .map(|body| body.split_whitespace().next().unwrap_or("").to_string())
 }
 
 fn pid_file(name: &str) -> String {
@@ -124,18 +86,8 @@ fn kill_server(real: &str) {
     );
 }
 
-/// A process of the test's own, killed on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts a lab HTTP server in a real's namespace, in place of the lab's.
-fn start_server(real: &str) -> Child {
+fn start_server(real: &str) -> KillOnDrop {
     let child = Command::new("ip")
         .args(["netns", "exec", &format!("xlb-dr-{real}"), "python3"])
         .arg(repo().join("scripts/lab-http-server.py"))
@@ -144,16 +96,16 @@ fn start_server(real: &str) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    Child(child)
+    KillOnDrop(child)
 }
 
 /// A UDP echo server in a real's namespace.
-fn udp_echo(real: &str) -> Child {
+fn udp_echo(real: &str) -> KillOnDrop {
     let script = "import socket\n\
                       s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
                       s.bind(('0.0.0.0', 5353))\n\
                       while True:\n    d, a = s.recvfrom(2048)\n    s.sendto(d, a)\n";
-    Child(
+    KillOnDrop(
         Command::new("ip")
             .args(["netns", "exec", &format!("xlb-dr-{real}"), "python3", "-c"])
             .arg(script)
@@ -162,34 +114,9 @@ fn udp_echo(real: &str) -> Child {
     )
 }
 
-struct Lab;
-
-impl Lab {
-    fn up() -> Lab {
-        let out = Command::new(repo().join("scripts/lab"))
-            .args(["dr", "up"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lab dr up: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Lab
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/lab"))
-            .args(["dr", "down"])
-            .output();
-    }
-}
-
 #[test]
 fn health_checks_in_the_dr_lab() {
-    let _lab = Lab::up();
+    let _lab = LAB.up();
 
     // The lab's service gets an HTTP check on /healthz.
     let mut config: serde_json::Value = serde_json::from_str(&xlb_ok(&["save"])).unwrap();
@@ -313,7 +240,7 @@ fn health_checks_in_the_dr_lab() {
         "1",
     ]);
     // udp: a fourth service's reals run an echo server on 5353.
-    let echo: Vec<Child> = REALS.iter().map(|(r, _)| udp_echo(r)).collect();
+    let echo: Vec<KillOnDrop> = REALS.iter().map(|(r, _)| udp_echo(r)).collect();
     xlb_ok(&[
         "service",
         "add",

@@ -14,13 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use xlb_tests::lab::{Lab, assert_spread, metric, repo, sh, text, xlb_bin};
+
 const VIP4: &str = "198.18.0.200";
 const VIP6: &str = "fd00:18::200";
 const SERVICE4: &str = "198.18.0.200:80/tcp";
 const SERVICE6: &str = "[fd00:18::200]:80/tcp";
 const URL4: &str = "http://198.18.0.200/";
 const URL6: &str = "http://[fd00:18::200]/";
-const SOCKET: &str = "/run/xlb-lab/tun/xlb.sock";
 const CLIENT_NS: &str = "xlb-tun-client";
 const CLIENT4: &str = "198.18.1.1";
 const CLIENT6: &str = "fd00:18:1::1";
@@ -39,51 +40,14 @@ const REALS: [(&str, &str, &str); 3] = [
 /// The path-MTU upload: far more than one full-size segment.
 const POST_BYTES: usize = 204_800;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+const LAB: Lab = Lab::new("tun");
 
-fn xlb_bin() -> PathBuf {
-    repo().join("target/release/xlb")
-}
-
-fn lab_script() -> PathBuf {
-    repo().join("scripts/lab")
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
-}
-
-/// stdout and stderr of a command, as text.
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn xlb(args: &[&str]) -> Output {
-    let mut full = vec!["--socket", SOCKET];
-    full.extend_from_slice(args);
-    Command::new(xlb_bin()).args(&full).output().unwrap()
+fn lab_script() -> String {
+    repo().join("scripts/lab").display().to_string()
 }
 
 fn xlb_ok(args: &[&str]) -> String {
-    let out = xlb(args);
-    assert!(
-        out.status.success(),
-        "xlb {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    LAB.xlb().ok(args)
 }
 
 /// `xlb realserver VERB --iface eth0 --vip VIP --mode tun` inside the real's namespace (with
@@ -118,29 +82,8 @@ fn realserver_ok(real: &str, verb: &str, vip: &str) {
     );
 }
 
-/// One curl from the client namespace on a new connection; the body, or None on failure.
 fn curl(max_time: &str, args: &[&str]) -> Option<String> {
-    let mut full = vec![
-        "netns",
-        "exec",
-        CLIENT_NS,
-        "curl",
-        "-s",
-        "-g",
-        "--noproxy",
-        "*",
-        "--max-time",
-        max_time,
-    ];
-    full.extend_from_slice(args);
-    let out = sh("ip", &full);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn get(url: &str) -> Option<String> {
-    curl("2", &[url])
+    LAB.curl(max_time, args)
 }
 
 /// POSTs `file` (no `Expect: 100-continue` round trip) and returns the answer.
@@ -149,38 +92,13 @@ fn post(url: &str, file: &Path) -> Option<String> {
     curl("10", &["-H", "Expect:", "--data-binary", &data, url])
 }
 
-/// Sends `n` GETs to `url`: answers per real name, failures, client addresses seen. Gives up
-/// (panics) when the first 10 all fail rather than wait 2 s for each of the rest.
 fn spread(url: &str, n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) {
-    let mut per_real = BTreeMap::new();
-    let mut failed = 0;
-    let mut clients = Vec::new();
-    for i in 0..n {
-        match get(url) {
-            Some(body) => {
-                let mut words = body.split_whitespace();
-                let name = words.next().unwrap_or("").to_string();
-                let client = words.next().unwrap_or("").to_string();
-                *per_real.entry(name).or_insert(0) += 1;
-                if !clients.contains(&client) {
-                    clients.push(client);
-                }
-            }
-            None => failed += 1,
-        }
-        if i + 1 == 10 && failed == 10 {
-            panic!(
-                "the first 10 requests to {url} all failed\n{}",
-                diagnostics()
-            );
-        }
-    }
-    (per_real, failed, clients)
+    LAB.spread(url, n, diagnostics)
 }
 
 /// What a failure message needs: the lab's status and the end of the daemon's log.
 fn diagnostics() -> String {
-    let status = sh(lab_script().to_str().unwrap(), &["tun", "status"]);
+    let status = sh(&lab_script(), &["tun", "status"]);
     let log = std::fs::read_to_string("/run/xlb-lab/tun/xlb.log").unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(20).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -314,22 +232,6 @@ fn tun_namespaces() -> Vec<String> {
         .collect()
 }
 
-struct Lab;
-
-impl Lab {
-    fn up() -> Lab {
-        let out = sh(lab_script().to_str().unwrap(), &["tun", "up"]);
-        assert!(out.status.success(), "lab tun up failed: {}", text(&out));
-        Lab
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = sh(lab_script().to_str().unwrap(), &["tun", "down"]);
-    }
-}
-
 /// A file removed when dropped.
 struct TempFile(PathBuf);
 
@@ -345,10 +247,10 @@ fn tun_lab_end_to_end() {
         xlb_bin().exists(),
         "build target/release/xlb first (scripts/test does)"
     );
-    let lab = Lab::up();
+    let lab = LAB.up();
 
     // The lab's own view: every process alive, every real prepared for both VIPs.
-    let status = text(&sh(lab_script().to_str().unwrap(), &["tun", "status"]));
+    let status = text(&sh(&lab_script(), &["tun", "status"]));
     for name in ["xlb", "xdp-pass", "http-r1", "http-r2", "http-r3"] {
         assert!(
             status
@@ -369,14 +271,7 @@ fn tun_lab_end_to_end() {
         "failed requests: {per_real:?}\n{}",
         diagnostics()
     );
-    assert_eq!(per_real.len(), 3, "{per_real:?}");
-    for (real, n) in &per_real {
-        let share = *n as f64 / 300.0;
-        assert!(
-            (0.20..=0.47).contains(&share),
-            "{real} got {share:.3} of requests"
-        );
-    }
+    assert_spread(&per_real, 3, 300);
     assert_eq!(
         clients,
         vec![CLIENT4.to_string()],
@@ -569,10 +464,4 @@ fn tun_lab_end_to_end() {
         !Path::new("/run/xlb-lab/tun").exists(),
         "lab tun down left /run/xlb-lab/tun"
     );
-}
-
-/// The value of one sample line of a Prometheus text page.
-fn metric(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
