@@ -5,7 +5,8 @@
 
 Every GET answers 200 with the body "<name> <client-ip>\\n", where client-ip is the
 peer address the server saw on its socket (in DR and TUN mode that is the real client,
-which is what the labs check). GET /healthz answers 200 "ok\\n". HEAD works too.
+which is what the labs check). GET /healthz answers 200 "ok\\n"; /healthz?delay=S
+answers after S seconds (a slow machine, for adaptive weights). HEAD works too.
 Every POST reads its body (Content-Length; no chunked bodies) and answers 200 with
 "<name> <client-ip> <bytes-received>\\n", so a lab can check that a large upload
 arrived whole (the TUN lab's path-MTU test).
@@ -21,6 +22,8 @@ import signal
 import socket
 import socketserver
 import sys
+import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -38,8 +41,10 @@ class Handler(BaseHTTPRequestHandler):
         return ip
 
     def _answer(self, with_body, received=None):
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         if path == "/healthz":
+            delay = urllib.parse.parse_qs(query).get("delay", ["0"])[0]
+            time.sleep(min(float(delay), 10.0))
             body = b"ok\n"
         elif received is None:
             body = f"{self.server.lab_name} {self._peer()}\n".encode()

@@ -66,6 +66,8 @@ impl IdPool {
 
 struct RealState {
     weight: u32,
+    /// The weight the table uses: `weight`, or what adaptive weighting made of it.
+    effective_weight: u32,
     backend_id: u32,
     generation: u32,
     /// As the health checks report it (`Up` for a real without checks).
@@ -79,7 +81,7 @@ struct RealState {
 impl RealState {
     /// Whether new flows may be given to it (its MAC aside).
     fn eligible(&self) -> bool {
-        self.weight > 0 && self.health == Health::Up && !self.draining
+        self.effective_weight > 0 && self.health == Health::Up && !self.draining
     }
 }
 
@@ -109,6 +111,7 @@ impl ServiceState {
 pub struct RealStatus {
     pub addr: IpAddr,
     pub weight: u32,
+    pub effective_weight: u32,
     pub backend_id: u32,
     pub mac: Option<String>,
     pub health: Health,
@@ -306,6 +309,7 @@ impl Balancer {
             .map(|(addr, r, fallback)| RealStatus {
                 addr: *addr,
                 weight: r.weight,
+                effective_weight: r.effective_weight,
                 backend_id: r.backend_id,
                 mac: self.macs.get(addr).map(format_mac),
                 health: r.health,
@@ -478,6 +482,8 @@ impl Balancer {
             bail!("real {addr} is not in service {s}");
         };
         real.weight = weight;
+        // Adaptive weighting scales the new weight from its next recomputation on.
+        real.effective_weight = weight;
         self.publish_table(s)
     }
 
@@ -587,6 +593,7 @@ impl Balancer {
         }
         Ok(RealState {
             weight: real.weight,
+            effective_weight: real.weight,
             backend_id,
             generation,
             health: if real.effective_check(svc).is_some() {
@@ -634,7 +641,7 @@ impl Balancer {
             .reals
             .iter()
             .filter(|(addr, r)| r.eligible() && self.macs.contains_key(addr))
-            .map(|(addr, r)| member(addr, r, r.weight))
+            .map(|(addr, r)| member(addr, r, r.effective_weight))
             .collect();
         if !members.is_empty() {
             return members;
@@ -678,6 +685,23 @@ impl Balancer {
         Ok(true)
     }
 
+    /// Sets the weight the table uses for a real (adaptive weighting); republishes if it
+    /// changed.
+    pub fn set_effective_weight(&mut self, s: &ServiceAddr, addr: IpAddr, w: u32) -> Result<()> {
+        let state = self
+            .services
+            .get_mut(s)
+            .with_context(|| format!("service {s} does not exist"))?;
+        let Some(real) = state.reals.get_mut(&addr) else {
+            bail!("real {addr} is not in service {s}");
+        };
+        if real.effective_weight == w {
+            return Ok(());
+        }
+        real.effective_weight = w;
+        self.publish_table(s)
+    }
+
     /// Drains a real (no new flows; tracked flows go on) or enables it again.
     pub fn set_draining(&mut self, s: &ServiceAddr, addr: IpAddr, draining: bool) -> Result<()> {
         let state = self
@@ -694,6 +718,7 @@ impl Balancer {
 
 fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
     a.check == b.check
+        && a.weights == b.weights
         && a.on_down == b.on_down
         && a.fallback == b.fallback
         && a.mode == b.mode

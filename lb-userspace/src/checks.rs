@@ -13,7 +13,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     balancer::Balancer,
-    config::ServiceAddr,
+    config::{ServiceAddr, Weights},
     health::{self, CheckConfig, Health, ProbeEnv, ProbeResult, Tracker},
 };
 
@@ -32,6 +32,8 @@ struct Running {
     handle: JoinHandle<()>,
     tracker: Tracker,
     last: Option<(ProbeResult, SystemTime)>,
+    /// Smoothed latency of successful checks, seconds (for adaptive weights).
+    latency: Option<f64>,
 }
 
 impl Drop for Running {
@@ -97,6 +99,7 @@ impl Checks {
                     check,
                     handle,
                     last: None,
+                    latency: None,
                 },
             );
         }
@@ -111,18 +114,63 @@ impl Checks {
         if r.task != report.task {
             return;
         }
-        let changed = r.tracker.record(report.result.ok);
+        r.tracker.record(report.result.ok);
+        if report.result.ok {
+            let sample = report.result.latency.as_secs_f64();
+            r.latency = Some(match r.latency {
+                Some(l) => l + LATENCY_SMOOTHING * (sample - l),
+                None => sample,
+            });
+        }
         r.last = Some((report.result.clone(), report.at));
-        let Some(health) = changed else { return };
+        let health = r.tracker.health();
+        if health == Health::Unknown {
+            return;
+        }
+        // Applied on every report, not only on a change of the tracker: a real the balancer
+        // re-created (its service re-added by a restore) starts unknown there while its
+        // unchanged check keeps running.
         let detail = &report.result.detail;
         match b.set_health(&report.service, report.real, health) {
-            Ok(_) if health == Health::Up => {
+            Ok(false) => {}
+            Ok(true) if health == Health::Up => {
                 tracing::info!(service = %report.service, real = %report.real, %detail, "real up")
             }
-            Ok(_) => {
+            Ok(true) => {
                 tracing::warn!(service = %report.service, real = %report.real, %detail, "real down")
             }
             Err(e) => tracing::error!(real = %report.real, "applying a health change: {e:#}"),
+        }
+    }
+
+    /// Recomputes the effective weights of adaptive services from their reals' smoothed check
+    /// latencies. Called at most once a second; a real's weight moves only when the target
+    /// differs by more than a tenth of its configured weight, so it does not flap.
+    pub fn adapt_weights(&self, b: &mut Balancer) {
+        for svc in b.config().services {
+            if svc.weights != Weights::Adaptive {
+                continue;
+            }
+            let reals: Vec<(IpAddr, u32, u32, f64)> = b
+                .real_status(&svc.service)
+                .into_iter()
+                .filter(|r| !r.fallback && r.health == Health::Up)
+                .filter_map(|r| {
+                    let latency = self.running.get(&(svc.service, r.addr))?.latency?;
+                    Some((r.addr, r.weight, r.effective_weight, latency))
+                })
+                .collect();
+            let Some(fastest) = reals.iter().map(|r| r.3).min_by(f64::total_cmp) else {
+                continue;
+            };
+            for (addr, weight, current, latency) in reals {
+                let target = adaptive_weight(weight, latency, fastest);
+                if target.abs_diff(current) * 10 > weight
+                    && let Err(e) = b.set_effective_weight(&svc.service, addr, target)
+                {
+                    tracing::error!(real = %addr, "adapting a weight: {e:#}");
+                }
+            }
         }
     }
 
@@ -170,5 +218,36 @@ async fn run(
         if reports.send(report).await.is_err() {
             return;
         }
+    }
+}
+
+/// Weight of a new latency sample in the smoothed latency (an exponential moving average).
+const LATENCY_SMOOTHING: f64 = 0.3;
+/// Added to every latency before comparing: differences well under a millisecond are noise,
+/// not a slower machine.
+const LATENCY_FLOOR_S: f64 = 0.005;
+
+/// The weight adaptive weighting gives a real: its configured weight scaled by how much faster
+/// the service's fastest real answers its checks, bounded to [weight / 4, weight].
+pub fn adaptive_weight(weight: u32, latency: f64, fastest: f64) -> u32 {
+    let ratio = (fastest + LATENCY_FLOOR_S) / (latency + LATENCY_FLOOR_S);
+    let scaled = (weight as f64 * ratio).round() as u32;
+    scaled.clamp(weight.div_ceil(4), weight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adaptive_weight;
+
+    #[test]
+    fn adaptive_weights_follow_latency_within_bounds() {
+        // The fastest real keeps its weight; sub-millisecond differences change nothing.
+        assert_eq!(adaptive_weight(100, 0.001, 0.001), 100);
+        assert_eq!(adaptive_weight(100, 0.0015, 0.001), 92);
+        // Twice as slow (beyond the floor): about half; far slower: a quarter, never less.
+        assert_eq!(adaptive_weight(100, 0.015, 0.005), 50);
+        assert_eq!(adaptive_weight(100, 0.3, 0.001), 25);
+        assert_eq!(adaptive_weight(1, 0.3, 0.001), 1);
+        assert_eq!(adaptive_weight(0, 0.3, 0.001), 0);
     }
 }

@@ -10,6 +10,7 @@ use crate::{
     api::{self, DEFAULT_SOCKET, Request},
     config::{
         Config, DEFAULT_WEIGHT, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig,
+        Weights,
     },
     daemon::{self, DaemonOptions},
     dataplane::{Dataplane, LoadOptions, XdpModeChoice},
@@ -103,6 +104,9 @@ enum ServiceCmd {
         /// Where new flows go while no real is up (a sorry server); default: dropped.
         #[arg(long, value_name = "REAL_IP")]
         fallback: Option<IpAddr>,
+        /// adaptive: weights follow health-check latency (slower reals get fewer new flows).
+        #[arg(long, value_enum, default_value_t = Weights::Static)]
+        weights: Weights,
         #[command(flatten)]
         check: Box<CheckArgs>,
     },
@@ -336,6 +340,7 @@ fn run(cli: Cli) -> Result<()> {
             tunnel_src,
             on_down,
             fallback,
+            weights,
             check,
         }) => Request::ServiceAdd {
             config: ServiceConfig {
@@ -345,6 +350,7 @@ fn run(cli: Cli) -> Result<()> {
                 tunnel_src,
                 on_down,
                 fallback,
+                weights,
                 check: check.config()?,
                 ..ServiceConfig::new(service)
             },
@@ -481,10 +487,16 @@ fn print(request: &Request, data: &Value, json: bool) {
                         ),
                         None => String::new(),
                     };
+                    let weight = match r["effective_weight"].as_u64() {
+                        Some(e) if Some(e) != r["weight"].as_u64() => {
+                            format!("{}/{e}", r["weight"])
+                        }
+                        _ => r["weight"].to_string(),
+                    };
                     println!(
-                        "  -> {:<28} weight {:<5} mac {:<17} {:<10} active flows {}{via}{check}",
+                        "  -> {:<28} weight {:<7} mac {:<17} {:<10} active flows {}{via}{check}",
                         addr,
-                        r["weight"],
+                        weight,
                         r["mac"].as_str().unwrap_or("-"),
                         r["state"].as_str().unwrap_or(""),
                         r["active_flows"]

@@ -145,6 +145,18 @@ impl RealConfig {
     }
 }
 
+/// How a service's reals share new flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Weights {
+    /// As configured.
+    #[default]
+    Static,
+    /// Each real's weight follows its health-check latency against the service's fastest real,
+    /// between a quarter of its configured weight and all of it.
+    Adaptive,
+}
+
 /// What happens to a real's tracked flows when its checks take it down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -188,6 +200,8 @@ pub struct ServiceConfig {
     /// How its reals are health-checked. None: they are never checked (always up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckConfig>,
+    #[serde(default)]
+    pub weights: Weights,
 }
 
 impl ServiceConfig {
@@ -202,6 +216,7 @@ impl ServiceConfig {
             on_down: OnDown::Move,
             fallback: None,
             check: None,
+            weights: Weights::Static,
         }
     }
 
@@ -234,6 +249,9 @@ impl ServiceConfig {
             if self.reals[..i].iter().any(|o| o.addr == r.addr) {
                 bail!("service {s}: real {} is listed twice", r.addr);
             }
+        }
+        if self.weights == Weights::Adaptive && self.check.is_none() {
+            bail!("service {s}: adaptive weights follow health-check latency; add a --check");
         }
         if let Some(c) = &self.check {
             c.validate(s.port)

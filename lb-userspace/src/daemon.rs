@@ -97,6 +97,20 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         next_hops: HashMap::new(),
         checks,
     }));
+    let adapter = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let mut guard = shared.lock().unwrap();
+                let Shared {
+                    checks, balancer, ..
+                } = &mut *guard;
+                checks.adapt_weights(balancer);
+            }
+        })
+    };
     let checker = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -151,6 +165,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     }
     resolver.abort();
     checker.abort();
+    adapter.abort();
     if let Some(server) = metrics_server {
         server.abort();
     }
@@ -398,6 +413,7 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
                     json!({
                         "addr": r.addr,
                         "weight": r.weight,
+                        "effective_weight": r.effective_weight,
                         "mac": r.mac,
                         "next_hop": s.next_hops.get(&r.addr).map(|h| h.to_string()),
                         "state": real_state(&r),
@@ -415,6 +431,7 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
                 "mode": svc.mode,
                 "hash": svc.hash,
                 "ring_size": svc.ring_size,
+                "weights": svc.weights,
                 "reals": reals,
             })
         })

@@ -126,6 +126,11 @@ pub fn render(b: &mut Balancer, active_flows: &HashMap<u32, u64>) -> Result<Stri
         "1 if the real receives new flows (weight above 0 and MAC resolved).",
         real_labels,
     )?;
+    let real_effective_weight = gauge(
+        "xlb_real_effective_weight",
+        "The weight the Maglev table uses (differs from xlb_real_weight under adaptive weights).",
+        real_labels,
+    )?;
     let real_up = gauge(
         "xlb_real_up",
         "1 if the real passes its health checks (or has none).",
@@ -170,6 +175,9 @@ pub fn render(b: &mut Balancer, active_flows: &HashMap<u32, u64>) -> Result<Stri
             real_in_table
                 .with_label_values(&labels)
                 .set(r.in_table.into());
+            real_effective_weight
+                .with_label_values(&labels)
+                .set(r.effective_weight.into());
             real_up
                 .with_label_values(&labels)
                 .set((r.health == crate::health::Health::Up).into());

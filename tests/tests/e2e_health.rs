@@ -152,18 +152,26 @@ fn health_checks_in_the_dr_lab() {
             log
         })
     };
-    std::thread::sleep(Duration::from_millis(800));
+    std::thread::sleep(Duration::from_millis(1500));
     let killed = Instant::now();
     kill_server("r1");
     let detected = wait_state(SERVICE, "198.18.0.11", "down", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let log = load.join().unwrap();
-    let before: Vec<_> = log.iter().filter(|(t, _)| *t < killed).collect();
-    assert!(
-        before.iter().all(|(_, r)| r.is_some()),
-        "failures before the kill"
+    // Requests that started a full curl timeout before the kill cannot have met it.
+    let before: Vec<_> = log
+        .iter()
+        .filter(|(t, _)| *t + Duration::from_secs(1) < killed)
+        .collect();
+    let failed_before = before.iter().filter(|(_, r)| r.is_none()).count();
+    assert_eq!(
+        failed_before,
+        0,
+        "{failed_before} of {} requests failed before the kill",
+        before.len()
     );
+    assert!(before.len() >= 5, "too little load before the kill");
     let last_failure = log
         .iter()
         .filter(|(t, r)| *t >= killed && r.is_none())
@@ -320,4 +328,74 @@ fn health_checks_in_the_dr_lab() {
         back >= Duration::from_millis(400),
         "readmitted after {back:?}"
     );
+
+    // Adaptive weights: r1's health endpoint answers 100 ms late, so its weight drops to a
+    // quarter and it gets about 25/125 of new connections beside r2 (r3's server is dead).
+    let mut config: serde_json::Value = serde_json::from_str(&xlb_ok(&["save"])).unwrap();
+    let svc = config["services"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|s| s["service"] == SERVICE)
+        .unwrap();
+    svc["weights"] = "adaptive".into();
+    for real in svc["reals"].as_array_mut().unwrap() {
+        if real["addr"] == "198.18.0.11" {
+            real["check"] = serde_json::json!({
+                "kind": "http", "path": "/healthz?delay=0.1",
+                "interval_ms": INTERVAL_MS, "timeout_ms": INTERVAL_MS,
+            });
+        }
+    }
+    std::fs::write(&file, config.to_string()).unwrap();
+    xlb_ok(&["restore", &file]);
+    let weights = || -> Vec<u64> {
+        let status: serde_json::Value =
+            serde_json::from_str(&xlb_ok(&["--json", "status"])).unwrap();
+        let svc = status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == SERVICE)
+            .unwrap()
+            .clone();
+        ["198.18.0.11", "198.18.0.12"]
+            .iter()
+            .map(|a| {
+                svc["reals"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r["addr"] == *a)
+                    .unwrap()["effective_weight"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let adapted = Instant::now();
+    while weights() != [25, 100] {
+        assert!(
+            adapted.elapsed() < Duration::from_secs(10),
+            "weights {:?}, not [25, 100]\n{}",
+            weights(),
+            xlb_ok(&["status"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let adapted = adapted.elapsed();
+    let total = 150;
+    let to_r1 = (0..total)
+        .filter(|_| match get().as_deref() {
+            Some("r1") => true,
+            Some("r2") => false,
+            other => panic!("unexpected answer {other:?}"),
+        })
+        .count();
+    let share = to_r1 as f64 / total as f64;
+    eprintln!(
+        "adaptive: r1 (checks 100 ms slower) at weight 25 after {adapted:?}, got {share:.3} of \
+         new connections (25/125 = 0.2 expected)"
+    );
+    assert!((0.08..=0.32).contains(&share), "r1 got {share:.3}");
 }
