@@ -14,7 +14,8 @@ use lb_common::{
 
 use crate::{
     config::{
-        Config, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig, validate_real,
+        Config, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig, Weights,
+        validate_real,
     },
     dataplane::Dataplane,
     health::Health,
@@ -268,6 +269,15 @@ impl Balancer {
         }
     }
 
+    /// The services whose weights follow check latency (read once a second: no config copy).
+    pub fn adaptive_services(&self) -> Vec<ServiceAddr> {
+        self.services
+            .iter()
+            .filter(|(_, st)| st.config.weights == Weights::Adaptive)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
     pub fn service_id(&self, s: &ServiceAddr) -> Option<u32> {
         self.services.get(s).map(|st| st.id)
     }
@@ -472,15 +482,21 @@ impl Balancer {
         Ok(())
     }
 
-    pub fn set_weight(&mut self, s: &ServiceAddr, addr: IpAddr, weight: u32) -> Result<()> {
-        let state = self
-            .services
+    /// One real of one service, for a change; an unknown service or real is an error naming it.
+    fn real_mut(&mut self, s: &ServiceAddr, addr: IpAddr) -> Result<&mut RealState> {
+        self.services
             .get_mut(s)
-            .with_context(|| format!("service {s} does not exist"))?;
-        validate_real(&state.config, &RealConfig::new(addr, weight))?;
-        let Some(real) = state.reals.get_mut(&addr) else {
-            bail!("real {addr} is not in service {s}");
-        };
+            .with_context(|| format!("service {s} does not exist"))?
+            .reals
+            .get_mut(&addr)
+            .with_context(|| format!("real {addr} is not in service {s}"))
+    }
+
+    pub fn set_weight(&mut self, s: &ServiceAddr, addr: IpAddr, weight: u32) -> Result<()> {
+        if let Some(state) = self.services.get(s) {
+            validate_real(&state.config, &RealConfig::new(addr, weight))?;
+        }
+        let real = self.real_mut(s, addr)?;
         real.weight = weight;
         // Adaptive weighting scales the new weight from its next recomputation on.
         real.effective_weight = weight;
@@ -664,37 +680,27 @@ impl Balancer {
     /// Records what a real's health checks concluded; reprograms the service if that changes
     /// anything. Returns whether it changed.
     pub fn set_health(&mut self, s: &ServiceAddr, addr: IpAddr, health: Health) -> Result<bool> {
-        let state = self
-            .services
-            .get_mut(s)
-            .with_context(|| format!("service {s} does not exist"))?;
-        let real = match state.reals.get_mut(&addr) {
-            Some(r) => r,
-            None => match &mut state.fallback {
-                Some((a, r)) if *a == addr => r,
-                _ => bail!("real {addr} is not in service {s}"),
-            },
-        };
+        let real = self.real_mut(s, addr)?;
         if real.health == health {
             return Ok(false);
         }
         real.health = health;
-        // Out of the table first, then its flows are let go (or the reverse when it comes up).
-        self.publish_table(s)?;
-        self.write_backend(s, addr)?;
+        // Going down: out of the table first, then its flows are let go. Coming up: forwarding
+        // first, so no new flow meets a backend it may not forward to.
+        if health == Health::Up {
+            self.write_backend(s, addr)?;
+            self.publish_table(s)?;
+        } else {
+            self.publish_table(s)?;
+            self.write_backend(s, addr)?;
+        }
         Ok(true)
     }
 
     /// Sets the weight the table uses for a real (adaptive weighting); republishes if it
     /// changed.
     pub fn set_effective_weight(&mut self, s: &ServiceAddr, addr: IpAddr, w: u32) -> Result<()> {
-        let state = self
-            .services
-            .get_mut(s)
-            .with_context(|| format!("service {s} does not exist"))?;
-        let Some(real) = state.reals.get_mut(&addr) else {
-            bail!("real {addr} is not in service {s}");
-        };
+        let real = self.real_mut(s, addr)?;
         if real.effective_weight == w {
             return Ok(());
         }
@@ -704,14 +710,7 @@ impl Balancer {
 
     /// Drains a real (no new flows; tracked flows go on) or enables it again.
     pub fn set_draining(&mut self, s: &ServiceAddr, addr: IpAddr, draining: bool) -> Result<()> {
-        let state = self
-            .services
-            .get_mut(s)
-            .with_context(|| format!("service {s} does not exist"))?;
-        let Some(real) = state.reals.get_mut(&addr) else {
-            bail!("real {addr} is not in service {s}");
-        };
-        real.draining = draining;
+        self.real_mut(s, addr)?.draining = draining;
         self.publish_table(s)
     }
 }

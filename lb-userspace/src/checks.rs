@@ -13,7 +13,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     balancer::Balancer,
-    config::{ServiceAddr, Weights},
+    config::ServiceAddr,
     health::{self, CheckConfig, Health, ProbeEnv, ProbeResult, Tracker},
 };
 
@@ -147,16 +147,13 @@ impl Checks {
     /// latencies. Called at most once a second; a real's weight moves only when the target
     /// differs by more than a tenth of its configured weight, so it does not flap.
     pub fn adapt_weights(&self, b: &mut Balancer) {
-        for svc in b.config().services {
-            if svc.weights != Weights::Adaptive {
-                continue;
-            }
+        for service in b.adaptive_services() {
             let reals: Vec<(IpAddr, u32, u32, f64)> = b
-                .real_status(&svc.service)
+                .real_status(&service)
                 .into_iter()
                 .filter(|r| !r.fallback && r.health == Health::Up)
                 .filter_map(|r| {
-                    let latency = self.running.get(&(svc.service, r.addr))?.latency?;
+                    let latency = self.running.get(&(service, r.addr))?.latency?;
                     Some((r.addr, r.weight, r.effective_weight, latency))
                 })
                 .collect();
@@ -166,7 +163,7 @@ impl Checks {
             for (addr, weight, current, latency) in reals {
                 let target = adaptive_weight(weight, latency, fastest);
                 if target.abs_diff(current) * 10 > weight
-                    && let Err(e) = b.set_effective_weight(&svc.service, addr, target)
+                    && let Err(e) = b.set_effective_weight(&service, addr, target)
                 {
                     tracing::error!(real = %addr, "adapting a weight: {e:#}");
                 }

@@ -55,6 +55,17 @@ pub fn vip_key(addr: IpAddr) -> VipKey {
     key
 }
 
+/// The addresses in a `DECAP_VIPS` map, sorted.
+fn sorted_vips<T: std::borrow::Borrow<MapData>>(map: &HashMap<T, VipKey, u32>) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter_map(|k| vip_addr(&k))
+        .collect();
+    v.sort();
+    v
+}
+
 fn vip_addr(key: &VipKey) -> Option<IpAddr> {
     match key.family {
         FAMILY_V4 => {
@@ -134,14 +145,7 @@ impl Decapsulator {
 
     /// The VIPs decapsulated here, sorted.
     pub fn vips(&mut self) -> Result<Vec<IpAddr>> {
-        let map = self.vips_map()?;
-        let mut v: Vec<IpAddr> = map
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter_map(|k| vip_addr(&k))
-            .collect();
-        v.sort();
-        Ok(v)
+        Ok(sorted_vips(&self.vips_map()?))
     }
 
     /// One counter, summed over the CPUs.
@@ -323,13 +327,7 @@ pub async fn attached(nl: &Neighbours, ifindex: u32) -> Result<Option<Attached>>
     ) else {
         return Ok(None);
     };
-    let vips: HashMap<MapData, VipKey, u32> = HashMap::try_from(aya::maps::Map::HashMap(vips))?;
-    let mut vips: Vec<IpAddr> = vips
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter_map(|k| vip_addr(&k))
-        .collect();
-    vips.sort();
+    let vips = sorted_vips(&HashMap::try_from(aya::maps::Map::HashMap(vips))?);
     let stats: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(stats))?;
     let counters = Decap::ALL

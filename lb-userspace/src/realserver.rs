@@ -57,6 +57,15 @@ struct Records {
     records: Vec<Record>,
 }
 
+impl Records {
+    /// The record of this VIP on this interface in namespace `netns`.
+    fn find(&self, netns: &str, opts: &Options) -> Option<usize> {
+        self.records
+            .iter()
+            .position(|r| r.netns == netns && r.iface == opts.iface && r.vip == opts.vip)
+    }
+}
+
 fn netns_id() -> Result<String> {
     Ok(std::fs::read_link("/proc/self/ns/net")
         .context("reading /proc/self/ns/net")?
@@ -194,10 +203,7 @@ pub async fn setup(opts: &Options) -> Result<()> {
         netns,
     } = Host::open(opts).await?;
     let mut records = load(&opts.state)?;
-    let existing = records
-        .records
-        .iter()
-        .position(|r| r.netns == netns && r.iface == opts.iface && r.vip == opts.vip);
+    let existing = records.find(&netns, opts);
     if let Some(i) = existing
         && records.records[i].mode != opts.mode
     {
@@ -276,11 +282,7 @@ pub async fn teardown(opts: &Options) -> Result<()> {
         netns,
     } = Host::open(opts).await?;
     let mut records = load(&opts.state)?;
-    let Some(i) = records
-        .records
-        .iter()
-        .position(|r| r.netns == netns && r.iface == opts.iface && r.vip == opts.vip)
-    else {
+    let Some(i) = records.find(&netns, opts) else {
         bail!(
             "{} on {} was not set up by xlb realserver setup (no record in {})",
             opts.vip,

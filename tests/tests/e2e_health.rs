@@ -32,6 +32,22 @@ fn xlb_ok(args: &[&str]) -> String {
     LAB.xlb().ok(args)
 }
 
+/// Changes the lab service's saved configuration and restores it (`xlb save` | edit |
+/// `xlb restore`).
+fn edit_service(edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut config: serde_json::Value = serde_json::from_str(&xlb_ok(&["save"])).unwrap();
+    let svc = config["services"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|s| s["service"] == SERVICE)
+        .unwrap();
+    edit(svc);
+    let file = format!("{STATE}/health-config.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    xlb_ok(&["restore", &file]);
+}
+
 /// The state word `status --json` gives a real of a service.
 fn state_of(service: &str, real: &str) -> String {
     let status: serde_json::Value = serde_json::from_str(&xlb_ok(&["--json", "status"])).unwrap();
@@ -119,20 +135,12 @@ fn health_checks_in_the_dr_lab() {
     let _lab = LAB.up();
 
     // The lab's service gets an HTTP check on /healthz.
-    let mut config: serde_json::Value = serde_json::from_str(&xlb_ok(&["save"])).unwrap();
-    let svc = config["services"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|s| s["service"] == SERVICE)
-        .unwrap();
-    svc["check"] = serde_json::json!({
-        "kind": "http", "path": "/healthz",
-        "interval_ms": INTERVAL_MS, "timeout_ms": INTERVAL_MS, "rise": 2, "fall": FALL,
+    edit_service(|svc| {
+        svc["check"] = serde_json::json!({
+            "kind": "http", "path": "/healthz",
+            "interval_ms": INTERVAL_MS, "timeout_ms": INTERVAL_MS, "rise": 2, "fall": FALL,
+        });
     });
-    let file = format!("{STATE}/health-config.json");
-    std::fs::write(&file, config.to_string()).unwrap();
-    xlb_ok(&["restore", &file]);
     for (_, addr) in REALS {
         wait_state(SERVICE, addr, "up", Duration::from_secs(5));
     }
@@ -331,24 +339,17 @@ fn health_checks_in_the_dr_lab() {
 
     // Adaptive weights: r1's health endpoint answers 100 ms late, so its weight drops to a
     // quarter and it gets about 25/125 of new connections beside r2 (r3's server is dead).
-    let mut config: serde_json::Value = serde_json::from_str(&xlb_ok(&["save"])).unwrap();
-    let svc = config["services"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|s| s["service"] == SERVICE)
-        .unwrap();
-    svc["weights"] = "adaptive".into();
-    for real in svc["reals"].as_array_mut().unwrap() {
-        if real["addr"] == "198.18.0.11" {
-            real["check"] = serde_json::json!({
-                "kind": "http", "path": "/healthz?delay=0.1",
-                "interval_ms": INTERVAL_MS, "timeout_ms": INTERVAL_MS,
-            });
+    edit_service(|svc| {
+        svc["weights"] = "adaptive".into();
+        for real in svc["reals"].as_array_mut().unwrap() {
+            if real["addr"] == "198.18.0.11" {
+                real["check"] = serde_json::json!({
+                    "kind": "http", "path": "/healthz?delay=0.1",
+                    "interval_ms": INTERVAL_MS, "timeout_ms": INTERVAL_MS,
+                });
+            }
         }
-    }
-    std::fs::write(&file, config.to_string()).unwrap();
-    xlb_ok(&["restore", &file]);
+    });
     let weights = || -> Vec<u64> {
         let status: serde_json::Value =
             serde_json::from_str(&xlb_ok(&["--json", "status"])).unwrap();
