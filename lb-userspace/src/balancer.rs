@@ -17,7 +17,7 @@ use crate::{
         Config, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig, Weights,
         validate_real,
     },
-    dataplane::Dataplane,
+    dataplane::{Dataplane, Inherited},
     health::Health,
     maglev,
 };
@@ -53,6 +53,22 @@ impl IdPool {
         let generation = self.generations.entry(id).or_insert(0);
         *generation = generation.wrapping_add(1);
         Some((id, *generation))
+    }
+
+    /// Takes `id` out of circulation with the generation it already has (a previous daemon
+    /// gave it out; flows tracked for it carry that generation).
+    fn reserve(&mut self, id: u32, generation: u32) {
+        if id >= self.limit {
+            return;
+        }
+        while self.next <= id {
+            if self.next != id {
+                self.free.push_back(self.next);
+            }
+            self.next += 1;
+        }
+        self.free.retain(|&f| f != id);
+        self.generations.insert(id, generation);
     }
 
     fn release(&mut self, id: u32) {
@@ -123,8 +139,25 @@ pub struct RealStatus {
     pub in_table: bool,
 }
 
+/// What a previous daemon's pinned maps held, claimed while the state file is re-applied so
+/// services and reals keep their ids and generations (their tracked flows stay valid), their
+/// MACs and their places in the tables.
+#[derive(Default)]
+struct Inheritance {
+    services: HashMap<ServiceKey, u32>,
+    reals: HashMap<(u32, IpAddr), InheritedReal>,
+}
+
+struct InheritedReal {
+    id: u32,
+    generation: u32,
+    /// In its service's table: it was eligible, so a checked real resumes `up`.
+    in_table: bool,
+}
+
 pub struct Balancer {
     dp: Dataplane,
+    inheritance: Inheritance,
     services: BTreeMap<ServiceAddr, ServiceState>,
     service_ids: IdPool,
     backend_ids: IdPool,
@@ -152,6 +185,15 @@ fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
     }
 }
 
+/// A backend entry's address (None for an unused entry).
+fn backend_addr(b: &Backend) -> Option<IpAddr> {
+    match b.family {
+        FAMILY_V4 => Some(IpAddr::from(<[u8; 4]>::try_from(&b.addr[..4]).ok()?)),
+        FAMILY_V6 => Some(IpAddr::from(b.addr)),
+        _ => None,
+    }
+}
+
 pub fn service_key(s: &ServiceAddr) -> ServiceKey {
     let (addr, family) = addr_bytes(s.vip);
     ServiceKey {
@@ -173,6 +215,7 @@ impl Balancer {
     pub fn new(dp: Dataplane) -> Self {
         Self {
             dp,
+            inheritance: Inheritance::default(),
             services: BTreeMap::new(),
             service_ids: IdPool::new(MAX_SERVICES),
             backend_ids: IdPool::new(MAX_BACKENDS),
@@ -182,6 +225,53 @@ impl Balancer {
             tunnel_v4: None,
             tunnel_v6: None,
         }
+    }
+
+    /// Takes over what a previous daemon left in the pinned maps (see [`Inherited`]). Call
+    /// before `replace` applies the state file, then [`Balancer::finish_inheriting`].
+    pub fn inherit(&mut self, prior: Inherited) {
+        for (key, value) in prior.services {
+            self.service_ids.reserve(value.id, 1);
+            self.inheritance.services.insert(key, value.id);
+        }
+        for (id, b) in prior.backends {
+            let Some(addr) = backend_addr(&b) else {
+                continue;
+            };
+            self.backend_ids.reserve(id, b.generation);
+            // Known a moment ago; the neighbour refresh corrects it if it changed.
+            if b.flags & BACKEND_F_FORWARD != 0 {
+                self.macs.insert(addr, b.mac);
+            }
+            let in_table = prior
+                .members
+                .get(&b.service_id)
+                .is_some_and(|m| m.contains(&id));
+            self.inheritance.reals.insert(
+                (b.service_id, addr),
+                InheritedReal {
+                    id,
+                    generation: b.generation,
+                    in_table,
+                },
+            );
+        }
+    }
+
+    /// Removes from the maps what the previous daemon had and the state file does not, and
+    /// frees those ids.
+    pub fn finish_inheriting(&mut self) -> Result<()> {
+        let inheritance = std::mem::take(&mut self.inheritance);
+        for (key, id) in inheritance.services {
+            self.dp.remove_service(&key)?;
+            self.dp.clear_maglev(id)?;
+            self.service_ids.release(id);
+        }
+        for real in inheritance.reals.into_values() {
+            self.dp.set_backend(real.id, Backend::default())?;
+            self.backend_ids.release(real.id);
+        }
+        self.write_kernel_config()
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {
@@ -307,6 +397,11 @@ impl Balancer {
         self.macs.get(&addr).copied()
     }
 
+    /// A real's health as the balancer holds it (its checks' tracker resumes from it).
+    pub fn health(&self, s: &ServiceAddr, addr: IpAddr) -> Option<Health> {
+        Some(self.services.get(s)?.real(addr)?.health)
+    }
+
     pub fn real_status(&self, s: &ServiceAddr) -> Vec<RealStatus> {
         let Some(st) = self.services.get(s) else {
             return Vec::new();
@@ -344,12 +439,24 @@ impl Balancer {
                 config.reals.len()
             );
         }
-        let (id, _) = self.service_ids.alloc().with_context(|| {
-            format!(
-                "no room for service {} (limit {MAX_SERVICES})",
-                config.service
-            )
-        })?;
+        let inherited = self
+            .inheritance
+            .services
+            .remove(&service_key(&config.service));
+        let id = match inherited {
+            Some(id) => id,
+            None => {
+                self.service_ids
+                    .alloc()
+                    .with_context(|| {
+                        format!(
+                            "no room for service {} (limit {MAX_SERVICES})",
+                            config.service
+                        )
+                    })?
+                    .0
+            }
+        };
         self.services.insert(
             config.service,
             ServiceState {
@@ -363,7 +470,7 @@ impl Balancer {
             },
         );
         // A step the kernel refuses undoes the whole service, so nothing is left half-added.
-        if let Err(e) = self.program_new_service(&config, tunnel_src) {
+        if let Err(e) = self.program_new_service(&config, tunnel_src, inherited.is_none()) {
             if let Err(undo) = self.remove_service(&config.service) {
                 tracing::error!(service = %config.service, "undoing a failed add: {undo:#}");
             }
@@ -372,10 +479,19 @@ impl Balancer {
         Ok(())
     }
 
-    fn program_new_service(&mut self, config: &ServiceConfig, tunnel_src: [u8; 16]) -> Result<()> {
+    /// Writes a service's reals, table and entry. `fresh`: its id may have served another
+    /// service, so its counters start over (an inherited service keeps counting).
+    fn program_new_service(
+        &mut self,
+        config: &ServiceConfig,
+        tunnel_src: [u8; 16],
+        fresh: bool,
+    ) -> Result<()> {
         let s = &config.service;
         let id = self.services[s].id;
-        self.dp.reset_service_counters(id)?;
+        if fresh {
+            self.dp.reset_service_counters(id)?;
+        }
         for real in &config.reals {
             let state = self.new_real(config, real)?;
             self.services
@@ -598,25 +714,40 @@ impl Balancer {
 
     /// A fresh backend id for a real, its counters zeroed (the id may have served another). A
     /// checked real starts `Unknown`: no new flows until its first check answers.
+    /// An inherited real keeps its id, generation and counters, and resumes `up` if it was in
+    /// the table.
     fn new_real(&mut self, svc: &ServiceConfig, real: &RealConfig) -> Result<RealState> {
-        let (backend_id, generation) = self
-            .backend_ids
-            .alloc()
-            .with_context(|| format!("no room for another real (limit {MAX_BACKENDS})"))?;
-        if let Err(e) = self.dp.reset_backend_counters(backend_id) {
-            self.backend_ids.release(backend_id);
-            return Err(e);
-        }
+        let service_id = self.services[&svc.service].id;
+        let checked = real.effective_check(svc).is_some();
+        let (backend_id, generation, health) =
+            match self.inheritance.reals.remove(&(service_id, real.addr)) {
+                Some(r) => (
+                    r.id,
+                    r.generation,
+                    if checked && !r.in_table {
+                        Health::Unknown
+                    } else {
+                        Health::Up
+                    },
+                ),
+                None => {
+                    let (id, generation) = self.backend_ids.alloc().with_context(|| {
+                        format!("no room for another real (limit {MAX_BACKENDS})")
+                    })?;
+                    if let Err(e) = self.dp.reset_backend_counters(id) {
+                        self.backend_ids.release(id);
+                        return Err(e);
+                    }
+                    let health = if checked { Health::Unknown } else { Health::Up };
+                    (id, generation, health)
+                }
+            };
         Ok(RealState {
             weight: real.weight,
             effective_weight: real.weight,
             backend_id,
             generation,
-            health: if real.effective_check(svc).is_some() {
-                Health::Unknown
-            } else {
-                Health::Up
-            },
+            health,
             draining: real.draining,
             check: real.check.clone(),
         })
@@ -724,4 +855,26 @@ fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
         && a.ring_size == b.ring_size
         && a.hash == b.hash
         && a.tunnel_src == b.tunnel_src
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdPool;
+
+    #[test]
+    fn reserved_ids_keep_their_generation_and_are_not_handed_out() {
+        let mut pool = IdPool::new(8);
+        pool.reserve(3, 7);
+        pool.reserve(1, 2);
+        let handed: Vec<(u32, u32)> = (0..6).map(|_| pool.alloc().unwrap()).collect();
+        assert_eq!(
+            handed,
+            vec![(4, 1), (5, 1), (6, 1), (7, 1), (0, 1), (2, 1)],
+            "fresh ids first, then the gaps below the reserved ones"
+        );
+        assert_eq!(pool.alloc(), None);
+        // A reserved id that is released comes back with its generation bumped.
+        pool.release(3);
+        assert_eq!(pool.alloc(), Some((3, 8)));
+    }
 }

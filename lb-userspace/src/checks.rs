@@ -95,7 +95,12 @@ impl Checks {
                 key,
                 Running {
                     task: self.next_task,
-                    tracker: Tracker::new(check.rise, check.fall),
+                    // A real a restarted daemon inherited `up` keeps its hysteresis.
+                    tracker: Tracker::resume(
+                        check.rise,
+                        check.fall,
+                        b.health(&service, real).unwrap_or(Health::Unknown),
+                    ),
                     check,
                     handle,
                     last: None,

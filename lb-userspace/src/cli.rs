@@ -15,7 +15,9 @@ use crate::{
     daemon::{self, DaemonOptions},
     dataplane::{Dataplane, LoadOptions, XdpModeChoice},
     health::{CheckConfig, CheckKind},
-    maglev, realserver, state,
+    maglev,
+    pins::{self, PinDir},
+    realserver, state,
 };
 
 #[derive(Parser)]
@@ -51,6 +53,18 @@ enum Command {
         /// Serve Prometheus metrics on ADDR:PORT (GET /metrics).
         #[arg(long, value_name = "ADDR:PORT")]
         metrics: Option<std::net::SocketAddr>,
+        /// Pin the data path under DIR/<iface> (DIR/netns-<inode>/<iface> in another network
+        /// namespace): it keeps forwarding when the daemon stops, and the next daemon adopts it.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+    },
+    /// Remove the data path a daemon left on an interface: detach the program, remove the
+    /// pinned link and maps. Stop the daemon first. Runs locally, without the daemon.
+    Detach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
     },
     /// Add, remove and list virtual services.
     #[command(subcommand)]
@@ -318,6 +332,7 @@ fn run(cli: Cli) -> Result<()> {
             xdp_mode,
             conn_capacity,
             metrics,
+            pin_root,
         } => {
             init_logging();
             let rt = tokio::runtime::Runtime::new()?;
@@ -328,7 +343,21 @@ fn run(cli: Cli) -> Result<()> {
                 xdp_mode,
                 conn_capacity,
                 metrics,
+                pin_root,
             }));
+        }
+        Command::Detach { iface, pin_root } => {
+            let pins = PinDir::for_iface(&pin_root, &iface, 0)?;
+            let removed = pins.remove_all()?;
+            if removed == 0 {
+                println!("nothing pinned for {iface} ({})", pins.path.display());
+            } else {
+                println!(
+                    "detached xlb from {iface}: removed {removed} pins in {}",
+                    pins.path.display()
+                );
+            }
+            return Ok(());
         }
         Command::XdpPass { iface } => return xdp_pass(&iface),
         Command::Realserver(cmd) => return realserver_cmd(cmd),
@@ -658,6 +687,7 @@ fn realserver_cmd(cmd: RealserverCmd) -> Result<()> {
 fn xdp_pass(iface: &str) -> Result<()> {
     let mut dp = Dataplane::load(&LoadOptions {
         conn_capacity: 1024,
+        ..LoadOptions::default()
     })?;
     dp.attach_pass(iface)?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -22,9 +22,10 @@ use crate::{
     balancer::Balancer,
     checks::Checks,
     config::{Config, Mode},
-    dataplane::{Dataplane, LoadOptions, XdpModeChoice},
+    dataplane::{AttachMode, Attachment, Dataplane, LoadOptions, XdpModeChoice},
     metrics,
     neighbour::{Neighbours, trigger_resolution},
+    pins::PinDir,
     state,
 };
 
@@ -42,6 +43,8 @@ pub struct DaemonOptions {
     pub conn_capacity: u32,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where the data path is pinned (per interface below it).
+    pub pin_root: PathBuf,
 }
 
 struct Shared {
@@ -69,19 +72,32 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let neighbours = Neighbours::new()?;
     let iface = neighbours.interface(&opts.iface).await?;
     let ifindex = iface.index;
-    let mut dp = Dataplane::load(&LoadOptions {
+    let pins = PinDir::for_iface(&opts.pin_root, &opts.iface, ifindex)?;
+    let dp = Dataplane::load(&LoadOptions {
         conn_capacity: opts.conn_capacity,
+        pins: Some(pins.clone()),
     })?;
-    let mode = dp.attach(&opts.iface, opts.xdp_mode)?;
-    tracing::info!(iface = %opts.iface, mode = mode.as_str(), "XDP program attached");
+    let adopting = dp.adopting();
+    let inherited = dp.inherited()?;
+    if adopting {
+        tracing::info!(
+            pins = %pins.path.display(),
+            services = inherited.services.len(),
+            reals = inherited.backends.len(),
+            "adopting the pinned data path"
+        );
+    }
     let mut balancer = Balancer::new(dp);
+    balancer.inherit(inherited);
     balancer.set_iface_mac(iface.mac)?;
-    balancer.set_mtu(iface.mtu)?;
+    // No IP packet exceeds 65535 bytes, so a larger MTU (lo's 65536) checks nothing more.
+    balancer.set_mtu(iface.mtu.min(65535))?;
     let (v4, v6) = neighbours.primary_addresses(ifindex).await?;
     balancer.set_default_tunnel_sources(v4, v6);
     balancer
         .replace(&config)
         .context("restoring the state file's configuration")?;
+    balancer.finish_inheriting()?;
     tracing::info!(
         services = config.services.len(),
         state = %opts.state.display(),
@@ -92,11 +108,40 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let shared = Arc::new(Mutex::new(Shared {
         balancer,
         iface: opts.iface.clone(),
-        attach_mode: mode.as_str(),
+        attach_mode: "",
         state: opts.state.clone(),
         next_hops: HashMap::new(),
         checks,
     }));
+    // MACs before attaching, so a new program's first packets find reals they may forward to.
+    refresh_neighbours(&shared, &neighbours, ifindex).await;
+    let attachment = {
+        let mut guard = shared.lock().unwrap();
+        guard
+            .balancer
+            .dataplane()
+            .attach(&opts.iface, opts.xdp_mode)?
+    };
+    let mode = match attachment {
+        Attachment::New(mode) => {
+            tracing::info!(iface = %opts.iface, mode = mode.as_str(), pins = %pins.path.display(), "XDP program attached");
+            mode
+        }
+        Attachment::Adopted => {
+            let generic = neighbours
+                .xdp_program(ifindex)
+                .await?
+                .is_some_and(|(_, generic)| generic);
+            let mode = if generic {
+                AttachMode::Generic
+            } else {
+                AttachMode::Native
+            };
+            tracing::info!(iface = %opts.iface, mode = mode.as_str(), "pinned XDP link adopted; program replaced atomically");
+            mode
+        }
+    };
+    shared.lock().unwrap().attach_mode = mode.as_str();
     let adapter = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -123,8 +168,6 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             }
         })
     };
-    refresh_neighbours(&shared, &neighbours, ifindex).await;
-
     let listener = bind_socket(&opts.socket)?;
     tracing::info!(socket = %opts.socket.display(), "control API listening");
     let resolver = {
@@ -170,7 +213,11 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         server.abort();
     }
     let _ = std::fs::remove_file(&opts.socket);
-    tracing::info!("stopping; the XDP program is detached");
+    tracing::info!(
+        pins = %pins.path.display(),
+        "stopping; the data path keeps forwarding (`xlb detach --iface {}` removes it)",
+        opts.iface
+    );
     Ok(())
 }
 

@@ -10,12 +10,18 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, DEFAULT_CONN_CAPACITY, Global, ServiceKey,
     ServiceValue,
 };
+
+use crate::pins::{MapLayout, PINNED_MAPS, PinDir};
 
 /// The compiled eBPF object, built by build.rs with the pinned nightly and bpf-linker.
 pub(crate) static EBPF_OBJECT: &[u8] =
@@ -57,14 +63,38 @@ pub enum XdpModeChoice {
 pub struct LoadOptions {
     /// Flows the connection table holds before the least recently used is evicted.
     pub conn_capacity: u32,
+    /// Pin the maps and the link here, adopting what a previous daemon pinned (None: the data
+    /// path lives and dies with this process, as in tests and benchmarks).
+    pub pins: Option<PinDir>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conn_capacity: DEFAULT_CONN_CAPACITY,
+            pins: None,
         }
     }
+}
+
+/// How the balancer came to be on the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// Attached now, in this mode.
+    New(AttachMode),
+    /// A previous daemon's pinned link, now running this binary's program (swapped in
+    /// atomically: no packet meets a detached interface). Its mode is the link's.
+    Adopted,
+}
+
+/// What a previous daemon left in the pinned maps, read before anything is rewritten.
+#[derive(Default)]
+pub struct Inherited {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    /// Backend entries in use: (id, entry).
+    pub backends: Vec<(u32, Backend)>,
+    /// Per service id, the backend ids its Maglev table hands new flows to.
+    pub members: std::collections::HashMap<u32, std::collections::HashSet<u32>>,
 }
 
 /// A Maglev table living in its own kernel map, filled through a shared mapping.
@@ -111,18 +141,64 @@ impl MaglevMap {
         }
         Ok(Self { map })
     }
+
+    /// The slots of a published table (the mapping is read-only and unmapped before return).
+    fn read(map: &MapData) -> Result<Vec<u32>> {
+        let entries = map.info()?.max_entries() as usize;
+        let len = entries * 8;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: an mmapable array map of `len` bytes, mapped read-only; unmapped below.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            if addr == libc::MAP_FAILED {
+                bail!(
+                    "mmap of a Maglev table: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let base = addr as *const u32;
+            let size = (base.read() as usize).min(entries.saturating_sub(1) * 2);
+            let slots = std::slice::from_raw_parts(base.add(2), size).to_vec();
+            libc::munmap(addr, len);
+            Ok(slots)
+        }
+    }
 }
 
 pub struct Dataplane {
     ebpf: Ebpf,
-    attached: Option<(XdpLinkId, AttachMode)>,
+    attached: Option<(XdpLinkId, Option<AttachMode>)>,
+    pins: Option<PinDir>,
+    /// The pins hold a link to our interface: attaching swaps our program into it.
+    adopting: bool,
+    /// The pin directory's lock, held while we manage it.
+    _pins_lock: Option<std::fs::File>,
 }
 
 impl Dataplane {
     /// Loads the balancer and the pass program into the kernel (nothing is attached yet).
     pub fn load(opts: &LoadOptions) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("CONNS", opts.conn_capacity)
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries("CONNS", opts.conn_capacity);
+        let mut adopting = false;
+        let mut pins_lock = None;
+        if let Some(pins) = &opts.pins {
+            pins.prepare()?;
+            pins_lock = Some(pins.lock()?);
+            adopting = pins.has_adoptable_link()?;
+            pins.drop_changed_layouts(&map_layouts(opts.conn_capacity)?)?;
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         for name in [BALANCER_PROGRAM, PASS_PROGRAM] {
@@ -137,7 +213,44 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             attached: None,
+            pins: opts.pins.clone(),
+            adopting,
+            _pins_lock: pins_lock,
         })
+    }
+
+    /// Whether `load` found a previous daemon's pins to adopt.
+    pub fn adopting(&self) -> bool {
+        self.adopting
+    }
+
+    /// The previous daemon's services, backends and table members (empty unless adopting).
+    pub fn inherited(&self) -> Result<Inherited> {
+        let mut inherited = Inherited::default();
+        if !self.adopting {
+            return Ok(inherited);
+        }
+        let services: HashMap<_, ServiceKey, ServiceValue> =
+            HashMap::try_from(self.map("SERVICES")?)?;
+        inherited.services = services.iter().filter_map(|r| r.ok()).collect();
+        let backends: Array<_, Backend> = Array::try_from(self.map("BACKENDS")?)?;
+        inherited.backends = backends
+            .iter()
+            .filter_map(|r| r.ok())
+            .enumerate()
+            .filter(|(_, b)| b.family != 0)
+            .map(|(id, b)| (id as u32, b))
+            .collect();
+        let outer: ArrayOfMaps<_, MapData> = ArrayOfMaps::try_from(self.map("MAGLEV")?)?;
+        for (_, value) in &inherited.services {
+            if let Ok(table) = outer.get(&value.id, 0) {
+                let slots = MaglevMap::read(&table)?;
+                inherited
+                    .members
+                    .insert(value.id, slots.into_iter().collect());
+            }
+        }
+        Ok(inherited)
     }
 
     fn program(&mut self, name: &str) -> Result<&mut Xdp> {
@@ -149,7 +262,44 @@ impl Dataplane {
     }
 
     /// Attaches the balancer. `Auto` tries native mode and falls back to generic, logging why.
-    pub fn attach(&mut self, iface: &str, choice: XdpModeChoice) -> Result<AttachMode> {
+    /// With pins, a previous daemon's link is adopted (our program swapped in atomically), or
+    /// the new link is pinned so the data path outlives us.
+    pub fn attach(&mut self, iface: &str, choice: XdpModeChoice) -> Result<Attachment> {
+        if self.adopting {
+            let pins = self.pins.clone().expect("adopting implies pins");
+            let link = PinnedLink::from_pin(pins.link())
+                .with_context(|| format!("opening {}", pins.link().display()))?;
+            let link = XdpLink::try_from(FdLink::from(link))
+                .context("the pinned link is not an XDP link")?;
+            let prog = self.program(BALANCER_PROGRAM)?;
+            let id = prog
+                .attach_to_link(link)
+                .context("swapping the program into the pinned link")?;
+            self.attached = Some((id, None));
+            return Ok(Attachment::Adopted);
+        }
+        let mode = match self.attach_new(iface, choice) {
+            Ok(mode) => mode,
+            Err(e) => {
+                if let Some(pins) = &self.pins {
+                    pins.discard();
+                }
+                return Err(e);
+            }
+        };
+        if let Some(pins) = self.pins.clone() {
+            let (id, _) = self.attached.take().expect("just attached");
+            let link = self.program(BALANCER_PROGRAM)?.take_link(id)?;
+            let link = FdLink::try_from(link)
+                .context("the kernel attached XDP without a bpf_link, which cannot be pinned")?;
+            // The pin keeps the link (and the program) on the interface after we exit.
+            link.pin(pins.link())
+                .with_context(|| format!("pinning the XDP link at {}", pins.link().display()))?;
+        }
+        Ok(Attachment::New(mode))
+    }
+
+    fn attach_new(&mut self, iface: &str, choice: XdpModeChoice) -> Result<AttachMode> {
         let prog = self.program(BALANCER_PROGRAM)?;
         let attempt = |prog: &mut Xdp, mode: AttachMode| {
             let flags = match mode {
@@ -175,12 +325,8 @@ impl Dataplane {
                 }
             },
         };
-        self.attached = Some((link, mode));
+        self.attached = Some((link, Some(mode)));
         Ok(mode)
-    }
-
-    pub fn attach_mode(&self) -> Option<AttachMode> {
-        self.attached.as_ref().map(|(_, mode)| *mode)
     }
 
     /// Attaches the pass-everything program (for a veth peer that must receive XDP_TX frames).
@@ -357,6 +503,33 @@ fn sum_counters(map: &aya::maps::Map, id: u32) -> Result<Counters> {
         total.new_flows += c.new_flows;
     }
     Ok(total)
+}
+
+/// The layouts this binary's program declares for the pinned maps (CONNS at the capacity asked).
+fn map_layouts(conn_capacity: u32) -> Result<Vec<(&'static str, MapLayout)>> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
+    PINNED_MAPS
+        .iter()
+        .map(|&name| {
+            let map = object
+                .maps
+                .get(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+            Ok((
+                name,
+                MapLayout {
+                    key_size: map.key_size(),
+                    value_size: map.value_size(),
+                    max_entries: if name == "CONNS" {
+                        conn_capacity
+                    } else {
+                        map.max_entries()
+                    },
+                    flags: map.map_flags(),
+                },
+            ))
+        })
+        .collect()
 }
 
 /// The verifier's log is long; keep its last lines, which say what failed.

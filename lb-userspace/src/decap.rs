@@ -16,10 +16,9 @@ use aya::{
 };
 use lb_common::{DECAP_CAPACITY, Decap, FAMILY_V4, FAMILY_V6, VipKey};
 
-use futures_util::TryStreamExt;
 use rtnetlink::{
     LinkUnspec,
-    packet_route::link::{LinkAttribute, LinkXdp, XdpAttached},
+    packet_route::link::{LinkAttribute, LinkXdp},
 };
 
 use crate::{
@@ -205,24 +204,16 @@ const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 
 /// The XDP program attached to an interface: its id and the mode flag to detach it with.
 async fn attached_program(nl: &Neighbours, ifindex: u32) -> Result<Option<(u32, u32)>> {
-    let mut links = nl.handle().link().get().match_index(ifindex).execute();
-    let Some(link) = links.try_next().await.context("reading the interface")? else {
-        bail!("interface {ifindex} disappeared");
-    };
-    let mut id = None;
-    let mut mode = XDP_FLAGS_DRV_MODE;
-    for attr in &link.attributes {
-        if let LinkAttribute::Xdp(xdp) = attr {
-            for x in xdp {
-                match x {
-                    LinkXdp::ProgId(p) if *p != 0 => id = Some(*p),
-                    LinkXdp::Attached(XdpAttached::SocketBuffer) => mode = XDP_FLAGS_SKB_MODE,
-                    _ => {}
-                }
-            }
-        }
-    }
-    Ok(id.map(|id| (id, mode)))
+    Ok(nl.xdp_program(ifindex).await?.map(|(id, generic)| {
+        (
+            id,
+            if generic {
+                XDP_FLAGS_SKB_MODE
+            } else {
+                XDP_FLAGS_DRV_MODE
+            },
+        )
+    }))
 }
 
 /// A map of an attached decapsulator, or None if the program is not xlb's decapsulator.

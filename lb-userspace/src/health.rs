@@ -49,6 +49,14 @@ impl Tracker {
         }
     }
 
+    /// A tracker that starts from a known health (`Unknown` is a fresh start).
+    pub fn resume(rise: u32, fall: u32, health: Health) -> Self {
+        Self {
+            health,
+            ..Self::new(rise, fall)
+        }
+    }
+
     pub fn health(&self) -> Health {
         self.health
     }

@@ -14,7 +14,7 @@ use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkMessage},
+        link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute},
     },
@@ -44,6 +44,29 @@ impl Neighbours {
 
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    /// The XDP program attached to an interface: its id, and whether it runs in generic (skb)
+    /// mode rather than in the driver.
+    pub async fn xdp_program(&self, ifindex: u32) -> Result<Option<(u32, bool)>> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let Some(link) = links.try_next().await.context("reading the interface")? else {
+            bail!("interface {ifindex} disappeared");
+        };
+        let mut id = None;
+        let mut generic = false;
+        for attr in &link.attributes {
+            if let LinkAttribute::Xdp(xdp) = attr {
+                for x in xdp {
+                    match x {
+                        LinkXdp::ProgId(p) if *p != 0 => id = Some(*p),
+                        LinkXdp::Attached(XdpAttached::SocketBuffer) => generic = true,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(id.map(|id| (id, generic)))
     }
 
     /// An interface's index (for interfaces without a MAC, such as lo).

@@ -90,6 +90,25 @@ impl Lab {
         }
     }
 
+    /// `xlb daemon ARGS` on this lab's socket in the director's network namespace only, as
+    /// scripts/lab starts it: the host's bpffs stays visible, so its pins outlive it.
+    pub fn daemon_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns("dir")))
+            .arg(xlb_bin())
+            .args(["--socket", &self.xlb().socket, "daemon"])
+            .args(args);
+        cmd
+    }
+
+    /// A command in the director's network namespace only (see `daemon_command`).
+    pub fn in_dir_netns(&self, cmd: &[&str]) -> Output {
+        let mut full = vec![format!("--net=/run/netns/{}", self.ns("dir"))];
+        full.extend(cmd.iter().map(|s| s.to_string()));
+        let full: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
+        sh("nsenter", &full)
+    }
+
     /// The lab's namespace for `host` (client, dir, r1, ...).
     pub fn ns(&self, host: &str) -> String {
         format!("xlb-{}-{host}", self.name)

@@ -27,6 +27,7 @@ pub const XDP_TX: u32 = 3;
 pub fn balancer() -> Balancer {
     let dp = Dataplane::load(&LoadOptions {
         conn_capacity: 4096,
+        ..LoadOptions::default()
     })
     .expect("load the XDP program (run as root after scripts/setup)");
     let mut b = Balancer::new(dp);

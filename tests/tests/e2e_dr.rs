@@ -11,11 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb_tests::lab::{KillOnDrop, Lab, assert_spread, metric, repo, sh, wait_for, xlb_bin};
+use xlb_tests::lab::{KillOnDrop, Lab, assert_spread, metric, repo, sh, text, wait_for, xlb_bin};
 
 const VIP: &str = "198.18.0.100";
 const SERVICE: &str = "198.18.0.100:80/tcp";
-const SOCKET: &str = "/run/xlb-lab/dr/xlb.sock";
 
 const LAB: Lab = Lab::new("dr");
 
@@ -246,32 +245,135 @@ fn dr_lab_end_to_end() {
     );
     assert!(!second.status.success(), "a second daemon attached");
 
-    // A restarted daemon restores its services from the state file, and traffic flows.
+    // Hitless restart: under continuous load and with a long-lived connection open, the
+    // daemon is killed with SIGKILL; the pinned data path keeps forwarding, a new daemon adopts
+    // it (same link, its own program swapped in), and a real is changed. Then once more with a
+    // different connection-table capacity: that map is recreated, and the connection still
+    // reaches its real because the Maglev table did not change.
+    let load = Load::start();
+    let mut conn = KeepAlive::start();
+    let (port, holder) = conn.next_answer();
+    for (round, extra) in [(1, None), (2, Some("4096"))] {
+        kill_daemon("KILL");
+        // Nobody manages the data path now; it forwards on its own for a second.
+        let answered = conn.answers_for(Duration::from_secs(1));
+        assert!(
+            answered >= 5,
+            "round {round}: {answered} answers without a daemon"
+        );
+        let mut args = vec!["--iface", "eth0", "--state", "/run/xlb-lab/dr/state.json"];
+        if let Some(cap) = extra {
+            args.extend(["--conn-capacity", cap]);
+        }
+        let log = format!("/run/xlb-lab/dr/restart-{round}.log");
+        let restarted = KillOnDrop(
+            LAB.daemon_command(&args)
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("the restarted daemon", Duration::from_secs(10), || {
+            xlb(&["status"]).status.success()
+        });
+        let log_text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            log_text.contains("adopting the pinned data path"),
+            "{log_text}"
+        );
+        assert!(
+            log_text.contains("program replaced atomically"),
+            "{log_text}"
+        );
+        assert_eq!(
+            log_text.contains("map layout changed"),
+            extra.is_some(),
+            "round {round}: {log_text}"
+        );
+        assert_eq!(xlb_ok(&["save"]), before, "configuration not restored");
+        // A change through the new daemon, applied to the adopted data path.
+        xlb_ok(&["real", "weight", SERVICE, "198.18.0.12", "60"]);
+        xlb_ok(&["real", "weight", SERVICE, "198.18.0.12", "100"]);
+        for _ in 0..10 {
+            assert_eq!(
+                conn.next_answer(),
+                (port.clone(), holder.clone()),
+                "round {round}"
+            );
+        }
+        // The restarted daemon is the lab's daemon from now on (the lab stops it by pid).
+        std::fs::write("/run/xlb-lab/dr/xlb.pid", restarted.0.id().to_string()).unwrap();
+        std::mem::forget(restarted);
+    }
+    let (done, failed) = load.stop();
+    eprintln!("hitless restarts: {done} requests under load, {failed} failed");
+    assert!(done >= 20, "only {done} requests ran");
+    assert_eq!(failed, 0, "requests failed across daemon restarts");
+    drop(conn);
+
+    // `xlb detach` takes the data path away: no XDP program on the interface, no pins, and
+    // the VIP is no longer served.
+    kill_daemon("TERM");
+    assert!(
+        get(&format!("http://{VIP}/")).is_some(),
+        "a stopped daemon's data path must keep forwarding"
+    );
+    let detach = LAB.in_dir_netns(&[xlb_bin().to_str().unwrap(), "detach", "--iface", "eth0"]);
+    assert!(detach.status.success(), "{}", text(&detach));
+    assert!(
+        text(&detach).contains("removed 10 pins"),
+        "{}",
+        text(&detach)
+    );
+    let link = sh("ip", &["-n", "xlb-dr-dir", "link", "show", "eth0"]);
+    assert!(!text(&link).contains("xdp"), "{}", text(&link));
+    assert!(
+        get(&format!("http://{VIP}/")).is_none(),
+        "the VIP is still served after detach"
+    );
+}
+
+/// SIGNAL to the lab's daemon; returns once it is gone.
+fn kill_daemon(signal: &str) {
     let pid = std::fs::read_to_string("/run/xlb-lab/dr/xlb.pid").unwrap();
     let pid = pid.trim().to_string();
-    assert!(sh("kill", &[&pid]).status.success());
+    assert!(sh("kill", &[&format!("-{signal}"), &pid]).status.success());
     wait_for("the daemon to exit", Duration::from_secs(10), || {
         !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid)
     });
-    let restarted = Command::new("ip")
-        .args(["netns", "exec", "xlb-dr-dir"])
-        .arg(xlb_bin())
-        .args(["--socket", SOCKET, "daemon", "--iface", "eth0", "--state"])
-        .arg("/run/xlb-lab/dr/state.json")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _restarted = KillOnDrop(restarted);
-    wait_for("the restarted daemon", Duration::from_secs(10), || {
-        xlb(&["status"]).status.success()
-    });
-    assert_eq!(xlb_ok(&["save"]), before, "configuration not restored");
-    wait_for("reals resolved again", Duration::from_secs(10), || {
-        !xlb_ok(&["status"]).contains("unresolved")
-    });
-    let (per_real, failed, _) = spread(60);
-    assert_eq!(failed, 0, "{per_real:?}");
-    assert_eq!(per_real.len(), 3, "{per_real:?}");
+}
+
+/// Bounded continuous load: one request at a time on new connections, for at most 60 s or
+/// 2,000 requests, until stopped; counts requests and failures.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(usize, usize)>,
+}
+
+impl Load {
+    fn start() -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let start = Instant::now();
+            let (mut done, mut failed) = (0, 0);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed)
+                && done < 2000
+                && start.elapsed() < Duration::from_secs(60)
+            {
+                done += 1;
+                if get(&format!("http://{VIP}/")).is_none() {
+                    failed += 1;
+                }
+            }
+            (done, failed)
+        });
+        Load { stop, handle }
+    }
+
+    fn stop(self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
 }
 
 /// One HTTP/1.1 connection from the client namespace, kept open with a request every 50 ms
@@ -305,6 +407,17 @@ impl KeepAlive {
             _child: KillOnDrop(child),
             answers,
         }
+    }
+
+    /// How many answers arrive within `d` (each checked as `next_answer` does).
+    fn answers_for(&mut self, d: Duration) -> usize {
+        let start = Instant::now();
+        let mut n = 0;
+        while start.elapsed() < d {
+            self.next_answer();
+            n += 1;
+        }
+        n
     }
 
     /// The next answer as (local port, real name); panics on an error or a 5 s silence.

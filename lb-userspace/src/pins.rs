@@ -1,0 +1,365 @@
+//! Where the data path outlives the daemon: the balancer's maps and its XDP link pinned on bpffs
+//! under `/sys/fs/bpf/xlb/<iface>/`. A daemon that stops (SIGTERM, crash, `kill -9`) leaves the
+//! program forwarding with its connection table; the next one adopts the pins (see
+//! `Dataplane::load`), and `xlb detach` removes them.
+
+use std::{
+    ffi::CString,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::MetadataExt},
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::MapInfo;
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/xlb";
+/// The pin of the XDP link (bpf_link) that holds the program on the interface.
+pub const LINK_PIN: &str = "link";
+/// Maps a restarted daemon keeps: configuration, tables, tracked flows and counters. The
+/// decapsulator's maps belong to another program and are not pinned here.
+pub const PINNED_MAPS: [&str; 9] = [
+    "SERVICES",
+    "MAGLEV",
+    "BACKENDS",
+    "CONNS",
+    "FRAGS",
+    "CONFIG",
+    "SERVICE_STATS",
+    "BACKEND_STATS",
+    "GLOBAL_STATS",
+];
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// One interface's pin directory.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    pub path: PathBuf,
+    /// The interface the pinned link must be attached to; pins of another are stale.
+    pub ifindex: u32,
+}
+
+impl PinDir {
+    /// `ROOT/IFACE` in the host's network namespace; `ROOT/netns-INODE/IFACE` in another, whose
+    /// interface names (every lab's `eth0`) are not unique across namespaces.
+    pub fn for_iface(root: &Path, iface: &str, ifindex: u32) -> Result<Self> {
+        let own = netns_inode("/proc/self/ns/net")?;
+        let base = if netns_inode("/proc/1/ns/net").ok() == Some(own) {
+            root.to_path_buf()
+        } else {
+            root.join(format!("netns-{own}"))
+        };
+        Ok(Self {
+            path: base.join(iface),
+            ifindex,
+        })
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn link(&self) -> PathBuf {
+        self.path.join(LINK_PIN)
+    }
+
+    /// Makes sure the directory exists on a bpffs, mounting one on /sys/fs/bpf if needed.
+    pub fn prepare(&self) -> Result<()> {
+        ensure_bpffs()?;
+        std::fs::create_dir_all(&self.path)
+            .with_context(|| format!("creating pin directory {}", self.path.display()))
+    }
+
+    /// Holds the directory's lock for as long as the returned file lives: one daemon manages an
+    /// interface's data path at a time, and `xlb detach` does not pull it from under one.
+    pub fn lock(&self) -> Result<std::fs::File> {
+        let dir = std::fs::File::open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        // SAFETY: a valid fd.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "another xlb daemon manages this interface (its pins are in {})",
+                self.path.display()
+            );
+        }
+        Ok(dir)
+    }
+
+    /// Whether there is a pinned link attached to our interface to adopt. Anything else in
+    /// the directory is stale (the interface was re-created, or a netns inode reused) and is
+    /// removed, so that nothing of it is adopted.
+    pub fn has_adoptable_link(&self) -> Result<bool> {
+        let path = self.link();
+        if !path.exists() {
+            if self.has_pins()? {
+                tracing::warn!(dir = %self.path.display(), "maps pinned without a link: starting afresh");
+                self.clear()?;
+            }
+            return Ok(false);
+        }
+        let attached_to = link_ifindex(open_pinned(&path)?.as_fd())?;
+        if attached_to != self.ifindex {
+            tracing::warn!(
+                dir = %self.path.display(),
+                attached_to,
+                ifindex = self.ifindex,
+                "pinned link is not attached to this interface: starting afresh"
+            );
+            self.clear()?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn has_pins(&self) -> Result<bool> {
+        Ok(match std::fs::read_dir(&self.path) {
+            Ok(mut entries) => entries.next().is_some(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+        })
+    }
+
+    /// Removes the pin of every map whose layout differs from the one this binary's program
+    /// declares, so the loader creates it afresh (and says so). The program still attached
+    /// keeps using the old map until the link is switched to the new program.
+    pub fn drop_changed_layouts(&self, wanted: &[(&str, MapLayout)]) -> Result<()> {
+        for (name, want) in wanted {
+            let path = self.map(name);
+            if !path.exists() {
+                continue;
+            }
+            let info = MapInfo::from_pin(&path)
+                .with_context(|| format!("reading pinned map {}", path.display()))?;
+            let have = MapLayout {
+                key_size: info.key_size(),
+                value_size: info.value_size(),
+                max_entries: info.max_entries(),
+                flags: info.map_flags(),
+            };
+            if have != *want {
+                tracing::warn!(
+                    map = name,
+                    pinned = ?have,
+                    program = ?want,
+                    "map layout changed: it starts empty (for CONNS: tracked flows re-hash \
+                     through Maglev, which keeps them on their real while the reals are unchanged)"
+                );
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `xlb detach`: detaches the pinned link (even while something still holds it) and
+    /// removes every pin and the directory. Returns how many pins there were.
+    pub fn remove_all(&self) -> Result<usize> {
+        if !self.path.exists() {
+            return Ok(0);
+        }
+        let lock = self.lock().context("stop the daemon first")?;
+        let removed = self.clear()?;
+        drop(lock);
+        std::fs::remove_dir(&self.path)
+            .with_context(|| format!("removing {}", self.path.display()))?;
+        // The netns-INODE level, once its last interface is gone.
+        if let Some(parent) = self.path.parent()
+            && parent
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("netns-"))
+        {
+            let _ = std::fs::remove_dir(parent);
+        }
+        Ok(removed)
+    }
+
+    /// Removes what a daemon that could not attach pinned, so nothing of it lingers.
+    pub(crate) fn discard(&self) {
+        if let Err(e) = self.clear().and_then(|_| {
+            std::fs::remove_dir(&self.path)
+                .with_context(|| format!("removing {}", self.path.display()))
+        }) {
+            tracing::warn!("removing the pins of a failed start: {e:#}");
+        }
+    }
+
+    /// Detaches the pinned link and removes every pin, keeping the directory (and its lock).
+    fn clear(&self) -> Result<usize> {
+        let link = self.link();
+        if link.exists() {
+            link_detach(open_pinned(&link)?.as_fd())?;
+        }
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))?
+        {
+            let path = entry?.path();
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
+
+/// What must match for a pinned map to be adopted by a new program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+/// Makes sure /sys/fs/bpf is a bpffs, mounting one if not. In a private mount namespace (as
+/// `ip netns exec` creates) that mount, and the pins, end with the daemon: say so.
+fn ensure_bpffs() -> Result<()> {
+    if is_bpffs(BPFFS_MOUNT) {
+        return Ok(());
+    }
+    let private =
+        std::fs::read_link("/proc/self/ns/mnt").ok() != std::fs::read_link("/proc/1/ns/mnt").ok();
+    let src = CString::new("bpf").expect("no NUL");
+    let dst = CString::new(BPFFS_MOUNT).expect("no NUL");
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting bpffs on {BPFFS_MOUNT}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if private {
+        tracing::warn!(
+            "mounted bpffs on {BPFFS_MOUNT} in a private mount namespace (ip netns exec?): the \
+             data path will stop with the daemon; run it with `nsenter --net=...` to keep it \
+             across restarts"
+        );
+    } else {
+        tracing::info!("mounted bpffs on {BPFFS_MOUNT}");
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &str) -> bool {
+    let Ok(c) = CString::new(Path::new(path).as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+fn netns_inode(path: &str) -> Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading {path}"))?
+        .ino())
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Opens a pinned object (aya keeps the fds of its link types private).
+fn open_pinned(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).context("pin path contains NUL")?;
+    #[repr(C)]
+    struct GetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = GetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: attr points to a NUL-terminated path for the duration of the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const GetAttr,
+            std::mem::size_of::<GetAttr>(),
+        )
+    };
+    if fd < 0 {
+        bail!(
+            "opening {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The interface an XDP link is attached to (0 once the interface is gone).
+fn link_ifindex(fd: BorrowedFd<'_>) -> Result<u32> {
+    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8 whose `xdp` member
+    // starts with the ifindex.
+    let mut info = [0u32; 16];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr points to a buffer of info_len bytes for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if rc != 0 {
+        bail!("reading a pinned link: {}", std::io::Error::last_os_error());
+    }
+    Ok(info[4])
+}
+
+/// BPF_LINK_DETACH: takes the program off the interface whoever else holds the link.
+fn link_detach(fd: BorrowedFd<'_>) -> Result<()> {
+    #[repr(C)]
+    struct DetachAttr {
+        link_fd: u32,
+    }
+    let attr = DetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    // SAFETY: a valid attr for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &attr as *const DetachAttr,
+            std::mem::size_of::<DetachAttr>(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        // Already detached (its interface went away): nothing to do.
+        if err.raw_os_error() != Some(libc::ENOLINK) {
+            bail!("detaching the pinned link: {err}");
+        }
+    }
+    Ok(())
+}
