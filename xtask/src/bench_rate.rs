@@ -14,6 +14,7 @@
 use std::{
     fs::File,
     os::fd::AsRawFd,
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -32,7 +33,8 @@ use xlb::{
 
 use crate::bench;
 
-const NETNS: &str = "xlb-bench";
+/// The namespace's name is this prefix and the bench's pid, so that two runs never share one.
+const NETNS_PREFIX: &str = "xlb-bench-";
 const GEN_IF: &str = "gen";
 const FWD_IF: &str = "fwd";
 /// Frames BPF_PROG_RUN hands the generator per batch (the kernel's default).
@@ -108,11 +110,12 @@ pub fn run(quick: bool) -> Result<Rates> {
         (DEFAULT_FRAMES, DEFAULT_ROUNDS)
     };
     let cpu = bench::pin_to_one_cpu()?;
+    let ns = Netns::create()?;
     eprintln!(
         "forwarding rate: {rounds} rounds of {frames} frames per path over a veth pair in \
-         netns {NETNS}, pinned to CPU {cpu}"
+         netns {}, pinned to CPU {cpu}",
+        ns.name
     );
-    let ns = Netns::create()?;
     let result = measure(frames, rounds);
     ns.remove()?;
     let rows = result?;
@@ -350,20 +353,19 @@ fn ifindex(name: &str) -> Result<u32> {
 
 /// The bench's network namespace, entered by this thread while it exists.
 struct Netns {
+    name: String,
     home: File,
 }
 
 impl Netns {
     fn create() -> Result<Self> {
-        // A namespace left by an interrupted run is ours: remove it first.
-        if std::path::Path::new(&format!("/run/netns/{NETNS}")).exists() {
-            ip(&["netns", "del", NETNS])?;
-        }
+        remove_stale_namespaces()?;
+        let name = format!("{NETNS_PREFIX}{}", std::process::id());
         let home = File::open("/proc/self/ns/net").context("opening this netns")?;
-        ip(&["netns", "add", NETNS])?;
-        let ns = Self { home };
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name, home };
         let setup = || -> Result<()> {
-            setns(&File::open(format!("/run/netns/{NETNS}"))?)?;
+            setns(&File::open(format!("/run/netns/{}", ns.name))?)?;
             // No IPv6 on the pair: its neighbour and router traffic would reach the sink too.
             for conf in ["all", "default"] {
                 let knob = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
@@ -388,8 +390,25 @@ impl Netns {
     /// Returns to the original namespace and deletes this one (and its veths).
     fn remove(self) -> Result<()> {
         setns(&self.home)?;
-        ip(&["netns", "del", NETNS])
+        ip(&["netns", "del", &self.name])
     }
+}
+
+/// Deletes the namespaces of bench runs that were interrupted (their process is gone).
+fn remove_stale_namespaces() -> Result<()> {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(NETNS_PREFIX) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            ip(&["netns", "del", &name])?;
+        }
+    }
+    Ok(())
 }
 
 fn setns(ns: &File) -> Result<()> {
