@@ -81,7 +81,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
     };
     let now = now_ns();
     if !pkt.is_tcp_syn() {
-        match CONNS.get_ptr_mut(key) {
+        match CONNS.get_ptr_mut(&key) {
             Some(entry) => {
                 // SAFETY: an LRU value; a concurrent writer of the same flow writes the same
                 // fields with equally valid values.
@@ -124,7 +124,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         },
     };
     // A full LRU evicts its oldest entry; a failed insert only means this flow is not pinned.
-    let _ = CONNS.insert(key, value, 0);
+    let _ = CONNS.insert(&key, &value, 0);
     Some(Choice {
         backend_id,
         backend: b,
