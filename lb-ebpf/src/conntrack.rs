@@ -25,10 +25,23 @@ pub struct Choice {
     pub flow_hash: u32,
 }
 
+const NS_PER_S: u64 = 1_000_000_000;
+
 #[inline(always)]
-fn now_s() -> u32 {
+fn now_ns() -> u64 {
     // SAFETY: a helper without arguments; the coarse clock costs no clock-source read.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Records that a tracked flow was seen at `now_ns`, in whole seconds. The division runs once
+/// per flow and second: a 64-bit divide costs more than the rest of this function, and most
+/// packets of a flow fall in the second already recorded (a multiply tells).
+#[inline(always)]
+fn touch(conn: &mut ConnValue, now_ns: u64) {
+    let seen_ns = conn.last_seen_s as u64 * NS_PER_S;
+    if now_ns < seen_ns || now_ns >= seen_ns + NS_PER_S {
+        conn.last_seen_s = (now_ns / NS_PER_S) as u32;
+    }
 }
 
 #[inline(always)]
@@ -66,18 +79,16 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         family: pkt.family,
         _pad: [0; 2],
     };
-    let now = now_s();
+    let now = now_ns();
     if !pkt.is_tcp_syn() {
-        match CONNS.get_ptr_mut(key) {
+        match CONNS.get_ptr_mut(&key) {
             Some(entry) => {
                 // SAFETY: an LRU value; a concurrent writer of the same flow writes the same
                 // fields with equally valid values.
                 let conn = unsafe { &mut *entry };
                 if let Some(b) = backend(conn.backend_id) {
                     if b.generation == conn.generation && usable(&b, svc) {
-                        if conn.last_seen_s != now {
-                            conn.last_seen_s = now;
-                        }
+                        touch(conn, now);
                         // Written once per flow, so the cache line stays shared otherwise.
                         if pkt.is_tcp_fin_or_rst() && conn.flags & CONN_F_CLOSING == 0 {
                             conn.flags |= CONN_F_CLOSING;
@@ -104,7 +115,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
     let value = ConnValue {
         backend_id,
         generation: b.generation,
-        last_seen_s: now,
+        last_seen_s: (now / NS_PER_S) as u32,
         flow_hash: flow_hash(pkt, svc, hash, true),
         flags: if pkt.is_tcp_fin_or_rst() {
             CONN_F_CLOSING
@@ -113,7 +124,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         },
     };
     // A full LRU evicts its oldest entry; a failed insert only means this flow is not pinned.
-    let _ = CONNS.insert(key, value, 0);
+    let _ = CONNS.insert(&key, &value, 0);
     Some(Choice {
         backend_id,
         backend: b,

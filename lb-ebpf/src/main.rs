@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod conntrack;
 mod counters;
 mod csum;

@@ -15,7 +15,7 @@ pub fn lookup(pkt: &Packet, dport: u16) -> Option<ServiceValue> {
         proto: pkt.proto,
         family: pkt.family,
     };
-    if let Some(svc) = SERVICES.get_ptr(key) {
+    if let Some(svc) = SERVICES.get_ptr(&key) {
         // SAFETY: a hash map value; the control plane replaces services whole.
         return Some(unsafe { *svc });
     }
@@ -23,5 +23,5 @@ pub fn lookup(pkt: &Packet, dport: u16) -> Option<ServiceValue> {
         return None;
     }
     key.port = 0;
-    SERVICES.get_ptr(key).map(|svc| unsafe { *svc })
+    SERVICES.get_ptr(&key).map(|svc| unsafe { *svc })
 }

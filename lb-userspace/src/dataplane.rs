@@ -24,8 +24,7 @@ use lb_common::{
 use crate::pins::{MapLayout, PINNED_MAPS, PinDir};
 
 /// The compiled eBPF object, built by build.rs with the pinned nightly and bpf-linker.
-pub(crate) static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
 
 pub const BALANCER_PROGRAM: &str = "xlb_balancer";
 pub const PASS_PROGRAM: &str = "xlb_pass";

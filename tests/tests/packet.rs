@@ -445,6 +445,30 @@ fn a_client_fin_or_rst_marks_its_flow_closing_and_a_new_syn_clears_it() {
     }
 }
 
+#[test]
+fn an_established_flow_records_the_second_it_was_last_seen() {
+    let (mut b, _) = with_service("198.18.0.100:80/tcp", &REALS4, HashKind::FiveTuple);
+    let sport = 41100u16;
+    let last_seen = |b: &mut Balancer| {
+        let conns = b.dataplane().conns().unwrap();
+        let (_, v) = conns
+            .iter()
+            .find(|(k, _)| k.sport == sport.to_be())
+            .expect("flow tracked");
+        v.last_seen_s
+    };
+    run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes());
+    let first = last_seen(&mut b);
+    // The data path divides only when a packet falls outside the recorded second.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, ACK).bytes());
+    let later = last_seen(&mut b);
+    assert!(
+        (first + 2..=first + 3).contains(&later),
+        "last seen {first}, then {later} about 2.1 s later"
+    );
+}
+
 /// The real a flow from `sport` is on, by the destination MAC of its forwarded frame.
 fn real_of(b: &mut Balancer, flags: u8, sport: u16, reals: &[&str]) -> Option<IpAddr> {
     let frame = Frame::tcp(CLIENT4, VIP4, sport, 80, flags).bytes();

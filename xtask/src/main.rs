@@ -1,6 +1,8 @@
 //! Developer tasks for the xlb workspace: `cargo xtask <task>`.
 
 mod bench;
+mod bench_charts;
+mod bench_rate;
 
 use std::process::ExitCode;
 
@@ -16,13 +18,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Measure the XDP data path per packet with BPF_PROG_TEST_RUN (needs root).
+    /// Measure the XDP data path: ns per packet (BPF_PROG_TEST_RUN) and Mpps over a veth pair
+    /// (needs root). Writes target/bench/summary.json and charts.
     Bench(BenchArgs),
 }
 
 #[derive(Args)]
 struct BenchArgs {
-    /// A shorter run (20,000 calls per path) for a quick look.
+    /// A shorter run (under a minute) for a quick look.
     #[arg(long)]
     quick: bool,
     /// Calls per path (overrides --quick).
@@ -56,7 +59,10 @@ fn run(cli: Cli) -> Result<()> {
             if calls == 0 {
                 bail!("--calls must be at least 1");
             }
-            bench::run(calls)
+            let datapath = bench::run(calls)?;
+            let rates = bench_rate::run(args.quick)?;
+            bench::write_summary(&datapath, &rates)?;
+            bench_charts::render(&datapath, &rates, &bench::out_dir())
         }
     }
 }
