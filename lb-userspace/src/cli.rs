@@ -57,6 +57,13 @@ enum Command {
         /// namespace): it keeps forwarding when the daemon stops, and the next daemon adopts it.
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
+        /// Keep this BIRD include file listing the VIPs this director can serve (static
+        /// protocols xlb_vips4 and xlb_vips6) and reload BIRD when it changes.
+        #[arg(long, value_name = "PATH")]
+        bgp_config: Option<PathBuf>,
+        /// BIRD's control socket, for the reloads (with --bgp-config).
+        #[arg(long, value_name = "PATH", default_value = crate::bgp::DEFAULT_BIRD_SOCKET, requires = "bgp_config")]
+        bird_socket: PathBuf,
     },
     /// Remove the data path a daemon left on an interface: detach the program, remove the
     /// pinned link and maps. Stop the daemon first. Runs locally, without the daemon.
@@ -333,6 +340,8 @@ fn run(cli: Cli) -> Result<()> {
             conn_capacity,
             metrics,
             pin_root,
+            bgp_config,
+            bird_socket,
         } => {
             init_logging();
             let rt = tokio::runtime::Runtime::new()?;
@@ -344,6 +353,10 @@ fn run(cli: Cli) -> Result<()> {
                 conn_capacity,
                 metrics,
                 pin_root,
+                bgp: bgp_config.map(|include| crate::bgp::BgpOptions {
+                    include,
+                    bird_socket,
+                }),
             }));
         }
         Command::Detach { iface, pin_root } => {

@@ -20,6 +20,7 @@ use tokio::{
 use crate::{
     api::{MAX_REQUEST_BYTES, Request, Response},
     balancer::Balancer,
+    bgp::{Announcer, BgpOptions},
     checks::Checks,
     config::{Config, Mode},
     dataplane::{AttachMode, Attachment, Dataplane, LoadOptions, XdpModeChoice},
@@ -45,6 +46,8 @@ pub struct DaemonOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// Where the data path is pinned (per interface below it).
     pub pin_root: PathBuf,
+    /// Announce servable VIPs through BIRD, if set.
+    pub bgp: Option<BgpOptions>,
 }
 
 struct Shared {
@@ -55,6 +58,17 @@ struct Shared {
     /// Each real's next hop as last looked up (shown by `status`).
     next_hops: HashMap<IpAddr, NextHop>,
     checks: Checks,
+    /// Keeps BIRD announcing the VIPs that have a real in their table (`--bgp-config`).
+    bgp: Option<Announcer>,
+}
+
+impl Shared {
+    /// Called after anything that may change which reals are in a Maglev table.
+    fn announce(&self) {
+        if let Some(bgp) = &self.bgp {
+            bgp.update(&self.balancer);
+        }
+    }
 }
 
 pub async fn run(opts: DaemonOptions) -> Result<()> {
@@ -105,6 +119,10 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     );
     let (mut checks, mut reports) = Checks::new();
     checks.reconcile(&balancer);
+    let bgp = match opts.bgp {
+        Some(bgp) => Some(Announcer::start(bgp, &balancer).context("starting BGP announcements")?),
+        None => None,
+    };
     let shared = Arc::new(Mutex::new(Shared {
         balancer,
         iface: opts.iface.clone(),
@@ -112,6 +130,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         state: opts.state.clone(),
         next_hops: HashMap::new(),
         checks,
+        bgp,
     }));
     // MACs before attaching, so a new program's first packets find reals they may forward to.
     refresh_neighbours(&shared, &neighbours, ifindex).await;
@@ -153,6 +172,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                     checks, balancer, ..
                 } = &mut *guard;
                 checks.adapt_weights(balancer);
+                guard.announce();
             }
         })
     };
@@ -165,6 +185,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                     checks, balancer, ..
                 } = &mut *guard;
                 checks.apply(balancer, report);
+                guard.announce();
             }
         })
     };
@@ -211,6 +232,12 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     adapter.abort();
     if let Some(server) = metrics_server {
         server.abort();
+    }
+    // Withdrawn on a clean stop even where the data path outlives the daemon: an operator
+    // stopping a director on purpose wants its traffic on the others.
+    let bgp = shared.lock().unwrap().bgp.take();
+    if let Some(bgp) = bgp {
+        bgp.withdraw_all().await;
     }
     let _ = std::fs::remove_file(&opts.socket);
     tracing::info!(
@@ -292,6 +319,7 @@ async fn refresh_neighbours(shared: &Arc<Mutex<Shared>>, neighbours: &Neighbours
         }
     }
     guard.next_hops = hops;
+    guard.announce();
 }
 
 /// How a real is reached, as last looked up.
@@ -414,6 +442,7 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
     }
     // Only mutations get here: reads returned above.
     s.checks.reconcile(&s.balancer);
+    s.announce();
     state::save(&s.state, &s.balancer.config())?;
     Ok(serde_json::Value::Null)
 }
