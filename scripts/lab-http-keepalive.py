@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Keep one HTTP/1.1 connection open and send a GET on it every INTERVAL seconds.
 
-    lab-http-keepalive.py HOST PORT [--interval 0.05] [--max-seconds 60]
+    lab-http-keepalive.py HOST PORT [--interval 0.05] [--max-seconds 60] [--timeout 2]
 
 Prints one line per answer: "<local-port> <body>" (the body is the lab server's
 "<name> <client-ip>"), flushed at once, so a test can follow the connection live.
 Never reconnects: if the connection breaks, prints "error: <reason>" and exits 1.
-Stops by itself after --max-seconds (bounded traffic), or on SIGTERM.
+Stops by itself after --max-seconds (bounded traffic), or on SIGTERM. --timeout bounds
+each wait for an answer (TCP retransmits meanwhile, e.g. while routes converge).
 """
 
 import argparse
@@ -45,10 +46,11 @@ def main():
     p.add_argument("port", type=int)
     p.add_argument("--interval", type=float, default=0.05)
     p.add_argument("--max-seconds", type=float, default=60)
+    p.add_argument("--timeout", type=float, default=2)
     args = p.parse_args()
     deadline = time.monotonic() + args.max_seconds
     try:
-        sock = socket.create_connection((args.host, args.port), timeout=2)
+        sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
         local_port = sock.getsockname()[1]
         request = f"GET / HTTP/1.1\r\nHost: {args.host}\r\n\r\n".encode()
         buf = b""

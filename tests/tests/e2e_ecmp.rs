@@ -1,0 +1,531 @@
+//! End-to-end: the ECMP lab (scripts/lab ecmp up): a router running BIRD spreads the VIPs over
+//! two directors, each running the xlb daemon with `--bgp-config` and its own BIRD; TUN to
+//! three reals. Real HTTP traffic from the client namespace; the router's routes read from its
+//! kernel; each director's share read from its own `xlb stats`.
+//!
+//! One test function runs the scenarios in order: they share one lab (fixed namespace names).
+//! Run it under the shared lab lock (`flock /tmp/xlb-lab.lock cargo test --test e2e_ecmp`):
+//! the recovery times it prints mean little while other labs load the CPUs.
+
+use std::{
+    collections::BTreeMap,
+    io::BufRead,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use xlb_tests::lab::{KillOnDrop, Lab, Xlb, repo, sh, text, wait_for};
+
+const LAB: Lab = Lab::new("ecmp");
+const STATE: &str = "/run/xlb-lab/ecmp";
+const ROUTER_NS: &str = "xlb-ecmp-rt";
+const DIRECTOR_SWITCH_NS: &str = "xlb-ecmp-sw1";
+const WEB_VIP: &str = "198.18.13.1";
+const WEB: &str = "198.18.13.1:80/tcp";
+const ALT_VIP: &str = "198.18.13.2";
+const ALT: &str = "198.18.13.2:80/tcp";
+/// (name, address) of each director.
+const D1: (&str, &str) = ("d1", "198.18.11.1");
+const D2: (&str, &str) = ("d2", "198.18.11.2");
+const REALS: [&str; 3] = ["r1", "r2", "r3"];
+/// Long-lived connections held across a director's loss.
+const CONNECTIONS: usize = 24;
+/// A long-lived connection silent for longer than this (it asks every 50 ms) was cut off.
+const STALL: Duration = Duration::from_millis(150);
+/// Short connections, each from a new client port, for the spread over the directors.
+const SPREAD_REQUESTS: usize = 200;
+
+fn director(d: (&str, &str)) -> Xlb {
+    Xlb {
+        socket: format!("{STATE}/{}.sock", d.0),
+    }
+}
+
+fn url(vip: &str) -> String {
+    format!("http://{vip}/")
+}
+
+/// The router's next hops for `vip` (its kernel's FIB, as `ip -j route` reports it), sorted.
+fn router_hops(vip: &str) -> Vec<String> {
+    let out = sh(
+        "ip",
+        &["-j", "-n", ROUTER_NS, "route", "show", &format!("{vip}/32")],
+    );
+    assert!(out.status.success(), "ip route: {}", text(&out));
+    let routes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut hops = Vec::new();
+    for route in routes.as_array().unwrap() {
+        if let Some(gw) = route["gateway"].as_str() {
+            hops.push(gw.to_string());
+        }
+        for nh in route["nexthops"].as_array().into_iter().flatten() {
+            hops.push(nh["gateway"].as_str().unwrap().to_string());
+        }
+    }
+    hops.sort();
+    hops
+}
+
+/// Waits (polling every 10 ms) until the router routes `vip` over exactly `want`; returns
+/// how long that took.
+fn wait_hops(vip: &str, want: &[&str], timeout: Duration) -> Duration {
+    let start = Instant::now();
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    loop {
+        let hops = router_hops(vip);
+        if hops == want {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "after {timeout:?} the router routes {vip} via {hops:?}, not {want:?}\n{}",
+                diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn stats(d: (&str, &str)) -> Value {
+    serde_json::from_str(&director(d).ok(&["--json", "stats"])).unwrap()
+}
+
+fn service_new_flows(stats: &Value, service: &str) -> u64 {
+    stats["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == service)
+        .map(|s| s["new_flows"].as_u64().unwrap())
+        .unwrap_or(0)
+}
+
+fn include_file(d: (&str, &str)) -> String {
+    std::fs::read_to_string(format!("{STATE}/{}-vips.conf", d.0)).unwrap_or_default()
+}
+
+fn announces(d: (&str, &str), vip: &str) -> bool {
+    include_file(d).contains(&format!("route {vip}/32 blackhole;"))
+}
+
+fn pid(name: &str) -> String {
+    std::fs::read_to_string(format!("{STATE}/{name}.pid"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn diagnostics() -> String {
+    let status = sh(
+        repo().join("scripts/lab").to_str().unwrap(),
+        &["ecmp", "status"],
+    );
+    let mut out = format!("--- scripts/lab ecmp status ---\n{}", text(&status));
+    for log in ["xlb-d1", "xlb-d2", "rt-bird"] {
+        let body = std::fs::read_to_string(format!("{STATE}/{log}.log")).unwrap_or_default();
+        let tail: Vec<&str> = body.lines().rev().take(10).collect();
+        out += &format!("--- {log}.log (end) ---\n");
+        for line in tail.into_iter().rev() {
+            out += line;
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `n` GETs, each on a new connection (a new client port): answers per real, failures.
+fn requests(vip: &str, n: usize) -> (BTreeMap<String, usize>, usize) {
+    let (per_real, failed, _) = LAB.spread(&url(vip), n, diagnostics);
+    (per_real, failed)
+}
+
+/// One answer on a long-lived connection, stamped when the test read it.
+struct Answer {
+    at: Instant,
+    real: String,
+}
+
+/// Long-lived HTTP/1.1 connections from the client (scripts/lab-http-keepalive.py, a request
+/// every 50 ms, never reconnecting, waiting up to 10 s for each answer so TCP can retransmit
+/// while routes converge); every answer is timestamped as it arrives.
+struct Connections {
+    children: Vec<KillOnDrop>,
+    ports: Vec<String>,
+    answers: Vec<Vec<Answer>>,
+    errors: Vec<String>,
+    rx: mpsc::Receiver<(usize, Instant, String)>,
+}
+
+impl Connections {
+    fn open(vip: &str, n: usize, seconds: u32) -> Connections {
+        let (tx, rx) = mpsc::channel();
+        let mut children = Vec::new();
+        for i in 0..n {
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", "xlb-ecmp-client", "python3"])
+                .arg(repo().join("scripts/lab-http-keepalive.py"))
+                .args([vip, "80", "--interval", "0.05", "--timeout", "10"])
+                .args(["--max-seconds", &seconds.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send((i, Instant::now(), line)).is_err() {
+                        break;
+                    }
+                }
+            });
+            children.push(KillOnDrop(child));
+        }
+        let mut c = Connections {
+            children,
+            ports: vec![String::new(); n],
+            answers: (0..n).map(|_| Vec::new()).collect(),
+            errors: Vec::new(),
+            rx,
+        };
+        wait_for(
+            "every long-lived connection to answer 3 times",
+            Duration::from_secs(10),
+            || {
+                c.collect();
+                c.answers.iter().all(|a| a.len() >= 3)
+            },
+        );
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        c
+    }
+
+    /// Takes in what arrived so far.
+    fn collect(&mut self) {
+        while let Ok((i, at, line)) = self.rx.try_recv() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.len() == 3 && words[0] != "error:" {
+                self.ports[i] = words[0].to_string();
+                self.answers[i].push(Answer {
+                    at,
+                    real: words[1].to_string(),
+                });
+            } else {
+                self.errors.push(format!("connection {i}: {line}"));
+            }
+        }
+    }
+
+    /// Collects for `d`.
+    fn run_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+            self.collect();
+        }
+    }
+
+    /// Connections that answered after `t`, always from the real they started on, with the
+    /// client still running: the survivors.
+    fn survivors_after(&mut self, t: Instant) -> Vec<usize> {
+        self.collect();
+        let mut alive = Vec::new();
+        for (i, answers) in self.answers.iter().enumerate() {
+            let Some(first) = answers.first() else {
+                continue;
+            };
+            let same_real = answers.iter().all(|a| a.real == first.real);
+            let answered = answers.iter().any(|a| a.at > t);
+            let running = self.children[i].0.try_wait().unwrap().is_none();
+            if same_real && answered && running {
+                alive.push(i);
+            }
+        }
+        alive
+    }
+
+    /// Connections that stalled after `t` (no answer for longer than STALL while asking every
+    /// 50 ms): those whose director was lost. With each, when it answered again, as time since
+    /// `t`. (Asking the router with `ip route get ... sport ... dport` does not tell: over veth
+    /// the client socket's own flow hash reaches the router, which uses it for ECMP.)
+    fn stalled_after(&self, t: Instant) -> Vec<(usize, Duration)> {
+        let mut out = Vec::new();
+        for (i, answers) in self.answers.iter().enumerate() {
+            let longest = answers
+                .windows(2)
+                .filter(|w| w[1].at > t)
+                .max_by_key(|w| w[1].at - w[0].at);
+            if let Some(w) = longest.filter(|w| w[1].at - w[0].at > STALL) {
+                out.push((i, w[1].at - t));
+            }
+        }
+        out
+    }
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+fn median_of(d: &[Duration]) -> Duration {
+    let mut sorted = d.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+/// A command to one of the lab's BIRDs (rt, d1, d2) over its own control socket; its output.
+fn birdc(name: &str, cmd: &str) -> String {
+    let sock = format!("{STATE}/{name}-bird.ctl");
+    let mut args = vec!["5", "birdc", "-s", &sock];
+    args.extend(cmd.split_whitespace());
+    let out = sh("timeout", &args);
+    assert!(
+        out.status.success(),
+        "birdc {cmd} on {name}: {}",
+        text(&out)
+    );
+    text(&out)
+}
+
+#[test]
+fn ecmp_directors() {
+    let _lab = LAB.up();
+    let (d1, d2) = (director(D1), director(D2));
+
+    // --- The lab's starting point: one configuration on both directors, every VIP announced
+    // by both and routed over both. ---
+    let config1: Value = serde_json::from_str(&d1.ok(&["--json", "save"])).unwrap();
+    let config2: Value = serde_json::from_str(&d2.ok(&["--json", "save"])).unwrap();
+    assert_eq!(config1, config2, "xlb restore on d2 did not reproduce d1");
+    for vip in [WEB_VIP, ALT_VIP] {
+        assert!(
+            announces(D1, vip) && announces(D2, vip),
+            "{}",
+            diagnostics()
+        );
+        assert_eq!(router_hops(vip), [D1.1, D2.1], "{}", diagnostics());
+    }
+
+    // --- Spread: new connections from many client ports land on both directors. ---
+    let (before1, before2) = (stats(D1), stats(D2));
+    let (per_real, failed) = requests(WEB_VIP, SPREAD_REQUESTS);
+    let new1 = service_new_flows(&stats(D1), WEB) - service_new_flows(&before1, WEB);
+    let new2 = service_new_flows(&stats(D2), WEB) - service_new_flows(&before2, WEB);
+    println!(
+        "spread: {SPREAD_REQUESTS} connections, {failed} failed; new flows d1 {new1}, d2 {new2}; reals {per_real:?}"
+    );
+    assert_eq!(failed, 0, "{per_real:?}\n{}", diagnostics());
+    assert_eq!(per_real.len(), REALS.len(), "{per_real:?}");
+    // Every connection is one new flow on exactly one director (a retransmitted SYN may
+    // count twice).
+    let total = (new1 + new2) as usize;
+    assert!(
+        (SPREAD_REQUESTS..SPREAD_REQUESTS + 10).contains(&total),
+        "new flows d1 {new1} + d2 {new2} for {SPREAD_REQUESTS} connections"
+    );
+    for (name, n) in [("d1", new1), ("d2", new2)] {
+        let share = n as f64 / total as f64;
+        assert!(
+            (0.3..=0.7).contains(&share),
+            "{name} got {share:.2} of the connections (d1 {new1}, d2 {new2})"
+        );
+    }
+
+    // --- Director loss: d1 goes dark (its switch port down: no packet in or out, no BGP
+    // NOTIFICATION, no TCP FIN; the router learns it only from BFD). Long-lived connections
+    // through it move to d2 and reach the same real: identical Maglev tables, no shared
+    // connection state. ---
+    let mut conns = Connections::open(WEB_VIP, CONNECTIONS, 40);
+    lose_director(
+        &mut conns,
+        D1,
+        D2,
+        "director loss (BFD)",
+        Duration::from_secs(4),
+    );
+
+    // d1 comes back: it announces again once its checks pass; the connections ECMP moves back
+    // to it keep their real too.
+    let back = Instant::now();
+    link(D1, "up");
+    let returned = wait_hops(WEB_VIP, &[D1.1, D2.1], Duration::from_secs(20));
+    conns.run_for(Duration::from_secs(2));
+    let alive = conns.survivors_after(back + returned);
+    println!(
+        "director back: routed over both again after {} ms; {} of {CONNECTIONS} connections \
+         still on their real",
+        ms(returned),
+        alive.len()
+    );
+    assert!(conns.errors.is_empty(), "{:?}", conns.errors);
+    assert_eq!(alive.len(), CONNECTIONS, "{}", diagnostics());
+    drop(conns);
+
+    // --- The same loss with BGP's hold timer (3 s) as the only detector: BFD off on every
+    // BIRD (the sessions restart), then d2 goes dark. ---
+    for name in ["rt", "d1", "d2"] {
+        let path = format!("{STATE}/{name}-bird.conf");
+        let conf = std::fs::read_to_string(&path).unwrap();
+        assert!(conf.contains("bfd on;"), "{conf}");
+        std::fs::write(&path, conf.replace("bfd on;", "")).unwrap();
+        birdc(name, "configure");
+    }
+    wait_for("BGP sessions without BFD", Duration::from_secs(20), || {
+        birdc("rt", "show protocols").matches("Established").count() == 2
+            && birdc("rt", "show bfd sessions").matches("Up").count() == 0
+    });
+    wait_hops(WEB_VIP, &[D1.1, D2.1], Duration::from_secs(20));
+    let mut conns = Connections::open(WEB_VIP, CONNECTIONS, 40);
+    lose_director(
+        &mut conns,
+        D2,
+        D1,
+        "director loss (hold timer only)",
+        Duration::from_secs(8),
+    );
+    drop(conns);
+    link(D2, "up");
+    wait_hops(WEB_VIP, &[D1.1, D2.1], Duration::from_secs(20));
+    wait_hops(ALT_VIP, &[D1.1, D2.1], Duration::from_secs(20));
+
+    // --- Every real of a VIP down (alt's check port closed on every real): both directors
+    // withdraw it, the router has no route left for it; web is untouched. ---
+    for r in REALS {
+        let out = sh("kill", &["-TERM", &pid(&format!("alt-{r}"))]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let withdrawn = wait_hops(ALT_VIP, &[], Duration::from_secs(10));
+    println!(
+        "all reals of {ALT} down: withdrawn from the router after {} ms",
+        ms(withdrawn)
+    );
+    assert!(!announces(D1, ALT_VIP) && !announces(D2, ALT_VIP));
+    assert_eq!(router_hops(WEB_VIP), [D1.1, D2.1]);
+    assert!(
+        LAB.curl("1", &[&url(ALT_VIP)]).is_none(),
+        "{ALT} still answers"
+    );
+    let mut restarted = Vec::new();
+    for r in REALS {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &LAB.ns(r), "python3"])
+            .arg(repo().join("scripts/lab-http-server.py"))
+            .args(["--name", r, "--port", "8080"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        restarted.push(KillOnDrop(child));
+    }
+    let announced = wait_hops(ALT_VIP, &[D1.1, D2.1], Duration::from_secs(10));
+    println!(
+        "{ALT}'s reals back: routed over both directors again {} ms after the servers restarted",
+        ms(announced)
+    );
+    let (per_real, failed) = requests(ALT_VIP, 30);
+    assert_eq!(failed, 0, "{per_real:?}");
+
+    // --- A service removed on one director: that director withdraws its VIP, the other keeps
+    // serving all of it. ---
+    d2.ok(&["service", "remove", ALT]);
+    wait_hops(ALT_VIP, &[D1.1], Duration::from_secs(10));
+    assert!(
+        announces(D2, WEB_VIP) && !announces(D2, ALT_VIP),
+        "{}",
+        include_file(D2)
+    );
+    let before = service_new_flows(&stats(D1), ALT);
+    let (per_real, failed) = requests(ALT_VIP, 30);
+    let through_d1 = service_new_flows(&stats(D1), ALT) - before;
+    println!("{ALT} removed on d2: 30 connections, {failed} failed, {through_d1} through d1");
+    assert_eq!(failed, 0, "{per_real:?}");
+    assert_eq!(through_d1, 30);
+    d2.ok(&["restore", &format!("{STATE}/config.json")]);
+    wait_hops(ALT_VIP, &[D1.1, D2.1], Duration::from_secs(10));
+
+    // --- A clean stop (SIGTERM) of d2's daemon: it withdraws every VIP before it exits;
+    // connections through d2 move to d1 and keep their real. ---
+    let mut conns = Connections::open(WEB_VIP, CONNECTIONS, 30);
+    let stopped = Instant::now();
+    let out = sh("kill", &["-TERM", &pid("xlb-d2")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let withdrawn = wait_hops(WEB_VIP, &[D1.1], Duration::from_secs(10));
+    wait_hops(ALT_VIP, &[D1.1], Duration::from_secs(10));
+    conns.run_for(Duration::from_secs(3));
+    let alive = conns.survivors_after(stopped + withdrawn);
+    let stalled: Vec<Duration> = conns.stalled_after(stopped).iter().map(|s| s.1).collect();
+    println!(
+        "clean stop of d2's daemon: withdrawn from the router after {} ms; {} of {CONNECTIONS} \
+         connections survive on their real; {} stalled{}",
+        ms(withdrawn),
+        alive.len(),
+        stalled.len(),
+        match stalled.iter().max() {
+            Some(worst) => format!(", answering again after {} ms at worst", ms(*worst)),
+            None => String::new(),
+        }
+    );
+    assert!(
+        !announces(D2, WEB_VIP) && !announces(D2, ALT_VIP),
+        "{}",
+        include_file(D2)
+    );
+    assert!(conns.errors.is_empty(), "{:?}", conns.errors);
+    assert_eq!(alive.len(), CONNECTIONS, "{}", diagnostics());
+}
+
+/// Takes a director's switch port down or up: down, the director is dark (as after a crash
+/// or a power loss), its processes still running but cut off.
+fn link(d: (&str, &str), state: &str) {
+    let port = format!("sw-{}", d.0);
+    let out = sh(
+        "ip",
+        &["-n", DIRECTOR_SWITCH_NS, "link", "set", &port, state],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Takes director `lost` dark under the long-lived connections, waits for the router to
+/// route the web VIP over `kept` alone, lets the connections run for `settle`, prints the
+/// figures, and checks that every connection survived on its real and that `kept` took over
+/// each one that stalled (those through `lost`) as a flow it had never seen.
+fn lose_director(
+    conns: &mut Connections,
+    lost: (&str, &str),
+    kept: (&str, &str),
+    what: &str,
+    settle: Duration,
+) {
+    let miss_before = stats(kept)["global"]["conn_miss"].as_u64().unwrap();
+    let t = Instant::now();
+    link(lost, "down");
+    let converged = wait_hops(WEB_VIP, &[kept.1], Duration::from_secs(10));
+    conns.run_for(settle);
+    let alive = conns.survivors_after(t + converged);
+    let stalled: Vec<Duration> = conns.stalled_after(t).iter().map(|s| s.1).collect();
+    let picked_up = stats(kept)["global"]["conn_miss"].as_u64().unwrap() - miss_before;
+    println!(
+        "{what}: {} of {CONNECTIONS} connections survive on their real; the router converged \
+         in {} ms; {} connections stalled (those through {}) and answered again after {} ms \
+         (median) / {} ms (worst); {} took over {picked_up} flows it had never seen",
+        alive.len(),
+        ms(converged),
+        stalled.len(),
+        lost.0,
+        ms(median_of(&stalled)),
+        ms(stalled.iter().max().copied().unwrap_or_default()),
+        kept.0,
+    );
+    assert!(conns.errors.is_empty(), "{:?}", conns.errors);
+    assert_eq!(alive.len(), CONNECTIONS, "{}", diagnostics());
+    assert!(!stalled.is_empty(), "no connection went through {}", lost.0);
+    assert!(
+        picked_up >= stalled.len() as u64,
+        "{} saw {picked_up} unknown flows, {} moved to it",
+        kept.0,
+        stalled.len()
+    );
+}
