@@ -10,12 +10,16 @@
 use std::{
     collections::BTreeMap,
     io::BufRead,
+    net::IpAddr,
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
+use aya::maps::MapData;
+use lb_common::{Backend, FAMILY_V4, ServiceKey, ServiceValue};
 use serde_json::Value;
+use xlb::balancer::service_key;
 use xlb_tests::lab::{KillOnDrop, Lab, Xlb, repo, sh, text, wait_for};
 
 const LAB: Lab = Lab::new("ecmp");
@@ -87,6 +91,66 @@ fn wait_hops(vip: &str, want: &[&str], timeout: Duration) -> Duration {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The Maglev table the kernel uses for `service` on director `d`, slot by slot as real
+/// addresses: read from the maps of the XDP program attached to the director's eth0 (its id as
+/// netlink reports it), not from anything the daemon says. SERVICES gives the service's id,
+/// MAGLEV its table (an inner array: `[size, 0]`, then the slots' backend ids), BACKENDS each
+/// backend's address.
+fn kernel_table(d: (&str, &str), service: &str) -> Vec<IpAddr> {
+    let ns = format!("xlb-ecmp-{}", d.0);
+    let out = sh(
+        "ip",
+        &["-j", "-d", "-n", &ns, "link", "show", "dev", "eth0"],
+    );
+    assert!(out.status.success(), "ip link: {}", text(&out));
+    let link: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let prog_id = link[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no XDP program on {}'s eth0: {link}", d.0))
+        as u32;
+    let prog = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == prog_id)
+        .expect("the attached program among the loaded ones");
+    let mut maps = std::collections::HashMap::new();
+    for id in prog.map_ids().unwrap().unwrap() {
+        let info = aya::maps::MapInfo::from_id(id).unwrap();
+        let name = String::from_utf8_lossy(info.name()).to_string();
+        maps.insert(name, id);
+    }
+    let map = |name: &str| {
+        let data = MapData::from_id(maps[name]).unwrap();
+        aya::maps::Map::from_map_data(data).unwrap()
+    };
+    let services: aya::maps::HashMap<_, ServiceKey, ServiceValue> =
+        aya::maps::HashMap::try_from(map("SERVICES")).unwrap();
+    let key = service_key(&service.parse().unwrap());
+    let id = services.get(&key, 0).unwrap().id;
+    let outer: aya::maps::ArrayOfMaps<_, MapData> =
+        aya::maps::ArrayOfMaps::try_from(map("MAGLEV")).unwrap();
+    let inner = aya::maps::Map::from_map_data(outer.get(&id, 0).unwrap()).unwrap();
+    let inner: aya::maps::Array<_, [u32; 2]> = aya::maps::Array::try_from(inner).unwrap();
+    let slots: Vec<u32> = (0..inner.len())
+        .flat_map(|i| inner.get(&i, 0).unwrap())
+        .collect();
+    let size = slots[0] as usize;
+    let backends: aya::maps::Array<_, Backend> =
+        aya::maps::Array::try_from(map("BACKENDS")).unwrap();
+    let mut addr_of = std::collections::HashMap::new();
+    slots[2..2 + size]
+        .iter()
+        .map(|&bid| {
+            *addr_of.entry(bid).or_insert_with(|| {
+                let b = backends.get(&bid, 0).unwrap();
+                match b.family {
+                    FAMILY_V4 => IpAddr::from(<[u8; 4]>::try_from(&b.addr[..4]).unwrap()),
+                    _ => IpAddr::from(b.addr),
+                }
+            })
+        })
+        .collect()
 }
 
 fn stats(d: (&str, &str)) -> Value {
@@ -307,6 +371,27 @@ fn ecmp_directors() {
             diagnostics()
         );
         assert_eq!(router_hops(vip), [D1.1, D2.1], "{}", diagnostics());
+    }
+    // The kernel's own tables, slot by slot: d1 was configured through the CLI, d2 restored
+    // d1's saved configuration (their backend ids may differ; the reals per slot may not).
+    for service in [WEB, ALT] {
+        let (t1, t2) = (kernel_table(D1, service), kernel_table(D2, service));
+        let mut per_real = BTreeMap::new();
+        for a in &t1 {
+            *per_real.entry(a.to_string()).or_insert(0) += 1;
+        }
+        let differing = t1.iter().zip(&t2).filter(|(a, b)| a != b).count();
+        println!(
+            "{service}: Maglev tables of d1 and d2 in the kernel: {} slots, {differing} differ; \
+             slots per real {per_real:?}",
+            t1.len()
+        );
+        assert_eq!(t1.len(), 65537);
+        assert_eq!(per_real.len(), REALS.len(), "{per_real:?}");
+        assert!(
+            t1 == t2,
+            "{differing} slots differ between d1 and d2 for {service}"
+        );
     }
 
     // --- Spread: new connections from many client ports land on both directors. ---
