@@ -142,6 +142,8 @@ impl Announcer {
 /// second until it succeeds or the set changes again. The first round always reloads: BIRD
 /// may have been started on an older file.
 async fn keep_current(opts: BgpOptions, mut rx: watch::Receiver<BTreeSet<IpAddr>>) {
+    // Failures are logged as a warning once per streak (BIRD may start after the daemon).
+    let mut failing = false;
     loop {
         let vips = rx.borrow_and_update().clone();
         let file = render(&vips);
@@ -156,13 +158,22 @@ async fn keep_current(opts: BgpOptions, mut rx: watch::Receiver<BTreeSet<IpAddr>
         };
         match result {
             Ok(reply) => {
+                failing = false;
                 tracing::info!(announced = %list, %reply, "BGP announcements updated");
                 if rx.changed().await.is_err() {
                     return;
                 }
             }
             Err(e) => {
-                tracing::warn!(announced = %list, "BGP announcements not applied yet: {e:#}");
+                if failing {
+                    tracing::debug!(announced = %list, "BGP announcements not applied yet: {e:#}");
+                } else {
+                    tracing::warn!(
+                        announced = %list,
+                        "BGP announcements not applied yet (retrying every second): {e:#}"
+                    );
+                }
+                failing = true;
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { return },
                     _ = tokio::time::sleep(RETRY_AFTER) => {}
