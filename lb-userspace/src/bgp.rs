@@ -39,9 +39,9 @@ pub const PROTO_V6: &str = "xlb_vips6";
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How soon a failed reload (BIRD not running, configuration refused) is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
-/// How long a clean stop keeps serving after withdrawing: BIRD sends the withdrawal and the
-/// routers converge (tens of milliseconds in the lab) while the data path still forwards, so
-/// no packet arrives at a director that no longer serves it.
+/// How long a clean stop waits after withdrawing: BIRD sends the withdrawal and the routers
+/// converge (tens of milliseconds in the lab), so removing the data path right after the stop
+/// (`xlb detach`) loses no packet.
 pub const WITHDRAW_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
@@ -117,9 +117,9 @@ impl Announcer {
         });
     }
 
-    /// The clean stop: nothing is announced any more, then WITHDRAW_GRACE passes with the data
-    /// path still serving. An operator stopping the daemon wants the traffic on the other
-    /// directors, even where the data path stays attached after the daemon exits.
+    /// The clean stop: nothing is announced any more, then WITHDRAW_GRACE passes. An operator
+    /// stopping the daemon wants the traffic on the other directors, even though the pinned
+    /// data path keeps forwarding after the daemon exits.
     pub async fn withdraw_all(self) {
         self.task.abort();
         let _ = self.task.await;
