@@ -53,6 +53,14 @@ fn balance(ctx: &XdpContext) -> u32 {
     let Some(svc) = svc else {
         return xdp_action::XDP_PASS;
     };
+    // Only frames sent to our own MAC: a switch flooding unknown unicast (or a promiscuous
+    // NIC) shows us frames meant for another director, which forwards them itself.
+    if !maps::CONFIG
+        .get(0)
+        .is_some_and(|c| parse::sent_to(ctx, &c.iface_mac))
+    {
+        return xdp_action::XDP_PASS;
+    }
     let tun = svc.flags & SERVICE_F_TUN != 0;
     if tun {
         // Before scheduling: a packet that cannot be encapsulated must not become a flow.

@@ -200,3 +200,10 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, pkt: &mut Packet) -> Option<usize> {
     pkt.proto = next;
     Some(off)
 }
+
+/// Whether the frame's destination MAC is `mac`.
+#[inline(always)]
+pub fn sent_to(ctx: &XdpContext, mac: &[u8; 6]) -> bool {
+    // SAFETY: ptr_at checked that the 6 bytes are inside the frame.
+    ptr_at::<[u8; 6]>(ctx, 0).is_some_and(|dst| unsafe { dst.read_unaligned() } == *mac)
+}

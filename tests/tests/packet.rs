@@ -165,6 +165,13 @@ fn non_service_traffic_passes_byte_identical() {
             .bytes(),
         ),
         ("icmp echo to the director", icmp_echo_v4()),
+        ("syn for the service, sent to another host's mac", {
+            // A switch flooding unknown unicast shows us another director's frames: that
+            // director forwards them, so we must not.
+            let mut f = Frame::tcp(CLIENT4, VIP4, 40000, 80, SYN).bytes();
+            f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+            f
+        }),
     ];
     for (name, input) in frames {
         let (verdict, out) = run(&mut b, &input);
@@ -172,7 +179,7 @@ fn non_service_traffic_passes_byte_identical() {
         assert_eq!(out, input, "{name}: bytes changed");
     }
     assert_eq!(b.dataplane().global_counter(Global::Forwarded).unwrap(), 0);
-    assert_eq!(b.dataplane().global_counter(Global::Passed).unwrap(), 7);
+    assert_eq!(b.dataplane().global_counter(Global::Passed).unwrap(), 8);
 }
 
 fn icmp_echo_v4() -> Vec<u8> {
