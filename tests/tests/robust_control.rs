@@ -664,6 +664,25 @@ fn limits_on_services_and_reals_are_enforced() {
     let size = json!({"request": "restore", "config": largest})
         .to_string()
         .len();
+    // A valid configuration too large for one request is refused by the CLI before sending.
+    let mut oversized = big_config(lb_common::MAX_SERVICES as usize, 0);
+    for s in oversized["services"].as_array_mut().unwrap() {
+        s["check"] = json!({"kind": "exec", "cmd": "x".repeat(xlb::health::MAX_CHECK_TEXT)});
+    }
+    let e = one_error_line(&["restore"], &restore(&oversized));
+    assert!(
+        e.contains(&format!(
+            "is larger than the daemon takes ({MAX_REQUEST_BYTES})"
+        )),
+        "{e}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&sb.ok(&["save"])).unwrap()["services"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4096
+    );
     println!("64 x 1024 IPv6 reals: a {size}-byte restore request (limit {MAX_REQUEST_BYTES})");
     assert!(size * 2 < MAX_REQUEST_BYTES);
 }
@@ -810,7 +829,15 @@ fn a_failed_state_write_keeps_the_file_and_rolls_back() {
         text(&out)
     );
 
+    let replacement = write_file(
+        &sb.dir,
+        "replacement.json",
+        json!({"services": [{"service": "198.18.0.103:80/tcp", "ring_size": 7}]})
+            .to_string()
+            .as_bytes(),
+    );
     let changes: Vec<Vec<&str>> = vec![
+        vec!["restore", &replacement],
         vec!["real", "add", SVC, "198.18.0.12"],
         vec!["real", "remove", SVC, "198.18.0.11"],
         vec!["real", "weight", SVC, "198.18.0.11", "5"],
@@ -853,6 +880,7 @@ fn a_failed_state_write_keeps_the_file_and_rolls_back() {
     assert!(out.status.success(), "{}", text(&out));
     let file = read_state();
     let changes: Vec<Vec<&str>> = vec![
+        vec!["restore", &replacement],
         vec!["real", "add", SVC, "198.18.0.13"],
         vec!["real", "remove", SVC, "198.18.0.12"],
         vec!["real", "weight", SVC, "198.18.0.12", "5"],
