@@ -977,3 +977,89 @@ fn the_control_socket_refuses_a_non_root_user() {
     }
     assert_eq!(sb.ok(&["save"]), before);
 }
+
+/// Well-formed requests drawn at random (services and reals that exist or not, of either
+/// family, any weight): each is either refused with the configuration and the state file
+/// unchanged, or applied with the state file equal to the new configuration.
+#[test]
+fn random_well_formed_requests_change_all_or_nothing() {
+    let sb = Sandbox::new("allornothing");
+    let _daemon = sb.start(&[]);
+    sb.ok(&["service", "add", SVC]);
+    sb.ok(&["real", "add", SVC, "198.18.0.11"]);
+    let save = || -> Value {
+        let v: Value = serde_json::from_str(&sb.raw(b"{\"request\":\"save\"}\n")).unwrap();
+        assert_eq!(v["ok"], true);
+        v["data"].clone()
+    };
+    let file = || -> Value { serde_json::from_slice(&std::fs::read(sb.state()).unwrap()).unwrap() };
+    let services = [SVC, SVC6, "198.18.0.101:80/tcp", "198.18.0.101:0/udp"];
+    let addrs = [
+        "198.18.0.11",
+        "198.18.0.12",
+        "198.18.0.13",
+        "fd00:18::11",
+        "fd00:18::12",
+    ];
+    let weights = [0u32, 1, 100, 65535];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let (mut accepted, mut refused) = (0, 0);
+    let mut kinds: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for _ in 0..400 {
+        let service = services[next(services.len())];
+        let addr = addrs[next(addrs.len())];
+        let weight = weights[next(weights.len())];
+        let request = match next(16) {
+            0..=2 => {
+                json!({"request": "service-add", "config": {"service": service, "ring_size": 7}})
+            }
+            3 => json!({"request": "service-remove", "service": service}),
+            4..=7 => {
+                json!({"request": "real-add", "service": service, "real": {"addr": addr, "weight": weight}})
+            }
+            8 => json!({"request": "real-remove", "service": service, "addr": addr}),
+            9 | 10 => {
+                json!({"request": "real-weight", "service": service, "addr": addr, "weight": weight})
+            }
+            11 | 12 => json!({"request": "real-drain", "service": service, "addr": addr}),
+            13 | 14 => json!({"request": "real-enable", "service": service, "addr": addr}),
+            _ => json!({"request": "restore", "config": {"services": [
+                {"service": service, "ring_size": 7, "reals": [{"addr": addr, "weight": weight}]}
+            ]}}),
+        };
+        let before = save();
+        let before_file = std::fs::read(sb.state()).unwrap();
+        let answer: Value = serde_json::from_str(&sb.raw(&line_of(&request))).unwrap();
+        let kind = request["request"].as_str().unwrap().to_string();
+        if answer["ok"] == true {
+            accepted += 1;
+            kinds.entry(kind).or_default().0 += 1;
+            assert_eq!(file(), save(), "{request}: the state file does not match");
+        } else {
+            refused += 1;
+            kinds.entry(kind).or_default().1 += 1;
+            assert_eq!(
+                save(),
+                before,
+                "{request} was refused but changed the configuration"
+            );
+            assert_eq!(std::fs::read(sb.state()).unwrap(), before_file);
+        }
+    }
+    println!(
+        "400 random well-formed requests: {accepted} applied, {refused} refused (per kind, applied/refused: {kinds:?})"
+    );
+    assert!(accepted > 40 && refused > 40);
+}
+
+fn line_of(v: &Value) -> Vec<u8> {
+    let mut l = serde_json::to_vec(v).unwrap();
+    l.push(b'\n');
+    l
+}

@@ -168,8 +168,8 @@ fn a_flood_of_new_flows_does_not_move_established_ones() {
         - before["services"][0]["new_flows"].as_u64().unwrap();
     eprintln!(
         "flood: {} | table capacity {CAPACITY} | new flows {new_flows} (at least {} evictions) | \
-         conn_miss {} conn_stale {} forwarded {} drop_no_backend {} | misses after the flood (6 quiet \
-         connections) {quiet_misses} | 12 long-lived connections, {answers} answers: {broken} broken, {moved} moved to another real | \
+         conn_miss {} conn_stale {} forwarded {} drop_no_backend {} | misses after the flood (long-lived \
+         connections evicted, 6 of them quiet) {quiet_misses} | 12 long-lived connections, {answers} answers: {broken} broken, {moved} moved to another real | \
          requests during the flood {probe_ok} ok {probe_failed} failed, after it {after_ok} ok \
          {after_failed} failed",
         String::from_utf8_lossy(&flood.stdout).trim(),
