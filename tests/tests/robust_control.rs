@@ -196,10 +196,10 @@ fn big_config(services: usize, n_reals: usize) -> Value {
     json!({ "services": services })
 }
 
-/// `n` distinct IPv4 reals.
+/// `n` distinct IPv4 reals (198.19.0.0/16).
 fn reals(n: usize) -> Vec<Value> {
     (0..n)
-        .map(|j| json!({"addr": format!("10.9.{}.{}", j / 250, j % 250 + 1), "weight": 1}))
+        .map(|j| json!({"addr": format!("198.19.{}.{}", j / 250, j % 250 + 1), "weight": 1}))
         .collect()
 }
 
@@ -609,7 +609,7 @@ fn limits_on_services_and_reals_are_enforced() {
     let full = json!({"services": [{"service": SVC, "ring_size": 65537, "reals": reals(MAX_REALS_PER_SERVICE)}]});
     let out = restore(&full);
     assert!(out.status.success(), "{}", text(&out));
-    let extra = "10.9.200.1";
+    let extra = "198.19.200.1";
     let args = ["real", "add", SVC, extra];
     let e = one_error_line(&args, &sb.xlb(&args));
     assert!(
