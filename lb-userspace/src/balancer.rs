@@ -568,6 +568,12 @@ impl Balancer {
         if state.reals.contains_key(&real.addr) {
             bail!("real {} is already in service {s}", real.addr);
         }
+        if state.reals.len() >= crate::config::MAX_REALS_PER_SERVICE {
+            bail!(
+                "service {s} already has {} reals, the limit per service",
+                state.reals.len()
+            );
+        }
         if state.config.fallback == Some(real.addr) {
             bail!("real {} is service {s}'s fallback", real.addr);
         }

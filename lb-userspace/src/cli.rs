@@ -398,7 +398,7 @@ fn run(cli: Cli) -> Result<()> {
             },
         },
         Command::Service(ServiceCmd::Remove { service }) => Request::ServiceRemove { service },
-        Command::Service(ServiceCmd::List) => Request::ServiceList,
+        Command::Service(ServiceCmd::List) => Request::ServiceList {},
         Command::Real(RealCmd::Add {
             service,
             real,
@@ -438,11 +438,11 @@ fn run(cli: Cli) -> Result<()> {
             real,
             timeout,
         }) => return wait_drained(&cli.socket, &service, real, timeout),
-        Command::Status => Request::Status,
+        Command::Status => Request::Status {},
         Command::Stats { rate } => {
             return stats(&cli.socket, cli.json, rate);
         }
-        Command::Save => Request::Save,
+        Command::Save => Request::Save {},
         Command::Restore { file } => {
             let text = if file == "-" {
                 std::io::read_to_string(std::io::stdin())?
@@ -472,14 +472,14 @@ fn call(socket: &std::path::Path, request: &Request) -> Result<Value> {
 }
 
 fn print(request: &Request, data: &Value, json: bool) {
-    if json || matches!(request, Request::Save) {
+    if json || matches!(request, Request::Save {}) {
         if !data.is_null() {
             println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
         }
         return;
     }
     match request {
-        Request::ServiceList => {
+        Request::ServiceList {} => {
             for s in data["services"].as_array().into_iter().flatten() {
                 println!(
                     "{} mode {} hash {} ring {} reals {}",
@@ -500,7 +500,7 @@ fn print(request: &Request, data: &Value, json: bool) {
                 );
             }
         }
-        Request::Status => {
+        Request::Status {} => {
             println!(
                 "interface {} (XDP {})",
                 data["iface"].as_str().unwrap_or(""),
@@ -551,10 +551,10 @@ fn print(request: &Request, data: &Value, json: bool) {
 }
 
 fn stats(socket: &std::path::Path, json: bool, rate: bool) -> Result<()> {
-    let mut data = call(socket, &Request::Stats)?;
+    let mut data = call(socket, &Request::Stats {})?;
     if rate {
         std::thread::sleep(std::time::Duration::from_secs(1));
-        let later = call(socket, &Request::Stats)?;
+        let later = call(socket, &Request::Stats {})?;
         data = diff(&later, &data);
     }
     if json {
@@ -615,7 +615,7 @@ fn wait_drained(
 ) -> Result<()> {
     let start = std::time::Instant::now();
     loop {
-        let status = call(socket, &Request::Status)?;
+        let status = call(socket, &Request::Status {})?;
         let service_text = service.to_string();
         let svc = status["services"]
             .as_array()

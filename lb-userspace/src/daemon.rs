@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use crate::{
-    api::{MAX_REQUEST_BYTES, Request, Response},
+    api::{MAX_REQUEST_BYTES, Request, Response, decode_request},
     balancer::Balancer,
     bgp::{Announcer, BgpOptions},
     checks::Checks,
@@ -35,6 +35,8 @@ pub const ACTIVE_FLOW_IDLE_S: u32 = 60;
 /// ...or, once its client sent a FIN or RST, within this many (a half-closed connection that
 /// still receives data keeps ACKing, so it stays active).
 pub const CLOSING_FLOW_IDLE_S: u32 = 2;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct DaemonOptions {
     pub iface: String,
@@ -351,24 +353,28 @@ async fn serve(stream: UnixStream, shared: Arc<Mutex<Shared>>) -> Result<()> {
         return Ok(());
     }
     let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
-    let mut line = String::new();
-    reader.read_line(&mut line).await?;
-    let response = if line.len() > MAX_REQUEST_BYTES {
-        Response::error(&anyhow::anyhow!(
-            "request larger than {MAX_REQUEST_BYTES} bytes"
-        ))
-    } else {
-        match serde_json::from_str::<Request>(&line) {
-            Ok(req) => {
-                let mut guard = shared.lock().unwrap();
-                match handle(&mut guard, req) {
-                    Ok(data) => Response::ok(data),
-                    Err(e) => Response::error(&e),
+    let mut line = Vec::new();
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let response = match read {
+        Err(_) => Response::error(&anyhow::anyhow!(
+            "no complete request within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        )),
+        Ok(read) => {
+            read?;
+            match decode_request(&line) {
+                Ok(req) => {
+                    let mut guard = shared.lock().unwrap();
+                    match handle(&mut guard, req) {
+                        Ok(data) => Response::ok(data),
+                        Err(e) => Response::error(&e),
+                    }
                 }
+                Err(e) => Response::error(&e),
             }
-            Err(e) => Response::error(&anyhow::anyhow!("malformed request: {e}")),
         }
     };
+    // One request per connection: closing it also drops whatever an oversized request left.
     write_response(&mut write, &response).await
 }
 
@@ -382,8 +388,37 @@ async fn write_response(
     Ok(())
 }
 
-/// Applies one request. Mutations are validated before anything changes and saved after.
+/// Applies one request. Mutations are validated before anything changes and saved after; a
+/// change that cannot be saved (disk full, read-only) is rolled back, so the running
+/// configuration always matches the state file: bad circumstances change nothing either.
 fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
+    let before = match req {
+        Request::ServiceList {}
+        | Request::Save {}
+        | Request::RealList { .. }
+        | Request::Status {}
+        | Request::Stats {} => None,
+        _ => Some(s.balancer.config()),
+    };
+    let data = apply(s, req)?;
+    let Some(before) = before else {
+        return Ok(data);
+    };
+    s.checks.reconcile(&s.balancer);
+    if let Err(e) = state::save(&s.state, &s.balancer.config()) {
+        match s.balancer.replace(&before) {
+            Ok(()) => tracing::warn!("change rolled back: {e:#}"),
+            Err(back) => tracing::error!("rolling back a change that was not saved: {back:#}"),
+        }
+        s.checks.reconcile(&s.balancer);
+        s.announce();
+        return Err(e.context("change refused and rolled back"));
+    }
+    s.announce();
+    Ok(data)
+}
+
+fn apply(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
     let b = &mut s.balancer;
     match req {
         Request::ServiceAdd { config } => {
@@ -427,7 +462,7 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
             }
             tracing::info!(services = config.services.len(), "configuration restored");
         }
-        Request::ServiceList | Request::Save => {
+        Request::ServiceList {} | Request::Save {} => {
             return Ok(serde_json::to_value(b.config())?);
         }
         Request::RealList { service } => {
@@ -437,13 +472,9 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
             };
             return Ok(serde_json::to_value(&svc.reals)?);
         }
-        Request::Status => return status(s),
-        Request::Stats => return stats(s),
+        Request::Status {} => return status(s),
+        Request::Stats {} => return stats(s),
     }
-    // Only mutations get here: reads returned above.
-    s.checks.reconcile(&s.balancer);
-    s.announce();
-    state::save(&s.state, &s.balancer.config())?;
     Ok(serde_json::Value::Null)
 }
 

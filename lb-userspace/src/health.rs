@@ -90,6 +90,9 @@ pub const DEFAULT_FALL: u32 = 3;
 pub const MIN_INTERVAL_MS: u64 = 100;
 pub const MAX_INTERVAL_MS: u64 = 3_600_000;
 pub const MAX_RISE_FALL: u32 = 100;
+/// Longest `--check-path` and `--check-cmd`, in bytes: generous for any real use, and it
+/// bounds what a configuration (and so the state file and a `restore`) can hold per real.
+pub const MAX_CHECK_TEXT: usize = 4096;
 pub const DEFAULT_HTTP_PATH: &str = "/";
 pub const DEFAULT_HTTP_STATUS: u16 = 200;
 /// The largest UDP payload (IPv4: 65535 less the IP and UDP headers).
@@ -243,6 +246,16 @@ impl CheckConfig {
                     bail!("check: a port 0 service (every port) needs --check-port")
                 }
                 _ => {}
+            }
+        }
+        for (flag, text) in [("--check-path", &self.path), ("--check-cmd", &self.cmd)] {
+            if let Some(t) = text
+                && t.len() > MAX_CHECK_TEXT
+            {
+                bail!(
+                    "check: {flag} is {} bytes, more than {MAX_CHECK_TEXT}",
+                    t.len()
+                );
             }
         }
         if let Some(path) = &self.path

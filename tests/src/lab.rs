@@ -61,14 +61,20 @@ impl Lab {
     }
 
     pub fn up(self) -> Running {
+        self.up_with(&[])
+    }
+
+    /// [`Lab::up`] with environment variables for `scripts/lab` (e.g. `XLB_LAB_CONN_CAPACITY`).
+    pub fn up_with(self, env: &[(&str, &str)]) -> Running {
         assert!(
             xlb_bin().exists(),
             "build target/release/xlb first (scripts/test does)"
         );
-        let out = sh(
-            repo().join("scripts/lab").to_str().unwrap(),
-            &[self.name, "up"],
-        );
+        let out = Command::new(repo().join("scripts/lab"))
+            .args([self.name, "up"])
+            .envs(env.iter().copied())
+            .output()
+            .expect("running scripts/lab");
         assert!(
             out.status.success(),
             "lab {} up failed: {}",

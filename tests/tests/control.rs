@@ -9,7 +9,7 @@ use std::{
 
 use lb_common::MAX_BACKENDS;
 use xlb::{
-    config::{Config, RealConfig, ServiceConfig},
+    config::{Config, MAX_REALS_PER_SERVICE, RealConfig, ServiceConfig},
     dataplane::BALANCER_PROGRAM,
 };
 use xlb_tests::*;
@@ -93,21 +93,21 @@ fn a_replace_the_kernel_cannot_hold_leaves_the_previous_configuration() {
     assert_eq!(verdict, XDP_TX);
     let chosen_mac = out[..6].to_vec();
 
-    // Two services whose reals together exceed the backend table: valid on its own, but the
-    // second service cannot be placed after the first.
-    let half = MAX_BACKENDS as usize / 2 + 1;
-    let big = |vip: &str, base: u32| {
-        let mut s = ServiceConfig::new(format!("{vip}:80/tcp").parse().unwrap());
-        s.reals = (0..half as u32)
-            .map(|i| RealConfig::new(IpAddr::V4((base + i).into()), 1))
+    // Full services whose reals together exceed the backend table: valid on its own, but
+    // the last service cannot be placed after the others.
+    let per_service = MAX_REALS_PER_SERVICE as u32;
+    let services = MAX_BACKENDS / per_service + 1;
+    let big = |i: u32| {
+        let mut s = ServiceConfig::new(format!("198.18.1.{}:80/tcp", i + 1).parse().unwrap());
+        s.ring_size = 7;
+        let base = u32::from_be_bytes([10, i as u8, 0, 0]);
+        s.reals = (0..per_service)
+            .map(|j| RealConfig::new(IpAddr::V4((base + j).into()), 1))
             .collect();
         s
     };
     let too_big = Config {
-        services: vec![
-            big("198.18.0.101", u32::from_be_bytes([10, 0, 0, 0])),
-            big("198.18.0.102", u32::from_be_bytes([10, 1, 0, 0])),
-        ],
+        services: (0..services).map(big).collect(),
     };
     too_big.validate().unwrap();
     let err = b.replace(&too_big).unwrap_err();
@@ -126,7 +126,7 @@ fn a_replace_the_kernel_cannot_hold_leaves_the_previous_configuration() {
     let (verdict, out) = b.dataplane().test_run(BALANCER_PROGRAM, &syn).unwrap();
     assert_eq!(verdict, XDP_TX, "the restored service does not forward");
     assert_eq!(out[..6], chosen_mac[..], "the flow moved to another real");
-    let other = Frame::tcp("198.18.1.1", "198.18.0.101", 40000, 80, SYN).bytes();
+    let other = Frame::tcp("198.18.2.1", "198.18.1.1", 40000, 80, SYN).bytes();
     let (verdict, _) = b.dataplane().test_run(BALANCER_PROGRAM, &other).unwrap();
     assert_eq!(
         verdict, XDP_PASS,
