@@ -51,6 +51,18 @@ enum Command {
         /// Serve Prometheus metrics on ADDR:PORT (GET /metrics).
         #[arg(long, value_name = "ADDR:PORT")]
         metrics: Option<std::net::SocketAddr>,
+        /// Log level (default: RUST_LOG's directives if set, else info).
+        #[arg(long, value_enum, env = "XLB_LOG_LEVEL")]
+        log_level: Option<LogLevel>,
+        /// Log the data path's rare events (drops, ICMP too big, untracked fragments) with
+        /// their addresses, at debug level under the target xlb_datapath.
+        #[arg(long)]
+        datapath_log: bool,
+    },
+    /// Print a shell completion script (e.g. `xlb completions bash > /etc/bash_completion.d/xlb`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Add, remove and list virtual services.
     #[command(subcommand)]
@@ -81,6 +93,20 @@ enum Command {
         #[arg(long)]
         iface: String,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// The whole command line's definition (completions, the man pages of `cargo xtask man`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(Subcommand)]
@@ -300,14 +326,41 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
+/// Logs to stderr (journald keeps it under systemd). `--log-level` wins over RUST_LOG, which
+/// wins over the default `info`; `--datapath-log` lets the data path's debug events through.
+fn init_logging(level: Option<LogLevel>, datapath_log: bool) {
+    use tracing_subscriber::EnvFilter;
+    let base = match level {
+        Some(l) => EnvFilter::new(format!("{},netlink_packet_route=error", l.name())),
+        None => EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,netlink_packet_route=error")),
+    };
+    let filter = if datapath_log {
+        base.add_directive(
+            format!("{}=debug", crate::dataplane::DATAPATH_LOG_TARGET)
+                .parse()
+                .expect("a valid directive"),
+        )
+    } else {
+        base
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+impl LogLevel {
+    fn name(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -318,8 +371,10 @@ fn run(cli: Cli) -> Result<()> {
             xdp_mode,
             conn_capacity,
             metrics,
+            log_level,
+            datapath_log,
         } => {
-            init_logging();
+            init_logging(log_level, datapath_log);
             let rt = tokio::runtime::Runtime::new()?;
             return rt.block_on(daemon::run(DaemonOptions {
                 iface,
@@ -328,7 +383,12 @@ fn run(cli: Cli) -> Result<()> {
                 xdp_mode,
                 conn_capacity,
                 metrics,
+                datapath_log,
             }));
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut command(), "xlb", &mut std::io::stdout());
+            return Ok(());
         }
         Command::XdpPass { iface } => return xdp_pass(&iface),
         Command::Realserver(cmd) => return realserver_cmd(cmd),

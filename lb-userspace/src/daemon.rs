@@ -21,8 +21,8 @@ use crate::{
     api::{MAX_REQUEST_BYTES, Request, Response},
     balancer::Balancer,
     checks::Checks,
-    config::{Config, Mode},
-    dataplane::{Dataplane, LoadOptions, XdpModeChoice},
+    config::{Config, Mode, ServiceAddr},
+    dataplane::{DatapathLogger, Dataplane, LoadOptions, XdpModeChoice},
     metrics,
     neighbour::{Neighbours, trigger_resolution},
     state,
@@ -42,6 +42,8 @@ pub struct DaemonOptions {
     pub conn_capacity: u32,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Log the data path's rare events (`CONFIG_F_DATAPATH_LOG`).
+    pub datapath_log: bool,
 }
 
 struct Shared {
@@ -52,6 +54,8 @@ struct Shared {
     /// Each real's next hop as last looked up (shown by `status`).
     next_hops: HashMap<IpAddr, NextHop>,
     checks: Checks,
+    /// Draining reals whose last flow has ended (logged once; forgotten when enabled).
+    drained: std::collections::HashSet<(ServiceAddr, IpAddr)>,
 }
 
 pub async fn run(opts: DaemonOptions) -> Result<()> {
@@ -74,7 +78,12 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     })?;
     let mode = dp.attach(&opts.iface, opts.xdp_mode)?;
     tracing::info!(iface = %opts.iface, mode = mode.as_str(), "XDP program attached");
+    let datapath_logger = match opts.datapath_log {
+        true => Some(datapath_log_task(dp.start_datapath_log()?)?),
+        false => None,
+    };
     let mut balancer = Balancer::new(dp);
+    balancer.set_datapath_log(opts.datapath_log)?;
     balancer.set_iface_mac(iface.mac)?;
     balancer.set_mtu(iface.mtu)?;
     let (v4, v6) = neighbours.primary_addresses(ifindex).await?;
@@ -96,6 +105,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         state: opts.state.clone(),
         next_hops: HashMap::new(),
         checks,
+        drained: Default::default(),
     }));
     let adapter = {
         let shared = shared.clone();
@@ -108,6 +118,9 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                     checks, balancer, ..
                 } = &mut *guard;
                 checks.adapt_weights(balancer);
+                if let Err(e) = watch_drains(&mut guard) {
+                    tracing::warn!("counting the flows of draining reals: {e:#}");
+                }
             }
         })
     };
@@ -142,8 +155,21 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         let shared = shared.clone();
         let render = Arc::new(move || {
             let mut guard = shared.lock().unwrap();
-            let flows = active_flows(&mut guard.balancer)?;
-            metrics::render(&mut guard.balancer, &flows)
+            let Shared {
+                balancer,
+                iface,
+                attach_mode,
+                checks,
+                ..
+            } = &mut *guard;
+            let flows = active_flows(balancer)?;
+            let scrape = metrics::Scrape {
+                iface,
+                attach_mode,
+                flows: &flows,
+                checks,
+            };
+            metrics::render(balancer, &scrape)
         });
         tokio::spawn(metrics::serve(listener, render))
     });
@@ -169,9 +195,60 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     if let Some(server) = metrics_server {
         server.abort();
     }
+    if let Some(logger) = datapath_logger {
+        logger.abort();
+    }
     let _ = std::fs::remove_file(&opts.socket);
     tracing::info!("stopping; the XDP program is detached");
     Ok(())
+}
+
+/// Logs "drain finished" once for each draining real that has no active flow left. Walks the
+/// connection table only while such a real is waiting.
+fn watch_drains(s: &mut Shared) -> Result<()> {
+    let mut waiting = Vec::new();
+    let mut draining = std::collections::HashSet::new();
+    for svc in s.balancer.config().services {
+        for r in s.balancer.real_status(&svc.service) {
+            if r.draining {
+                draining.insert((svc.service, r.addr));
+                if !s.drained.contains(&(svc.service, r.addr)) {
+                    waiting.push((svc.service, r.addr, r.backend_id));
+                }
+            }
+        }
+    }
+    s.drained.retain(|k| draining.contains(k));
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let flows = active_flows(&mut s.balancer)?;
+    for (service, real, id) in waiting {
+        if !flows.active.contains_key(&id) {
+            tracing::info!(%service, %real, "drain finished: no active flows left");
+            s.drained.insert((service, real));
+        }
+    }
+    Ok(())
+}
+
+/// Forwards the data path's log records to `tracing` as they arrive.
+fn datapath_log_task(logger: DatapathLogger) -> Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the logger owns the ring buffer's fd, which stays open and the same until the
+    // AsyncFd (which owns the logger) is dropped.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the data path's log buffer: {e}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
 }
 
 fn bind_socket(path: &PathBuf) -> Result<UnixListener> {
@@ -285,10 +362,14 @@ async fn serve(stream: UnixStream, shared: Arc<Mutex<Shared>>) -> Result<()> {
     } else {
         match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
+                let what = request_name(&req);
                 let mut guard = shared.lock().unwrap();
                 match handle(&mut guard, req) {
                     Ok(data) => Response::ok(data),
-                    Err(e) => Response::error(&e),
+                    Err(e) => {
+                        tracing::warn!(request = what, "refused: {e:#}");
+                        Response::error(&e)
+                    }
                 }
             }
             Err(e) => Response::error(&anyhow::anyhow!("malformed request: {e}")),
@@ -305,6 +386,25 @@ async fn write_response(
     out.push(b'\n');
     write.write_all(&out).await?;
     Ok(())
+}
+
+/// The request's name as on the wire, for the log.
+fn request_name(req: &Request) -> &'static str {
+    match req {
+        Request::ServiceAdd { .. } => "service-add",
+        Request::ServiceRemove { .. } => "service-remove",
+        Request::ServiceList => "service-list",
+        Request::RealAdd { .. } => "real-add",
+        Request::RealRemove { .. } => "real-remove",
+        Request::RealWeight { .. } => "real-weight",
+        Request::RealList { .. } => "real-list",
+        Request::RealDrain { .. } => "real-drain",
+        Request::RealEnable { .. } => "real-enable",
+        Request::Status => "status",
+        Request::Stats => "stats",
+        Request::Save => "save",
+        Request::Restore { .. } => "restore",
+    }
 }
 
 /// Applies one request. Mutations are validated before anything changes and saved after.
@@ -367,7 +467,11 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
     }
     // Only mutations get here: reads returned above.
     s.checks.reconcile(&s.balancer);
-    state::save(&s.state, &s.balancer.config())?;
+    if let Err(e) = state::save(&s.state, &s.balancer.config()) {
+        // The kernel has the change; a restart would lose it.
+        tracing::error!("the change is applied but not saved: {e:#}");
+        return Err(e);
+    }
     Ok(serde_json::Value::Null)
 }
 
@@ -382,20 +486,29 @@ fn now_coarse_s() -> u32 {
     ts.tv_sec as u32
 }
 
-fn active_flows(b: &mut Balancer) -> Result<HashMap<u32, u64>> {
+/// One walk of the connection table: flows per backend id that sent a packet recently (see
+/// `ACTIVE_FLOW_IDLE_S`), and every entry.
+#[derive(Default)]
+pub struct Flows {
+    pub active: HashMap<u32, u64>,
+    pub entries: u64,
+}
+
+fn active_flows(b: &mut Balancer) -> Result<Flows> {
     let now = now_coarse_s();
-    let mut counts = HashMap::new();
+    let mut flows = Flows::default();
     for (_, v) in b.dataplane().conns()? {
+        flows.entries += 1;
         let idle_limit = if v.flags & lb_common::CONN_F_CLOSING != 0 {
             CLOSING_FLOW_IDLE_S
         } else {
             ACTIVE_FLOW_IDLE_S
         };
         if now.saturating_sub(v.last_seen_s) <= idle_limit {
-            *counts.entry(v.backend_id).or_insert(0u64) += 1;
+            *flows.active.entry(v.backend_id).or_insert(0u64) += 1;
         }
     }
-    Ok(counts)
+    Ok(flows)
 }
 
 fn status(s: &mut Shared) -> Result<serde_json::Value> {
@@ -416,13 +529,13 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
                         "effective_weight": r.effective_weight,
                         "mac": r.mac,
                         "next_hop": s.next_hops.get(&r.addr).map(|h| h.to_string()),
-                        "state": real_state(&r),
+                        "state": r.state(),
                         "health": r.health,
                         "draining": r.draining,
                         "fallback": r.fallback,
                         "check": s.checks.last(&svc.service, r.addr),
                         "in_table": r.in_table,
-                        "active_flows": flows.get(&r.backend_id).copied().unwrap_or(0),
+                        "active_flows": flows.active.get(&r.backend_id).copied().unwrap_or(0),
                     })
                 })
                 .collect();
@@ -441,23 +554,6 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
         "attach_mode": s.attach_mode,
         "services": services,
     }))
-}
-
-/// One word for a real's state, most pressing first.
-fn real_state(r: &crate::balancer::RealStatus) -> &'static str {
-    use crate::health::Health;
-    if r.mac.is_none() {
-        "unresolved"
-    } else if r.draining {
-        "draining"
-    } else {
-        match r.health {
-            Health::Down => "down",
-            Health::Unknown => "checking",
-            Health::Up if r.fallback => "fallback",
-            Health::Up => "up",
-        }
-    }
 }
 
 fn stats(s: &mut Shared) -> Result<serde_json::Value> {

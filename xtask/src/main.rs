@@ -1,6 +1,7 @@
 //! Developer tasks for the xlb workspace: `cargo xtask <task>`.
 
 mod bench;
+mod man;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,12 @@ struct Cli {
 enum Task {
     /// Measure the XDP data path per packet with BPF_PROG_TEST_RUN (needs root).
     Bench(BenchArgs),
+    /// Write man pages generated from the CLI definitions (xlb.1, xlb-SUBCOMMAND.1).
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = "target/man")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -57,6 +64,11 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--calls must be at least 1");
             }
             bench::run(calls)
+        }
+        Task::Man { out } => {
+            let pages = man::write(&out)?;
+            println!("{} man pages in {}", pages.len(), out.display());
+            Ok(())
         }
     }
 }
