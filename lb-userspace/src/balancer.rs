@@ -124,16 +124,6 @@ pub struct RealStatus {
 }
 
 impl RealStatus {
-    /// Every word [`RealStatus::state`] may say (the metrics' state set).
-    pub const STATES: [&'static str; 6] = [
-        "up",
-        "down",
-        "checking",
-        "draining",
-        "unresolved",
-        "fallback",
-    ];
-
     /// One word for the real's state, most pressing first.
     pub fn state(&self) -> &'static str {
         if self.mac.is_none() {

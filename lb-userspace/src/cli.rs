@@ -257,6 +257,13 @@ enum RealserverCmd {
     Teardown(RealserverArgs),
     /// Report each missing piece; exit 1 if anything is missing.
     Check(RealserverArgs),
+    /// Print the decapsulator's counters in the Prometheus text format (e.g. for
+    /// node_exporter's textfile collector).
+    Metrics {
+        /// The interface the decapsulator is attached to.
+        #[arg(long)]
+        iface: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -683,6 +690,9 @@ fn realserver_cmd(cmd: RealserverCmd) -> Result<()> {
                 let opts = args.options();
                 realserver::teardown(&opts).await?;
                 println!("{} no longer set up on {}", opts.vip, opts.iface);
+            }
+            RealserverCmd::Metrics { iface } => {
+                print!("{}", realserver::metrics(&iface).await?);
             }
             RealserverCmd::Check(args) => {
                 let opts = args.options();
