@@ -39,10 +39,13 @@ pub struct Cli {
 enum Command {
     /// Attach to an interface and serve the control API (foreground; logs to stderr).
     Daemon {
+        /// The interface to attach the balancer to (clients' packets arrive and leave there).
         #[arg(long)]
         iface: String,
+        /// The configuration, saved atomically after every change and restored at start.
         #[arg(long, default_value = state::DEFAULT_STATE)]
         state: PathBuf,
+        /// How to attach the XDP program.
         #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
         xdp_mode: XdpModeChoice,
         /// Flows the connection table tracks before evicting the least recently used.
