@@ -141,7 +141,9 @@ pub struct Counters {
 pub struct Config {
     /// The MAC of the interface the program is attached to: the source of forwarded frames.
     pub iface_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `CONFIG_F_*` switches.
+    pub flags: u8,
+    pub _pad: [u8; 1],
     /// How many all-ports (port 0) services exist: while none does, a packet that misses the
     /// exact (VIP, port, proto) lookup passes without a second lookup.
     pub all_ports_services: u32,
@@ -149,6 +151,10 @@ pub struct Config {
     /// answered with ICMP "too big" (or dropped). 0 disables the check.
     pub mtu: u32,
 }
+
+/// Config flag: log the data path's rare events (drops, ICMP too big, untracked fragments)
+/// through aya-log (`xlb daemon --datapath-log`). Read only on those rare paths.
+pub const CONFIG_F_DATAPATH_LOG: u8 = 1 << 0;
 
 /// Indexes of the global per-CPU counter array.
 #[repr(u32)]

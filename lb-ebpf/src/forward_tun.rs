@@ -10,7 +10,7 @@ use lb_common::{Backend, Config, FAMILY_V4, Global, ServiceValue};
 
 use crate::{
     conntrack::Choice,
-    counters, csum, icmp,
+    counters, csum, icmp, log,
     maps::CONFIG,
     parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN, ptr_at, read},
 };
@@ -69,6 +69,7 @@ pub fn check(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let avail = (ctx.data_end() - ctx.data() - pkt.l3_off) as u32;
     if inner.len < overhead || inner.len > avail {
         counters::global(Global::DropMalformed);
+        log::dropped(ctx, Global::DropMalformed);
         return Some(xdp_action::XDP_DROP);
     }
     if config.mtu == 0 || inner.len + overhead <= config.mtu {
@@ -77,6 +78,7 @@ pub fn check(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     if pkt.family == FAMILY_V4 && !inner.df {
         // Fragmenting is not the balancer's job, and the sender allowed it, so it gets no ICMP.
         counters::global(Global::DropTooBig);
+        log::dropped(ctx, Global::DropTooBig);
         return Some(xdp_action::XDP_DROP);
     }
     Some(icmp::too_big(

@@ -11,6 +11,7 @@ mod decap;
 mod forward_dr;
 mod forward_tun;
 mod icmp;
+mod log;
 mod maglev;
 mod maps;
 mod parse;
@@ -80,6 +81,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     let Some(choice) = choice else {
         counters::service(svc.id, bytes, false);
         counters::global(Global::DropNoBackend);
+        log::dropped(ctx, Global::DropNoBackend);
         return xdp_action::XDP_DROP;
     };
     counters::service(svc.id, bytes, choice.new_flow);
@@ -97,6 +99,14 @@ fn balance(ctx: &XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_decap(ctx: XdpContext) -> u32 {
     decap::decap(&ctx)
+}
+
+/// Logs a frame the balancer drops, then drops it: tail-called by the balancer only while
+/// `xlb daemon --datapath-log` is on (see log.rs).
+#[xdp]
+pub fn xlb_drop_log(ctx: XdpContext) -> u32 {
+    log::drop_record(&ctx);
+    xdp_action::XDP_DROP
 }
 
 /// A program that passes everything: the empty baseline of the benchmarks, and what a veth

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -60,3 +60,12 @@ pub static DECAP_VIPS: HashMap<VipKey, u32, { DECAP_CAPACITY as usize }> = HashM
 
 #[btf_map]
 pub static DECAP_STATS: PerCpuArray<u64, { Decap::COUNT as usize }> = PerCpuArray::new();
+
+/// `xlb_drop_log`, tail-called on drops while the data path log is on (log.rs); the control
+/// plane fills slot 0.
+#[btf_map]
+pub static DROP_LOG_PROGRAM: ProgramArray<1> = ProgramArray::new();
+
+/// The reason of the drop being logged, handed from the balancer to `xlb_drop_log`.
+#[btf_map]
+pub static DROP_REASON: PerCpuArray<u32, 1> = PerCpuArray::new();

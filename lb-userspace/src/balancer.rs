@@ -155,6 +155,24 @@ struct InheritedReal {
     in_table: bool,
 }
 
+impl RealStatus {
+    /// One word for the real's state, most pressing first.
+    pub fn state(&self) -> &'static str {
+        if self.mac.is_none() {
+            "unresolved"
+        } else if self.draining {
+            "draining"
+        } else {
+            match self.health {
+                Health::Down => "down",
+                Health::Unknown => "checking",
+                Health::Up if self.fallback => "fallback",
+                Health::Up => "up",
+            }
+        }
+    }
+}
+
 pub struct Balancer {
     dp: Dataplane,
     inheritance: Inheritance,
@@ -168,6 +186,8 @@ pub struct Balancer {
     /// Outer source of TUN services that name none (addresses of the interface).
     tunnel_v4: Option<Ipv4Addr>,
     tunnel_v6: Option<Ipv6Addr>,
+    /// The data path logs its rare events (`xlb daemon --datapath-log`).
+    datapath_log: bool,
 }
 
 /// The smallest MTU `set_mtu` accepts: every IPv4 host takes 576-byte datagrams (RFC 791), and
@@ -224,6 +244,7 @@ impl Balancer {
             mtu: 0,
             tunnel_v4: None,
             tunnel_v6: None,
+            datapath_log: false,
         }
     }
 
@@ -271,6 +292,12 @@ impl Balancer {
             self.dp.set_backend(real.id, Backend::default())?;
             self.backend_ids.release(real.id);
         }
+        self.write_kernel_config()
+    }
+
+    /// Turns the data path's debug events on or off (see `CONFIG_F_DATAPATH_LOG`).
+    pub fn set_datapath_log(&mut self, on: bool) -> Result<()> {
+        self.datapath_log = on;
         self.write_kernel_config()
     }
 
@@ -330,7 +357,12 @@ impl Balancer {
         let all_ports_services = self.services.keys().filter(|s| s.port == 0).count() as u32;
         self.dp.set_config(KernelConfig {
             iface_mac: self.iface_mac,
-            _pad: [0; 2],
+            flags: if self.datapath_log {
+                lb_common::CONFIG_F_DATAPATH_LOG
+            } else {
+                0
+            },
+            _pad: [0; 1],
             all_ports_services,
             mtu: self.mtu,
         })

@@ -176,6 +176,12 @@ impl Checks {
         }
     }
 
+    /// How long the real's last check took, seconds (for metrics); None if never checked.
+    pub fn last_latency(&self, service: &ServiceAddr, real: IpAddr) -> Option<f64> {
+        let (result, _) = self.running.get(&(*service, real))?.last.as_ref()?;
+        Some(result.latency.as_secs_f64())
+    }
+
     /// The last check of a real, for `status`.
     pub fn last(&self, service: &ServiceAddr, real: IpAddr) -> serde_json::Value {
         let Some(r) = self.running.get(&(*service, real)) else {

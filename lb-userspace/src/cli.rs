@@ -41,10 +41,13 @@ pub struct Cli {
 enum Command {
     /// Attach to an interface and serve the control API (foreground; logs to stderr).
     Daemon {
+        /// The interface to attach the balancer to (clients' packets arrive and leave there).
         #[arg(long)]
         iface: String,
+        /// The configuration, saved atomically after every change and restored at start.
         #[arg(long, default_value = state::DEFAULT_STATE)]
         state: PathBuf,
+        /// How to attach the XDP program.
         #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
         xdp_mode: XdpModeChoice,
         /// Flows the connection table tracks before evicting the least recently used.
@@ -64,6 +67,13 @@ enum Command {
         /// BIRD's control socket, for the reloads (with --bgp-config).
         #[arg(long, value_name = "PATH", default_value = crate::bgp::DEFAULT_BIRD_SOCKET, requires = "bgp_config")]
         bird_socket: PathBuf,
+        /// Log level (default: RUST_LOG's directives if set, else info).
+        #[arg(long, value_enum, env = "XLB_LOG_LEVEL")]
+        log_level: Option<LogLevel>,
+        /// Log the data path's rare events (drops, ICMP too big, untracked fragments) with
+        /// their addresses, at debug level under the target xlb_datapath.
+        #[arg(long)]
+        datapath_log: bool,
     },
     /// Remove the data path a daemon left on an interface: detach the program, remove the
     /// pinned link and maps. Stop the daemon first. Runs locally, without the daemon.
@@ -72,6 +82,11 @@ enum Command {
         iface: String,
         #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
+    },
+    /// Print a shell completion script (e.g. `xlb completions bash > /etc/bash_completion.d/xlb`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Add, remove and list virtual services.
     #[command(subcommand)]
@@ -102,6 +117,20 @@ enum Command {
         #[arg(long)]
         iface: String,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// The whole command line's definition (completions, the man pages of `cargo xtask man`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(Subcommand)]
@@ -252,6 +281,13 @@ enum RealserverCmd {
     Teardown(RealserverArgs),
     /// Report each missing piece; exit 1 if anything is missing.
     Check(RealserverArgs),
+    /// Print the decapsulator's counters in the Prometheus text format (e.g. for
+    /// node_exporter's textfile collector).
+    Metrics {
+        /// The interface the decapsulator is attached to.
+        #[arg(long)]
+        iface: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -321,14 +357,41 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
+/// Logs to stderr (journald keeps it under systemd). `--log-level` wins over RUST_LOG, which
+/// wins over the default `info`; `--datapath-log` lets the data path's debug events through.
+fn init_logging(level: Option<LogLevel>, datapath_log: bool) {
+    use tracing_subscriber::EnvFilter;
+    let base = match level {
+        Some(l) => EnvFilter::new(format!("{},netlink_packet_route=error", l.name())),
+        None => EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,netlink_packet_route=error")),
+    };
+    let filter = if datapath_log {
+        base.add_directive(
+            format!("{}=debug", crate::dataplane::DATAPATH_LOG_TARGET)
+                .parse()
+                .expect("a valid directive"),
+        )
+    } else {
+        base
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+impl LogLevel {
+    fn name(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -342,8 +405,10 @@ fn run(cli: Cli) -> Result<()> {
             pin_root,
             bgp_config,
             bird_socket,
+            log_level,
+            datapath_log,
         } => {
-            init_logging();
+            init_logging(log_level, datapath_log);
             let rt = tokio::runtime::Runtime::new()?;
             return rt.block_on(daemon::run(DaemonOptions {
                 iface,
@@ -357,6 +422,7 @@ fn run(cli: Cli) -> Result<()> {
                     include,
                     bird_socket,
                 }),
+                datapath_log,
             }));
         }
         Command::Detach { iface, pin_root } => {
@@ -370,6 +436,10 @@ fn run(cli: Cli) -> Result<()> {
                     pins.path.display()
                 );
             }
+            return Ok(());
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut command(), "xlb", &mut std::io::stdout());
             return Ok(());
         }
         Command::XdpPass { iface } => return xdp_pass(&iface),
@@ -665,6 +735,9 @@ fn realserver_cmd(cmd: RealserverCmd) -> Result<()> {
                 let opts = args.options();
                 realserver::teardown(&opts).await?;
                 println!("{} no longer set up on {}", opts.vip, opts.iface);
+            }
+            RealserverCmd::Metrics { iface } => {
+                print!("{}", realserver::metrics(&iface).await?);
             }
             RealserverCmd::Check(args) => {
                 let opts = args.options();

@@ -22,8 +22,8 @@ use crate::{
     balancer::Balancer,
     bgp::{Announcer, BgpOptions},
     checks::Checks,
-    config::{Config, Mode},
-    dataplane::{AttachMode, Attachment, Dataplane, LoadOptions, XdpModeChoice},
+    config::{Config, Mode, ServiceAddr},
+    dataplane::{AttachMode, Attachment, DatapathLogger, Dataplane, LoadOptions, XdpModeChoice},
     metrics,
     neighbour::{Neighbours, trigger_resolution},
     pins::PinDir,
@@ -50,6 +50,8 @@ pub struct DaemonOptions {
     pub pin_root: PathBuf,
     /// Announce servable VIPs through BIRD, if set.
     pub bgp: Option<BgpOptions>,
+    /// Log the data path's rare events (`CONFIG_F_DATAPATH_LOG`).
+    pub datapath_log: bool,
 }
 
 struct Shared {
@@ -62,6 +64,8 @@ struct Shared {
     checks: Checks,
     /// Keeps BIRD announcing the VIPs that have a real in their table (`--bgp-config`).
     bgp: Option<Announcer>,
+    /// Draining reals whose last flow has ended (logged once; forgotten when enabled).
+    drained: std::collections::HashSet<(ServiceAddr, IpAddr)>,
 }
 
 impl Shared {
@@ -89,7 +93,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let iface = neighbours.interface(&opts.iface).await?;
     let ifindex = iface.index;
     let pins = PinDir::for_iface(&opts.pin_root, &opts.iface, ifindex)?;
-    let dp = Dataplane::load(&LoadOptions {
+    let mut dp = Dataplane::load(&LoadOptions {
         conn_capacity: opts.conn_capacity,
         pins: Some(pins.clone()),
     })?;
@@ -103,8 +107,13 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             "adopting the pinned data path"
         );
     }
+    let datapath_logger = match opts.datapath_log {
+        true => Some(datapath_log_task(dp.start_datapath_log()?)?),
+        false => None,
+    };
     let mut balancer = Balancer::new(dp);
     balancer.inherit(inherited);
+    balancer.set_datapath_log(opts.datapath_log)?;
     balancer.set_iface_mac(iface.mac)?;
     // No IP packet exceeds 65535 bytes, so a larger MTU (lo's 65536) checks nothing more.
     balancer.set_mtu(iface.mtu.min(65535))?;
@@ -133,6 +142,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         next_hops: HashMap::new(),
         checks,
         bgp,
+        drained: Default::default(),
     }));
     // MACs before attaching, so a new program's first packets find reals they may forward to.
     refresh_neighbours(&shared, &neighbours, ifindex).await;
@@ -175,6 +185,9 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                 } = &mut *guard;
                 checks.adapt_weights(balancer);
                 guard.announce();
+                if let Err(e) = watch_drains(&mut guard) {
+                    tracing::warn!("counting the flows of draining reals: {e:#}");
+                }
             }
         })
     };
@@ -208,8 +221,21 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         let shared = shared.clone();
         let render = Arc::new(move || {
             let mut guard = shared.lock().unwrap();
-            let flows = active_flows(&mut guard.balancer)?;
-            metrics::render(&mut guard.balancer, &flows)
+            let Shared {
+                balancer,
+                iface,
+                attach_mode,
+                checks,
+                ..
+            } = &mut *guard;
+            let flows = active_flows(balancer)?;
+            let scrape = metrics::Scrape {
+                iface,
+                attach_mode,
+                flows: &flows,
+                checks,
+            };
+            metrics::render(balancer, &scrape)
         });
         tokio::spawn(metrics::serve(listener, render))
     });
@@ -235,6 +261,9 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     if let Some(server) = metrics_server {
         server.abort();
     }
+    if let Some(logger) = datapath_logger {
+        logger.abort();
+    }
     // Withdrawn on a clean stop even where the data path outlives the daemon: an operator
     // stopping a director on purpose wants its traffic on the others.
     let bgp = shared.lock().unwrap().bgp.take();
@@ -248,6 +277,54 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         opts.iface
     );
     Ok(())
+}
+
+/// Logs "drain finished" once for each draining real that has no active flow left. Walks the
+/// connection table only while such a real is waiting.
+fn watch_drains(s: &mut Shared) -> Result<()> {
+    let mut waiting = Vec::new();
+    let mut draining = std::collections::HashSet::new();
+    for svc in s.balancer.config().services {
+        for r in s.balancer.real_status(&svc.service) {
+            if r.draining {
+                draining.insert((svc.service, r.addr));
+                if !s.drained.contains(&(svc.service, r.addr)) {
+                    waiting.push((svc.service, r.addr, r.backend_id));
+                }
+            }
+        }
+    }
+    s.drained.retain(|k| draining.contains(k));
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let flows = active_flows(&mut s.balancer)?;
+    for (service, real, id) in waiting {
+        if !flows.active.contains_key(&id) {
+            tracing::info!(%service, %real, "drain finished: no active flows left");
+            s.drained.insert((service, real));
+        }
+    }
+    Ok(())
+}
+
+/// Forwards the data path's log records to `tracing` as they arrive.
+fn datapath_log_task(logger: DatapathLogger) -> Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the logger owns the ring buffer's fd, which stays open and the same until the
+    // AsyncFd (which owns the logger) is dropped.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the data path's log buffer: {e}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
 }
 
 fn bind_socket(path: &PathBuf) -> Result<UnixListener> {
@@ -364,10 +441,14 @@ async fn serve(stream: UnixStream, shared: Arc<Mutex<Shared>>) -> Result<()> {
             read?;
             match decode_request(&line) {
                 Ok(req) => {
+                    let what = request_name(&req);
                     let mut guard = shared.lock().unwrap();
                     match handle(&mut guard, req) {
                         Ok(data) => Response::ok(data),
-                        Err(e) => Response::error(&e),
+                        Err(e) => {
+                            tracing::warn!(request = what, "refused: {e:#}");
+                            Response::error(&e)
+                        }
                     }
                 }
                 Err(e) => Response::error(&e),
@@ -386,6 +467,25 @@ async fn write_response(
     out.push(b'\n');
     write.write_all(&out).await?;
     Ok(())
+}
+
+/// The request's name as on the wire, for the log.
+fn request_name(req: &Request) -> &'static str {
+    match req {
+        Request::ServiceAdd { .. } => "service-add",
+        Request::ServiceRemove { .. } => "service-remove",
+        Request::ServiceList {} => "service-list",
+        Request::RealAdd { .. } => "real-add",
+        Request::RealRemove { .. } => "real-remove",
+        Request::RealWeight { .. } => "real-weight",
+        Request::RealList { .. } => "real-list",
+        Request::RealDrain { .. } => "real-drain",
+        Request::RealEnable { .. } => "real-enable",
+        Request::Status {} => "status",
+        Request::Stats {} => "stats",
+        Request::Save {} => "save",
+        Request::Restore { .. } => "restore",
+    }
 }
 
 /// Applies one request. Mutations are validated before anything changes and saved after; a
@@ -489,20 +589,29 @@ fn now_coarse_s() -> u32 {
     ts.tv_sec as u32
 }
 
-fn active_flows(b: &mut Balancer) -> Result<HashMap<u32, u64>> {
+/// One walk of the connection table: flows per backend id that sent a packet recently (see
+/// `ACTIVE_FLOW_IDLE_S`), and every entry.
+#[derive(Default)]
+pub struct Flows {
+    pub active: HashMap<u32, u64>,
+    pub entries: u64,
+}
+
+fn active_flows(b: &mut Balancer) -> Result<Flows> {
     let now = now_coarse_s();
-    let mut counts = HashMap::new();
+    let mut flows = Flows::default();
     for (_, v) in b.dataplane().conns()? {
+        flows.entries += 1;
         let idle_limit = if v.flags & lb_common::CONN_F_CLOSING != 0 {
             CLOSING_FLOW_IDLE_S
         } else {
             ACTIVE_FLOW_IDLE_S
         };
         if now.saturating_sub(v.last_seen_s) <= idle_limit {
-            *counts.entry(v.backend_id).or_insert(0u64) += 1;
+            *flows.active.entry(v.backend_id).or_insert(0u64) += 1;
         }
     }
-    Ok(counts)
+    Ok(flows)
 }
 
 fn status(s: &mut Shared) -> Result<serde_json::Value> {
@@ -523,13 +632,13 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
                         "effective_weight": r.effective_weight,
                         "mac": r.mac,
                         "next_hop": s.next_hops.get(&r.addr).map(|h| h.to_string()),
-                        "state": real_state(&r),
+                        "state": r.state(),
                         "health": r.health,
                         "draining": r.draining,
                         "fallback": r.fallback,
                         "check": s.checks.last(&svc.service, r.addr),
                         "in_table": r.in_table,
-                        "active_flows": flows.get(&r.backend_id).copied().unwrap_or(0),
+                        "active_flows": flows.active.get(&r.backend_id).copied().unwrap_or(0),
                     })
                 })
                 .collect();
@@ -548,23 +657,6 @@ fn status(s: &mut Shared) -> Result<serde_json::Value> {
         "attach_mode": s.attach_mode,
         "services": services,
     }))
-}
-
-/// One word for a real's state, most pressing first.
-fn real_state(r: &crate::balancer::RealStatus) -> &'static str {
-    use crate::health::Health;
-    if r.mac.is_none() {
-        "unresolved"
-    } else if r.draining {
-        "draining"
-    } else {
-        match r.health {
-            Health::Down => "down",
-            Health::Unknown => "checking",
-            Health::Up if r.fallback => "fallback",
-            Health::Up => "up",
-        }
-    }
 }
 
 fn stats(s: &mut Shared) -> Result<serde_json::Value> {

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
+    maps::{Array, ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuArray, ProgramArray},
     programs::{
         ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -27,7 +27,14 @@ use crate::pins::{MapLayout, PINNED_MAPS, PinDir};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
 
 pub const BALANCER_PROGRAM: &str = "xlb_balancer";
+/// The `tracing` target of the data path's own log records (lb-ebpf's log.rs).
+pub const DATAPATH_LOG_TARGET: &str = "xlb_datapath";
+
+/// Reads the data path's log records and hands them to the `log` facade (bridged to tracing).
+pub type DatapathLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 pub const PASS_PROGRAM: &str = "xlb_pass";
+/// Tail-called by the balancer to log a drop (`--datapath-log`).
+pub const DROP_LOG_PROGRAM: &str = "xlb_drop_log";
 
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -242,11 +249,21 @@ impl Dataplane {
             .collect();
         let outer: ArrayOfMaps<_, MapData> = ArrayOfMaps::try_from(self.map("MAGLEV")?)?;
         for (_, value) in &inherited.services {
-            if let Ok(table) = outer.get(&value.id, 0) {
-                let slots = MaglevMap::read(&table)?;
-                inherited
-                    .members
-                    .insert(value.id, slots.into_iter().collect());
+            // Opening an inner map goes by its id, which needs CAP_SYS_ADMIN (the systemd
+            // unit does not grant it): without the tables, checked reals start `checking`.
+            match outer.get(&value.id, 0) {
+                Ok(table) => {
+                    let slots = MaglevMap::read(&table)?;
+                    inherited
+                        .members
+                        .insert(value.id, slots.into_iter().collect());
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "reading the pinned Maglev tables: {e}; checked reals start checking"
+                    );
+                    break;
+                }
             }
         }
         Ok(inherited)
@@ -446,6 +463,27 @@ impl Dataplane {
     pub fn global_counter(&self, which: Global) -> Result<u64> {
         let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("GLOBAL_STATS")?)?;
         Ok(map.get(&(which as u32), 0)?.iter().sum())
+    }
+
+    /// Turns on the data path's drop log: loads `xlb_drop_log` into the slot the balancer
+    /// tail-calls, and takes the log ring buffer, whose records go to `tracing` (through the
+    /// `log` bridge) on `flush`. The balancer calls it only while the control plane sets
+    /// `CONFIG_F_DATAPATH_LOG`.
+    pub fn start_datapath_log(&mut self) -> Result<DatapathLogger> {
+        let prog = self.program(DROP_LOG_PROGRAM)?;
+        prog.load()
+            .map_err(verifier_error)
+            .with_context(|| format!("loading program {DROP_LOG_PROGRAM}"))?;
+        let fd = prog.fd()?.try_clone()?;
+        let mut slots = ProgramArray::try_from(self.map_mut("DROP_LOG_PROGRAM")?)?;
+        slots.set(0, &fd, 0)?;
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("opening the data path's log buffer")
+    }
+
+    /// The connection table's capacity, as the kernel has it.
+    pub fn conn_capacity(&self) -> Result<u32> {
+        let map: HashMap<_, ConnKey, ConnValue> = HashMap::try_from(self.map("CONNS")?)?;
+        Ok(map.map().info()?.max_entries())
     }
 
     /// Every tracked flow (a walk of the whole table: for status and tests, not per packet).

@@ -395,3 +395,14 @@ fn validate(opts: &Options) -> Result<()> {
     }
     Ok(())
 }
+
+/// The decapsulator's counters on `iface` in the Prometheus text format (`xlb realserver
+/// metrics`, for node_exporter's textfile collector: real servers run no daemon).
+pub async fn metrics(iface: &str) -> Result<String> {
+    let nl = Neighbours::new()?;
+    let ifindex = nl.interface(iface).await?.index;
+    let Some(d) = decap::attached(&nl, ifindex).await? else {
+        anyhow::bail!("no xlb decapsulator on {iface}");
+    };
+    crate::metrics::render_decap(iface, &d)
+}

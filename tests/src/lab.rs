@@ -236,6 +236,31 @@ pub fn metric(page: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
+/// Runs `promtool check metrics` (Debian package prometheus) on a page; panics with what it
+/// reports if it finds any problem.
+pub fn promtool_check(page: &str) {
+    use std::io::Write;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/setup installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success() && text(&checked).trim().is_empty(),
+        "promtool check metrics: {}\n{page}",
+        text(&checked)
+    );
+}
+
 /// Every real answered, each between 20 % and 47 % of `total` requests.
 pub fn assert_spread(per_real: &BTreeMap<String, usize>, reals: usize, total: usize) {
     assert_eq!(per_real.len(), reals, "{per_real:?}");

@@ -201,7 +201,7 @@ fn dr_lab_end_to_end() {
         }
     }
     assert!(
-        metric(&page, "xlb_datapath_events_total{event=\"forwarded\"}").is_some_and(|v| v > 0.0),
+        metric(&page, "xlb_forwarded_packets_total").is_some_and(|v| v > 0.0),
         "{page}"
     );
 

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb_tests::lab::{Lab, assert_spread, metric, repo, sh, text, xlb_bin};
+use xlb_tests::lab::{Lab, assert_spread, metric, promtool_check, repo, sh, text, xlb_bin};
 
 const VIP4: &str = "198.18.0.200";
 const VIP6: &str = "fd00:18::200";
@@ -373,6 +373,27 @@ fn tun_lab_end_to_end() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no decapsulated count in check on {real}: {report}"));
         assert!(decapsulated > 0, "{real} decapsulated nothing: {report}");
+        // The same counters for Prometheus (node_exporter's textfile collector).
+        let ns = format!("xlb-tun-{real}");
+        let bin = xlb_bin();
+        let args = [
+            "netns",
+            "exec",
+            &ns,
+            bin.to_str().unwrap(),
+            "realserver",
+            "metrics",
+            "--iface",
+            "eth0",
+        ];
+        let page = text(&sh("ip", &args));
+        promtool_check(&page);
+        let series = "xlb_decap_packets_total{iface=\"eth0\",result=\"decapsulated\"}";
+        assert!(
+            metric(&page, series).is_some_and(|n| n >= decapsulated as f64),
+            "{real}: {page}"
+        );
+        assert_eq!(metric(&page, "xlb_decap_vips{iface=\"eth0\"}"), Some(2.0));
     }
     let (r3, r3_v4, r3_v6) = REALS[2];
     xlb_ok(&["real", "remove", SERVICE4, r3_v4]);
@@ -455,6 +476,12 @@ fn tun_lab_end_to_end() {
             "metrics lack traffic on {series}:\n{page}"
         );
     }
+    // The upload got ICMP "too big" answers, and the page passes promtool.
+    assert!(
+        metric(&page, "xlb_icmp_too_big_sent_total").is_some_and(|v| v > 0.0),
+        "{page}"
+    );
+    promtool_check(&page);
 
     // 6. `down` leaves no namespace and no state behind.
     drop(lab);

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_charts;
 mod bench_rate;
+mod man;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,12 @@ enum Task {
     /// Measure the XDP data path: ns per packet (BPF_PROG_TEST_RUN) and Mpps over a veth pair
     /// (needs root). Writes target/bench/summary.json and charts.
     Bench(BenchArgs),
+    /// Write man pages generated from the CLI definitions (xlb.1, xlb-SUBCOMMAND.1).
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = "target/man")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -63,6 +70,11 @@ fn run(cli: Cli) -> Result<()> {
             let rates = bench_rate::run(args.quick)?;
             bench::write_summary(&datapath, &rates)?;
             bench_charts::render(&datapath, &rates, &bench::out_dir())
+        }
+        Task::Man { out } => {
+            let pages = man::write(&out)?;
+            println!("{} man pages in {}", pages.len(), out.display());
+            Ok(())
         }
     }
 }

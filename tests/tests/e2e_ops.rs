@@ -1,0 +1,342 @@
+//! End-to-end, operations: in the DR lab with real traffic, the daemon's metrics pass
+//! `promtool check metrics`, say what happened (per service, per real, per drop reason,
+//! states, check latency), cover every metric the Grafana dashboard uses; the log has one line
+//! per operator event and no packet contents at the default level; `--datapath-log` logs a
+//! dropped packet's flow.
+//!
+//! Uses the DR lab's fixed namespaces: run it holding the lab lock
+//! (`flock /tmp/xlb-lab.lock cargo test --test e2e_ops`).
+
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use xlb_tests::lab::{KillOnDrop, Lab, metric, promtool_check, repo, sh, text, wait_for, xlb_bin};
+
+const VIP: &str = "198.18.0.100";
+const SERVICE: &str = "198.18.0.100:80/tcp";
+/// A service with no reals: its packets are dropped (`no_backend`).
+const EMPTY_SERVICE: &str = "198.18.0.100:81/tcp";
+/// A checked service whose check port nobody listens on: its real goes down.
+const CHECKED_SERVICE: &str = "198.18.0.100:8080/tcp";
+const LAB: Lab = Lab::new("dr");
+const DIRECTOR: &str = "xlb-dr-dir";
+const METRICS_URL: &str = "http://127.0.0.1:9180/metrics";
+
+fn xlb_ok(args: &[&str]) -> String {
+    LAB.xlb().ok(args)
+}
+
+/// One scrape from inside the director's namespace, and how long the daemon took to answer.
+fn scrape() -> (String, Duration) {
+    let out = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            DIRECTOR,
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/stdout",
+            "-w",
+            "\n#time_total %{time_total}\n",
+            METRICS_URL,
+        ],
+    );
+    assert!(out.status.success(), "scrape failed: {}", text(&out));
+    let body = String::from_utf8(out.stdout).unwrap();
+    let (page, time) = body.rsplit_once("\n#time_total ").unwrap();
+    let secs: f64 = time.trim().parse().unwrap();
+    (format!("{page}\n"), Duration::from_secs_f64(secs))
+}
+
+fn daemon_log() -> String {
+    std::fs::read_to_string(format!("{}/xlb.log", LAB.state())).unwrap_or_default()
+}
+
+/// Lines of the log that contain every one of `words`.
+fn log_lines(log: &str, words: &[&str]) -> usize {
+    log.lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .count()
+}
+
+/// Metric families a page declares (`# TYPE NAME KIND`).
+fn families(page: &str) -> BTreeSet<String> {
+    page.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn metrics_logs_and_dashboard_in_the_dr_lab() {
+    let _lab = LAB.up();
+
+    // Traffic: IPv4 and IPv6 requests through the balancer, and packets for a service with no
+    // real (dropped).
+    let (per_real, failed, _) = LAB.spread(&format!("http://{VIP}/"), 30, String::new);
+    assert_eq!(failed, 0, "{per_real:?}");
+    assert!(
+        LAB.get("http://[fd00:18::100]/").is_some(),
+        "IPv6 request failed"
+    );
+    xlb_ok(&["service", "add", EMPTY_SERVICE]);
+    assert!(LAB.curl("1", &[&format!("http://{VIP}:81/")]).is_none());
+
+    // A checked real that fails its check goes down, with the check's reason in the log.
+    xlb_ok(&[
+        "service",
+        "add",
+        CHECKED_SERVICE,
+        "--check",
+        "tcp",
+        "--interval",
+        "200ms",
+        "--timeout",
+        "200ms",
+        "--fall",
+        "1",
+    ]);
+    xlb_ok(&["real", "add", CHECKED_SERVICE, "198.18.0.11"]);
+    wait_for(
+        "the checked real to go down",
+        Duration::from_secs(10),
+        || log_lines(&daemon_log(), &["real down", "198.18.0.11", "refused"]) == 1,
+    );
+
+    // Draining a real with no open connection finishes at once; the log says so once.
+    xlb_ok(&["real", "drain", SERVICE, "198.18.0.12"]);
+    wait_for("drain finished in the log", Duration::from_secs(10), || {
+        log_lines(&daemon_log(), &["drain finished", "198.18.0.12"]) == 1
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        log_lines(&daemon_log(), &["drain finished"]),
+        1,
+        "drain finished logged more than once:\n{}",
+        daemon_log()
+    );
+
+    // A refused request: one log line with the request and the reason.
+    let bad = LAB
+        .xlb()
+        .run(&["real", "add", "198.18.0.100:82/tcp", "198.18.0.11"]);
+    assert!(!bad.status.success());
+
+    // The scrape: promtool finds no problem.
+    let (page, took) = scrape();
+    eprintln!(
+        "scrape: {} bytes, {} lines, {took:?}",
+        page.len(),
+        page.lines().count()
+    );
+    promtool_check(&page);
+
+    // What the page says matches what happened.
+    let real = |name: &str, service: &str, real: &str| {
+        metric(
+            &page,
+            &format!("{name}{{real=\"{real}\",service=\"{service}\"}}"),
+        )
+    };
+    let state = |service: &str, real: &str, state: &str| {
+        metric(
+            &page,
+            &format!("xlb_real_state{{real=\"{real}\",service=\"{service}\",state=\"{state}\"}}"),
+        )
+    };
+    for r in ["198.18.0.11", "198.18.0.12", "198.18.0.13"] {
+        assert!(
+            real("xlb_real_packets_total", SERVICE, r).is_some_and(|v| v > 0.0),
+            "{r} carried no packets:\n{page}"
+        );
+        assert!(real("xlb_real_new_flows_total", SERVICE, r).is_some_and(|v| v > 0.0));
+        assert_eq!(real("xlb_real_weight", SERVICE, r), Some(100.0));
+    }
+    assert_eq!(state(SERVICE, "198.18.0.12", "draining"), Some(1.0));
+    assert_eq!(state(SERVICE, "198.18.0.12", "up"), None);
+    assert_eq!(state(SERVICE, "198.18.0.11", "up"), Some(1.0));
+    assert_eq!(state(CHECKED_SERVICE, "198.18.0.11", "down"), Some(1.0));
+    // One series per real, its current state.
+    let states: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("xlb_real_state{"))
+        .collect();
+    assert_eq!(states.len(), 7, "3 + 3 IPv6 + 1 checked reals:\n{page}");
+    assert!(states.iter().all(|l| l.ends_with("} 1")), "{states:?}");
+    assert_eq!(real("xlb_real_in_table", SERVICE, "198.18.0.12"), Some(0.0));
+    let latency = real(
+        "xlb_real_check_latency_seconds",
+        CHECKED_SERVICE,
+        "198.18.0.11",
+    );
+    assert!(
+        latency.is_some_and(|l| (0.0..1.0).contains(&l)),
+        "{latency:?}"
+    );
+    assert!(
+        metric(
+            &page,
+            &format!("xlb_service_packets_total{{service=\"{EMPTY_SERVICE}\"}}")
+        )
+        .is_some_and(|v| v >= 1.0)
+    );
+    assert!(
+        metric(&page, "xlb_dropped_packets_total{reason=\"no_backend\"}").is_some_and(|v| v >= 1.0),
+        "{page}"
+    );
+    assert!(metric(&page, "xlb_forwarded_packets_total").is_some_and(|v| v >= 60.0));
+    assert!(metric(&page, "xlb_passed_packets_total").is_some_and(|v| v > 0.0));
+    // TCP SYNs schedule without a lookup: a miss is a non-SYN packet without an entry.
+    assert!(metric(&page, "xlb_conntrack_misses_total").is_some());
+    assert!(metric(&page, "xlb_conntrack_stale_total").is_some());
+    assert!(metric(&page, "xlb_conntrack_entries").is_some_and(|v| v >= 31.0));
+    assert_eq!(
+        metric(&page, "xlb_conntrack_capacity"),
+        Some(f64::from(lb_common::DEFAULT_CONN_CAPACITY))
+    );
+    assert!(
+        page.contains("xlb_xdp_attach_info{iface=\"eth0\",mode=\"native\"} 1")
+            || page.contains("xlb_xdp_attach_info{iface=\"eth0\",mode=\"generic\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!(
+            "xlb_build_info{{ebpf_object=\"{}\",version=\"{}\"}} 1",
+            xlb::metrics::ebpf_object_digest(),
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{page}"
+    );
+
+    // Every metric the Grafana dashboard queries exists.
+    let dashboard = repo().join("packaging/grafana/xlb-dashboard.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&json, &mut exprs);
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    let declared = families(&page);
+    let mut used = BTreeSet::new();
+    for expr in &exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("xlb_") {
+                used.insert(word.to_string());
+            }
+        }
+    }
+    let missing: Vec<_> = used.difference(&declared).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard uses metrics the daemon does not serve: {missing:?}"
+    );
+    eprintln!(
+        "dashboard: {} queries over {} metrics",
+        exprs.len(),
+        used.len()
+    );
+
+    // The log: one line per event, none with packet contents at the default level.
+    let log = daemon_log();
+    for (words, n) in [
+        (&["XDP program attached", "mode="][..], 1),
+        (&["service added", EMPTY_SERVICE][..], 1),
+        (&["real added", CHECKED_SERVICE, "198.18.0.11"][..], 1),
+        (&["next hop resolved", "198.18.0.13", "mac="][..], 1),
+        (&["real draining", "198.18.0.12"][..], 1),
+        (&["refused", "real-add", "198.18.0.100:82/tcp"][..], 1),
+    ] {
+        assert_eq!(log_lines(&log, words), n, "{words:?} in the log:\n{log}");
+    }
+    assert!(
+        !log.contains("xlb_datapath") && !log.contains("198.18.0.1:"),
+        "packet contents at the default level:\n{log}"
+    );
+
+    // --datapath-log: the daemon restarted with it logs a dropped packet's flow.
+    let pid = std::fs::read_to_string(format!("{}/xlb.pid", LAB.state())).unwrap();
+    let pid = pid.trim().to_string();
+    assert!(sh("kill", &[&pid]).status.success());
+    wait_for("the daemon to exit", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid)
+    });
+    let log_path = format!("{}/xlb-datapath.log", LAB.state());
+    let restarted = Command::new("ip")
+        .args(["netns", "exec", DIRECTOR])
+        .arg(xlb_bin())
+        .args(["--socket", &LAB.xlb().socket, "daemon", "--iface", "eth0"])
+        .args(["--state", &format!("{}/state.json", LAB.state())])
+        .arg("--datapath-log")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let _restarted = KillOnDrop(restarted);
+    wait_for("the restarted daemon", Duration::from_secs(10), || {
+        LAB.xlb().run(&["status"]).status.success()
+    });
+    let start = Instant::now();
+    let mut logged = String::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        let _ = LAB.curl("1", &[&format!("http://{VIP}:81/")]);
+        logged = std::fs::read_to_string(&log_path).unwrap();
+        if logged.contains("xlb_datapath") {
+            break;
+        }
+    }
+    assert_eq!(
+        log_lines(
+            &logged,
+            &[
+                "DEBUG",
+                "xlb_datapath",
+                "drop_no_backend proto 6 198.18.0.1:",
+                "-> 198.18.0.100:81"
+            ]
+        ),
+        logged.matches("xlb_datapath").count(),
+        "{logged}"
+    );
+    assert!(
+        logged.contains("xlb_datapath"),
+        "no data-path log:\n{logged}"
+    );
+    // Forwarded packets are not logged.
+    assert!(LAB.get(&format!("http://{VIP}/")).is_some());
+    std::thread::sleep(Duration::from_millis(300));
+    let after = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        !after.contains("-> 198.18.0.100:80"),
+        "a forwarded packet was logged:\n{after}"
+    );
+}
+
+/// Every `expr` string of a Grafana dashboard.
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+fn is_zombie(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
+}
