@@ -269,12 +269,15 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
         !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid)
     });
     let log_path = format!("{}/xlb-datapath.log", LAB.state());
-    let restarted = Command::new("ip")
-        .args(["netns", "exec", DIRECTOR])
-        .arg(xlb_bin())
-        .args(["--socket", &LAB.xlb().socket, "daemon", "--iface", "eth0"])
-        .args(["--state", &format!("{}/state.json", LAB.state())])
-        .arg("--datapath-log")
+    // It adopts the data path the stopped daemon left pinned.
+    let restarted = LAB
+        .daemon_command(&[
+            "--iface",
+            "eth0",
+            "--state",
+            &format!("{}/state.json", LAB.state()),
+            "--datapath-log",
+        ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
