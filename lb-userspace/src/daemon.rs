@@ -597,7 +597,7 @@ pub struct Flows {
     pub entries: u64,
 }
 
-fn active_flows(b: &mut Balancer) -> Result<Flows> {
+pub fn active_flows(b: &mut Balancer) -> Result<Flows> {
     let now = now_coarse_s();
     let mut flows = Flows::default();
     for (_, v) in b.dataplane().conns()? {
