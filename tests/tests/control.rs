@@ -157,7 +157,7 @@ fn connection_table_batches_round_trip() {
             key.src[..4].copy_from_slice(&[198, 18, 128, (i >> 16) as u8 + 1]);
             key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
             let value = ConnValue {
-                backend_id: i,
+                backend_id: i as u16,
                 generation: 1,
                 last_seen_s: i,
                 ..ConnValue::default()
@@ -167,7 +167,7 @@ fn connection_table_batches_round_trip() {
         .collect();
     dp.insert_conns(&flows).unwrap();
     let mut back = dp.conns().unwrap();
-    back.sort_by_key(|(_, v)| v.backend_id);
+    back.sort_by_key(|(_, v)| v.last_seen_s);
     assert_eq!(back.len(), flows.len());
     assert!(
         back == flows,

@@ -374,7 +374,7 @@ fn flows(n: usize, backends: &[u32]) -> Vec<(ConnKey, ConnValue)> {
             key.src[..4].copy_from_slice(&client.to_be_bytes());
             key.dst[..4].copy_from_slice(&[198, 18, 1, 0]);
             let value = ConnValue {
-                backend_id: backends[i % backends.len()],
+                backend_id: backends[i % backends.len()] as u16,
                 generation: 1,
                 last_seen_s: now,
                 ..ConnValue::default()
