@@ -46,7 +46,7 @@ pub fn run(quick: bool) -> Result<Value> {
     let conns = conn_table_memory()?;
     let builds = maglev_builds(reps)?;
     let changes = live_changes(if quick { 10 } else { 50 })?;
-    let (restore, memory, scrape) = restore_memory_scrape(if quick { 3 } else { 7 })?;
+    let (restore, memory, scrape) = restore_memory_scrape(if quick { 1 } else { 7 })?;
     Ok(json!({
         "maglev_build_ms": builds,
         "real_change_ms": changes,

@@ -86,6 +86,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--calls must be at least 1");
             }
             let part = |p: BenchPart| args.only.is_none_or(|only| only == p);
+            let start = std::time::Instant::now();
             if part(BenchPart::Datapath) {
                 let datapath = bench::run(calls)?;
                 let rates = bench_rate::run(args.quick)?;
@@ -98,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
             if part(BenchPart::Lab) && !args.skip_lab {
                 add_to_summary("lab", bench_lab::run(args.quick)?)?;
             }
+            eprintln!("bench took {:.0} s", start.elapsed().as_secs_f64());
             Ok(())
         }
         Task::Man { out } => {
