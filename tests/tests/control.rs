@@ -142,6 +142,7 @@ fn connection_table_batches_round_trip() {
     use xlb::dataplane::{Dataplane, LoadOptions};
     let mut dp = Dataplane::load(&LoadOptions {
         conn_capacity: 65536,
+        ..LoadOptions::default()
     })
     .unwrap();
     assert!(dp.conns().unwrap().is_empty());
