@@ -16,8 +16,8 @@ use lb_common::{ConnKey, ConnValue, DEFAULT_CONN_CAPACITY, FAMILY_V4, PROTO_TCP}
 use serde_json::{Value, json};
 use xlb::{
     balancer::Balancer,
-    config::{Config, Proto, RealConfig, ServiceAddr, ServiceConfig},
     checks::Checks,
+    config::{Config, Proto, RealConfig, ServiceAddr, ServiceConfig},
     daemon::active_flows,
     dataplane::{Dataplane, LoadOptions},
     maglev::{self, Member},
