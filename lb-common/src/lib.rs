@@ -89,20 +89,22 @@ pub struct ConnKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnValue {
-    pub backend_id: u32,
+    /// A backend id fits 16 bits (`MAX_BACKENDS`); the 16 bytes of this value, not 20, keep a
+    /// table of 1 M flows within 128 MiB (each value is rounded up to 8 bytes in the kernel).
+    pub backend_id: u16,
+    /// `CONN_F_CLOSING` once the client sent a FIN or RST: the control plane stops counting the
+    /// flow as active soon after (`xlb real wait-drained`), while packets still follow it.
+    pub flags: u16,
     pub generation: u32,
     /// Coarse monotonic clock, seconds; refreshed at most once a second per flow.
     pub last_seen_s: u32,
     /// The flow's 5-tuple hash, kept so that established TUN packets get their IPv6 flow label
     /// without hashing again (0 for a DR service hashing on the source address only).
     pub flow_hash: u32,
-    /// `CONN_F_CLOSING` once the client sent a FIN or RST: the control plane stops counting the
-    /// flow as active soon after (`xlb real wait-drained`), while packets still follow it.
-    pub flags: u32,
 }
 
 /// Connection flag: the client has sent a FIN or RST.
-pub const CONN_F_CLOSING: u32 = 1 << 0;
+pub const CONN_F_CLOSING: u16 = 1 << 0;
 
 /// A fragmented datagram: addresses, IP identification, protocol.
 #[repr(C)]
@@ -287,7 +289,9 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 24);
     assert!(core::mem::size_of::<Backend>() == 32);
     assert!(core::mem::size_of::<ConnKey>() == 40);
-    assert!(core::mem::size_of::<ConnValue>() == 20);
+    assert!(core::mem::size_of::<ConnValue>() == 16);
+    // Every backend id fits ConnValue's 16 bits.
+    assert!(MAX_BACKENDS <= 1 << 16);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<Counters>() == 32);

@@ -86,7 +86,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
                 // SAFETY: an LRU value; a concurrent writer of the same flow writes the same
                 // fields with equally valid values.
                 let conn = unsafe { &mut *entry };
-                if let Some(b) = backend(conn.backend_id) {
+                if let Some(b) = backend(conn.backend_id.into()) {
                     if b.generation == conn.generation && usable(&b, svc) {
                         touch(conn, now);
                         // Written once per flow, so the cache line stays shared otherwise.
@@ -94,7 +94,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
                             conn.flags |= CONN_F_CLOSING;
                         }
                         return Some(Choice {
-                            backend_id: conn.backend_id,
+                            backend_id: conn.backend_id.into(),
                             backend: b,
                             new_flow: false,
                             flow_hash: conn.flow_hash,
@@ -113,7 +113,8 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         return None;
     }
     let value = ConnValue {
-        backend_id,
+        // Below MAX_BACKENDS (2^16): BACKENDS held an entry for it.
+        backend_id: backend_id as u16,
         generation: b.generation,
         last_seen_s: (now / NS_PER_S) as u32,
         flow_hash: flow_hash(pkt, svc, hash, true),

@@ -15,7 +15,7 @@ use lb_common::{
 /// so each element packs two slots: element 0 holds `[M, 0]`, element 1 + i/2 holds slot i in
 /// half i % 2. Userspace creates one per service with its own M (BPF_F_INNER_MAP lets sizes
 /// differ), fills it through mmap and swaps it into `MAGLEV` in one update, so the kernel never
-/// sees a half-built table.
+/// sees a half-built table; later changes rewrite single slots in place through the mmap.
 pub type MaglevTable = Array<
     [u32; 2],
     { DEFAULT_RING_SIZE.div_ceil(2) as usize + 1 },

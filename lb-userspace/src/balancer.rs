@@ -687,16 +687,27 @@ impl Balancer {
     pub fn replace(&mut self, config: &Config) -> Result<()> {
         config.validate()?;
         let previous = self.config();
-        let Err(e) = self.apply(config) else {
+        let Err(e) = self.apply_in_bulk(config) else {
             return Ok(());
         };
         // The previous configuration fitted before, so going back only frees resources.
-        if let Err(back) = self.apply(&previous) {
+        if let Err(back) = self.apply_in_bulk(&previous) {
             tracing::error!(
                 "restoring the previous configuration after a failed replace: {back:#}"
             );
         }
         Err(e)
+    }
+
+    /// `apply`, with new services' tables and entries written together at the end (one RCU
+    /// grace period for all the tables: see `Dataplane::defer_publishing`).
+    fn apply_in_bulk(&mut self, config: &Config) -> Result<()> {
+        self.dp.defer_publishing();
+        let applied = self.apply(config);
+        // Written even after an error: the queue matches the balancer's state, which the
+        // caller then rolls back.
+        let published = self.dp.publish_deferred();
+        applied.and(published)
     }
 
     fn apply(&mut self, config: &Config) -> Result<()> {

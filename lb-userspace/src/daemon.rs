@@ -597,7 +597,7 @@ pub struct Flows {
     pub entries: u64,
 }
 
-fn active_flows(b: &mut Balancer) -> Result<Flows> {
+pub fn active_flows(b: &mut Balancer) -> Result<Flows> {
     let now = now_coarse_s();
     let mut flows = Flows::default();
     for (_, v) in b.dataplane().conns()? {
@@ -608,7 +608,7 @@ fn active_flows(b: &mut Balancer) -> Result<Flows> {
             ACTIVE_FLOW_IDLE_S
         };
         if now.saturating_sub(v.last_seen_s) <= idle_limit {
-            *flows.active.entry(v.backend_id).or_insert(0u64) += 1;
+            *flows.active.entry(u32::from(v.backend_id)).or_insert(0u64) += 1;
         }
     }
     Ok(flows)

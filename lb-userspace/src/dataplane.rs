@@ -103,15 +103,24 @@ pub struct Inherited {
     pub members: std::collections::HashMap<u32, std::collections::HashSet<u32>>,
 }
 
-/// A Maglev table living in its own kernel map, filled through a shared mapping.
-struct MaglevMap {
-    map: MapData,
+/// A service's Maglev table: its own kernel map, kept mapped so that a change writes only the
+/// slots that differ, in place: no new map, no swap in the outer map, whose every update makes
+/// the kernel wait a full RCU grace period (about 10 ms here). Each slot is one aligned u32,
+/// so a packet reads a slot's old value or its new one; the balancer writes a real's backend
+/// entry before slots point at it and clears it only after they no longer do.
+struct LiveTable {
+    /// `[size, 0]` then the slots (see lb-ebpf's maps.rs); the mapping keeps the map alive.
+    base: NonNull<u32>,
+    len: usize,
+    slots: usize,
 }
 
-impl MaglevMap {
-    /// Creates an inner map: 8-byte elements, `[size, 0]` then the slots two by two (see
-    /// lb-ebpf's maps.rs); in the mmap they are simply consecutive u32s.
-    fn create(slots: &[u32]) -> Result<Self> {
+// SAFETY: the mapping is owned by this value alone and only written through `&mut self`.
+unsafe impl Send for LiveTable {}
+
+impl LiveTable {
+    /// Creates an inner map filled with `slots`: the map (to publish) and its live mapping.
+    fn create(slots: &[u32]) -> Result<(MapData, Self)> {
         let entries = slots.len().div_ceil(2) as u32 + 1;
         let obj = aya_obj::Map::new_from_params(
             BPF_MAP_TYPE_ARRAY,
@@ -124,8 +133,8 @@ impl MaglevMap {
             MapData::create(obj, "xlb_maglev", None).context("creating a Maglev table map")?;
         let len = entries as usize * 8;
         let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: an mmapable array map of `len` bytes; the mapping is unmapped before return.
-        unsafe {
+        // SAFETY: an mmapable array map of `len` bytes, unmapped when the LiveTable drops.
+        let base = unsafe {
             let addr = libc::mmap(
                 std::ptr::null_mut(),
                 len,
@@ -140,12 +149,36 @@ impl MaglevMap {
                     std::io::Error::last_os_error()
                 );
             }
-            let base = NonNull::new(addr as *mut u32).expect("mmap returned null");
-            base.as_ptr().write(slots.len() as u32);
-            std::ptr::copy_nonoverlapping(slots.as_ptr(), base.as_ptr().add(2), slots.len());
-            libc::munmap(addr, len);
+            NonNull::new(addr as *mut u32).expect("mmap returned null")
+        };
+        let table = Self {
+            base,
+            len,
+            slots: slots.len(),
+        };
+        // SAFETY: the mapping holds 2 + slots.len() u32s; the map is not published yet.
+        unsafe {
+            table.base.as_ptr().write(slots.len() as u32);
+            std::ptr::copy_nonoverlapping(slots.as_ptr(), table.base.as_ptr().add(2), slots.len());
         }
-        Ok(Self { map })
+        Ok((map, table))
+    }
+
+    /// Writes the slots that differ from `slots` (same size); how many it wrote.
+    fn update(&mut self, slots: &[u32]) -> usize {
+        assert_eq!(slots.len(), self.slots, "a live table keeps its size");
+        let mut written = 0;
+        for (i, &want) in slots.iter().enumerate() {
+            // SAFETY: i < self.slots, inside the mapping; volatile, as the data path reads it.
+            unsafe {
+                let slot = self.base.as_ptr().add(2 + i);
+                if slot.read_volatile() != want {
+                    slot.write_volatile(want);
+                    written += 1;
+                }
+            }
+        }
+        written
     }
 
     /// The slots of a published table (the mapping is read-only and unmapped before return).
@@ -178,6 +211,26 @@ impl MaglevMap {
     }
 }
 
+impl Drop for LiveTable {
+    fn drop(&mut self) {
+        // SAFETY: mapped in create with this length; nothing else refers to it.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The Maglev tables this process published (by service id), and, while a bulk change runs,
+/// new tables and service entries waiting to be written together.
+#[derive(Default)]
+struct MaglevTables {
+    live: std::collections::HashMap<u32, LiveTable>,
+    deferring: bool,
+    new_tables: Vec<(u32, MapData)>,
+    new_services: Vec<(ServiceKey, ServiceValue)>,
+}
+
+/// Queued tables are flushed at this many, so their fds stay well under the fd limit.
+const MAX_QUEUED_TABLES: usize = 256;
+
 pub struct Dataplane {
     ebpf: Ebpf,
     attached: Option<(XdpLinkId, Option<AttachMode>)>,
@@ -186,6 +239,7 @@ pub struct Dataplane {
     adopting: bool,
     /// The pin directory's lock, held while we manage it.
     _pins_lock: Option<std::fs::File>,
+    tables: MaglevTables,
 }
 
 impl Dataplane {
@@ -222,6 +276,7 @@ impl Dataplane {
             pins: opts.pins.clone(),
             adopting,
             _pins_lock: pins_lock,
+            tables: MaglevTables::default(),
         })
     }
 
@@ -253,7 +308,7 @@ impl Dataplane {
             // unit does not grant it): without the tables, checked reals start `checking`.
             match outer.get(&value.id, 0) {
                 Ok(table) => {
-                    let slots = MaglevMap::read(&table)?;
+                    let slots = LiveTable::read(&table)?;
                     inherited
                         .members
                         .insert(value.id, slots.into_iter().collect());
@@ -361,6 +416,11 @@ impl Dataplane {
     }
 
     pub fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+        if self.tables.deferring {
+            // After the tables queued before it (see `defer_publishing`).
+            self.tables.new_services.push((key, value));
+            return Ok(());
+        }
         let mut map: HashMap<_, ServiceKey, ServiceValue> =
             HashMap::try_from(self.map_mut("SERVICES")?)?;
         map.insert(key, value, 0)?;
@@ -368,6 +428,7 @@ impl Dataplane {
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.tables.new_services.retain(|(k, _)| k != key);
         let mut map: HashMap<_, ServiceKey, ServiceValue> =
             HashMap::try_from(self.map_mut("SERVICES")?)?;
         // Absent already (a service whose setup failed half-way) is fine: the goal is reached.
@@ -383,20 +444,84 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Publishes a service's Maglev table: a new map is filled completely, then swapped in with
-    /// one update of the outer map, so packets see either the old table or the new one.
+    /// Publishes a service's Maglev table. A table of the same size already published by this
+    /// process is rewritten in place, only its changed slots (see `LiveTable`); otherwise a new
+    /// map is filled completely, then swapped in with one update of the outer map, so packets
+    /// see either the old table or the new one.
     pub fn set_maglev(&mut self, service_id: u32, slots: &[u32]) -> Result<()> {
-        let table = MaglevMap::create(slots)?;
+        if let Some(live) = self.tables.live.get_mut(&service_id)
+            && live.slots == slots.len()
+        {
+            live.update(slots);
+            return Ok(());
+        }
+        let (map, live) = LiveTable::create(slots)?;
+        if self.tables.deferring {
+            self.tables.new_tables.retain(|(id, _)| *id != service_id);
+            self.tables.new_tables.push((service_id, map));
+            self.tables.live.insert(service_id, live);
+            if self.tables.new_tables.len() >= MAX_QUEUED_TABLES {
+                self.write_queued()?;
+            }
+            return Ok(());
+        }
         let mut outer: ArrayOfMaps<_, MapData> = ArrayOfMaps::try_from(self.map_mut("MAGLEV")?)?;
         outer
-            .set(service_id, &table.map, 0)
+            .set(service_id, &map, 0)
             .context("publishing a Maglev table")?;
-        // Our fd is closed here; the kernel keeps the map alive while the outer map refers to it.
+        // Our fd is closed here; the kernel keeps the map alive while the outer map refers to
+        // it, and our mapping while we keep it.
+        self.tables.live.insert(service_id, live);
+        Ok(())
+    }
+
+    /// From here until `publish_deferred`, new Maglev tables and service entries are queued and
+    /// written together: the tables in one batch update of the outer map (one RCU grace period
+    /// for all, instead of one each), then the service entries, so no packet meets a service
+    /// without its table. Everything else is written at once. For bulk changes (`restore`).
+    pub fn defer_publishing(&mut self) {
+        self.tables.deferring = true;
+    }
+
+    /// Writes what was queued since `defer_publishing` and stops queueing.
+    pub fn publish_deferred(&mut self) -> Result<()> {
+        let result = self.write_queued();
+        self.tables.deferring = false;
+        result
+    }
+
+    fn write_queued(&mut self) -> Result<()> {
+        let tables = std::mem::take(&mut self.tables.new_tables);
+        let services = std::mem::take(&mut self.tables.new_services);
+        if !tables.is_empty() {
+            let ids: Vec<u32> = tables.iter().map(|(id, _)| *id).collect();
+            let fds: Vec<u32> = tables
+                .iter()
+                .map(|(_, m)| m.fd().as_fd().as_raw_fd() as u32)
+                .collect();
+            let fd = map_fd(self.map("MAGLEV")?).as_raw_fd();
+            let mut attr = BatchAttr {
+                keys: ids.as_ptr() as u64,
+                values: fds.as_ptr() as u64,
+                count: ids.len() as u32,
+                map_fd: fd as u32,
+                ..BatchAttr::default()
+            };
+            bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)
+                .with_context(|| format!("publishing {} Maglev tables", ids.len()))?;
+        }
+        let mut map: HashMap<_, ServiceKey, ServiceValue> =
+            HashMap::try_from(self.map_mut("SERVICES")?)?;
+        for (key, value) in services {
+            map.insert(key, value, 0)?;
+        }
         Ok(())
     }
 
     /// Drops a service's Maglev table, freeing its memory (its packets then find no backend).
     pub fn clear_maglev(&mut self, service_id: u32) -> Result<()> {
+        self.tables.live.remove(&service_id);
+        self.tables.new_tables.retain(|(id, _)| *id != service_id);
         let aya::maps::Map::ArrayOfMaps(outer) = self.map("MAGLEV")? else {
             bail!("map MAGLEV is not an array of maps");
         };
@@ -486,10 +611,42 @@ impl Dataplane {
         Ok(map.map().info()?.max_entries())
     }
 
-    /// Every tracked flow (a walk of the whole table: for status and tests, not per packet).
+    /// Every tracked flow (a walk of the whole table: for status, metrics and tests, not per
+    /// packet). Read with BPF_MAP_LOOKUP_BATCH, thousands of flows per syscall: a key-by-key
+    /// walk takes two syscalls a flow, about 1 us each, a second per million flows.
     pub fn conns(&self) -> Result<Vec<(ConnKey, ConnValue)>> {
-        let map: HashMap<_, ConnKey, ConnValue> = HashMap::try_from(self.map("CONNS")?)?;
-        Ok(map.iter().filter_map(|r| r.ok()).collect())
+        let fd = map_fd(self.map("CONNS")?).as_raw_fd();
+        const CHUNK: usize = 8192;
+        let mut keys = vec![ConnKey::default(); CHUNK];
+        let mut values = vec![ConnValue::default(); CHUNK];
+        let mut out = Vec::new();
+        // The kernel's cursor (a bucket index for hash maps); none on the first call.
+        let mut cursor: u32 = 0;
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    &cursor as *const u32 as u64
+                },
+                out_batch: &mut cursor as *mut u32 as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: CHUNK as u32,
+                map_fd: fd as u32,
+                ..BatchAttr::default()
+            };
+            let result = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let n = (attr.count as usize).min(CHUNK);
+            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+            match result {
+                Ok(()) => first = false,
+                // ENOENT: the walk reached the end.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+                Err(e) => bail!("reading the connection table: {e}"),
+            }
+        }
     }
 
     /// Runs a program once on `frame` with BPF_PROG_TEST_RUN: the verdict and the frame after.
@@ -585,4 +742,139 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+/// Bulk access for measuring and large tables: what the kernel charges for each map, and batch
+/// updates of the connection table. Kept apart from the per-item calls above.
+impl Dataplane {
+    /// Kernel memory of each of the program's maps, as the kernel accounts it (`memlock` in the
+    /// map fd's fdinfo), by map name. The Maglev tables are maps of their own: see
+    /// [`Dataplane::maglev_memory`].
+    pub fn map_memory(&self) -> Result<Vec<(String, u64)>> {
+        self.ebpf
+            .maps()
+            .map(|(name, map)| {
+                let fd = map_fd(map);
+                Ok((name.to_string(), memlock(fd.as_raw_fd())?))
+            })
+            .collect()
+    }
+
+    /// Kernel memory of one service's Maglev table (0 when it has none).
+    pub fn maglev_memory(&self, service_id: u32) -> Result<u64> {
+        let outer: ArrayOfMaps<_, MapData> = ArrayOfMaps::try_from(self.map("MAGLEV")?)?;
+        match outer.get(&service_id, 0) {
+            Ok(table) => memlock(table.fd().as_fd().as_raw_fd()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes many connection-table entries with BPF_MAP_UPDATE_BATCH (a few syscalls instead
+    /// of one per flow).
+    pub fn insert_conns(&mut self, flows: &[(ConnKey, ConnValue)]) -> Result<()> {
+        let fd = map_fd(self.map("CONNS")?).as_raw_fd();
+        let keys: Vec<ConnKey> = flows.iter().map(|(k, _)| *k).collect();
+        let values: Vec<ConnValue> = flows.iter().map(|(_, v)| *v).collect();
+        // The kernel copies in chunks of this many; bounded so one call stays short.
+        const CHUNK: usize = 65536;
+        for start in (0..flows.len()).step_by(CHUNK) {
+            let end = (start + CHUNK).min(flows.len());
+            let mut attr = BatchAttr {
+                keys: keys[start..].as_ptr() as u64,
+                values: values[start..].as_ptr() as u64,
+                count: (end - start) as u32,
+                map_fd: fd as u32,
+                ..BatchAttr::default()
+            };
+            bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr).with_context(|| {
+                format!("writing {} flows to the connection table", end - start)
+            })?;
+            if attr.count as usize != end - start {
+                bail!("the kernel wrote {} of {} flows", attr.count, end - start);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `bpf_attr` for the BPF_MAP_*_BATCH commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: attr and the buffers it points to outlive the call; the kernel writes `count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn map_fd(map: &aya::maps::Map) -> std::os::fd::BorrowedFd<'_> {
+    // aya has no common accessor for a map's fd; every variant holds a MapData.
+    use aya::maps::Map;
+    let data = match map {
+        Map::Array(m)
+        | Map::ArrayOfMaps(m)
+        | Map::BloomFilter(m)
+        | Map::CgroupArray(m)
+        | Map::CgroupStorage(m)
+        | Map::CgrpStorage(m)
+        | Map::CpuMap(m)
+        | Map::DevMap(m)
+        | Map::DevMapHash(m)
+        | Map::HashMap(m)
+        | Map::HashOfMaps(m)
+        | Map::InodeStorage(m)
+        | Map::LpmTrie(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m)
+        | Map::PerCpuCgroupStorage(m)
+        | Map::PerCpuHashMap(m)
+        | Map::PerCpuLruHashMap(m)
+        | Map::PerfEventArray(m)
+        | Map::ProgramArray(m)
+        | Map::Queue(m)
+        | Map::ReusePortSockArray(m)
+        | Map::RingBuf(m)
+        | Map::SockHash(m)
+        | Map::SockMap(m)
+        | Map::SkStorage(m)
+        | Map::Stack(m)
+        | Map::StackTraceMap(m)
+        | Map::Unsupported(m)
+        | Map::XskMap(m) => m,
+    };
+    data.fd().as_fd()
+}
+
+/// The `memlock:` line of a map fd's fdinfo: the bytes the kernel charges for the map.
+fn memlock(fd: i32) -> Result<u64> {
+    let path = format!("/proc/self/fdinfo/{fd}");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no memlock line in {path}"))
 }

@@ -102,45 +102,10 @@ pub fn build_table(members: &[Member], size: u32) -> Vec<u32> {
             .then(a.weight.cmp(&b.weight))
             .then(a.id.cmp(&b.id))
     });
-    let w_max = reals.iter().map(|r| r.weight).max().unwrap_or(1);
-
-    // Each real sits in the heap keyed by (pass of its next turn, sorted
-    // index): popping the minimum replays the pass-by-pass round robin
-    // without visiting members that have no turn in a pass, so skewed
-    // weights cost O(size * log n), not O(passes * n).
-    let mut turns: BinaryHeap<Reverse<(u64, usize)>> = reals
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Reverse((turn_pass(0, r.weight, w_max), i)))
-        .collect();
-
-    let mut filled = 0usize;
-    while filled < slots {
-        let Some(Reverse((_, i))) = turns.pop() else {
-            break;
-        };
-        let Some(real) = reals.get_mut(i) else {
-            break;
-        };
-        // The preference list is a full permutation of the slots and at
-        // least one slot is free, so this finds one within `slots` probes;
-        // the bound only guards against an impossible infinite loop.
-        for _ in 0..slots {
-            let slot = real.next as usize;
-            real.next += real.skip;
-            if real.next >= u64::from(size) {
-                real.next -= u64::from(size);
-            }
-            if let Some(entry) = table.get_mut(slot)
-                && *entry == EMPTY
-            {
-                *entry = i as u32;
-                filled += 1;
-                break;
-            }
-        }
-        real.turns += 1;
-        turns.push(Reverse((turn_pass(real.turns, real.weight, w_max), i)));
+    if reals.iter().all(|r| r.weight == reals[0].weight) {
+        populate_round_robin(&mut table, &mut reals, size);
+    } else {
+        populate_by_passes(&mut table, &mut reals, size);
     }
 
     // Slots were claimed with sorted indices so that a member whose id
@@ -151,6 +116,74 @@ pub fn build_table(members: &[Member], size: u32) -> Vec<u32> {
         }
     }
     table
+}
+
+/// Takes turns until every slot is claimed, in the order the weights set (module docs).
+fn populate_by_passes(table: &mut [u32], reals: &mut [Real], size: u32) {
+    let w_max = reals.iter().map(|r| r.weight).max().unwrap_or(1);
+    // Each real sits in the heap keyed by (pass of its next turn, sorted
+    // index): popping the minimum replays the pass-by-pass round robin
+    // without visiting members that have no turn in a pass, so skewed
+    // weights cost O(size * log n), not O(passes * n).
+    let mut turns: BinaryHeap<Reverse<(u64, usize)>> = reals
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Reverse((turn_pass(0, r.weight, w_max), i)))
+        .collect();
+    let mut filled = 0usize;
+    while filled < table.len() {
+        let Some(Reverse((_, i))) = turns.pop() else {
+            break;
+        };
+        let Some(real) = reals.get_mut(i) else {
+            break;
+        };
+        if !claim(table, real, i as u32, size) {
+            break;
+        }
+        filled += 1;
+        real.turns += 1;
+        turns.push(Reverse((turn_pass(real.turns, real.weight, w_max), i)));
+    }
+}
+
+/// Equal weights: every member has a turn in every pass, so the order of turns is plain round
+/// robin in sorted order. The same table as [`populate_by_passes`] without the heap, which
+/// costs about as much as the probing (the usual case: every real at the default weight).
+fn populate_round_robin(table: &mut [u32], reals: &mut [Real], size: u32) {
+    let mut filled = 0usize;
+    while filled < table.len() {
+        for (i, real) in reals.iter_mut().enumerate() {
+            if filled == table.len() {
+                return;
+            }
+            if !claim(table, real, i as u32, size) {
+                return;
+            }
+            filled += 1;
+        }
+    }
+}
+
+/// One turn: member `i` claims its next preferred slot that is still free. The preference
+/// list is a full permutation of the slots, so while one is free this finds it within
+/// `size` probes; the bound only guards against an impossible infinite loop.
+fn claim(table: &mut [u32], real: &mut Real, i: u32, size: u32) -> bool {
+    let size = u64::from(size);
+    for _ in 0..table.len() {
+        let slot = real.next as usize;
+        real.next += real.skip;
+        if real.next >= size {
+            real.next -= size;
+        }
+        if let Some(entry) = table.get_mut(slot)
+            && *entry == EMPTY
+        {
+            *entry = i;
+            return true;
+        }
+    }
+    false
 }
 
 /// Deterministic primality test by trial division (6k ± 1); at most ~22k
@@ -642,6 +675,30 @@ mod tests {
             build_table(&members, 13),
             [1, 1, 0, 0, 1, 2, 2, 1, 2, 2, 2, 2, 2]
         );
+    }
+
+    /// Equal weights take the round-robin path; it must claim exactly what the pass-by-pass
+    /// heap claims.
+    #[test]
+    fn round_robin_matches_passes() {
+        for (n, size) in [
+            (1u32, 13u32),
+            (3, 7),
+            (10, M),
+            (100, M),
+            (1000, M),
+            (7, 1_048_573),
+        ] {
+            let members = equal(n);
+            let reals = || -> Vec<Real> { members.iter().map(|m| Real::new(m, size)).collect() };
+            let (mut by_passes, mut round_robin) = (reals(), reals());
+            let mut a = vec![EMPTY; size as usize];
+            let mut b = vec![EMPTY; size as usize];
+            populate_by_passes(&mut a, &mut by_passes, size);
+            populate_round_robin(&mut b, &mut round_robin, size);
+            assert!(a == b, "{n} members, size {size}: the tables differ");
+            assert!(!a.contains(&EMPTY));
+        }
     }
 
     #[test]

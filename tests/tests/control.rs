@@ -133,3 +133,45 @@ fn a_replace_the_kernel_cannot_hold_leaves_the_previous_configuration() {
         "a service of the refused configuration is live"
     );
 }
+
+/// The connection table is written and read in batches (thousands of flows per syscall):
+/// every flow written comes back once, across many batches.
+#[test]
+fn connection_table_batches_round_trip() {
+    use lb_common::{ConnKey, ConnValue, FAMILY_V4, PROTO_TCP};
+    use xlb::dataplane::{Dataplane, LoadOptions};
+    let mut dp = Dataplane::load(&LoadOptions {
+        conn_capacity: 65536,
+        ..LoadOptions::default()
+    })
+    .unwrap();
+    assert!(dp.conns().unwrap().is_empty());
+    let flows: Vec<(ConnKey, ConnValue)> = (0..30_000u32)
+        .map(|i| {
+            let mut key = ConnKey {
+                sport: (i as u16).to_be(),
+                dport: 80u16.to_be(),
+                proto: PROTO_TCP,
+                family: FAMILY_V4,
+                ..ConnKey::default()
+            };
+            key.src[..4].copy_from_slice(&[198, 18, 128, (i >> 16) as u8 + 1]);
+            key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
+            let value = ConnValue {
+                backend_id: i as u16,
+                generation: 1,
+                last_seen_s: i,
+                ..ConnValue::default()
+            };
+            (key, value)
+        })
+        .collect();
+    dp.insert_conns(&flows).unwrap();
+    let mut back = dp.conns().unwrap();
+    back.sort_by_key(|(_, v)| v.last_seen_s);
+    assert_eq!(back.len(), flows.len());
+    assert!(
+        back == flows,
+        "the flows read back differ from those written"
+    );
+}

@@ -2,6 +2,8 @@
 
 mod bench;
 mod bench_charts;
+mod bench_control;
+mod bench_lab;
 mod bench_rate;
 mod man;
 
@@ -19,8 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Measure the XDP data path: ns per packet (BPF_PROG_TEST_RUN) and Mpps over a veth pair
-    /// (needs root). Writes target/bench/summary.json and charts.
+    /// Measure the XDP data path (ns per packet under BPF_PROG_TEST_RUN, Mpps over a veth
+    /// pair), the control plane and the DR lab (needs root). Writes target/bench/summary.json
+    /// and charts.
     Bench(BenchArgs),
     /// Write man pages generated from the CLI definitions (xlb.1, xlb-SUBCOMMAND.1).
     Man {
@@ -38,6 +41,22 @@ struct BenchArgs {
     /// Calls per path (overrides --quick).
     #[arg(long, value_name = "N")]
     calls: Option<usize>,
+    /// Leave out the end-to-end part in the DR lab (wrk, health-check detection).
+    #[arg(long)]
+    skip_lab: bool,
+    /// Run one part only.
+    #[arg(long, value_enum, conflicts_with = "skip_lab")]
+    only: Option<BenchPart>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchPart {
+    /// Per-packet cost under BPF_PROG_TEST_RUN, Mpps over a veth pair, charts.
+    Datapath,
+    /// Maglev builds, real changes, restore, map memory, /metrics scrapes.
+    Control,
+    /// HTTP through the VIP vs. direct, health-check detection window (DR lab).
+    Lab,
 }
 
 fn main() -> ExitCode {
@@ -66,10 +85,22 @@ fn run(cli: Cli) -> Result<()> {
             if calls == 0 {
                 bail!("--calls must be at least 1");
             }
-            let datapath = bench::run(calls)?;
-            let rates = bench_rate::run(args.quick)?;
-            bench::write_summary(&datapath, &rates)?;
-            bench_charts::render(&datapath, &rates, &bench::out_dir())
+            let part = |p: BenchPart| args.only.is_none_or(|only| only == p);
+            let start = std::time::Instant::now();
+            if part(BenchPart::Datapath) {
+                let datapath = bench::run(calls)?;
+                let rates = bench_rate::run(args.quick)?;
+                bench::write_summary(&datapath, &rates)?;
+                bench_charts::render(&datapath, &rates, &bench::out_dir())?;
+            }
+            if part(BenchPart::Control) {
+                add_to_summary("control", bench_control::run(args.quick)?)?;
+            }
+            if part(BenchPart::Lab) && !args.skip_lab {
+                add_to_summary("lab", bench_lab::run(args.quick)?)?;
+            }
+            eprintln!("bench took {:.0} s", start.elapsed().as_secs_f64());
+            Ok(())
         }
         Task::Man { out } => {
             let pages = man::write(&out)?;
@@ -77,4 +108,27 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Adds one part's figures to `target/bench/summary.json` (created if the data path part did
+/// not run), written atomically.
+fn add_to_summary(key: &str, figures: serde_json::Value) -> Result<()> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/summary.json");
+    let mut summary = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => bail!("reading {}: {e}", path.display()),
+    };
+    let serde_json::Value::Object(map) = &mut summary else {
+        bail!("{} does not hold a JSON object", path.display());
+    };
+    map.insert(key.to_string(), figures);
+    std::fs::create_dir_all(path.parent().expect("a file in target/bench"))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&summary)? + "\n")?;
+    std::fs::rename(&tmp, &path)?;
+    eprintln!("added \"{key}\" to {}", path.display());
+    Ok(())
 }
