@@ -455,8 +455,24 @@ async fn serve(stream: UnixStream, shared: Arc<Mutex<Shared>>) -> Result<()> {
             }
         }
     };
-    // One request per connection: closing it also drops whatever an oversized request left.
-    write_response(&mut write, &response).await
+    // One request per connection.
+    write_response(&mut write, &response).await?;
+    if !line.ends_with(b"\n") {
+        // An oversized or unfinished request: its client may still be sending, and closing on
+        // unread data would reset the connection, which can discard our answer before the
+        // client reads it. Read on for a bounded while (a lingering close), then close.
+        write.shutdown().await?;
+        let mut rest = reader
+            .into_inner()
+            .into_inner()
+            .take(MAX_REQUEST_BYTES as u64);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::io::copy(&mut rest, &mut tokio::io::sink()),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 async fn write_response(
