@@ -20,7 +20,7 @@ mod service;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{Global, SERVICE_F_TUN};
 
-use crate::parse::Fragment;
+use crate::parse::{Fragment, Parsed};
 
 /// The balancer: packets for a service go to one real per flow; everything else passes.
 #[xdp]
@@ -34,8 +34,10 @@ pub fn xlb_balancer(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> u32 {
-    let Some(pkt) = parse::parse(ctx) else {
-        return xdp_action::XDP_PASS;
+    let pkt = match parse::parse(ctx) {
+        Some(Parsed::Flow(pkt)) => pkt,
+        Some(Parsed::Icmp(pkt, icmp_off)) => return icmp::forward_error(ctx, &pkt, icmp_off),
+        None => return xdp_action::XDP_PASS,
     };
     let svc = match pkt.fragment {
         Fragment::Later => match conntrack::fragment_ports(&pkt) {

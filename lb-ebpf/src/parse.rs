@@ -1,5 +1,5 @@
 //! Header parsing: Ethernet (with one 802.1Q tag), IPv4 (any IHL), IPv6 (with extension
-//! headers), TCP and UDP. Every read is bounds-checked against `data_end`; a frame that ends
+//! headers), TCP and UDP, and where ICMP starts. Every read is bounds-checked against `data_end`; a frame that ends
 //! early yields `None` and is handed to the kernel untouched.
 
 use aya_ebpf::programs::XdpContext;
@@ -18,6 +18,8 @@ const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_DSTOPTS: u8 = 60;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 /// IPv6 extension headers skipped before giving up (Cilium uses the same bound).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
@@ -109,9 +111,18 @@ pub fn ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
     Some((ether_type, l3))
 }
 
-/// Parses L2 to L4. `None` means "not IPv4/IPv6 TCP/UDP, or too short to tell": pass it.
+/// What a frame is to the balancer.
+pub enum Parsed {
+    /// TCP or UDP: scheduled if it is for a service.
+    Flow(Packet),
+    /// A whole (unfragmented) ICMP or ICMPv6 message, whose header starts at the offset given:
+    /// an error quoting a service's flow goes to that flow's real (icmp.rs).
+    Icmp(Packet, usize),
+}
+
+/// Parses L2 to L4. `None` means "not IPv4/IPv6 TCP/UDP/ICMP, or too short to tell": pass it.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Option<Packet> {
+pub fn parse(ctx: &XdpContext) -> Option<Parsed> {
     let (ether_type, l3) = ethernet(ctx)?;
     let mut pkt = Packet {
         family: 0,
@@ -131,6 +142,15 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
         _ => return None,
     };
     if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
+        // Off the TCP/UDP path, so the check costs flows nothing.
+        let icmp = if pkt.family == FAMILY_V4 {
+            IPPROTO_ICMP
+        } else {
+            IPPROTO_ICMPV6
+        };
+        if pkt.proto == icmp && pkt.fragment == Fragment::None {
+            return Some(Parsed::Icmp(pkt, l4));
+        }
         return None;
     }
     if pkt.fragment != Fragment::Later {
@@ -142,7 +162,7 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
             pkt.tcp_flags = read::<u8>(ctx, l4 + 13)?;
         }
     }
-    Some(pkt)
+    Some(Parsed::Flow(pkt))
 }
 
 /// Fills addresses, protocol and fragment state; returns the L4 offset.
