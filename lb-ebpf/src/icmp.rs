@@ -49,8 +49,9 @@ const IPTOS_PREC_INTERNETCONTROL: u8 = 0xc0;
 const L2_MAX: usize = ETH_HLEN + VLAN_HLEN;
 
 /// Turns the frame into the "too big" reply for `pkt` (a datagram of `len` bytes), advertising
-/// `mtu` (the largest inner packet that fits once encapsulated). XDP_TX, or XDP_DROP when the packet is shorter than
-/// the quote (only with an MTU below what userspace accepts).
+/// `mtu` (the largest inner packet that fits once encapsulated). XDP_TX, or XDP_DROP when the
+/// packet may not be answered (see `answerable`) or is shorter than the quote (only with an
+/// MTU below what userspace accepts).
 #[inline(always)]
 pub fn too_big(ctx: &XdpContext, pkt: &Packet, len: u32, mtu: u32, config: &Config) -> u32 {
     let verdict = reply(ctx, pkt, len, mtu, config).unwrap_or(xdp_action::XDP_DROP);
@@ -69,8 +70,9 @@ fn reply(ctx: &XdpContext, pkt: &Packet, len: u32, mtu: u32, config: &Config) ->
         return None;
     }
     let l2 = pkt.l3_off;
-    let quote = csum::packet(ptr_at::<[u8; QUOTE_LEN]>(ctx, l2)?)?;
     let mut eth = read::<[u8; L2_MAX]>(ctx, 0)?;
+    answerable(ctx, pkt, &eth)?;
+    let quote = csum::packet(ptr_at::<[u8; QUOTE_LEN]>(ctx, l2)?)?;
     // Back to where the packet came from (the client or its router), from this interface.
     eth.copy_within(6..12, 0);
     eth[6..12].copy_from_slice(&config.iface_mac);
@@ -116,6 +118,47 @@ fn reply(ctx: &XdpContext, pkt: &Packet, len: u32, mtu: u32, config: &Config) ->
         h[42..44].copy_from_slice(&check);
         rebuild(ctx, l2, &eth, &h)
     }
+}
+
+/// Whether an ICMP error may answer the packet, by the rules hosts and routers follow (RFC 1122
+/// 3.2.2, RFC 1812 4.3.2.7 and 5.2.2, RFC 4443 2.4; Linux's icmp_send): never about a header
+/// that fails its checksum (it is corrupt, and so may be its source address), a later
+/// fragment, a frame from a group MAC, or a source that is no single host. Costs nothing on
+/// forwarded packets: only packets too big for the tunnel get here.
+#[inline(always)]
+fn answerable(ctx: &XdpContext, pkt: &Packet, eth: &[u8; L2_MAX]) -> Option<()> {
+    if eth[6] & 1 != 0 {
+        return None;
+    }
+    if pkt.family == FAMILY_V4 {
+        // The packet holds at least QUOTE_LEN bytes, so the longest header can be read whole;
+        // the sum covers the IHL's words only.
+        let h = read::<[u8; 60]>(ctx, pkt.l3_off)?;
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        let mut sum = 0u64;
+        let mut i = 0;
+        while i < 60 {
+            if i < ihl {
+                sum += u16::from_ne_bytes([h[i], h[i + 1]]) as u64;
+            }
+            i += 2;
+        }
+        let src = h[12];
+        if csum::finish(sum) != [0, 0]
+            || pkt.fragment == Fragment::Later
+            || src == 0
+            || src == 127
+            || src >= 224
+        {
+            return None;
+        }
+    } else {
+        let src = u128::from_be_bytes(pkt.src);
+        if src == 0 || src == 1 || pkt.src[0] == 0xff {
+            return None;
+        }
+    }
+    Some(())
 }
 
 /// Cuts the frame after the quote, grows it at the front by `N` bytes, and writes the L2

@@ -4,6 +4,7 @@
 //! loaded into the kernel for BPF_PROG_TEST_RUN.
 
 pub mod lab;
+pub mod wellformed;
 
 use std::net::IpAddr;
 

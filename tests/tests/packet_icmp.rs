@@ -439,3 +439,76 @@ fn an_error_about_a_service_without_a_usable_real_is_dropped() {
     assert_eq!(run(&mut b, &input).0, XDP_DROP);
     assert_eq!(global(&mut b, Global::DropNoBackend), 1);
 }
+
+/// A frame whose IP datagram is exactly `l3_len` bytes.
+fn sized(frame: Frame, l3_len: usize) -> Frame {
+    let headers = if frame.src.is_ipv4() { 20 } else { 40 } + 20;
+    Frame {
+        payload: vec![0x5a; l3_len - headers],
+        ..frame
+    }
+}
+
+#[test]
+fn packets_too_big_for_the_tunnel_that_may_not_be_answered_are_dropped() {
+    // Found by the fuzzer (fuzz_packets.rs): the director answered a packet whose IPv4 header
+    // failed its checksum, with an ICMP error to whatever its corrupt source said. Hosts and
+    // routers never answer those, nor later fragments, group MACs or sources that are no
+    // single host (RFC 1122 3.2.2, RFC 1812 4.3.2.7 and 5.2.2, RFC 4443 2.4).
+    let big4 = |src: &str| {
+        sized(
+            Frame {
+                df: true,
+                ..Frame::tcp(src, VIP4, 40000, 80, ACK)
+            },
+            1481,
+        )
+    };
+    let big6 = |src: &str| sized(Frame::tcp(src, VIP6, 40000, 80, ACK), 1461);
+    let mut bad_checksum = big4(CLIENT4).bytes();
+    bad_checksum[14 + 10] ^= 0xff;
+    let mut group_mac = big4(CLIENT4).bytes();
+    group_mac[6] |= 1;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("ipv4 header checksum wrong", bad_checksum),
+        (
+            "later fragment",
+            // A later fragment carries no L4 header: its payload alone makes it 1481 bytes.
+            Frame {
+                fragment: Some((3, 100, false)),
+                payload: vec![0x5a; 1461],
+                ..big4(CLIENT4)
+            }
+            .bytes(),
+        ),
+        ("from 0.0.0.0", big4("0.0.0.0").bytes()),
+        ("from loopback", big4("127.0.0.1").bytes()),
+        ("from multicast", big4("224.0.0.1").bytes()),
+        ("from broadcast", big4("255.255.255.255").bytes()),
+        ("from a group mac", group_mac),
+        ("from ::", big6("::").bytes()),
+        ("from ::1", big6("::1").bytes()),
+        ("from ff02::1", big6("ff02::1").bytes()),
+    ];
+    let n = cases.len() as u64;
+    let (mut b, _) = balancer_with("198.18.0.100:0/tcp", Mode::Tun, &V4.tun_reals[..1]);
+    let (mut b6, _) = balancer_with("[fd00:18::100]:0/tcp", Mode::Tun, &V6.tun_reals[..1]);
+    for bal in [&mut b, &mut b6] {
+        bal.set_mtu(1500).unwrap();
+    }
+    for (name, input) in cases {
+        let bal = if input[12..14] == [0x08, 0x00] {
+            &mut b
+        } else {
+            &mut b6
+        };
+        assert_eq!(run(bal, &input).0, XDP_DROP, "{name}");
+    }
+    let mut count = |which| global(&mut b, which) + global(&mut b6, which);
+    assert_eq!(count(Global::DropTooBig), n);
+    assert_eq!(count(Global::IcmpTooBigSent), 0);
+    // The same packets from a client are answered.
+    assert_eq!(run(&mut b, &big4(CLIENT4).bytes()).0, XDP_TX);
+    assert_eq!(run(&mut b6, &big6(CLIENT6).bytes()).0, XDP_TX);
+    assert!(b.dataplane().conns().unwrap().is_empty());
+}
