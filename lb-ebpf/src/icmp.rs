@@ -199,8 +199,8 @@ fn rebuild<const N: usize>(
 /// flow goes to that flow's real (DR or TUN, as the service forwards); anything else (echo,
 /// errors about other traffic) passes to the kernel untouched.
 #[inline(always)]
-pub fn forward_error(ctx: &XdpContext, outer: &Packet, icmp_off: usize) -> u32 {
-    let Some(flow) = quoted_flow(ctx, outer, icmp_off) else {
+pub fn forward_error(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usize) -> u32 {
+    let Some(flow) = quoted_flow(ctx, family, l3_off, icmp_off) else {
         return xdp_action::XDP_PASS;
     };
     let Some(svc) = service::lookup(&flow, flow.dport) else {
@@ -211,10 +211,11 @@ pub fn forward_error(ctx: &XdpContext, outer: &Packet, icmp_off: usize) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let verdict = if svc.flags & SERVICE_F_TUN != 0 {
-        if let Some(verdict) = check_tunnel(ctx, outer) {
+        // The flow's family and L3 offset are the error's: the whole error is encapsulated.
+        if let Some(verdict) = check_tunnel(ctx, &flow) {
             return verdict;
         }
-        forward_tun::forward(ctx, outer, &svc, &choice)
+        forward_tun::forward(ctx, &flow, &svc, &choice)
     } else {
         forward_dr::forward(ctx, &choice.backend)
     };
@@ -229,12 +230,12 @@ pub fn forward_error(ctx: &XdpContext, outer: &Packet, icmp_off: usize) -> u32 {
 /// packet, VIP:port -> client:port, so addresses and ports are swapped back. A quoted first
 /// fragment still carries its ports; a later one does not and is refused.
 #[inline(always)]
-fn quoted_flow(ctx: &XdpContext, outer: &Packet, icmp_off: usize) -> Option<Packet> {
+fn quoted_flow(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usize) -> Option<Packet> {
     // Type and code: a one-byte read's bounds check compiles to a form the verifier rejects.
     let [icmp_type, _code] = read::<[u8; 2]>(ctx, icmp_off)?;
     let quote = icmp_off + ICMP_HLEN;
     let mut flow = Packet {
-        family: outer.family,
+        family,
         proto: 0,
         src: [0; 16],
         dst: [0; 16],
@@ -243,10 +244,13 @@ fn quoted_flow(ctx: &XdpContext, outer: &Packet, icmp_off: usize) -> Option<Pack
         tcp_flags: 0,
         fragment: Fragment::None,
         frag_id: 0,
-        l3_off: outer.l3_off,
+        l3_off,
     };
+    // The error's destination: the quote must come from it.
+    let mut to = [0u8; 16];
     let l4;
-    if outer.family == FAMILY_V4 {
+    if family == FAMILY_V4 {
+        to[..4].copy_from_slice(&read::<[u8; 4]>(ctx, l3_off + 16)?);
         if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
             return None;
         }
@@ -266,6 +270,7 @@ fn quoted_flow(ctx: &XdpContext, outer: &Packet, icmp_off: usize) -> Option<Pack
         {
             return None;
         }
+        to = read::<[u8; 16]>(ctx, l3_off + 24)?;
         // The real's own packets carry no extension headers: TCP or UDP follows directly.
         let h = read::<[u8; IPV6_HLEN]>(ctx, quote)?;
         if h[0] >> 4 != 6 {
@@ -277,7 +282,7 @@ fn quoted_flow(ctx: &XdpContext, outer: &Packet, icmp_off: usize) -> Option<Pack
         l4 = quote + IPV6_HLEN;
     }
     // Sent from the address the error came to (the VIP), about TCP or UDP.
-    if !same_addr(&flow.dst, &outer.dst) || (flow.proto != PROTO_TCP && flow.proto != PROTO_UDP) {
+    if !same_addr(&flow.dst, &to) || (flow.proto != PROTO_TCP && flow.proto != PROTO_UDP) {
         return None;
     }
     // Every error quotes at least 8 bytes past the IP header: both ports.
@@ -336,16 +341,16 @@ fn flow_real(flow: &Packet, svc: &ServiceValue) -> Option<Choice> {
 /// As forward_tun::check, except that an error too big for the tunnel is dropped, never
 /// answered: no ICMP error about an ICMP error (RFC 1122 3.2.2, RFC 4443 2.4).
 #[inline(always)]
-fn check_tunnel(ctx: &XdpContext, outer: &Packet) -> Option<u32> {
-    let (Some(config), Some(inner)) = (CONFIG.get(0), forward_tun::inner(ctx, outer)) else {
+fn check_tunnel(ctx: &XdpContext, error: &Packet) -> Option<u32> {
+    let (Some(config), Some(inner)) = (CONFIG.get(0), forward_tun::inner(ctx, error)) else {
         return Some(xdp_action::XDP_DROP);
     };
-    let overhead = if outer.family == FAMILY_V4 {
+    let overhead = if error.family == FAMILY_V4 {
         IPV4_HLEN
     } else {
         IPV6_HLEN
     } as u32;
-    let avail = (ctx.data_end() - ctx.data() - outer.l3_off) as u32;
+    let avail = (ctx.data_end() - ctx.data() - error.l3_off) as u32;
     if inner.len < overhead || inner.len > avail {
         counters::global(Global::DropMalformed);
         return Some(xdp_action::XDP_DROP);

@@ -36,7 +36,11 @@ pub fn xlb_balancer(ctx: XdpContext) -> u32 {
 fn balance(ctx: &XdpContext) -> u32 {
     let pkt = match parse::parse(ctx) {
         Some(Parsed::Flow(pkt)) => pkt,
-        Some(Parsed::Icmp(pkt, icmp_off)) => return icmp::forward_error(ctx, &pkt, icmp_off),
+        Some(Parsed::Icmp {
+            family,
+            l3_off,
+            icmp_off,
+        }) => return icmp::forward_error(ctx, family, l3_off, icmp_off),
         None => return xdp_action::XDP_PASS,
     };
     let svc = match pkt.fragment {

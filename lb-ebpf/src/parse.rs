@@ -1,6 +1,6 @@
 //! Header parsing: Ethernet (with one 802.1Q tag), IPv4 (any IHL), IPv6 (with extension
-//! headers), TCP and UDP, and where ICMP starts. Every read is bounds-checked against `data_end`; a frame that ends
-//! early yields `None` and is handed to the kernel untouched.
+//! headers), TCP and UDP, and where ICMP starts. Every read is bounds-checked against
+//! `data_end`; a frame that ends early yields `None` and is handed to the kernel untouched.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
@@ -115,9 +115,14 @@ pub fn ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
 pub enum Parsed {
     /// TCP or UDP: scheduled if it is for a service.
     Flow(Packet),
-    /// A whole (unfragmented) ICMP or ICMPv6 message, whose header starts at the offset given:
-    /// an error quoting a service's flow goes to that flow's real (icmp.rs).
-    Icmp(Packet, usize),
+    /// A whole (unfragmented) ICMP or ICMPv6 message: an error quoting a service's flow goes to
+    /// that flow's real (icmp.rs), which reads what it needs itself. Only offsets are handed
+    /// over, so that the flow path's code keeps its shape.
+    Icmp {
+        family: u8,
+        l3_off: usize,
+        icmp_off: usize,
+    },
 }
 
 /// Parses L2 to L4. `None` means "not IPv4/IPv6 TCP/UDP/ICMP, or too short to tell": pass it.
@@ -149,7 +154,11 @@ pub fn parse(ctx: &XdpContext) -> Option<Parsed> {
             IPPROTO_ICMPV6
         };
         if pkt.proto == icmp && pkt.fragment == Fragment::None {
-            return Some(Parsed::Icmp(pkt, l4));
+            return Some(Parsed::Icmp {
+                family: pkt.family,
+                l3_off: l3,
+                icmp_off: l4,
+            });
         }
         return None;
     }
