@@ -9,7 +9,8 @@
 //! - every frame sent out is well-formed: DR changes the two MACs only (the packet is the
 //!   real's business); TUN's outer header encloses exactly the inner datagram, with a right
 //!   IPv4 checksum, the inner packet as it came, and the decapsulator gives the frame back;
-//!   an ICMP reply has exact lengths and right IP and ICMP checksums, quoting the packet.
+//!   an ICMP reply has exact lengths and right IP and ICMP checksums, quoting the packet;
+//! - a forwarded ICMP error goes to the real its flow's next packet goes to.
 //!
 //! Cases: `XLB_FUZZ_CASES` frames in all (default 200,000), shared between the properties;
 //! `XLB_FUZZ_SEED` replays a run (each property prints its seed). A failure prints the
@@ -137,8 +138,16 @@ fn may_act(f: &[u8]) -> bool {
     model(f).is_some()
 }
 
-/// The L4 protocol of a frame the balancer may act on.
-fn model(f: &[u8]) -> Option<u8> {
+/// What a frame the balancer may act on is for.
+enum Acts {
+    /// A TCP or UDP packet for a service.
+    Flow,
+    /// An ICMP error about a service's flow: the client's packet of that flow (an ACK or a UDP
+    /// datagram from the client's address and port to the VIP's).
+    ErrorAbout(Frame),
+}
+
+fn model(f: &[u8]) -> Option<Acts> {
     let mut l3 = 14;
     let mut ether_type = be16(f.get(12..14)?);
     if ether_type == 0x8100 || ether_type == 0x88a8 {
@@ -192,30 +201,39 @@ fn model(f: &[u8]) -> Option<u8> {
         _ => return None,
     };
     match proto {
-        6 | 17 if later => service_on_any_port(dst, proto).then_some(proto),
+        6 | 17 if later => service_on_any_port(dst, proto).then_some(Acts::Flow),
         6 | 17 => {
             let ports = f.get(l4..l4 + 4)?;
-            service_for(dst, be16(&ports[2..4]), proto).then_some(proto)
+            service_for(dst, be16(&ports[2..4]), proto).then_some(Acts::Flow)
         }
         1 | 58 if (proto == 1) == v4 && !fragmented => {
             // The quote: the real's packet, from the VIP (the address the error is sent to).
             let q = l4 + 8;
-            let (src, qproto, ql4) = if v4 {
+            let (src, client, qproto, ql4) = if v4 {
                 let h = f.get(q..q + 20)?;
                 let ihl = (h[0] & 0x0f) as usize * 4;
                 if h[0] >> 4 != 4 || ihl < 20 {
                     return None;
                 }
-                (addr(&h[12..16]), h[9], q + ihl)
+                (addr(&h[12..16]), addr(&h[16..20]), h[9], q + ihl)
             } else {
                 let h = f.get(q..q + 40)?;
                 if h[0] >> 4 != 6 {
                     return None;
                 }
-                (addr(&h[8..24]), h[6], q + 40)
+                (addr(&h[8..24]), addr(&h[24..40]), h[6], q + 40)
             };
             let ports = f.get(ql4..ql4 + 4)?;
-            (src == dst && service_for(src, be16(&ports[0..2]), qproto)).then_some(proto)
+            let (vip_port, client_port) = (be16(&ports[0..2]), be16(&ports[2..4]));
+            if src != dst || !service_for(src, vip_port, qproto) {
+                return None;
+            }
+            let (c, v) = (client.to_string(), src.to_string());
+            Some(Acts::ErrorAbout(if qproto == 6 {
+                Frame::tcp(&c, &v, client_port, vip_port, ACK)
+            } else {
+                Frame::udp(&c, &v, client_port, vip_port)
+            }))
         }
         _ => None,
     }
@@ -258,6 +276,7 @@ fn verdict_name(v: u32) -> String {
 
 /// The balancer's verdict and output for `input`, against every property; what happened.
 fn check_balancer(
+    b: &mut Balancer,
     d: &mut Decapsulator,
     input: &[u8],
     verdict: u32,
@@ -271,16 +290,53 @@ fn check_balancer(
             verdict_name(verdict)
         )),
         XDP_DROP => Ok("drop"),
-        XDP_TX if matches!(model(input), Some(1 | 58)) => {
-            check_sent(d, input, out).and_then(|path| match path {
-                "dr" => Ok("icmp error, dr"),
-                "tun" => Ok("icmp error, tun"),
-                _ => Err("answered an ICMP message with ICMP".into()),
-            })
-        }
-        XDP_TX => check_sent(d, input, out),
+        XDP_TX => match model(input) {
+            Some(Acts::ErrorAbout(flow)) => {
+                let path = check_sent(d, input, out)?;
+                if path == "too-big reply" {
+                    return Err("answered an ICMP message with ICMP".into());
+                }
+                same_real(b, &flow, out, path)?;
+                Ok(if path == "dr" {
+                    "icmp error, dr"
+                } else {
+                    "icmp error, tun"
+                })
+            }
+            _ => check_sent(d, input, out),
+        },
         other => Err(format!("verdict {}", verdict_name(other))),
     }
+}
+
+/// An ICMP error went where the flow it quotes goes: the same real (and, over IP6IP6, the same
+/// outer flow label), as the flow's next packet from the client shows.
+fn same_real(b: &mut Balancer, flow: &Frame, error_out: &[u8], path: &str) -> Result<(), String> {
+    let (verdict, flow_out) = run_balancer(b, &flow.bytes())?;
+    if verdict != XDP_TX {
+        return Err(format!(
+            "the error was forwarded but its flow's packet got {}",
+            verdict_name(verdict)
+        ));
+    }
+    let same = if path == "dr" {
+        flow_out[..6] == error_out[..6]
+    } else {
+        let (a, b) = (
+            wellformed::tunnel(&flow_out)?.0,
+            wellformed::tunnel(error_out)?.0,
+        );
+        let label =
+            |f: &[u8], l3: usize| be16(&f[l3 + 2..]) as u32 | (f[l3 + 1] as u32 & 0xf) << 16;
+        a.dst == b.dst && (a.version == 4 || label(&flow_out, a.l3) == label(error_out, b.l3))
+    };
+    if !same {
+        return Err(format!(
+            "the error went elsewhere than its flow ({flow:?} went out as {})",
+            hex(&flow_out)
+        ));
+    }
+    Ok(())
 }
 
 /// A frame the balancer sent: a DR rewrite (same length), a TUN encapsulation (longer) or an
@@ -1431,7 +1487,7 @@ fn balancer_case(
     input: &[u8],
 ) -> Result<&'static str, String> {
     let (verdict, out) = run_balancer(b, input)?;
-    check_balancer(d, input, verdict, &out).map_err(|e| {
+    check_balancer(b, d, input, verdict, &out).map_err(|e| {
         format!(
             "{e}\n  verdict {}\n  input  {}\n  output {}",
             verdict_name(verdict),
