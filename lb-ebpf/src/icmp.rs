@@ -24,8 +24,8 @@ use crate::{
     counters, csum, forward_dr, forward_tun, maglev,
     maps::{BACKENDS, CONFIG, CONNS},
     parse::{
-        ETH_HLEN, Fragment, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN,
-        ptr_at, read,
+        self, ETH_HLEN, Fragment, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, Packet,
+        VLAN_HLEN, ptr_at, read,
     },
     service,
 };
@@ -206,6 +206,13 @@ pub fn forward_error(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usiz
     let Some(svc) = service::lookup(&flow, flow.dport) else {
         return xdp_action::XDP_PASS;
     };
+    // As for flows: a frame flooded to us but sent to another director's MAC is its business.
+    if !CONFIG
+        .get(0)
+        .is_some_and(|c| parse::sent_to(ctx, &c.iface_mac))
+    {
+        return xdp_action::XDP_PASS;
+    }
     let Some(choice) = flow_real(&flow, &svc) else {
         counters::global(Global::DropNoBackend);
         return xdp_action::XDP_DROP;

@@ -1,6 +1,6 @@
 //! Header parsing: Ethernet (with one 802.1Q tag), IPv4 (any IHL), IPv6 (with extension
-//! headers), TCP and UDP, and where ICMP starts. Every read is bounds-checked against
-//! `data_end`; a frame that ends early yields `None` and is handed to the kernel untouched.
+//! headers), TCP and UDP. Every read is bounds-checked against `data_end`; a frame that ends
+//! early yields `None` and is handed to the kernel untouched.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
@@ -111,23 +111,9 @@ pub fn ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
     Some((ether_type, l3))
 }
 
-/// What a frame is to the balancer.
-pub enum Parsed {
-    /// TCP or UDP: scheduled if it is for a service.
-    Flow(Packet),
-    /// A whole (unfragmented) ICMP or ICMPv6 message: an error quoting a service's flow goes to
-    /// that flow's real (icmp.rs), which reads what it needs itself. Only offsets are handed
-    /// over, so that the flow path's code keeps its shape.
-    Icmp {
-        family: u8,
-        l3_off: usize,
-        icmp_off: usize,
-    },
-}
-
-/// Parses L2 to L4. `None` means "not IPv4/IPv6 TCP/UDP/ICMP, or too short to tell": pass it.
+/// Parses L2 to L4. `None` means "not IPv4/IPv6 TCP/UDP, or too short to tell": pass it.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Option<Parsed> {
+pub fn parse(ctx: &XdpContext) -> Option<Packet> {
     let (ether_type, l3) = ethernet(ctx)?;
     let mut pkt = Packet {
         family: 0,
@@ -147,19 +133,6 @@ pub fn parse(ctx: &XdpContext) -> Option<Parsed> {
         _ => return None,
     };
     if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
-        // Off the TCP/UDP path, so the check costs flows nothing.
-        let icmp = if pkt.family == FAMILY_V4 {
-            IPPROTO_ICMP
-        } else {
-            IPPROTO_ICMPV6
-        };
-        if pkt.proto == icmp && pkt.fragment == Fragment::None {
-            return Some(Parsed::Icmp {
-                family: pkt.family,
-                l3_off: l3,
-                icmp_off: l4,
-            });
-        }
         return None;
     }
     if pkt.fragment != Fragment::Later {
@@ -171,7 +144,35 @@ pub fn parse(ctx: &XdpContext) -> Option<Parsed> {
             pkt.tcp_flags = read::<u8>(ctx, l4 + 13)?;
         }
     }
-    Some(Parsed::Flow(pkt))
+    Some(pkt)
+}
+
+/// The family, L3 and ICMP header offsets of an unfragmented ICMP or ICMPv6 message (for
+/// `xlb_icmp`, which gets the frames `parse` refused).
+#[inline(always)]
+pub fn icmp(ctx: &XdpContext) -> Option<(u8, usize, usize)> {
+    let (ether_type, l3) = ethernet(ctx)?;
+    let mut pkt = Packet {
+        family: 0,
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        fragment: Fragment::None,
+        frag_id: 0,
+        l3_off: l3,
+    };
+    let (l4, icmp) = match ether_type {
+        ETH_P_IPV4 => (parse_ipv4(ctx, l3, &mut pkt)?, IPPROTO_ICMP),
+        ETH_P_IPV6 => (parse_ipv6(ctx, l3, &mut pkt)?, IPPROTO_ICMPV6),
+        _ => return None,
+    };
+    if pkt.proto != icmp || pkt.fragment != Fragment::None {
+        return None;
+    }
+    Some((pkt.family, l3, l4))
 }
 
 /// Fills addresses, protocol and fragment state; returns the L4 offset.

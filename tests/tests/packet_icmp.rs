@@ -416,12 +416,20 @@ fn errors_about_other_traffic_pass_untouched() {
             error_about(&V6, &reply(&V6, 40000), too_big, 41),
         ),
     ];
-    let n = cases.len() as u64;
+    let n = cases.len() as u64 + 1;
     for (name, frame) in cases {
         let bal = if frame.dst.is_ipv4() { &mut b } else { &mut b6 };
         let input = frame.bytes();
         assert_eq!(run(bal, &input), (XDP_PASS, input.clone()), "{name}");
     }
+    // About a service's flow, but flooded to us while sent to another director's MAC.
+    let mut flooded = quoting(&V4, reply(&V4, 40000), frag_needed).bytes();
+    flooded[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x03]);
+    assert_eq!(
+        run(&mut b, &flooded),
+        (XDP_PASS, flooded.clone()),
+        "flooded"
+    );
     for bal in [&mut b, &mut b6] {
         assert_eq!(global(bal, Global::IcmpErrorForwarded), 0);
     }
