@@ -318,13 +318,13 @@ fn flow_real(flow: &Packet, svc: &ServiceValue) -> Option<Choice> {
         family: flow.family,
         _pad: [0; 2],
     };
-    if let Some(entry) = CONNS.get_ptr(key) {
+    if let Some(entry) = CONNS.get_ptr(&key) {
         // SAFETY: an LRU value, copied out whole.
         let conn = unsafe { *entry };
-        if let Some(b) = BACKENDS.get(conn.backend_id) {
+        if let Some(b) = BACKENDS.get(u32::from(conn.backend_id)) {
             if b.generation == conn.generation && conntrack::usable(b, svc) {
                 return Some(Choice {
-                    backend_id: conn.backend_id,
+                    backend_id: conn.backend_id.into(),
                     backend: *b,
                     new_flow: false,
                     flow_hash: conn.flow_hash,
