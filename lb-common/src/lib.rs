@@ -181,12 +181,17 @@ pub enum Global {
     /// "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too big".
     IcmpTooBigSent = 7,
     /// TUN packets too big for the egress MTU that may not be answered: IPv4 without DF
-    /// (fragmenting is the kernel's job, not ours), or too short to quote.
+    /// (fragmenting is the kernel's job, not ours), a corrupt IPv4 header, a later fragment,
+    /// a source that is no single host, or too short to quote; and ICMP errors too big to
+    /// forward through the tunnel (never answered: no ICMP about ICMP).
     DropTooBig = 8,
+    /// ICMP errors to a VIP (unreachable, too big, time exceeded) quoting a service's flow,
+    /// forwarded to that flow's real so its path MTU discovery works.
+    IcmpErrorForwarded = 9,
 }
 
 impl Global {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Global; Self::COUNT as usize] = [
         Global::Passed,
         Global::Forwarded,
@@ -197,6 +202,7 @@ impl Global {
         Global::ConnStale,
         Global::IcmpTooBigSent,
         Global::DropTooBig,
+        Global::IcmpErrorForwarded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -210,6 +216,7 @@ impl Global {
             Global::ConnStale => "conn_stale",
             Global::IcmpTooBigSent => "icmp_too_big_sent",
             Global::DropTooBig => "drop_too_big",
+            Global::IcmpErrorForwarded => "icmp_error_forwarded",
         }
     }
 }

@@ -45,7 +45,7 @@ fn touch(conn: &mut ConnValue, now_ns: u64) {
 }
 
 #[inline(always)]
-fn usable(backend: &Backend, svc: &ServiceValue) -> bool {
+pub fn usable(backend: &Backend, svc: &ServiceValue) -> bool {
     backend.flags & BACKEND_F_FORWARD != 0 && backend.service_id == svc.id
 }
 

@@ -121,7 +121,8 @@ fn ip6ip6(ctx: &XdpContext, l3: usize) -> Result<Tunnel, Option<Decap>> {
 
 /// RFC 6040 (normal mode): congestion marked on the outer header reaches the inner one when
 /// the inner packet is ECN-capable, or the marks that routers set on the tunnel would be lost.
-/// A not-ECN-capable inner packet is left as it is.
+/// A not-ECN-capable inner packet is left as it is, and so is one already marked: rewriting
+/// it would turn an IPv4 checksum of 0xffff into 0x0000 for nothing (found by the fuzzer).
 #[inline(always)]
 fn propagate_ce(ctx: &XdpContext, inner: usize, family: u8) {
     if family == FAMILY_V4 {
@@ -130,7 +131,7 @@ fn propagate_ce(ctx: &XdpContext, inner: usize, family: u8) {
         };
         // SAFETY: ptr_at checked the 12 bytes (through the checksum field).
         let mut b = unsafe { h.read_unaligned() };
-        if b[1] & ECN_MASK == 0 {
+        if b[1] & ECN_MASK == 0 || b[1] & ECN_MASK == ECN_CE {
             return;
         }
         let old = [b[0], b[1]];
@@ -146,7 +147,7 @@ fn propagate_ce(ctx: &XdpContext, inner: usize, family: u8) {
         // SAFETY: ptr_at checked the 2 bytes; the traffic class's ECN bits are bits 4-5 of the
         // second byte.
         let mut b = unsafe { h.read_unaligned() };
-        if (b[1] >> 4) & ECN_MASK == 0 {
+        if (b[1] >> 4) & ECN_MASK == 0 || (b[1] >> 4) & ECN_MASK == ECN_CE {
             return;
         }
         b[1] |= ECN_CE << 4;

@@ -34,7 +34,7 @@ pub struct Inner {
 }
 
 #[inline(always)]
-fn inner(ctx: &XdpContext, pkt: &Packet) -> Option<Inner> {
+pub fn inner(ctx: &XdpContext, pkt: &Packet) -> Option<Inner> {
     if pkt.family == FAMILY_V4 {
         let h = read::<[u8; 8]>(ctx, pkt.l3_off)?;
         Some(Inner {

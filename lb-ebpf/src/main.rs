@@ -20,7 +20,7 @@ mod service;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{Global, SERVICE_F_TUN};
 
-use crate::parse::Fragment;
+use crate::{maps::ICMP_PROGRAM, parse::Fragment};
 
 /// The balancer: packets for a service go to one real per flow; everything else passes.
 #[xdp]
@@ -35,6 +35,11 @@ pub fn xlb_balancer(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> u32 {
     let Some(pkt) = parse::parse(ctx) else {
+        // Not TCP or UDP: xlb_icmp forwards ICMP errors about a service's flow. A tail call,
+        // so that none of its code, stack or registers weighs on the flow path; with the slot
+        // empty the frame passes, as before.
+        // SAFETY: the context is the program's own; a failed tail call returns here.
+        unsafe { ICMP_PROGRAM.tail_call(ctx, 0) };
         return xdp_action::XDP_PASS;
     };
     let svc = match pkt.fragment {
@@ -92,6 +97,20 @@ fn balance(ctx: &XdpContext) -> u32 {
     } else {
         forward_dr::forward(ctx, &choice.backend)
     }
+}
+
+/// ICMP errors to a VIP go to the real of the flow they quote (icmp.rs); everything else
+/// passes. Tail-called by `xlb_balancer` for the frames that are not TCP or UDP.
+#[xdp]
+pub fn xlb_icmp(ctx: XdpContext) -> u32 {
+    let verdict = match parse::icmp(&ctx) {
+        Some((family, l3_off, icmp_off)) => icmp::forward_error(&ctx, family, l3_off, icmp_off),
+        None => xdp_action::XDP_PASS,
+    };
+    if verdict == xdp_action::XDP_PASS {
+        counters::global(Global::Passed);
+    }
+    verdict
 }
 
 /// The decapsulator, for real servers of TUN services: unwraps tunnelled packets for local

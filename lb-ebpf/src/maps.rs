@@ -66,6 +66,11 @@ pub static DECAP_STATS: PerCpuArray<u64, { Decap::COUNT as usize }> = PerCpuArra
 #[btf_map]
 pub static DROP_LOG_PROGRAM: ProgramArray<1> = ProgramArray::new();
 
+/// Slot 0: `xlb_icmp`, tail-called by the balancer for frames that are not TCP or UDP (set at
+/// load; while empty, those frames pass).
+#[btf_map]
+pub static ICMP_PROGRAM: ProgramArray<1> = ProgramArray::new();
+
 /// The reason of the drop being logged, handed from the balancer to `xlb_drop_log`.
 #[btf_map]
 pub static DROP_REASON: PerCpuArray<u32, 1> = PerCpuArray::new();

@@ -18,6 +18,8 @@ const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_DSTOPTS: u8 = 60;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 /// IPv6 extension headers skipped before giving up (Cilium uses the same bound).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
@@ -143,6 +145,34 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
         }
     }
     Some(pkt)
+}
+
+/// The family, L3 and ICMP header offsets of an unfragmented ICMP or ICMPv6 message (for
+/// `xlb_icmp`, which gets the frames `parse` refused).
+#[inline(always)]
+pub fn icmp(ctx: &XdpContext) -> Option<(u8, usize, usize)> {
+    let (ether_type, l3) = ethernet(ctx)?;
+    let mut pkt = Packet {
+        family: 0,
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        fragment: Fragment::None,
+        frag_id: 0,
+        l3_off: l3,
+    };
+    let (l4, icmp) = match ether_type {
+        ETH_P_IPV4 => (parse_ipv4(ctx, l3, &mut pkt)?, IPPROTO_ICMP),
+        ETH_P_IPV6 => (parse_ipv6(ctx, l3, &mut pkt)?, IPPROTO_ICMPV6),
+        _ => return None,
+    };
+    if pkt.proto != icmp || pkt.fragment != Fragment::None {
+        return None;
+    }
+    Some((pkt.family, l3, l4))
 }
 
 /// Fills addresses, protocol and fragment state; returns the L4 offset.

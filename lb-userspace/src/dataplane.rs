@@ -33,6 +33,8 @@ pub const DATAPATH_LOG_TARGET: &str = "xlb_datapath";
 /// Reads the data path's log records and hands them to the `log` facade (bridged to tracing).
 pub type DatapathLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 pub const PASS_PROGRAM: &str = "xlb_pass";
+/// ICMP errors to a VIP, tail-called by the balancer through `ICMP_PROGRAM` slot 0.
+pub const ICMP_PROGRAM: &str = "xlb_icmp";
 /// Tail-called by the balancer to log a drop (`--datapath-log`).
 pub const DROP_LOG_PROGRAM: &str = "xlb_drop_log";
 
@@ -261,7 +263,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        for name in [BALANCER_PROGRAM, PASS_PROGRAM] {
+        for name in [BALANCER_PROGRAM, PASS_PROGRAM, ICMP_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -270,6 +272,19 @@ impl Dataplane {
                 .map_err(verifier_error)
                 .with_context(|| format!("loading program {name}"))?;
         }
+        // The map stays open with `ebpf`: the kernel empties a program array once no process
+        // holds it (ICMP errors then pass to the kernel until the next daemon loads).
+        let icmp: &mut Xdp = ebpf
+            .program_mut(ICMP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {ICMP_PROGRAM} missing from the object"))?
+            .try_into()?;
+        let icmp_fd = icmp.fd()?.try_clone()?;
+        let slots = ebpf
+            .map_mut("ICMP_PROGRAM")
+            .ok_or_else(|| anyhow!("map ICMP_PROGRAM missing from the object"))?;
+        ProgramArray::try_from(slots)?
+            .set(0, &icmp_fd, 0)
+            .context("installing the ICMP program")?;
         Ok(Self {
             ebpf,
             attached: None,

@@ -211,6 +211,11 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "ICMP fragmentation-needed / ICMPv6 packet-too-big replies sent for TUN packets too \
          big to encapsulate.",
     );
+    let mut icmp_errors_forwarded = Family::counter(
+        "xlb_icmp_errors_forwarded_total",
+        "ICMP errors to a VIP (unreachable, too big, time exceeded) forwarded to the real of the \
+         flow they quote.",
+    );
     let mut conn_misses = Family::counter(
         "xlb_conntrack_misses_total",
         "Packets other than TCP SYNs that found no connection-table entry and were \
@@ -277,6 +282,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             Global::DropTooBig => dropped.add(&[("reason", "too_big")], value),
             Global::FragUntracked => untracked_fragments.add(&[], value),
             Global::IcmpTooBigSent => icmp_too_big.add(&[], value),
+            Global::IcmpErrorForwarded => icmp_errors_forwarded.add(&[], value),
             Global::ConnMiss => conn_misses.add(&[], value),
             Global::ConnStale => conn_stale.add(&[], value),
         }
@@ -316,6 +322,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         dropped,
         untracked_fragments,
         icmp_too_big,
+        icmp_errors_forwarded,
         conn_misses,
         conn_stale,
         conn_entries,

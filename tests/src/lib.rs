@@ -4,6 +4,7 @@
 //! loaded into the kernel for BPF_PROG_TEST_RUN.
 
 pub mod lab;
+pub mod wellformed;
 
 use std::net::IpAddr;
 
@@ -52,8 +53,17 @@ pub fn real_mac(addr: IpAddr) -> Mac {
 
 #[derive(Clone, Copy, Debug)]
 pub enum L4 {
-    Tcp { flags: u8 },
+    Tcp {
+        flags: u8,
+    },
     Udp,
+    /// ICMP (IPv4) or ICMPv6 (IPv6): type, code and the header's last four bytes (an error's
+    /// MTU or unused field); the frame's payload is the message body (an error's quote).
+    Icmp {
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+    },
 }
 
 pub const SYN: u8 = 0x02;
@@ -68,10 +78,15 @@ pub struct Frame {
     pub dport: u16,
     pub l4: L4,
     pub vlan: Option<u16>,
+    /// An 802.1ad service tag before the 802.1Q tag (QinQ); needs `vlan`.
+    pub outer_vlan: Option<u16>,
     /// IPv4 option bytes (a multiple of 4).
     pub ipv4_options: Vec<u8>,
     /// (identification, fragment offset in 8-byte units, more fragments).
     pub fragment: Option<(u32, u16, bool)>,
+    /// IPv6 extension headers before the fragment header and L4, by next-header value
+    /// (0 hop-by-hop, 43 routing, 60 destination options), each 8 bytes of padding.
+    pub ipv6_ext: Vec<u8>,
     /// IPv4 ToS / IPv6 traffic class.
     pub tos: u8,
     /// IPv4 "don't fragment".
@@ -88,6 +103,19 @@ impl Frame {
         Self::new(src, dst, sport, dport, L4::Udp)
     }
 
+    /// An ICMP (IPv4) or ICMPv6 (IPv6) message with `body` after its 8-byte header.
+    pub fn icmp(src: &str, dst: &str, icmp_type: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Self {
+        let l4 = L4::Icmp {
+            icmp_type,
+            code,
+            rest,
+        };
+        Self {
+            payload: body.to_vec(),
+            ..Self::new(src, dst, 0, 0, l4)
+        }
+    }
+
     fn new(src: &str, dst: &str, sport: u16, dport: u16, l4: L4) -> Self {
         Self {
             src: src.parse().unwrap(),
@@ -96,24 +124,45 @@ impl Frame {
             dport,
             l4,
             vlan: None,
+            outer_vlan: None,
             ipv4_options: Vec::new(),
             fragment: None,
+            ipv6_ext: Vec::new(),
             tos: 0,
             df: false,
             payload: b"hello xlb".to_vec(),
         }
     }
 
-    fn proto(&self) -> u8 {
+    pub fn proto(&self) -> u8 {
         match self.l4 {
             L4::Tcp { .. } => 6,
             L4::Udp => 17,
+            L4::Icmp { .. } if self.src.is_ipv4() => 1,
+            L4::Icmp { .. } => 58,
         }
     }
 
     /// The L4 segment (header + payload) with a correct checksum.
     fn segment(&self) -> Vec<u8> {
         let mut seg = Vec::new();
+        if let L4::Icmp {
+            icmp_type,
+            code,
+            rest,
+        } = self.l4
+        {
+            seg.extend_from_slice(&[icmp_type, code, 0, 0]);
+            seg.extend_from_slice(&rest);
+            seg.extend_from_slice(&self.payload);
+            // ICMP sums the message alone; ICMPv6 adds the pseudo-header.
+            let sum = match (self.src, self.dst) {
+                (IpAddr::V4(_), _) => checksum(&seg),
+                (src, dst) => icmpv6_checksum(src, dst, &seg),
+            };
+            seg[2..4].copy_from_slice(&sum.to_be_bytes());
+            return seg;
+        }
         seg.extend_from_slice(&self.sport.to_be_bytes());
         seg.extend_from_slice(&self.dport.to_be_bytes());
         match self.l4 {
@@ -129,6 +178,7 @@ impl Frame {
                 seg.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
                 seg.extend_from_slice(&[0, 0]);
             }
+            L4::Icmp { .. } => unreachable!("built above"),
         }
         seg.extend_from_slice(&self.payload);
         let mut pseudo = Vec::new();
@@ -171,6 +221,10 @@ impl Frame {
         f.extend_from_slice(&DIRECTOR_MAC);
         f.extend_from_slice(&CLIENT_MAC);
         let ether_type: u16 = if self.src.is_ipv4() { 0x0800 } else { 0x86dd };
+        if let Some(vid) = self.outer_vlan {
+            f.extend_from_slice(&0x88a8u16.to_be_bytes());
+            f.extend_from_slice(&vid.to_be_bytes());
+        }
         if let Some(vid) = self.vlan {
             f.extend_from_slice(&0x8100u16.to_be_bytes());
             f.extend_from_slice(&vid.to_be_bytes());
@@ -198,16 +252,28 @@ impl Frame {
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 let frag_len = if self.fragment.is_some() { 8 } else { 0 };
+                let ext_len = 8 * self.ipv6_ext.len() + frag_len;
+                // The chain: extension headers, the fragment header, then L4.
+                let mut chain = self.ipv6_ext.clone();
+                if self.fragment.is_some() {
+                    chain.push(44);
+                }
+                chain.push(self.proto());
                 f.extend_from_slice(&[0x60 | self.tos >> 4, self.tos << 4, 0, 0]);
-                f.extend_from_slice(&((payload.len() + frag_len) as u16).to_be_bytes());
-                f.push(if self.fragment.is_some() {
-                    44
-                } else {
-                    self.proto()
-                });
+                f.extend_from_slice(&((payload.len() + ext_len) as u16).to_be_bytes());
+                f.push(chain[0]);
                 f.push(64);
                 f.extend_from_slice(&s.octets());
                 f.extend_from_slice(&d.octets());
+                for (kind, next) in self.ipv6_ext.iter().zip(&chain[1..]) {
+                    if *kind == 43 {
+                        // Routing type 0 with no segments left: ignored by every node.
+                        f.extend_from_slice(&[*next, 0, 0, 0, 0, 0, 0, 0]);
+                    } else {
+                        // Options: one PadN covering the six bytes.
+                        f.extend_from_slice(&[*next, 0, 1, 4, 0, 0, 0, 0]);
+                    }
+                }
                 if let Some((id, offset, more)) = self.fragment {
                     f.extend_from_slice(&[self.proto(), 0]);
                     f.extend_from_slice(&(offset << 3 | more as u16).to_be_bytes());
@@ -238,7 +304,7 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// The L2 header length of a frame (one VLAN tag at most, as the program parses).
+/// The L2 header length of a frame (one VLAN tag at most, as the balancer parses).
 pub fn l2_len(frame: &[u8]) -> usize {
     if frame[12..14] == [0x81, 0x00] || frame[12..14] == [0x88, 0xa8] {
         18

@@ -5,6 +5,7 @@ mod bench_charts;
 mod bench_control;
 mod bench_lab;
 mod bench_rate;
+mod fuzz;
 mod man;
 
 use std::process::ExitCode;
@@ -31,6 +32,9 @@ enum Task {
         #[arg(long, default_value = "target/man")]
         out: std::path::PathBuf,
     },
+    /// Fuzz the XDP programs with random and mutated frames (needs root): the properties of
+    /// tests/tests/fuzz_packets.rs, 200,000 frames, or ten million with --long.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Args)]
@@ -106,6 +110,12 @@ fn run(cli: Cli) -> Result<()> {
             let pages = man::write(&out)?;
             println!("{} man pages in {}", pages.len(), out.display());
             Ok(())
+        }
+        Task::Fuzz(args) => {
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("cargo xtask fuzz must run as root (it loads XDP programs)");
+            }
+            fuzz::run(args)
         }
     }
 }
