@@ -10,11 +10,11 @@
 use std::{
     collections::BTreeSet,
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
-use xlb_tests::lab::{KillOnDrop, Lab, metric, promtool_check, repo, sh, text, wait_for, xlb_bin};
+use xlb_tests::lab::{KillOnDrop, Lab, metric, promtool_check, repo, sh, text, wait_for};
 
 const VIP: &str = "198.18.0.100";
 const SERVICE: &str = "198.18.0.100:80/tcp";
