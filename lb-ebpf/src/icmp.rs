@@ -241,18 +241,7 @@ fn quoted_flow(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usize) -> 
     // Type and code: a one-byte read's bounds check compiles to a form the verifier rejects.
     let [icmp_type, _code] = read::<[u8; 2]>(ctx, icmp_off)?;
     let quote = icmp_off + ICMP_HLEN;
-    let mut flow = Packet {
-        family,
-        proto: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-        tcp_flags: 0,
-        fragment: Fragment::None,
-        frag_id: 0,
-        l3_off,
-    };
+    let mut flow = Packet::at(family, l3_off);
     // The error's destination: the quote must come from it.
     let mut to = [0u8; 16];
     let l4;

@@ -72,6 +72,23 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// Nothing parsed yet but the family and where the IP header starts.
+    #[inline(always)]
+    pub const fn at(family: u8, l3_off: usize) -> Self {
+        Packet {
+            family,
+            proto: 0,
+            src: [0; 16],
+            dst: [0; 16],
+            sport: 0,
+            dport: 0,
+            tcp_flags: 0,
+            fragment: Fragment::None,
+            frag_id: 0,
+            l3_off,
+        }
+    }
+
     #[inline(always)]
     pub fn is_tcp_fin_or_rst(&self) -> bool {
         self.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
@@ -115,18 +132,7 @@ pub fn ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Option<Packet> {
     let (ether_type, l3) = ethernet(ctx)?;
-    let mut pkt = Packet {
-        family: 0,
-        proto: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-        tcp_flags: 0,
-        fragment: Fragment::None,
-        frag_id: 0,
-        l3_off: l3,
-    };
+    let mut pkt = Packet::at(0, l3);
     let l4 = match ether_type {
         ETH_P_IPV4 => parse_ipv4(ctx, l3, &mut pkt)?,
         ETH_P_IPV6 => parse_ipv6(ctx, l3, &mut pkt)?,
@@ -152,18 +158,7 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
 #[inline(always)]
 pub fn icmp(ctx: &XdpContext) -> Option<(u8, usize, usize)> {
     let (ether_type, l3) = ethernet(ctx)?;
-    let mut pkt = Packet {
-        family: 0,
-        proto: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-        tcp_flags: 0,
-        fragment: Fragment::None,
-        frag_id: 0,
-        l3_off: l3,
-    };
+    let mut pkt = Packet::at(0, l3);
     let (l4, icmp) = match ether_type {
         ETH_P_IPV4 => (parse_ipv4(ctx, l3, &mut pkt)?, IPPROTO_ICMP),
         ETH_P_IPV6 => (parse_ipv6(ctx, l3, &mut pkt)?, IPPROTO_ICMPV6),
