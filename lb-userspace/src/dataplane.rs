@@ -134,25 +134,8 @@ impl LiveTable {
         let map =
             MapData::create(obj, "xlb_maglev", None).context("creating a Maglev table map")?;
         let len = entries as usize * 8;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: an mmapable array map of `len` bytes, unmapped when the LiveTable drops.
-        let base = unsafe {
-            let addr = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            );
-            if addr == libc::MAP_FAILED {
-                bail!(
-                    "mmap of a Maglev table: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            NonNull::new(addr as *mut u32).expect("mmap returned null")
-        };
+        // Unmapped when the LiveTable drops.
+        let base = map_table(&map, len, libc::PROT_READ | libc::PROT_WRITE)?;
         let table = Self {
             base,
             len,
@@ -187,30 +170,31 @@ impl LiveTable {
     fn read(map: &MapData) -> Result<Vec<u32>> {
         let entries = map.info()?.max_entries() as usize;
         let len = entries * 8;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: an mmapable array map of `len` bytes, mapped read-only; unmapped below.
+        let base = map_table(map, len, libc::PROT_READ)?.as_ptr();
+        // SAFETY: the mapping holds `entries` 8-byte elements: `[size, 0]`, then the slots.
         unsafe {
-            let addr = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            );
-            if addr == libc::MAP_FAILED {
-                bail!(
-                    "mmap of a Maglev table: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            let base = addr as *const u32;
             let size = (base.read() as usize).min(entries.saturating_sub(1) * 2);
             let slots = std::slice::from_raw_parts(base.add(2), size).to_vec();
-            libc::munmap(addr, len);
+            libc::munmap(base.cast(), len);
             Ok(slots)
         }
     }
+}
+
+/// Maps the first `len` bytes of a Maglev table map (mmapable) shared, with protection `prot`;
+/// the caller unmaps it.
+fn map_table(map: &MapData, len: usize, prot: libc::c_int) -> Result<NonNull<u32>> {
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: a fresh mapping of an mmapable map of at least `len` bytes; no memory of ours is
+    // touched.
+    let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+    if addr == libc::MAP_FAILED {
+        bail!(
+            "mmap of a Maglev table: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(NonNull::new(addr as *mut u32).expect("mmap returned null"))
 }
 
 impl Drop for LiveTable {
