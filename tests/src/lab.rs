@@ -209,6 +209,34 @@ impl Xlb {
     }
 }
 
+/// One long-lived HTTP/1.1 connection (scripts/lab-http-keepalive.py VIP PORT ARGS) from
+/// namespace `ns`. Each line it prints goes to `forward` as it arrives, from a thread of its
+/// own, until `forward` returns false or the script ends.
+pub fn keepalive(
+    ns: &str,
+    args: &[&str],
+    mut forward: impl FnMut(String) -> bool + Send + 'static,
+) -> KillOnDrop {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "python3"])
+        .arg(repo().join("scripts/lab-http-keepalive.py"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !forward(line) {
+                break;
+            }
+        }
+    });
+    KillOnDrop(child)
+}
+
 /// A process of the test's own, killed (and reaped) when dropped.
 pub struct KillOnDrop(pub Child);
 

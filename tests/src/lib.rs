@@ -425,6 +425,16 @@ pub fn five_tuple_hash(f: &Frame, with_ports: bool) -> u32 {
     }
 }
 
+/// An address written in a test.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Reals of equal weight (100), as `predict` takes them.
+pub fn equal_weight(reals: &[&str]) -> Vec<(IpAddr, u32)> {
+    reals.iter().map(|r| (ip(r), 100)).collect()
+}
+
 /// The real a fresh flow lands on, predicted from the same Maglev table the control plane
 /// builds: `reals` are (address, weight).
 pub fn predict(reals: &[(IpAddr, u32)], ring: u32, hash: u32) -> IpAddr {

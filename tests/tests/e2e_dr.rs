@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb_tests::lab::{KillOnDrop, Lab, assert_spread, metric, repo, sh, text, wait_for, xlb_bin};
+use xlb_tests::lab::{
+    KillOnDrop, Lab, assert_spread, keepalive, metric, repo, sh, text, wait_for, xlb_bin,
+};
 
 const VIP: &str = "198.18.0.100";
 const SERVICE: &str = "198.18.0.100:80/tcp";
@@ -385,26 +387,14 @@ struct KeepAlive {
 
 impl KeepAlive {
     fn start() -> KeepAlive {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", "xlb-dr-client", "python3"])
-            .arg(repo().join("scripts/lab-http-keepalive.py"))
-            .args([VIP, "80", "--max-seconds", "60"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
         let (tx, answers) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let child = keepalive(
+            "xlb-dr-client",
+            &[VIP, "80", "--max-seconds", "60"],
+            move |line| tx.send(line).is_ok(),
+        );
         KeepAlive {
-            _child: KillOnDrop(child),
+            _child: child,
             answers,
         }
     }

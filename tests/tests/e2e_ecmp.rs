@@ -9,7 +9,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::BufRead,
     net::IpAddr,
     process::{Command, Stdio},
     sync::mpsc,
@@ -20,7 +19,7 @@ use aya::maps::MapData;
 use lb_common::{Backend, FAMILY_V4, ServiceKey, ServiceValue};
 use serde_json::Value;
 use xlb::balancer::service_key;
-use xlb_tests::lab::{KillOnDrop, Lab, Xlb, repo, sh, text, wait_for};
+use xlb_tests::lab::{KillOnDrop, Lab, Xlb, keepalive, repo, sh, text, wait_for};
 
 const LAB: Lab = Lab::new("ecmp");
 const STATE: &str = "/run/xlb-lab/ecmp";
@@ -228,25 +227,16 @@ impl Connections {
         let (tx, rx) = mpsc::channel();
         let mut children = Vec::new();
         for i in 0..n {
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", "xlb-ecmp-client", "python3"])
-                .arg(repo().join("scripts/lab-http-keepalive.py"))
-                .args([vip, "80", "--interval", "0.05", "--timeout", "10"])
-                .args(["--max-seconds", &seconds.to_string()])
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let stdout = child.stdout.take().unwrap();
             let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send((i, Instant::now(), line)).is_err() {
-                        break;
-                    }
-                }
-            });
-            children.push(KillOnDrop(child));
+            let seconds = seconds.to_string();
+            children.push(keepalive(
+                "xlb-ecmp-client",
+                &[vip, "80", "--interval", "0.05", "--timeout", "10"]
+                    .into_iter()
+                    .chain(["--max-seconds", &seconds])
+                    .collect::<Vec<_>>(),
+                move |line| tx.send((i, Instant::now(), line)).is_ok(),
+            ));
         }
         let mut c = Connections {
             children,

@@ -82,10 +82,6 @@ const TUN_REALS: [&str; 6] = [
     "fd00:19::13",
 ];
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
 fn director() -> Balancer {
     let mut b = balancer();
     b.set_default_tunnel_sources(

@@ -17,10 +17,6 @@ const CLIENT4: &str = "198.18.1.1";
 const CLIENT6: &str = "fd00:18:1::1";
 const RING: u32 = 65537;
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
 /// A balancer with one service and reals whose MACs are known.
 fn with_service(service: &str, reals: &[&str], hash: HashKind) -> (Balancer, ServiceAddr) {
     let mut b = balancer();
@@ -45,10 +41,6 @@ fn dr_rewritten(frame: &[u8], real: IpAddr) -> Vec<u8> {
     out[..6].copy_from_slice(&real_mac(real));
     out[6..12].copy_from_slice(&DIRECTOR_MAC);
     out
-}
-
-fn equal_weight(reals: &[&str]) -> Vec<(IpAddr, u32)> {
-    reals.iter().map(|r| (ip(r), 100)).collect()
 }
 
 const REALS4: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];

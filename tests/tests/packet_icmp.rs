@@ -37,10 +37,6 @@ const ERRORS6: [(u8, u8, [u8; 4]); 3] = [
     (3, 0, [0; 4]),             // hop limit exceeded
 ];
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
 struct Family {
     vip: &'static str,
     client: &'static str,

@@ -27,14 +27,6 @@ const NEXT_HOP_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
 const RING: u32 = 65537;
 const MTU: u32 = 1500;
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn equal_weight(reals: &[&str]) -> Vec<(IpAddr, u32)> {
-    reals.iter().map(|r| (ip(r), 100)).collect()
-}
-
 /// A balancer with one TUN service whose reals all sit behind `NEXT_HOP_MAC`.
 fn tun_service(service: &str, reals: &[&str], tunnel_src: Option<&str>) -> (Balancer, ServiceAddr) {
     let mut b = balancer();

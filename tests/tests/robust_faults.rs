@@ -7,14 +7,13 @@
 
 use std::{
     collections::BTreeMap,
-    io::BufRead,
     process::{Command, Stdio},
     sync::{Mutex, mpsc},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::Value;
-use xlb_tests::lab::{KillOnDrop, Lab, repo, sh, text, wait_for};
+use xlb_tests::lab::{KillOnDrop, Lab, keepalive, repo, sh, text, wait_for};
 
 const VIP: &str = "198.18.0.100";
 const SERVICE: &str = "198.18.0.100:80/tcp";
@@ -51,27 +50,13 @@ struct KeepAlive {
 
 impl KeepAlive {
     fn start(interval: &str, seconds: &str) -> KeepAlive {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &LAB.ns("client"), "python3"])
-            .arg(repo().join("scripts/lab-http-keepalive.py"))
-            .args([VIP, "80", "--interval", interval, "--max-seconds", seconds])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        KeepAlive {
-            child: KillOnDrop(child),
-            lines,
-        }
+        let child = keepalive(
+            &LAB.ns("client"),
+            &[VIP, "80", "--interval", interval, "--max-seconds", seconds],
+            move |line| tx.send(line).is_ok(),
+        );
+        KeepAlive { child, lines }
     }
 
     /// Waits for the connection to end by itself: (answers per real, broken?).
