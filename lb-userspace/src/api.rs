@@ -1,7 +1,9 @@
 //! The control API between the CLI and the daemon: one JSON request per line on a Unix
-//! socket, one JSON response line back.
+//! socket, one JSON response line back. The answers are typed here ([`StatusReport`],
+//! [`StatsReport`]) and used by both sides, so `--json` output is exactly what the daemon sent.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     net::IpAddr,
     os::unix::net::UnixStream,
@@ -9,9 +11,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::config::{Config, MAX_WEIGHT, RealConfig, ServiceAddr, ServiceConfig};
+use crate::{
+    config::{Config, HashKind, MAX_WEIGHT, Mode, RealConfig, ServiceAddr, ServiceConfig, Weights},
+    health::{CheckKind, Health},
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 /// Largest request line the daemon reads, newline included; a longer one is answered with an
@@ -147,6 +152,192 @@ impl Response {
             data: serde_json::Value::Null,
         }
     }
+}
+
+/// `status`: the attached interface and what the daemon knows of every real.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub iface: String,
+    /// `native` or `generic`.
+    pub attach_mode: String,
+    pub services: Vec<ServiceReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceReport {
+    pub service: ServiceAddr,
+    pub mode: Mode,
+    pub hash: HashKind,
+    pub ring_size: u32,
+    pub weights: Weights,
+    pub reals: Vec<RealReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RealReport {
+    pub addr: IpAddr,
+    /// As configured.
+    pub weight: u32,
+    /// As used in the Maglev table (adaptive weights lower it).
+    pub effective_weight: u32,
+    /// The next hop's MAC, `None` while unresolved.
+    pub mac: Option<String>,
+    /// The real itself (DR), the router towards it (TUN), or why there is none.
+    pub next_hop: Option<String>,
+    pub state: RealState,
+    pub health: Health,
+    pub draining: bool,
+    /// The service's fallback (used only while no real is eligible).
+    pub fallback: bool,
+    /// The real's check, `None` if it is not checked.
+    pub check: Option<CheckReport>,
+    /// In the Maglev table: receives new flows.
+    pub in_table: bool,
+    /// Flows that sent a packet recently (see `control::ACTIVE_FLOW_IDLE_S`).
+    pub active_flows: u64,
+}
+
+/// One word for a real's state, most pressing first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RealState {
+    /// No MAC for its next hop: not forwarded to.
+    Unresolved,
+    /// No new flows; tracked ones finish.
+    Draining,
+    Down,
+    /// Checked, no answer yet.
+    Checking,
+    /// Up, and serving as the service's fallback.
+    Fallback,
+    Up,
+}
+
+impl RealState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RealState::Unresolved => "unresolved",
+            RealState::Draining => "draining",
+            RealState::Down => "down",
+            RealState::Checking => "checking",
+            RealState::Fallback => "fallback",
+            RealState::Up => "up",
+        }
+    }
+}
+
+/// A real's check and its last result (none before the first).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub kind: CheckKind,
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub last: Option<CheckResult>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub ok: bool,
+    /// One line: `HTTP 200`, `connect: connection refused`, ...
+    pub detail: String,
+    pub latency_ms: f64,
+    /// How long ago it was taken.
+    pub age_s: f64,
+}
+
+/// `stats`: the data path's counters, summed over CPUs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub services: Vec<ServiceStats>,
+    /// The data path's global counters by name (`lb_common::Global::name`).
+    pub global: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceStats {
+    pub service: ServiceAddr,
+    #[serde(flatten)]
+    pub counters: Counts,
+    pub reals: Vec<RealStats>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RealStats {
+    pub addr: IpAddr,
+    #[serde(flatten)]
+    pub counters: Counts,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl Counts {
+    fn since(self, earlier: Counts) -> Counts {
+        Counts {
+            packets: self.packets.saturating_sub(earlier.packets),
+            bytes: self.bytes.saturating_sub(earlier.bytes),
+            new_flows: self.new_flows.saturating_sub(earlier.new_flows),
+        }
+    }
+}
+
+impl StatsReport {
+    /// What was counted between `earlier` and this report (for `stats --rate`). Services and
+    /// reals are matched by address; one new since `earlier` counts from zero.
+    pub fn since(&self, earlier: &StatsReport) -> StatsReport {
+        let services = self
+            .services
+            .iter()
+            .map(|s| {
+                let before = earlier.services.iter().find(|e| e.service == s.service);
+                let reals = s
+                    .reals
+                    .iter()
+                    .map(|r| {
+                        let before = before
+                            .and_then(|b| b.reals.iter().find(|e| e.addr == r.addr))
+                            .map_or_else(Counts::default, |e| e.counters);
+                        RealStats {
+                            addr: r.addr,
+                            counters: r.counters.since(before),
+                        }
+                    })
+                    .collect();
+                ServiceStats {
+                    service: s.service,
+                    counters: s
+                        .counters
+                        .since(before.map_or_else(Counts::default, |b| b.counters)),
+                    reals,
+                }
+            })
+            .collect();
+        let global = self
+            .global
+            .iter()
+            .map(|(name, n)| {
+                let before = earlier.global.get(name).copied().unwrap_or(0);
+                (name.clone(), n.saturating_sub(before))
+            })
+            .collect();
+        StatsReport { services, global }
+    }
+}
+
+/// Sends one request and returns the daemon's answer decoded as `T`, or its refusal as the
+/// error.
+pub fn ask<T: DeserializeOwned>(socket: &Path, request: &Request) -> Result<T> {
+    let response = call(socket, request)?;
+    if !response.ok {
+        bail!(
+            "{}",
+            response.error.unwrap_or_else(|| "request refused".into())
+        );
+    }
+    serde_json::from_value(response.data).context("the daemon's answer is not what was asked")
 }
 
 /// Sends one request and waits for its answer.

@@ -10,10 +10,11 @@ use std::net::IpAddr;
 
 use lb_common::flow_hash;
 use xlb::{
-    balancer::{Balancer, Mac},
+    control::Balancer,
     dataplane::{Dataplane, LoadOptions},
-    decap::Decapsulator,
     maglev,
+    netlink::Mac,
+    realserver::Decapsulator,
 };
 
 pub const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];

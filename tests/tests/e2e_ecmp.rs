@@ -18,7 +18,7 @@ use std::{
 use aya::maps::MapData;
 use lb_common::{Backend, FAMILY_V4, ServiceKey, ServiceValue};
 use serde_json::Value;
-use xlb::balancer::service_key;
+use xlb::control::service_key;
 use xlb_tests::lab::{KillOnDrop, Lab, Xlb, keepalive, repo, sh, text, wait_for};
 
 const LAB: Lab = Lab::new("ecmp");

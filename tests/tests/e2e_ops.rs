@@ -211,7 +211,7 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
     assert!(
         page.contains(&format!(
             "xlb_build_info{{ebpf_object=\"{}\",version=\"{}\"}} 1",
-            xlb::metrics::ebpf_object_digest(),
+            xlb::dataplane::ebpf_object_digest(),
             env!("CARGO_PKG_VERSION")
         )),
         "{page}"

@@ -32,10 +32,11 @@ use proptest::{
     test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner},
 };
 use xlb::{
-    balancer::{Balancer, Mac},
     config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
+    control::Balancer,
     dataplane::BALANCER_PROGRAM,
-    decap::Decapsulator,
+    netlink::Mac,
+    realserver::Decapsulator,
 };
 use xlb_tests::{wellformed, *};
 

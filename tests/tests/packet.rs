@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use lb_common::Global;
 use xlb::{
-    balancer::Balancer,
     config::{HashKind, RealConfig, ServiceAddr, ServiceConfig},
+    control::Balancer,
     dataplane::BALANCER_PROGRAM,
 };
 use xlb_tests::*;

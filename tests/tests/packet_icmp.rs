@@ -7,9 +7,10 @@ use std::net::IpAddr;
 
 use lb_common::Global;
 use xlb::{
-    balancer::{Balancer, Mac},
     config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
+    control::Balancer,
     dataplane::BALANCER_PROGRAM,
+    netlink::Mac,
 };
 use xlb_tests::*;
 

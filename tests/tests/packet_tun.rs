@@ -6,10 +6,11 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use lb_common::{Decap, Global};
 use xlb::{
-    balancer::{Balancer, Mac},
     config::{HashKind, Mode, RealConfig, ServiceAddr, ServiceConfig},
+    control::Balancer,
     dataplane::BALANCER_PROGRAM,
-    decap::Decapsulator,
+    netlink::Mac,
+    realserver::Decapsulator,
 };
 use xlb_tests::*;
 

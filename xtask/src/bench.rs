@@ -14,10 +14,10 @@ use std::{fs, path::Path};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Map, Value, json};
 use xlb::{
-    balancer::Balancer,
     config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
+    control::Balancer,
     dataplane::{BALANCER_PROGRAM, PASS_PROGRAM},
-    decap::{DECAP_PROGRAM, Decapsulator},
+    realserver::{DECAP_PROGRAM, Decapsulator},
 };
 use xlb_tests::{
     ACK, DIRECTOR_MAC, Frame, SYN, XDP_PASS, XDP_TX, encapsulate, ip_len, outer_header, real_mac,

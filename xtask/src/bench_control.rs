@@ -15,13 +15,11 @@ use anyhow::{Context, Result, ensure};
 use lb_common::{ConnKey, ConnValue, DEFAULT_CONN_CAPACITY, FAMILY_V4, PROTO_TCP};
 use serde_json::{Value, json};
 use xlb::{
-    balancer::Balancer,
-    checks::Checks,
     config::{Config, Proto, RealConfig, ServiceAddr, ServiceConfig},
-    daemon::active_flows,
+    control::{Balancer, active_flows},
+    daemon::{checks::Checks, metrics},
     dataplane::{Dataplane, LoadOptions},
     maglev::{self, Member},
-    metrics,
 };
 use xlb_tests::{DIRECTOR_MAC, real_mac};
 

@@ -27,7 +27,7 @@ use aya::{
 };
 use serde_json::{Map, Value, json};
 use xlb::{
-    balancer::Balancer,
+    control::Balancer,
     dataplane::{EBPF_OBJECT, XdpModeChoice},
 };
 

@@ -20,7 +20,12 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, CacheInfo};
 use serde::{Deserialize, Serialize};
 
-use crate::{config::Mode, decap, neighbour::Neighbours, state};
+mod decap;
+mod metrics;
+
+pub use decap::{DECAP_PROGRAM, Decapsulator};
+
+use crate::{config::Mode, netlink::Neighbours, state};
 
 pub const DEFAULT_STATE: &str = "/var/lib/xlb/realserver.json";
 
@@ -404,5 +409,5 @@ pub async fn metrics(iface: &str) -> Result<String> {
     let Some(d) = decap::attached(&nl, ifindex).await? else {
         anyhow::bail!("no xlb decapsulator on {iface}");
     };
-    crate::metrics::render_decap(iface, &d)
+    metrics::render_decap(iface, &d)
 }

@@ -28,7 +28,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{balancer::Balancer, state::write_atomically};
+use crate::{control::Balancer, state::write_atomically};
 
 /// Debian's (and BIRD's default) control socket.
 pub const DEFAULT_BIRD_SOCKET: &str = "/run/bird/bird.ctl";

@@ -1,4 +1,4 @@
-//! What the daemon asks the kernel over rtnetlink: the attached interface (index, MAC, MTU,
+//! What xlb asks the kernel over rtnetlink: the attached interface (index, MAC, MTU,
 //! addresses), the route to a real (its next hop), and the neighbour table (next hops' MACs).
 //! The kernel's tables are the source of truth; we only read them and, for a next hop the
 //! kernel does not know yet, make it resolve it.
@@ -20,7 +20,16 @@ use rtnetlink::{
     },
 };
 
-use crate::balancer::Mac;
+/// An Ethernet address.
+pub type Mac = [u8; 6];
+
+/// `aa:bb:cc:dd:ee:ff`, as `ip neigh` prints it.
+pub fn format_mac(mac: &Mac) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
 
 pub struct Neighbours {
     handle: Handle,

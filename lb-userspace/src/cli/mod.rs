@@ -1,23 +1,26 @@
 //! The `xlb` command line: `xlb daemon` runs the director; every other command talks to it.
 
-use std::{net::IpAddr, path::PathBuf};
+mod output;
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use serde_json::Value;
 
 use crate::{
-    api::{self, DEFAULT_SOCKET, Request},
+    api::{self, DEFAULT_SOCKET, Request, StatsReport, StatusReport},
     config::{
         Config, DEFAULT_WEIGHT, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig,
         Weights,
     },
     daemon::{self, DaemonOptions},
-    dataplane::{Dataplane, LoadOptions, XdpModeChoice},
+    dataplane::{self, Dataplane, LoadOptions, PinDir, XdpModeChoice},
     health::{CheckConfig, CheckKind},
-    maglev,
-    pins::{self, PinDir},
-    realserver, state,
+    maglev, realserver, state,
 };
 
 #[derive(Parser)]
@@ -58,14 +61,14 @@ enum Command {
         metrics: Option<std::net::SocketAddr>,
         /// Pin the data path under DIR/<iface> (DIR/netns-<inode>/<iface> in another network
         /// namespace): it keeps forwarding when the daemon stops, and the next daemon adopts it.
-        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
+        #[arg(long, value_name = "DIR", default_value = dataplane::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
         /// Keep this BIRD include file listing the VIPs this director can serve (static
         /// protocols xlb_vips4 and xlb_vips6) and reload BIRD when it changes.
         #[arg(long, value_name = "PATH")]
         bgp_config: Option<PathBuf>,
         /// BIRD's control socket, for the reloads (with --bgp-config).
-        #[arg(long, value_name = "PATH", default_value = crate::bgp::DEFAULT_BIRD_SOCKET, requires = "bgp_config")]
+        #[arg(long, value_name = "PATH", default_value = crate::daemon::DEFAULT_BIRD_SOCKET, requires = "bgp_config")]
         bird_socket: PathBuf,
         /// Log level (default: RUST_LOG's directives if set, else info).
         #[arg(long, value_enum, env = "XLB_LOG_LEVEL")]
@@ -80,7 +83,7 @@ enum Command {
     Detach {
         #[arg(long)]
         iface: String,
-        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
+        #[arg(long, value_name = "DIR", default_value = dataplane::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
     },
     /// Print a shell completion script (e.g. `xlb completions bash > /etc/bash_completion.d/xlb`).
@@ -192,10 +195,10 @@ struct CheckArgs {
     check_cmd: Option<String>,
     /// Time between checks (e.g. 1s, 500ms).
     #[arg(long, value_parser = humantime::parse_duration)]
-    interval: Option<std::time::Duration>,
+    interval: Option<Duration>,
     /// How long one check may take.
     #[arg(long, value_parser = humantime::parse_duration)]
-    timeout: Option<std::time::Duration>,
+    timeout: Option<Duration>,
     /// Consecutive successes that bring a down real back.
     #[arg(long)]
     rise: Option<u32>,
@@ -329,7 +332,7 @@ enum RealCmd {
         real: IpAddr,
         /// e.g. 30s, 5m.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
-        timeout: std::time::Duration,
+        timeout: Duration,
     },
 }
 
@@ -418,7 +421,7 @@ fn run(cli: Cli) -> Result<()> {
                 conn_capacity,
                 metrics,
                 pin_root,
-                bgp: bgp_config.map(|include| crate::bgp::BgpOptions {
+                bgp: bgp_config.map(|include| crate::daemon::BgpOptions {
                     include,
                     bird_socket,
                 }),
@@ -525,193 +528,62 @@ fn run(cli: Cli) -> Result<()> {
             Request::Restore { config }
         }
     };
-    let data = call(&cli.socket, &request)?;
-    print(&request, &data, cli.json);
-    Ok(())
-}
-
-fn call(socket: &std::path::Path, request: &Request) -> Result<Value> {
-    let response = api::call(socket, request)?;
-    if !response.ok {
-        bail!(
-            "{}",
-            response.error.unwrap_or_else(|| "request refused".into())
-        );
-    }
-    Ok(response.data)
-}
-
-fn print(request: &Request, data: &Value, json: bool) {
-    if json || matches!(request, Request::Save {}) {
-        if !data.is_null() {
-            println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
-        }
-        return;
-    }
     match request {
-        Request::ServiceList {} => {
-            for s in data["services"].as_array().into_iter().flatten() {
-                println!(
-                    "{} mode {} hash {} ring {} reals {}",
-                    s["service"].as_str().unwrap_or(""),
-                    s["mode"].as_str().unwrap_or(""),
-                    s["hash"].as_str().unwrap_or(""),
-                    s["ring_size"],
-                    s["reals"].as_array().map_or(0, |r| r.len())
-                );
-            }
-        }
-        Request::RealList { .. } => {
-            for r in data.as_array().into_iter().flatten() {
-                println!(
-                    "{} weight {}",
-                    r["addr"].as_str().unwrap_or(""),
-                    r["weight"]
-                );
-            }
-        }
-        Request::Status {} => {
-            println!(
-                "interface {} (XDP {})",
-                data["iface"].as_str().unwrap_or(""),
-                data["attach_mode"].as_str().unwrap_or("")
-            );
-            for s in data["services"].as_array().into_iter().flatten() {
-                println!(
-                    "{} mode {} hash {} ring {}",
-                    s["service"].as_str().unwrap_or(""),
-                    s["mode"].as_str().unwrap_or(""),
-                    s["hash"].as_str().unwrap_or(""),
-                    s["ring_size"]
-                );
-                for r in s["reals"].as_array().into_iter().flatten() {
-                    let addr = r["addr"].as_str().unwrap_or("");
-                    // A TUN real's MAC is its next hop's; say which hop when it is not the real.
-                    let via = match r["next_hop"].as_str() {
-                        Some(hop) if hop != addr => format!(" via {hop}"),
-                        _ => String::new(),
-                    };
-                    let check = match r["check"]["detail"].as_str() {
-                        Some(d) => format!(
-                            " check {} {d} ({:.1} ms)",
-                            r["check"]["kind"].as_str().unwrap_or(""),
-                            r["check"]["latency_ms"].as_f64().unwrap_or(0.0)
-                        ),
-                        None => String::new(),
-                    };
-                    let weight = match r["effective_weight"].as_u64() {
-                        Some(e) if Some(e) != r["weight"].as_u64() => {
-                            format!("{}/{e}", r["weight"])
-                        }
-                        _ => r["weight"].to_string(),
-                    };
-                    println!(
-                        "  -> {:<28} weight {:<7} mac {:<17} {:<10} active flows {}{via}{check}",
-                        addr,
-                        weight,
-                        r["mac"].as_str().unwrap_or("-"),
-                        r["state"].as_str().unwrap_or(""),
-                        r["active_flows"]
-                    );
-                }
-            }
-        }
-        _ => {}
+        Request::Status {} => output::status(&api::ask(&cli.socket, &request)?, cli.json),
+        Request::ServiceList {} => output::services(&api::ask(&cli.socket, &request)?, cli.json),
+        Request::RealList { .. } => output::reals(
+            &api::ask::<Vec<RealConfig>>(&cli.socket, &request)?,
+            cli.json,
+        ),
+        Request::Save {} => output::json(&api::ask::<Config>(&cli.socket, &request)?),
+        // Changes answer nothing but their success.
+        _ => api::ask::<()>(&cli.socket, &request),
     }
 }
 
-fn stats(socket: &std::path::Path, json: bool, rate: bool) -> Result<()> {
-    let mut data = call(socket, &Request::Stats {})?;
+/// `stats`, or with `rate` what was counted over the next second.
+fn stats(socket: &Path, json: bool, rate: bool) -> Result<()> {
+    let mut report: StatsReport = api::ask(socket, &Request::Stats {})?;
     if rate {
-        std::thread::sleep(std::time::Duration::from_secs(1));
-        let later = call(socket, &Request::Stats {})?;
-        data = diff(&later, &data);
+        std::thread::sleep(Duration::from_secs(1));
+        let later: StatsReport = api::ask(socket, &Request::Stats {})?;
+        report = later.since(&report);
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&data)?);
-        return Ok(());
-    }
-    let unit = if rate { "/s" } else { "" };
-    for s in data["services"].as_array().into_iter().flatten() {
-        println!(
-            "{} packets{unit} {} bytes{unit} {} new flows{unit} {}",
-            s["service"].as_str().unwrap_or(""),
-            s["packets"],
-            s["bytes"],
-            s["new_flows"]
-        );
-        for r in s["reals"].as_array().into_iter().flatten() {
-            println!(
-                "  -> {:<28} packets{unit} {} bytes{unit} {} new flows{unit} {}",
-                r["addr"].as_str().unwrap_or(""),
-                r["packets"],
-                r["bytes"],
-                r["new_flows"]
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Numbers in `later` minus those in `earlier`, keeping the structure (for `--rate`).
-fn diff(later: &Value, earlier: &Value) -> Value {
-    match (later, earlier) {
-        (Value::Number(a), Value::Number(b)) => Value::from(
-            a.as_u64()
-                .unwrap_or(0)
-                .saturating_sub(b.as_u64().unwrap_or(0)),
-        ),
-        (Value::Array(a), Value::Array(b)) => Value::Array(
-            a.iter()
-                .enumerate()
-                .map(|(i, x)| diff(x, b.get(i).unwrap_or(&Value::Null)))
-                .collect(),
-        ),
-        (Value::Object(a), Value::Object(b)) => Value::Object(
-            a.iter()
-                .map(|(k, v)| (k.clone(), diff(v, b.get(k).unwrap_or(&Value::Null))))
-                .collect(),
-        ),
-        (v, _) => v.clone(),
-    }
+    output::stats(&report, json, rate)
 }
 
 /// Polls the daemon until the real has no active flows left.
 fn wait_drained(
-    socket: &std::path::Path,
+    socket: &Path,
     service: &ServiceAddr,
     real: IpAddr,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<()> {
     let start = std::time::Instant::now();
     loop {
-        let status = call(socket, &Request::Status {})?;
-        let service_text = service.to_string();
-        let svc = status["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|s| s["service"].as_str() == Some(service_text.as_str()))
+        let status: StatusReport = api::ask(socket, &Request::Status {})?;
+        let svc = status
+            .services
+            .iter()
+            .find(|s| s.service == *service)
             .with_context(|| format!("service {service} does not exist"))?;
-        let real_text = real.to_string();
-        let r = svc["reals"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r["addr"].as_str() == Some(real_text.as_str()))
+        let r = svc
+            .reals
+            .iter()
+            .find(|r| r.addr == real)
             .with_context(|| format!("real {real} is not in service {service}"))?;
-        let active = r["active_flows"].as_u64().unwrap_or(0);
-        if active == 0 {
+        if r.active_flows == 0 {
             println!("{real} has no active flows in {service}");
             return Ok(());
         }
         if start.elapsed() >= timeout {
             bail!(
-                "{real} still has {active} active flows in {service} after {}",
+                "{real} still has {} active flows in {service} after {}",
+                r.active_flows,
                 humantime::format_duration(timeout)
             );
         }
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

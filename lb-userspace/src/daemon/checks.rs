@@ -8,12 +8,12 @@ use std::{
     time::SystemTime,
 };
 
-use serde_json::json;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    balancer::Balancer,
+    api::{CheckReport, CheckResult},
     config::ServiceAddr,
+    control::Balancer,
     health::{self, CheckConfig, Health, ProbeEnv, ProbeResult, Tracker},
 };
 
@@ -183,19 +183,17 @@ impl Checks {
     }
 
     /// The last check of a real, for `status`.
-    pub fn last(&self, service: &ServiceAddr, real: IpAddr) -> serde_json::Value {
-        let Some(r) = self.running.get(&(*service, real)) else {
-            return serde_json::Value::Null;
-        };
-        let mut v = json!({ "kind": r.check.kind.name() });
-        if let Some((result, at)) = &r.last {
-            let age = at.elapsed().unwrap_or_default();
-            v["ok"] = result.ok.into();
-            v["detail"] = result.detail.clone().into();
-            v["latency_ms"] = (result.latency.as_secs_f64() * 1000.0).into();
-            v["age_s"] = age.as_secs_f64().into();
-        }
-        v
+    pub fn last(&self, service: &ServiceAddr, real: IpAddr) -> Option<CheckReport> {
+        let r = self.running.get(&(*service, real))?;
+        Some(CheckReport {
+            kind: r.check.kind,
+            last: r.last.as_ref().map(|(result, at)| CheckResult {
+                ok: result.ok,
+                detail: result.detail.clone(),
+                latency_ms: result.latency.as_secs_f64() * 1000.0,
+                age_s: at.elapsed().unwrap_or_default().as_secs_f64(),
+            }),
+        })
     }
 }
 

@@ -6,7 +6,7 @@
 use std::{
     ffi::CString,
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd},
         unix::{ffi::OsStrExt, fs::MetadataExt},
     },
     path::{Path, PathBuf},
@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::maps::MapInfo;
+
+use super::sys::{link_detach, link_ifindex, open_pinned};
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/xlb";
 /// The pin of the XDP link (bpf_link) that holds the program on the interface.
@@ -265,101 +267,4 @@ fn netns_inode(path: &str) -> Result<u64> {
     Ok(std::fs::metadata(path)
         .with_context(|| format!("reading {path}"))?
         .ino())
-}
-
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_DETACH: libc::c_long = 34;
-
-/// Opens a pinned object (aya keeps the fds of its link types private).
-fn open_pinned(path: &Path) -> Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes()).context("pin path contains NUL")?;
-    #[repr(C)]
-    struct GetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let attr = GetAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: attr points to a NUL-terminated path for the duration of the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const GetAttr,
-            std::mem::size_of::<GetAttr>(),
-        )
-    };
-    if fd < 0 {
-        bail!(
-            "opening {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    // SAFETY: the kernel just gave us this fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// The interface an XDP link is attached to (0 once the interface is gone).
-fn link_ifindex(fd: BorrowedFd<'_>) -> Result<u32> {
-    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8 whose `xdp` member
-    // starts with the ifindex.
-    let mut info = [0u32; 16];
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: attr points to a buffer of info_len bytes for the duration of the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoAttr,
-            std::mem::size_of::<InfoAttr>(),
-        )
-    };
-    if rc != 0 {
-        bail!("reading a pinned link: {}", std::io::Error::last_os_error());
-    }
-    Ok(info[4])
-}
-
-/// BPF_LINK_DETACH: takes the program off the interface whoever else holds the link.
-fn link_detach(fd: BorrowedFd<'_>) -> Result<()> {
-    #[repr(C)]
-    struct DetachAttr {
-        link_fd: u32,
-    }
-    let attr = DetachAttr {
-        link_fd: fd.as_raw_fd() as u32,
-    };
-    // SAFETY: a valid attr for the duration of the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &attr as *const DetachAttr,
-            std::mem::size_of::<DetachAttr>(),
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        // Already detached (its interface went away): nothing to do.
-        if err.raw_os_error() != Some(libc::ENOLINK) {
-            bail!("detaching the pinned link: {err}");
-        }
-    }
-    Ok(())
 }

@@ -23,7 +23,7 @@ use rtnetlink::{
 
 use crate::{
     dataplane::{EBPF_OBJECT, verifier_error},
-    neighbour::Neighbours,
+    netlink::Neighbours,
 };
 
 pub const DECAP_PROGRAM: &str = "xlb_decap";

@@ -13,6 +13,7 @@ use lb_common::{
 };
 
 use crate::{
+    api,
     config::{
         Config, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig, Weights,
         validate_real,
@@ -20,9 +21,8 @@ use crate::{
     dataplane::{Dataplane, Inherited},
     health::Health,
     maglev,
+    netlink::{Mac, format_mac},
 };
-
-pub type Mac = [u8; 6];
 
 /// Hands out ids. A freed id goes to the back of the queue, so it is reused as late as
 /// possible, and every reuse bumps its generation (flows tracked for the old holder notice).
@@ -157,17 +157,17 @@ struct InheritedReal {
 
 impl RealStatus {
     /// One word for the real's state, most pressing first.
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> api::RealState {
         if self.mac.is_none() {
-            "unresolved"
+            api::RealState::Unresolved
         } else if self.draining {
-            "draining"
+            api::RealState::Draining
         } else {
             match self.health {
-                Health::Down => "down",
-                Health::Unknown => "checking",
-                Health::Up if self.fallback => "fallback",
-                Health::Up => "up",
+                Health::Down => api::RealState::Down,
+                Health::Unknown => api::RealState::Checking,
+                Health::Up if self.fallback => api::RealState::Fallback,
+                Health::Up => api::RealState::Up,
             }
         }
     }
@@ -222,13 +222,6 @@ pub fn service_key(s: &ServiceAddr) -> ServiceKey {
         proto: s.proto.number(),
         family,
     }
-}
-
-pub fn format_mac(mac: &Mac) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 impl Balancer {

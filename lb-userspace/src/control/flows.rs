@@ -1,0 +1,50 @@
+//! Flow accounting: one walk of the connection table, counting each real's active flows (for
+//! `status`, `wait-drained`, metrics and the "drain finished" log).
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+
+use super::Balancer;
+
+/// A flow counts as active while it has sent a packet within this many seconds...
+pub const ACTIVE_FLOW_IDLE_S: u32 = 60;
+/// ...or, once its client sent a FIN or RST, within this many (a half-closed connection that
+/// still receives data keeps ACKing, so it stays active).
+pub const CLOSING_FLOW_IDLE_S: u32 = 2;
+
+/// Monotonic coarse seconds: the clock the data path stamps flows with.
+fn now_coarse_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// One walk of the connection table: flows per backend id that sent a packet recently (see
+/// `ACTIVE_FLOW_IDLE_S`), and every entry.
+#[derive(Default)]
+pub struct Flows {
+    pub active: HashMap<u32, u64>,
+    pub entries: u64,
+}
+
+pub fn active_flows(b: &mut Balancer) -> Result<Flows> {
+    let now = now_coarse_s();
+    let mut flows = Flows::default();
+    for (_, v) in b.dataplane().conns()? {
+        flows.entries += 1;
+        let idle_limit = if v.flags & lb_common::CONN_F_CLOSING != 0 {
+            CLOSING_FLOW_IDLE_S
+        } else {
+            ACTIVE_FLOW_IDLE_S
+        };
+        if now.saturating_sub(v.last_seen_s) <= idle_limit {
+            *flows.active.entry(u32::from(v.backend_id)).or_insert(0u64) += 1;
+        }
+    }
+    Ok(flows)
+}

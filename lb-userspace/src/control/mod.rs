@@ -1,0 +1,9 @@
+//! Policy: what the operator's configuration and the reals' health mean for the data path.
+//! `balancer` turns them into map contents (ids, backend entries, Maglev tables) and rewrites
+//! them in place; `flows` reads the connection table back (active flows per real).
+
+mod balancer;
+mod flows;
+
+pub use balancer::{Balancer, MIN_MTU, RealStatus, service_key};
+pub use flows::{ACTIVE_FLOW_IDLE_S, CLOSING_FLOW_IDLE_S, Flows, active_flows};

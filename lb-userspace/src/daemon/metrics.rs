@@ -1,0 +1,293 @@
+//! Prometheus metrics: `xlb daemon --metrics ADDR:PORT` serves `GET /metrics` in the text
+//! exposition format. Every scrape reads the kernel's counters afresh; nothing is cached, so
+//! the figures are exactly what `xlb stats` and `xlb status` show.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use lb_common::Global;
+use prometheus::{TextEncoder, proto::MetricFamily};
+use tokio::net::TcpListener;
+
+use super::checks::Checks;
+use crate::{
+    control::{Balancer, Flows},
+    dataplane::ebpf_object_digest,
+    health::Health,
+    metrics::Family,
+};
+
+/// Binds the metrics address; done before the program is attached so a bad address changes
+/// nothing.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))
+}
+
+/// Serves scrapes until the task is dropped. `render` produces the page.
+pub async fn serve<F>(listener: TcpListener, render: Arc<F>)
+where
+    F: Fn() -> Result<String> + Send + Sync + 'static,
+{
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("metrics: accept: {e}");
+                continue;
+            }
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let render = render.clone();
+                async move { Ok::<_, Infallible>(answer(&req, render.as_ref())) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+fn answer<B>(req: &Request<B>, render: &dyn Fn() -> Result<String>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "xlb serves /metrics only\n".into());
+    }
+    match render() {
+        Ok(text) => reply(StatusCode::OK, text),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the counters: {e:#}\n"),
+        ),
+    }
+}
+
+/// What a scrape reads besides the balancer.
+pub struct Scrape<'a> {
+    pub iface: &'a str,
+    pub attach_mode: &'a str,
+    /// One walk of the connection table (see `control::Flows`).
+    pub flows: &'a Flows,
+    pub checks: &'a Checks,
+}
+
+/// The metrics page for the balancer's current state. Names follow Prometheus conventions:
+/// `xlb_` prefix, counters end in `_total`, base units, labels `service` and `real`; the sum of
+/// one metric over its labels always means something (hence drops apart from forwards).
+pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
+    let mut svc_packets = Family::counter(
+        "xlb_service_packets_total",
+        "Packets for the service, forwarded or dropped.",
+    );
+    let mut svc_bytes = Family::counter(
+        "xlb_service_bytes_total",
+        "Bytes of the service's packets (frames as received).",
+    );
+    let mut svc_flows = Family::counter(
+        "xlb_service_new_flows_total",
+        "Flows scheduled through the service's Maglev table.",
+    );
+    let mut real_packets =
+        Family::counter("xlb_real_packets_total", "Packets forwarded to the real.");
+    let mut real_bytes = Family::counter(
+        "xlb_real_bytes_total",
+        "Bytes forwarded to the real (frames as received).",
+    );
+    let mut real_flows =
+        Family::counter("xlb_real_new_flows_total", "New flows given to the real.");
+    let mut real_weight = Family::gauge("xlb_real_weight", "The real's configured weight.");
+    let mut real_effective_weight = Family::gauge(
+        "xlb_real_effective_weight",
+        "The weight the Maglev table uses (differs from xlb_real_weight under adaptive weights).",
+    );
+    let mut real_in_table = Family::gauge(
+        "xlb_real_in_table",
+        "1 if the real receives new flows (in the Maglev table).",
+    );
+    let mut real_state = Family::gauge(
+        "xlb_real_state",
+        "1, labelled with the real's current state: up, down, checking (no verdict yet), \
+         draining, unresolved (next-hop MAC unknown), fallback (the sorry server).",
+    );
+    let mut real_up = Family::gauge(
+        "xlb_real_up",
+        "1 if the real passes its health checks (or has none).",
+    );
+    let mut real_draining =
+        Family::gauge("xlb_real_draining", "1 if the operator drained the real.");
+    let mut real_resolved = Family::gauge(
+        "xlb_real_resolved",
+        "1 if the real's next-hop MAC is known.",
+    );
+    let mut real_active = Family::gauge(
+        "xlb_real_active_flows",
+        "Tracked flows of the real that sent a packet recently (60 s, 2 s once closing).",
+    );
+    let mut check_latency = Family::gauge(
+        "xlb_real_check_latency_seconds",
+        "How long the real's last health check took.",
+    );
+    let mut passed = Family::counter(
+        "xlb_passed_packets_total",
+        "Frames handed to the kernel untouched (not for a service, or not parseable).",
+    );
+    let mut forwarded = Family::counter(
+        "xlb_forwarded_packets_total",
+        "Packets forwarded to a real.",
+    );
+    let mut dropped = Family::counter(
+        "xlb_dropped_packets_total",
+        "Packets for a service dropped, by reason: no_backend (no usable real), malformed \
+         (cannot be scheduled), too_big (IPv4 without DF too big to tunnel).",
+    );
+    let mut untracked_fragments = Family::counter(
+        "xlb_untracked_fragments_total",
+        "Later fragments whose first fragment was not seen, passed to the kernel.",
+    );
+    let mut icmp_too_big = Family::counter(
+        "xlb_icmp_too_big_sent_total",
+        "ICMP fragmentation-needed / ICMPv6 packet-too-big replies sent for TUN packets too \
+         big to encapsulate.",
+    );
+    let mut icmp_errors_forwarded = Family::counter(
+        "xlb_icmp_errors_forwarded_total",
+        "ICMP errors to a VIP (unreachable, too big, time exceeded) forwarded to the real of the \
+         flow they quote.",
+    );
+    let mut conn_misses = Family::counter(
+        "xlb_conntrack_misses_total",
+        "Packets other than TCP SYNs that found no connection-table entry and were \
+         scheduled through Maglev (new UDP flows, TCP flows the table lost or evicted).",
+    );
+    let mut conn_stale = Family::counter(
+        "xlb_conntrack_stale_total",
+        "Tracked flows whose real went away or changed, scheduled again.",
+    );
+    let mut conn_entries = Family::gauge(
+        "xlb_conntrack_entries",
+        "Flows in the connection table (active or not, until evicted).",
+    );
+    let mut conn_capacity = Family::gauge(
+        "xlb_conntrack_capacity",
+        "Flows the connection table holds before evicting the least recently used.",
+    );
+    let mut attach = Family::gauge(
+        "xlb_xdp_attach_info",
+        "The interface the balancer is attached to and its XDP mode (native or generic).",
+    );
+    let mut build = Family::gauge(
+        "xlb_build_info",
+        "The xlb version and a digest of its embedded eBPF object.",
+    );
+
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    for svc in b.config().services {
+        let name = svc.service.to_string();
+        let service = ("service", name.as_str());
+        let id = b.service_id(&svc.service).unwrap_or_default();
+        let c = b.dataplane().service_counters(id)?;
+        svc_packets.add(&[service], c.packets as f64);
+        svc_bytes.add(&[service], c.bytes as f64);
+        svc_flows.add(&[service], c.new_flows as f64);
+        for r in b.real_status(&svc.service) {
+            let addr = r.addr.to_string();
+            let labels = [("real", addr.as_str()), service];
+            let c = b.dataplane().backend_counters(r.backend_id)?;
+            real_packets.add(&labels, c.packets as f64);
+            real_bytes.add(&labels, c.bytes as f64);
+            real_flows.add(&labels, c.new_flows as f64);
+            real_weight.add(&labels, r.weight.into());
+            real_effective_weight.add(&labels, r.effective_weight.into());
+            real_in_table.add(&labels, flag(r.in_table));
+            real_state.add(&[labels[0], labels[1], ("state", r.state().name())], 1.0);
+            real_up.add(&labels, flag(r.health == Health::Up));
+            real_draining.add(&labels, flag(r.draining));
+            real_resolved.add(&labels, flag(r.mac.is_some()));
+            let active = scrape.flows.active.get(&r.backend_id).copied().unwrap_or(0);
+            real_active.add(&labels, active as f64);
+            if let Some(latency) = scrape.checks.last_latency(&svc.service, r.addr) {
+                check_latency.add(&labels, latency);
+            }
+        }
+    }
+    for g in Global::ALL {
+        let value = b.dataplane().global_counter(g)? as f64;
+        match g {
+            Global::Passed => passed.add(&[], value),
+            Global::Forwarded => forwarded.add(&[], value),
+            Global::DropNoBackend => dropped.add(&[("reason", "no_backend")], value),
+            Global::DropMalformed => dropped.add(&[("reason", "malformed")], value),
+            Global::DropTooBig => dropped.add(&[("reason", "too_big")], value),
+            Global::FragUntracked => untracked_fragments.add(&[], value),
+            Global::IcmpTooBigSent => icmp_too_big.add(&[], value),
+            Global::IcmpErrorForwarded => icmp_errors_forwarded.add(&[], value),
+            Global::ConnMiss => conn_misses.add(&[], value),
+            Global::ConnStale => conn_stale.add(&[], value),
+        }
+    }
+    conn_entries.add(&[], scrape.flows.entries as f64);
+    conn_capacity.add(&[], b.dataplane().conn_capacity()?.into());
+    attach.add(
+        &[("iface", scrape.iface), ("mode", scrape.attach_mode)],
+        1.0,
+    );
+    build.add(
+        &[
+            ("ebpf_object", &ebpf_object_digest()),
+            ("version", env!("CARGO_PKG_VERSION")),
+        ],
+        1.0,
+    );
+
+    let families: Vec<MetricFamily> = [
+        svc_packets,
+        svc_bytes,
+        svc_flows,
+        real_packets,
+        real_bytes,
+        real_flows,
+        real_weight,
+        real_effective_weight,
+        real_in_table,
+        real_state,
+        real_up,
+        real_draining,
+        real_resolved,
+        real_active,
+        check_latency,
+        passed,
+        forwarded,
+        dropped,
+        untracked_fragments,
+        icmp_too_big,
+        icmp_errors_forwarded,
+        conn_misses,
+        conn_stale,
+        conn_entries,
+        conn_capacity,
+        attach,
+        build,
+    ]
+    .into_iter()
+    // A family without samples (no service yet, no checked real) is left out, as a
+    // registry leaves out a vector with no children.
+    .filter(|f| !f.0.get_metric().is_empty())
+    .map(|f| f.0)
+    .collect();
+    Ok(TextEncoder::new().encode_to_string(&families)?)
+}

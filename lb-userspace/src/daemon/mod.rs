@@ -1,0 +1,334 @@
+//! `xlb daemon`: attaches the data path to an interface, restores the saved configuration,
+//! keeps reals' MACs current from the kernel's neighbour table, and serves the control API.
+
+mod bgp;
+pub mod checks;
+pub mod metrics;
+mod neighbours;
+mod server;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use tokio::net::UnixListener;
+
+pub use bgp::{BgpOptions, DEFAULT_BIRD_SOCKET};
+
+use self::{bgp::Announcer, checks::Checks, neighbours::NextHop};
+use crate::{
+    config::ServiceAddr,
+    control::{Balancer, active_flows},
+    dataplane::{
+        AttachMode, Attachment, DatapathLogger, Dataplane, LoadOptions, PinDir, XdpModeChoice,
+    },
+    netlink::Neighbours,
+    state,
+};
+
+pub struct DaemonOptions {
+    pub iface: String,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub xdp_mode: XdpModeChoice,
+    pub conn_capacity: u32,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Where the data path is pinned (per interface below it).
+    pub pin_root: PathBuf,
+    /// Announce servable VIPs through BIRD, if set.
+    pub bgp: Option<BgpOptions>,
+    /// Log the data path's rare events (`CONFIG_F_DATAPATH_LOG`).
+    pub datapath_log: bool,
+}
+
+struct Shared {
+    balancer: Balancer,
+    iface: String,
+    attach_mode: &'static str,
+    state: PathBuf,
+    /// Each real's next hop as last looked up (shown by `status`).
+    next_hops: HashMap<IpAddr, NextHop>,
+    checks: Checks,
+    /// Keeps BIRD announcing the VIPs that have a real in their table (`--bgp-config`).
+    bgp: Option<Announcer>,
+    /// Draining reals whose last flow has ended (logged once; forgotten when enabled).
+    drained: HashSet<(ServiceAddr, IpAddr)>,
+}
+
+impl Shared {
+    /// Called after anything that may change which reals are in a Maglev table.
+    fn announce(&self) {
+        if let Some(bgp) = &self.bgp {
+            bgp.update(&self.balancer);
+        }
+    }
+}
+
+pub async fn run(opts: DaemonOptions) -> Result<()> {
+    let config = state::load(&opts.state)?;
+    if std::os::unix::net::UnixStream::connect(&opts.socket).is_ok() {
+        bail!(
+            "another xlb daemon is already serving {}",
+            opts.socket.display()
+        );
+    }
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let neighbours = Neighbours::new()?;
+    let iface = neighbours.interface(&opts.iface).await?;
+    let ifindex = iface.index;
+    let pins = PinDir::for_iface(&opts.pin_root, &opts.iface, ifindex)?;
+    let mut dp = Dataplane::load(&LoadOptions {
+        conn_capacity: opts.conn_capacity,
+        pins: Some(pins.clone()),
+    })?;
+    let adopting = dp.adopting();
+    let inherited = dp.inherited()?;
+    if adopting {
+        tracing::info!(
+            pins = %pins.path.display(),
+            services = inherited.services.len(),
+            reals = inherited.backends.len(),
+            "adopting the pinned data path"
+        );
+    }
+    let datapath_logger = match opts.datapath_log {
+        true => Some(datapath_log_task(dp.start_datapath_log()?)?),
+        false => None,
+    };
+    let mut balancer = Balancer::new(dp);
+    balancer.inherit(inherited);
+    balancer.set_datapath_log(opts.datapath_log)?;
+    balancer.set_iface_mac(iface.mac)?;
+    // No IP packet exceeds 65535 bytes, so a larger MTU (lo's 65536) checks nothing more.
+    balancer.set_mtu(iface.mtu.min(65535))?;
+    let (v4, v6) = neighbours.primary_addresses(ifindex).await?;
+    balancer.set_default_tunnel_sources(v4, v6);
+    balancer
+        .replace(&config)
+        .context("restoring the state file's configuration")?;
+    balancer.finish_inheriting()?;
+    tracing::info!(
+        services = config.services.len(),
+        state = %opts.state.display(),
+        "configuration restored"
+    );
+    let (mut checks, mut reports) = Checks::new();
+    checks.reconcile(&balancer);
+    let bgp = match opts.bgp {
+        Some(bgp) => Some(Announcer::start(bgp, &balancer).context("starting BGP announcements")?),
+        None => None,
+    };
+    let shared = Arc::new(Mutex::new(Shared {
+        balancer,
+        iface: opts.iface.clone(),
+        attach_mode: "",
+        state: opts.state.clone(),
+        next_hops: HashMap::new(),
+        checks,
+        bgp,
+        drained: Default::default(),
+    }));
+    // MACs before attaching, so a new program's first packets find reals they may forward to.
+    neighbours::refresh(&shared, &neighbours, ifindex).await;
+    let attachment = {
+        let mut guard = shared.lock().unwrap();
+        guard
+            .balancer
+            .dataplane()
+            .attach(&opts.iface, opts.xdp_mode)?
+    };
+    let mode = match attachment {
+        Attachment::New(mode) => {
+            tracing::info!(iface = %opts.iface, mode = mode.as_str(), pins = %pins.path.display(), "XDP program attached");
+            mode
+        }
+        Attachment::Adopted => {
+            let generic = neighbours
+                .xdp_program(ifindex)
+                .await?
+                .is_some_and(|(_, generic)| generic);
+            let mode = if generic {
+                AttachMode::Generic
+            } else {
+                AttachMode::Native
+            };
+            tracing::info!(iface = %opts.iface, mode = mode.as_str(), "pinned XDP link adopted; program replaced atomically");
+            mode
+        }
+    };
+    shared.lock().unwrap().attach_mode = mode.as_str();
+    let adapter = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let mut guard = shared.lock().unwrap();
+                let Shared {
+                    checks, balancer, ..
+                } = &mut *guard;
+                checks.adapt_weights(balancer);
+                guard.announce();
+                if let Err(e) = watch_drains(&mut guard) {
+                    tracing::warn!("counting the flows of draining reals: {e:#}");
+                }
+            }
+        })
+    };
+    let checker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(report) = reports.recv().await {
+                let mut guard = shared.lock().unwrap();
+                let Shared {
+                    checks, balancer, ..
+                } = &mut *guard;
+                checks.apply(balancer, report);
+                guard.announce();
+            }
+        })
+    };
+    let listener = bind_socket(&opts.socket)?;
+    tracing::info!(socket = %opts.socket.display(), "control API listening");
+    let resolver = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                neighbours::refresh(&shared, &neighbours, ifindex).await;
+            }
+        })
+    };
+    let metrics_server = metrics_listener.map(|listener| {
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
+        let shared = shared.clone();
+        let render = Arc::new(move || {
+            let mut guard = shared.lock().unwrap();
+            let Shared {
+                balancer,
+                iface,
+                attach_mode,
+                checks,
+                ..
+            } = &mut *guard;
+            let flows = active_flows(balancer)?;
+            let scrape = metrics::Scrape {
+                iface,
+                attach_mode,
+                flows: &flows,
+                checks,
+            };
+            metrics::render(balancer, &scrape)
+        });
+        tokio::spawn(metrics::serve(listener, render))
+    });
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = accepted?;
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = server::serve(stream, shared).await {
+                        tracing::debug!("control connection: {e:#}");
+                    }
+                });
+            }
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    resolver.abort();
+    checker.abort();
+    adapter.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
+    if let Some(logger) = datapath_logger {
+        logger.abort();
+    }
+    // Withdrawn on a clean stop even where the data path outlives the daemon: an operator
+    // stopping a director on purpose wants its traffic on the others.
+    let bgp = shared.lock().unwrap().bgp.take();
+    if let Some(bgp) = bgp {
+        bgp.withdraw_all().await;
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    tracing::info!(
+        pins = %pins.path.display(),
+        "stopping; the data path keeps forwarding (`xlb detach --iface {}` removes it)",
+        opts.iface
+    );
+    Ok(())
+}
+
+/// Logs "drain finished" once for each draining real that has no active flow left. Walks the
+/// connection table only while such a real is waiting.
+fn watch_drains(s: &mut Shared) -> Result<()> {
+    let mut waiting = Vec::new();
+    let mut draining = HashSet::new();
+    for svc in s.balancer.config().services {
+        for r in s.balancer.real_status(&svc.service) {
+            if r.draining {
+                draining.insert((svc.service, r.addr));
+                if !s.drained.contains(&(svc.service, r.addr)) {
+                    waiting.push((svc.service, r.addr, r.backend_id));
+                }
+            }
+        }
+    }
+    s.drained.retain(|k| draining.contains(k));
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let flows = active_flows(&mut s.balancer)?;
+    for (service, real, id) in waiting {
+        if !flows.active.contains_key(&id) {
+            tracing::info!(%service, %real, "drain finished: no active flows left");
+            s.drained.insert((service, real));
+        }
+    }
+    Ok(())
+}
+
+/// Forwards the data path's log records to `tracing` as they arrive.
+fn datapath_log_task(logger: DatapathLogger) -> Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the logger owns the ring buffer's fd, which stays open and the same until the
+    // AsyncFd (which owns the logger) is dropped.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the data path's log buffer: {e}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
+
+fn bind_socket(path: &PathBuf) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Nobody answered on it (checked at start): a leftover of a daemon that died.
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}

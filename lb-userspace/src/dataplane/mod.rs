@@ -1,0 +1,410 @@
+//! The data-plane handle: loads the embedded XDP object, attaches it, and reads and writes its
+//! maps. It knows map layouts, not policy: `control` decides what goes into them. Submodules:
+//! `maps` (typed map access), `tables` (the live Maglev tables), `pins` (what outlives the
+//! daemon on bpffs), `sys` (the raw bpf(2) calls).
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, ArrayOfMaps, HashMap, MapData, ProgramArray},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
+};
+use lb_common::{Backend, DEFAULT_CONN_CAPACITY, ServiceKey, ServiceValue};
+
+mod maps;
+mod pins;
+mod sys;
+mod tables;
+
+pub use pins::{DEFAULT_PIN_ROOT, PinDir};
+
+use self::{
+    pins::{MapLayout, PINNED_MAPS},
+    tables::{LiveTable, MaglevTables},
+};
+
+/// The compiled eBPF object, built by build.rs with the pinned nightly and bpf-linker.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
+
+/// A short digest of the embedded eBPF object (FNV-1a, 64 bits): tells which data path a
+/// binary carries, so an upgrade that changes the program shows in `xlb_build_info`.
+pub fn ebpf_object_digest() -> String {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST
+        .get_or_init(|| {
+            let hash = EBPF_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            format!("{hash:016x}")
+        })
+        .clone()
+}
+
+pub const BALANCER_PROGRAM: &str = "xlb_balancer";
+/// The `tracing` target of the data path's own log records (lb-ebpf's log.rs).
+pub const DATAPATH_LOG_TARGET: &str = "xlb_datapath";
+
+/// Reads the data path's log records and hands them to the `log` facade (bridged to tracing).
+pub type DatapathLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+pub const PASS_PROGRAM: &str = "xlb_pass";
+/// ICMP errors to a VIP, tail-called by the balancer through `ICMP_PROGRAM` slot 0.
+pub const ICMP_PROGRAM: &str = "xlb_icmp";
+/// Tail-called by the balancer to log a drop (`--datapath-log`).
+pub const DROP_LOG_PROGRAM: &str = "xlb_drop_log";
+
+/// How the program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Native,
+    Generic,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+        }
+    }
+}
+
+/// What the operator asked for with `--xdp-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native (driver) mode, falling back to generic with a warning.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+pub struct LoadOptions {
+    /// Flows the connection table holds before the least recently used is evicted.
+    pub conn_capacity: u32,
+    /// Pin the maps and the link here, adopting what a previous daemon pinned (None: the data
+    /// path lives and dies with this process, as in tests and benchmarks).
+    pub pins: Option<PinDir>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conn_capacity: DEFAULT_CONN_CAPACITY,
+            pins: None,
+        }
+    }
+}
+
+/// How the balancer came to be on the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// Attached now, in this mode.
+    New(AttachMode),
+    /// A previous daemon's pinned link, now running this binary's program (swapped in
+    /// atomically: no packet meets a detached interface). Its mode is the link's.
+    Adopted,
+}
+
+/// What a previous daemon left in the pinned maps, read before anything is rewritten.
+#[derive(Default)]
+pub struct Inherited {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    /// Backend entries in use: (id, entry).
+    pub backends: Vec<(u32, Backend)>,
+    /// Per service id, the backend ids its Maglev table hands new flows to.
+    pub members: std::collections::HashMap<u32, std::collections::HashSet<u32>>,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    attached: Option<(XdpLinkId, Option<AttachMode>)>,
+    pins: Option<PinDir>,
+    /// The pins hold a link to our interface: attaching swaps our program into it.
+    adopting: bool,
+    /// The pin directory's lock, held while we manage it.
+    _pins_lock: Option<std::fs::File>,
+    tables: MaglevTables,
+}
+
+impl Dataplane {
+    /// Loads the balancer and the pass program into the kernel (nothing is attached yet).
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries("CONNS", opts.conn_capacity);
+        let mut adopting = false;
+        let mut pins_lock = None;
+        if let Some(pins) = &opts.pins {
+            pins.prepare()?;
+            pins_lock = Some(pins.lock()?);
+            adopting = pins.has_adoptable_link()?;
+            pins.drop_changed_layouts(&map_layouts(opts.conn_capacity)?)?;
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        for name in [BALANCER_PROGRAM, PASS_PROGRAM, ICMP_PROGRAM] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .map_err(verifier_error)
+                .with_context(|| format!("loading program {name}"))?;
+        }
+        // The map stays open with `ebpf`: the kernel empties a program array once no process
+        // holds it (ICMP errors then pass to the kernel until the next daemon loads).
+        let icmp: &mut Xdp = ebpf
+            .program_mut(ICMP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {ICMP_PROGRAM} missing from the object"))?
+            .try_into()?;
+        let icmp_fd = icmp.fd()?.try_clone()?;
+        let slots = ebpf
+            .map_mut("ICMP_PROGRAM")
+            .ok_or_else(|| anyhow!("map ICMP_PROGRAM missing from the object"))?;
+        ProgramArray::try_from(slots)?
+            .set(0, &icmp_fd, 0)
+            .context("installing the ICMP program")?;
+        Ok(Self {
+            ebpf,
+            attached: None,
+            pins: opts.pins.clone(),
+            adopting,
+            _pins_lock: pins_lock,
+            tables: MaglevTables::default(),
+        })
+    }
+
+    /// Whether `load` found a previous daemon's pins to adopt.
+    pub fn adopting(&self) -> bool {
+        self.adopting
+    }
+
+    /// The previous daemon's services, backends and table members (empty unless adopting).
+    pub fn inherited(&self) -> Result<Inherited> {
+        let mut inherited = Inherited::default();
+        if !self.adopting {
+            return Ok(inherited);
+        }
+        let services: HashMap<_, ServiceKey, ServiceValue> =
+            HashMap::try_from(self.map("SERVICES")?)?;
+        inherited.services = services.iter().filter_map(|r| r.ok()).collect();
+        let backends: Array<_, Backend> = Array::try_from(self.map("BACKENDS")?)?;
+        inherited.backends = backends
+            .iter()
+            .filter_map(|r| r.ok())
+            .enumerate()
+            .filter(|(_, b)| b.family != 0)
+            .map(|(id, b)| (id as u32, b))
+            .collect();
+        let outer: ArrayOfMaps<_, MapData> = ArrayOfMaps::try_from(self.map("MAGLEV")?)?;
+        for (_, value) in &inherited.services {
+            // Opening an inner map goes by its id, which needs CAP_SYS_ADMIN (the systemd
+            // unit does not grant it): without the tables, checked reals start `checking`.
+            match outer.get(&value.id, 0) {
+                Ok(table) => {
+                    let slots = LiveTable::read(&table)?;
+                    inherited
+                        .members
+                        .insert(value.id, slots.into_iter().collect());
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "reading the pinned Maglev tables: {e}; checked reals start checking"
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(inherited)
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?)
+    }
+
+    /// Attaches the balancer. `Auto` tries native mode and falls back to generic, logging why.
+    /// With pins, a previous daemon's link is adopted (our program swapped in atomically), or
+    /// the new link is pinned so the data path outlives us.
+    pub fn attach(&mut self, iface: &str, choice: XdpModeChoice) -> Result<Attachment> {
+        if self.adopting {
+            let pins = self.pins.clone().expect("adopting implies pins");
+            let link = PinnedLink::from_pin(pins.link())
+                .with_context(|| format!("opening {}", pins.link().display()))?;
+            let link = XdpLink::try_from(FdLink::from(link))
+                .context("the pinned link is not an XDP link")?;
+            let prog = self.program(BALANCER_PROGRAM)?;
+            let id = prog
+                .attach_to_link(link)
+                .context("swapping the program into the pinned link")?;
+            self.attached = Some((id, None));
+            return Ok(Attachment::Adopted);
+        }
+        let mode = match self.attach_new(iface, choice) {
+            Ok(mode) => mode,
+            Err(e) => {
+                if let Some(pins) = &self.pins {
+                    pins.discard();
+                }
+                return Err(e);
+            }
+        };
+        if let Some(pins) = self.pins.clone() {
+            let (id, _) = self.attached.take().expect("just attached");
+            let link = self.program(BALANCER_PROGRAM)?.take_link(id)?;
+            let link = FdLink::try_from(link)
+                .context("the kernel attached XDP without a bpf_link, which cannot be pinned")?;
+            // The pin keeps the link (and the program) on the interface after we exit.
+            link.pin(pins.link())
+                .with_context(|| format!("pinning the XDP link at {}", pins.link().display()))?;
+        }
+        Ok(Attachment::New(mode))
+    }
+
+    fn attach_new(&mut self, iface: &str, choice: XdpModeChoice) -> Result<AttachMode> {
+        let prog = self.program(BALANCER_PROGRAM)?;
+        let attempt = |prog: &mut Xdp, mode: AttachMode| {
+            let flags = match mode {
+                AttachMode::Native => XdpMode::Driver,
+                AttachMode::Generic => XdpMode::Skb,
+            };
+            prog.attach(iface, flags).map_err(|e| {
+                anyhow!(
+                    "cannot attach XDP to {iface} in {} mode: {}",
+                    mode.as_str(),
+                    error_chain(&e)
+                )
+            })
+        };
+        let (link, mode) = match choice {
+            XdpModeChoice::Native => (attempt(prog, AttachMode::Native)?, AttachMode::Native),
+            XdpModeChoice::Generic => (attempt(prog, AttachMode::Generic)?, AttachMode::Generic),
+            XdpModeChoice::Auto => match attempt(prog, AttachMode::Native) {
+                Ok(link) => (link, AttachMode::Native),
+                Err(native_err) => {
+                    tracing::warn!("{native_err:#}; falling back to generic mode");
+                    (attempt(prog, AttachMode::Generic)?, AttachMode::Generic)
+                }
+            },
+        };
+        self.attached = Some((link, Some(mode)));
+        Ok(mode)
+    }
+
+    /// Attaches the pass-everything program (for a veth peer that must receive XDP_TX frames).
+    pub fn attach_pass(&mut self, iface: &str) -> Result<()> {
+        let prog = self.program(PASS_PROGRAM)?;
+        prog.attach(iface, XdpMode::Driver)
+            .or_else(|_| prog.attach(iface, XdpMode::Skb))
+            .map_err(|e| anyhow!("cannot attach XDP to {iface}: {}", error_chain(&e)))?;
+        Ok(())
+    }
+
+    /// Turns on the data path's drop log: loads `xlb_drop_log` into the slot the balancer
+    /// tail-calls, and takes the log ring buffer, whose records go to `tracing` (through the
+    /// `log` bridge) on `flush`. The balancer calls it only while the control plane sets
+    /// `CONFIG_F_DATAPATH_LOG`.
+    pub fn start_datapath_log(&mut self) -> Result<DatapathLogger> {
+        let prog = self.program(DROP_LOG_PROGRAM)?;
+        prog.load()
+            .map_err(verifier_error)
+            .with_context(|| format!("loading program {DROP_LOG_PROGRAM}"))?;
+        let fd = prog.fd()?.try_clone()?;
+        let mut slots = ProgramArray::try_from(self.map_mut("DROP_LOG_PROGRAM")?)?;
+        slots.set(0, &fd, 0)?;
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("opening the data path's log buffer")
+    }
+
+    pub(super) fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    }
+
+    pub(super) fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    }
+
+    /// Runs a program once on `frame` with BPF_PROG_TEST_RUN: the verdict and the frame after.
+    pub fn test_run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.program(program)?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..TestRunOptions::default()
+        };
+        let result = prog.test_run(opts)?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs a program once and returns the kernel-measured duration (for benchmarks).
+    pub fn time_run(&mut self, program: &str, frame: &[u8]) -> Result<std::time::Duration> {
+        let prog = self.program(program)?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat: 1,
+            ..TestRunOptions::default()
+        };
+        Ok(prog.test_run(opts)?.duration)
+    }
+}
+
+/// The layouts this binary's program declares for the pinned maps (CONNS at the capacity asked).
+fn map_layouts(conn_capacity: u32) -> Result<Vec<(&'static str, MapLayout)>> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
+    PINNED_MAPS
+        .iter()
+        .map(|&name| {
+            let map = object
+                .maps
+                .get(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+            Ok((
+                name,
+                MapLayout {
+                    key_size: map.key_size(),
+                    value_size: map.value_size(),
+                    max_entries: if name == "CONNS" {
+                        conn_capacity
+                    } else {
+                        map.max_entries()
+                    },
+                    flags: map.map_flags(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The verifier's log is long; keep its last lines, which say what failed.
+pub(crate) fn verifier_error(e: ProgramError) -> anyhow::Error {
+    let text = format!("{e:?}");
+    let tail: Vec<&str> = text.lines().rev().take(400).collect();
+    anyhow!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
