@@ -7,7 +7,9 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{FAMILY_V4, Global, PROTO_TCP, PROTO_UDP, SERVICE_F_TUN};
 
 use crate::{
-    conntrack, counters, forward_dr,
+    conntrack, counters,
+    drop::{self, DropReason},
+    forward_dr,
     forward_tun::{self, Unfit},
     maps::CONFIG,
     parse::{
@@ -39,8 +41,7 @@ pub fn forward_error(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usiz
         return xdp_action::XDP_PASS;
     }
     let Some(choice) = conntrack::peek(&flow, &svc) else {
-        counters::global(Global::DropNoBackend);
-        return xdp_action::XDP_DROP;
+        return drop::drop(ctx, DropReason::NoBackend);
     };
     let verdict = if svc.flags & SERVICE_F_TUN != 0 {
         // The flow's family and L3 offset are the error's: the whole error is encapsulated.
@@ -48,14 +49,8 @@ pub fn forward_error(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usiz
         // error (RFC 1122 3.2.2, RFC 4443 2.4).
         match forward_tun::check(ctx, &flow) {
             Ok(()) => {}
-            Err(Unfit::Malformed) => {
-                counters::global(Global::DropMalformed);
-                return xdp_action::XDP_DROP;
-            }
-            Err(Unfit::TooBig(_)) => {
-                counters::global(Global::DropTooBig);
-                return xdp_action::XDP_DROP;
-            }
+            Err(Unfit::Malformed) => return drop::drop(ctx, DropReason::Malformed),
+            Err(Unfit::TooBig(_)) => return drop::drop(ctx, DropReason::TooBig),
         }
         forward_tun::forward(ctx, &flow, &svc, &choice)
     } else {

@@ -13,8 +13,8 @@ use lb_common::{Config, FAMILY_V4, Global};
 
 use crate::{
     counters, csum,
+    drop::{self, DropReason},
     forward_tun::TooBig,
-    log,
     parse::{
         ETH_HLEN, Fragment, ICMP_DEST_UNREACH, ICMP_HLEN, ICMPV6_PKT_TOOBIG, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN, ptr_at, read,
@@ -40,12 +40,13 @@ const L2_MAX: usize = ETH_HLEN + VLAN_HLEN;
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, pkt: &Packet, too_big: &TooBig) -> u32 {
     if pkt.family == FAMILY_V4 && !too_big.df {
-        counters::global(Global::DropTooBig);
-        log::dropped(ctx, Global::DropTooBig);
-        return xdp_action::XDP_DROP;
+        return drop::drop(ctx, DropReason::TooBig);
     }
-    let verdict =
-        reply(ctx, pkt, too_big.len, too_big.mtu, too_big.config).unwrap_or(xdp_action::XDP_DROP);
+    let Some(verdict) = reply(ctx, pkt, too_big.len, too_big.mtu, too_big.config) else {
+        return drop::drop(ctx, DropReason::TooBig);
+    };
+    // An aborted reply (no room to rebuild the frame) is lost too, and counted as a drop as
+    // ever; it is not logged: the frame is half rewritten.
     counters::global(if verdict == xdp_action::XDP_TX {
         Global::IcmpTooBigSent
     } else {

@@ -8,6 +8,7 @@ mod conntrack;
 mod counters;
 mod csum;
 mod decap;
+mod drop;
 mod forward_dr;
 mod forward_tun;
 mod icmp_error;
@@ -21,7 +22,7 @@ mod service;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{Global, SERVICE_F_TUN};
 
-use crate::{forward_tun::Unfit, maps::ICMP_PROGRAM, parse::Fragment};
+use crate::{drop::DropReason, forward_tun::Unfit, maps::ICMP_PROGRAM, parse::Fragment};
 
 /// The balancer: packets for a service go to one real per flow; everything else passes.
 #[xdp]
@@ -73,11 +74,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         // Before scheduling: a packet that cannot be encapsulated must not become a flow.
         match forward_tun::check(ctx, &pkt) {
             Ok(()) => {}
-            Err(Unfit::Malformed) => {
-                counters::global(Global::DropMalformed);
-                log::dropped(ctx, Global::DropMalformed);
-                return xdp_action::XDP_DROP;
-            }
+            Err(Unfit::Malformed) => return drop::drop(ctx, DropReason::Malformed),
             Err(Unfit::TooBig(too_big)) => return icmp_too_big::answer(ctx, &pkt, &too_big),
         }
     }
@@ -92,9 +89,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     };
     let Some(choice) = choice else {
         counters::service(svc.id, bytes, false);
-        counters::global(Global::DropNoBackend);
-        log::dropped(ctx, Global::DropNoBackend);
-        return xdp_action::XDP_DROP;
+        return drop::drop(ctx, DropReason::NoBackend);
     };
     counters::service(svc.id, bytes, choice.new_flow);
     counters::backend(choice.backend_id, bytes, choice.new_flow);
@@ -129,8 +124,8 @@ pub fn xlb_decap(ctx: XdpContext) -> u32 {
     decap::decap(&ctx)
 }
 
-/// Logs a frame the balancer drops, then drops it: tail-called by the balancer only while
-/// `xlb daemon --datapath-log` is on (see log.rs).
+/// Logs a frame the balancer or `xlb_icmp` drops, then drops it: tail-called from
+/// `drop::drop` only while `xlb daemon --datapath-log` is on (see log.rs).
 #[xdp]
 pub fn xlb_drop_log(ctx: XdpContext) -> u32 {
     log::drop_record(&ctx);
