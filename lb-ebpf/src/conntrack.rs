@@ -67,10 +67,9 @@ fn flow_hash(pkt: &Packet, svc: &ServiceValue, sched_hash: u32, with_ports: bool
     }
 }
 
-/// The real for a whole (unfragmented) packet: its tracked flow's, or a fresh Maglev choice.
 #[inline(always)]
-pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
-    let key = ConnKey {
+fn conn_key(pkt: &Packet) -> ConnKey {
+    ConnKey {
         src: pkt.src,
         dst: pkt.dst,
         sport: pkt.sport,
@@ -78,67 +77,28 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         proto: pkt.proto,
         family: pkt.family,
         _pad: [0; 2],
-    };
-    let now = now_ns();
-    if !pkt.is_tcp_syn() {
-        match CONNS.get_ptr_mut(&key) {
-            Some(entry) => {
-                // SAFETY: an LRU value; a concurrent writer of the same flow writes the same
-                // fields with equally valid values.
-                let conn = unsafe { &mut *entry };
-                if let Some(b) = backend(conn.backend_id.into()) {
-                    if b.generation == conn.generation && usable(&b, svc) {
-                        touch(conn, now);
-                        // Written once per flow, so the cache line stays shared otherwise.
-                        if pkt.is_tcp_fin_or_rst() && conn.flags & CONN_F_CLOSING == 0 {
-                            conn.flags |= CONN_F_CLOSING;
-                        }
-                        return Some(Choice {
-                            backend_id: conn.backend_id.into(),
-                            backend: b,
-                            new_flow: false,
-                            flow_hash: conn.flow_hash,
-                        });
-                    }
-                }
-                counters::global(Global::ConnStale);
-            }
-            None => counters::global(Global::ConnMiss),
-        }
     }
-    let hash = maglev::hash(pkt, svc, true);
-    let backend_id = maglev::pick(svc.id, hash)?;
-    let b = backend(backend_id)?;
-    if !usable(&b, svc) {
+}
+
+/// The real a flow's entry names, if it still serves the service as it did when recorded.
+#[inline(always)]
+fn tracked(conn: &ConnValue, svc: &ServiceValue) -> Option<Choice> {
+    let b = backend(conn.backend_id.into())?;
+    if b.generation != conn.generation || !usable(&b, svc) {
         return None;
     }
-    let value = ConnValue {
-        // Below MAX_BACKENDS (2^16): BACKENDS held an entry for it.
-        backend_id: backend_id as u16,
-        generation: b.generation,
-        last_seen_s: (now / NS_PER_S) as u32,
-        flow_hash: flow_hash(pkt, svc, hash, true),
-        flags: if pkt.is_tcp_fin_or_rst() {
-            CONN_F_CLOSING
-        } else {
-            0
-        },
-    };
-    // A full LRU evicts its oldest entry; a failed insert only means this flow is not pinned.
-    let _ = CONNS.insert(&key, &value, 0);
     Some(Choice {
-        backend_id,
+        backend_id: conn.backend_id.into(),
         backend: b,
-        new_flow: true,
-        flow_hash: value.flow_hash,
+        new_flow: false,
+        flow_hash: conn.flow_hash,
     })
 }
 
-/// The real for a fragment: scheduled on addresses only (never on ports, which later fragments
-/// lack), so every fragment of a datagram reaches the same real without any shared state.
+/// Maglev's real for the packet, recording nothing. `with_ports` is false for fragments.
 #[inline(always)]
-pub fn select_fragment(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
-    let hash = maglev::hash(pkt, svc, false);
+fn schedule(pkt: &Packet, svc: &ServiceValue, with_ports: bool) -> Option<Choice> {
+    let hash = maglev::hash(pkt, svc, with_ports);
     let backend_id = maglev::pick(svc.id, hash)?;
     let b = backend(backend_id)?;
     if !usable(&b, svc) {
@@ -148,8 +108,72 @@ pub fn select_fragment(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         backend_id,
         backend: b,
         new_flow: false,
-        flow_hash: flow_hash(pkt, svc, hash, false),
+        flow_hash: flow_hash(pkt, svc, hash, with_ports),
     })
+}
+
+/// The real for a whole (unfragmented) packet: its tracked flow's, or a fresh Maglev choice.
+#[inline(always)]
+pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
+    let key = conn_key(pkt);
+    let now = now_ns();
+    if !pkt.is_tcp_syn() {
+        match CONNS.get_ptr_mut(&key) {
+            Some(entry) => {
+                // SAFETY: an LRU value; a concurrent writer of the same flow writes the same
+                // fields with equally valid values.
+                let conn = unsafe { &mut *entry };
+                if let Some(choice) = tracked(conn, svc) {
+                    touch(conn, now);
+                    // Written once per flow, so the cache line stays shared otherwise.
+                    if pkt.is_tcp_fin_or_rst() && conn.flags & CONN_F_CLOSING == 0 {
+                        conn.flags |= CONN_F_CLOSING;
+                    }
+                    return Some(choice);
+                }
+                counters::global(Global::ConnStale);
+            }
+            None => counters::global(Global::ConnMiss),
+        }
+    }
+    let mut choice = schedule(pkt, svc, true)?;
+    let value = ConnValue {
+        // Below MAX_BACKENDS (2^16): BACKENDS held an entry for it.
+        backend_id: choice.backend_id as u16,
+        generation: choice.backend.generation,
+        last_seen_s: (now / NS_PER_S) as u32,
+        flow_hash: choice.flow_hash,
+        flags: if pkt.is_tcp_fin_or_rst() {
+            CONN_F_CLOSING
+        } else {
+            0
+        },
+    };
+    // A full LRU evicts its oldest entry; a failed insert only means this flow is not pinned.
+    let _ = CONNS.insert(&key, &value, 0);
+    choice.new_flow = true;
+    Some(choice)
+}
+
+/// The real a flow's next packet would go to, leaving the table as it is (for ICMP errors
+/// about the flow, which must neither create it nor keep it alive): its tracked entry's, else
+/// Maglev's.
+#[inline(always)]
+pub fn peek(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
+    if let Some(entry) = CONNS.get_ptr(&conn_key(pkt)) {
+        // SAFETY: an LRU value, only read.
+        if let Some(choice) = tracked(unsafe { &*entry }, svc) {
+            return Some(choice);
+        }
+    }
+    schedule(pkt, svc, true)
+}
+
+/// The real for a fragment: scheduled on addresses only (never on ports, which later fragments
+/// lack), so every fragment of a datagram reaches the same real without any shared state.
+#[inline(always)]
+pub fn select_fragment(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
+    schedule(pkt, svc, false)
 }
 
 #[inline(always)]

@@ -6,11 +6,11 @@
 //! to the new start of the frame, so the cost does not grow with the packet.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Backend, Config, FAMILY_V4, Global, ServiceValue};
+use lb_common::{Backend, Config, FAMILY_V4, ServiceValue};
 
 use crate::{
     conntrack::Choice,
-    counters, csum, icmp, log,
+    csum,
     maps::CONFIG,
     parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN, ptr_at, read},
 };
@@ -52,13 +52,36 @@ pub fn inner(ctx: &XdpContext, pkt: &Packet) -> Option<Inner> {
     }
 }
 
-/// Runs before scheduling, so that a packet that cannot be encapsulated never becomes a
-/// tracked flow: `Some(verdict)` for a malformed packet or one too big for the egress MTU once
-/// encapsulated (answered with ICMP, or dropped), `None` to go on.
+/// Why a packet cannot be encapsulated as it is: the caller drops it or answers it.
+pub enum Unfit {
+    /// Its header states fewer bytes than a header, or more than the frame holds.
+    Malformed,
+    /// Too big for the egress MTU once encapsulated.
+    TooBig(TooBig),
+}
+
+/// What a "too big" reply needs to know.
+pub struct TooBig {
+    /// The datagram's length, from its header.
+    pub len: u32,
+    /// The largest inner packet that fits once encapsulated: what an ICMP reply advertises.
+    pub mtu: u32,
+    /// IPv4 "don't fragment" (false for IPv6).
+    pub df: bool,
+    /// The configuration `check` read: the reply needs no second lookup.
+    pub config: &'static Config,
+}
+
+/// Runs before the packet is forwarded (for flows, before scheduling, so that a packet that
+/// cannot be encapsulated never becomes a tracked flow): `Err` for a malformed packet or one
+/// too big for the egress MTU once encapsulated.
 #[inline(always)]
-pub fn check(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
-    let config = CONFIG.get(0)?;
-    let inner = inner(ctx, pkt)?;
+pub fn check(ctx: &XdpContext, pkt: &Packet) -> Result<(), Unfit> {
+    // Neither fails once the packet is parsed (a one-element array, a header already read);
+    // should one, `forward` aborts.
+    let (Some(config), Some(inner)) = (CONFIG.get(0), inner(ctx, pkt)) else {
+        return Ok(());
+    };
     let overhead = if pkt.family == FAMILY_V4 {
         IPV4_HLEN
     } else {
@@ -68,26 +91,17 @@ pub fn check(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     // are really there (a shorter frame would make the outer header lie).
     let avail = (ctx.data_end() - ctx.data() - pkt.l3_off) as u32;
     if inner.len < overhead || inner.len > avail {
-        counters::global(Global::DropMalformed);
-        log::dropped(ctx, Global::DropMalformed);
-        return Some(xdp_action::XDP_DROP);
+        return Err(Unfit::Malformed);
     }
     if config.mtu == 0 || inner.len + overhead <= config.mtu {
-        return None;
+        return Ok(());
     }
-    if pkt.family == FAMILY_V4 && !inner.df {
-        // Fragmenting is not the balancer's job, and the sender allowed it, so it gets no ICMP.
-        counters::global(Global::DropTooBig);
-        log::dropped(ctx, Global::DropTooBig);
-        return Some(xdp_action::XDP_DROP);
-    }
-    Some(icmp::too_big(
-        ctx,
-        pkt,
-        inner.len,
-        config.mtu - overhead,
+    Err(Unfit::TooBig(TooBig {
+        len: inner.len,
+        mtu: config.mtu - overhead,
+        df: inner.df,
         config,
-    ))
+    }))
 }
 
 #[inline(always)]

@@ -1,9 +1,9 @@
 //! Data-path debug events through aya-log (`xlb daemon --datapath-log`): one line per dropped
 //! packet, with its reason and flow. The balancer's stack is nearly full, so it does not log
-//! itself: on a drop, with `CONFIG_F_DATAPATH_LOG` set, it stores the reason and tail-calls
-//! `xlb_drop_log`, a program of its own (own stack) that parses the frame again, logs and
-//! drops. Forwarded and passed packets never get here; with the flag off a drop costs one
-//! array lookup more.
+//! itself: on a drop (drop.rs), with `CONFIG_F_DATAPATH_LOG` set, it stores the reason and
+//! tail-calls `xlb_drop_log`, a program of its own (own stack) that parses the frame again,
+//! logs and drops. Forwarded and passed packets never get here; with the flag off a drop costs
+//! one array lookup more.
 
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::debug;
@@ -17,8 +17,8 @@ use crate::{
 /// The target the records carry; the daemon's `--datapath-log` lets it through at debug level.
 const TARGET: &str = "xlb_datapath";
 
-/// Called by the balancer just before it returns XDP_DROP for `reason`. Returns only when the
-/// drop is not logged (flag off, or no logging program installed).
+/// Called by `drop::drop` before it returns XDP_DROP for `reason`. Returns only when the drop
+/// is not logged (flag off, or no logging program installed).
 #[inline(always)]
 pub fn dropped(ctx: &XdpContext, reason: Global) {
     if !CONFIG
@@ -45,7 +45,13 @@ pub fn drop_record(ctx: &XdpContext) {
         _ => "drop",
     };
     let Some(pkt) = parse::parse(ctx) else {
-        debug!(ctx, target: TARGET, "{} (frame not parseable)", reason);
+        // Not TCP or UDP: `xlb_icmp` drops ICMP errors about a service's flow.
+        let what = if parse::icmp(ctx).is_some() {
+            "ICMP error"
+        } else {
+            "frame not parseable"
+        };
+        debug!(ctx, target: TARGET, "{} ({})", reason, what);
         return;
     };
     let (sport, dport) = (u16::from_be(pkt.sport), u16::from_be(pkt.dport));

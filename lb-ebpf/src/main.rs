@@ -8,9 +8,11 @@ mod conntrack;
 mod counters;
 mod csum;
 mod decap;
+mod drop;
 mod forward_dr;
 mod forward_tun;
-mod icmp;
+mod icmp_error;
+mod icmp_too_big;
 mod log;
 mod maglev;
 mod maps;
@@ -20,7 +22,7 @@ mod service;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{Global, SERVICE_F_TUN};
 
-use crate::{maps::ICMP_PROGRAM, parse::Fragment};
+use crate::{drop::DropReason, forward_tun::Unfit, maps::ICMP_PROGRAM, parse::Fragment};
 
 /// The balancer: packets for a service go to one real per flow; everything else passes.
 #[xdp]
@@ -70,8 +72,10 @@ fn balance(ctx: &XdpContext) -> u32 {
     let tun = svc.flags & SERVICE_F_TUN != 0;
     if tun {
         // Before scheduling: a packet that cannot be encapsulated must not become a flow.
-        if let Some(verdict) = forward_tun::check(ctx, &pkt) {
-            return verdict;
+        match forward_tun::check(ctx, &pkt) {
+            Ok(()) => {}
+            Err(Unfit::Malformed) => return drop::drop(ctx, DropReason::Malformed),
+            Err(Unfit::TooBig(too_big)) => return icmp_too_big::answer(ctx, &pkt, &too_big),
         }
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -85,9 +89,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     };
     let Some(choice) = choice else {
         counters::service(svc.id, bytes, false);
-        counters::global(Global::DropNoBackend);
-        log::dropped(ctx, Global::DropNoBackend);
-        return xdp_action::XDP_DROP;
+        return drop::drop(ctx, DropReason::NoBackend);
     };
     counters::service(svc.id, bytes, choice.new_flow);
     counters::backend(choice.backend_id, bytes, choice.new_flow);
@@ -99,12 +101,14 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// ICMP errors to a VIP go to the real of the flow they quote (icmp.rs); everything else
+/// ICMP errors to a VIP go to the real of the flow they quote (icmp_error.rs); everything else
 /// passes. Tail-called by `xlb_balancer` for the frames that are not TCP or UDP.
 #[xdp]
 pub fn xlb_icmp(ctx: XdpContext) -> u32 {
     let verdict = match parse::icmp(&ctx) {
-        Some((family, l3_off, icmp_off)) => icmp::forward_error(&ctx, family, l3_off, icmp_off),
+        Some((family, l3_off, icmp_off)) => {
+            icmp_error::forward_error(&ctx, family, l3_off, icmp_off)
+        }
         None => xdp_action::XDP_PASS,
     };
     if verdict == xdp_action::XDP_PASS {
@@ -120,8 +124,8 @@ pub fn xlb_decap(ctx: XdpContext) -> u32 {
     decap::decap(&ctx)
 }
 
-/// Logs a frame the balancer drops, then drops it: tail-called by the balancer only while
-/// `xlb daemon --datapath-log` is on (see log.rs).
+/// Logs a frame the balancer or `xlb_icmp` drops, then drops it: tail-called from
+/// `drop::drop` only while `xlb daemon --datapath-log` is on (see log.rs).
 #[xdp]
 pub fn xlb_drop_log(ctx: XdpContext) -> u32 {
     log::drop_record(&ctx);

@@ -23,6 +23,13 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 /// IPv6 extension headers skipped before giving up (Cilium uses the same bound).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
+/// ICMP and ICMPv6 headers: type, code, checksum, then 4 bytes that depend on the type.
+pub const ICMP_HLEN: usize = 8;
+/// ICMP "destination unreachable" (code 4: "fragmentation needed").
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMPv6 "packet too big".
+pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
