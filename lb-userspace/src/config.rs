@@ -163,8 +163,15 @@ impl RealConfig {
                 self.weight
             );
         }
-        if self.addr.is_unspecified() || self.addr.is_multicast() || self.addr.is_loopback() {
-            bail!("real {}: not a usable real-server address", self.addr);
+        let unusable = match self.addr {
+            a if a.is_unspecified() => Some("the unspecified address"),
+            a if a.is_loopback() => Some("a loopback address"),
+            a if a.is_multicast() => Some("a multicast address"),
+            IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+            _ => None,
+        };
+        if let Some(what) = unusable {
+            bail!("real {}: {what} cannot be a real server", self.addr);
         }
         Ok(())
     }
@@ -302,6 +309,12 @@ impl ServiceConfig {
 pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
     let s = &svc.service;
     real.validate(s.port)?;
+    if real.addr == s.vip {
+        bail!(
+            "real {}: the service's own VIP cannot be its real",
+            real.addr
+        );
+    }
     if real.addr.is_ipv4() != s.vip.is_ipv4() {
         match svc.mode {
             Mode::Dr => bail!(

@@ -374,7 +374,23 @@ fn malformed_cli_and_api_inputs_change_nothing() {
         (vec!["real", "add", SVC, "fd00:18::12"], "address family"),
         (
             vec!["real", "add", SVC, "127.0.0.1"],
-            "not a usable real-server address",
+            "a loopback address cannot be a real server",
+        ),
+        (
+            vec!["real", "add", SVC, "255.255.255.255"],
+            "the broadcast address cannot be a real server",
+        ),
+        (
+            vec!["real", "add", SVC, "224.0.0.1"],
+            "a multicast address cannot be a real server",
+        ),
+        (
+            vec!["real", "add", SVC, "0.0.0.0"],
+            "the unspecified address cannot be a real server",
+        ),
+        (
+            vec!["real", "add", SVC, "198.18.0.100"],
+            "the service's own VIP cannot be its real",
         ),
         (
             vec!["real", "add", SVC, "198.18.0.13", "--weight", "70000"],

@@ -73,8 +73,8 @@ enum Command {
         /// Log level (default: RUST_LOG's directives if set, else info).
         #[arg(long, value_enum, env = "XLB_LOG_LEVEL")]
         log_level: Option<LogLevel>,
-        /// Log the data path's rare events (drops, ICMP too big, untracked fragments) with
-        /// their addresses, at debug level under the target xlb_datapath.
+        /// Log every packet the data path drops (no usable real, malformed, too big to tunnel),
+        /// with its reason and addresses, at debug level under the target xlb_datapath.
         #[arg(long)]
         datapath_log: bool,
     },
