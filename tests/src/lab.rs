@@ -46,9 +46,9 @@ pub fn text(out: &Output) -> String {
 const STATE_ROOT: &str = "/run/xlb-lab";
 
 /// A lab's names and addresses, as `scripts/lab NAME up` writes them to
-/// STATE_DIR/topology.json (the schema is described there, at `write_topology`). Hosts are
-/// named as in the script (client, dir, rt, d1, r1, ...); each `ifaces` key is an interface
-/// name in the host's namespace.
+/// STATE_DIR/topology.json (the schema is described there, at `write_topology`; an `Option`
+/// field is a key some labs leave out). Hosts are named as in the script (client, dir, rt,
+/// d1, r1, ...); each `ifaces` key is an interface name in the host's namespace.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Topology {
     pub version: u32,
@@ -60,7 +60,6 @@ pub struct Topology {
     pub switches: BTreeMap<String, String>,
     pub hosts: BTreeMap<String, Host>,
     pub client: String,
-    #[serde(default)]
     pub router: Option<String>,
     pub directors: Vec<String>,
     pub reals: Vec<String>,
@@ -71,89 +70,8 @@ pub struct Topology {
     /// The HTTP servers the lab runs on the reals, by process name.
     pub servers: BTreeMap<String, Server>,
     /// The configuration one director saved and the others restored (ecmp).
-    #[serde(default)]
     pub saved_config: Option<String>,
-    #[serde(default)]
     pub bgp: Option<Bgp>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct Host {
-    pub ns: String,
-    /// The state file of `xlb realserver setup` on this real (TUN labs).
-    #[serde(default)]
-    pub realserver_state: Option<String>,
-    pub ifaces: BTreeMap<String, Iface>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct Iface {
-    pub mac: String,
-    pub ipv4: String,
-    #[serde(default)]
-    pub ipv6: Option<String>,
-    /// The MTU the lab sets (none: the veth default).
-    #[serde(default)]
-    pub mtu: Option<u32>,
-    /// The switch (a `Topology::switches` key) this interface's veth peer is a port of, and
-    /// that port's name; none for a direct link.
-    #[serde(default)]
-    pub switch: Option<String>,
-    #[serde(default)]
-    pub port: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct Service {
-    pub vip4: String,
-    #[serde(default)]
-    pub vip6: Option<String>,
-    pub port: u16,
-    pub proto: String,
-    pub mode: String,
-    /// The port its health checks probe (only where `up` configures checks).
-    #[serde(default)]
-    pub check_port: Option<u16>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct Daemon {
-    pub iface: String,
-    pub socket: String,
-    /// Its `--state` file.
-    pub state: String,
-    pub log: String,
-    pub pid_file: String,
-    /// Its Prometheus endpoint (ADDR:PORT), on the director's own loopback.
-    pub metrics: String,
-    #[serde(default)]
-    pub bgp_config: Option<String>,
-    #[serde(default)]
-    pub bird_socket: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct Server {
-    pub host: String,
-    pub port: u16,
-    pub log: String,
-    pub pid_file: String,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct Bgp {
-    pub router_as: u32,
-    pub director_as: u32,
-    /// Each BIRD instance, by the host it runs on.
-    pub birds: BTreeMap<String, Bird>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct Bird {
-    pub config: String,
-    pub socket: String,
-    pub log: String,
-    pub pid_file: String,
 }
 
 impl Topology {
@@ -225,6 +143,14 @@ impl Topology {
     /// The reals' IPv4 addresses, in the order of `reals`.
     pub fn real_ipv4s(&self) -> Vec<&str> {
         self.reals.iter().map(|r| self.ipv4(r)).collect()
+    }
+
+    /// (name, IPv4 address) of each real, in the order of `reals`.
+    pub fn reals_with_ipv4(&self) -> Vec<(&str, &str)> {
+        self.reals
+            .iter()
+            .map(|r| (r.as_str(), self.ipv4(r)))
+            .collect()
     }
 
     /// The real whose main interface has address `addr`.
@@ -313,6 +239,29 @@ impl Topology {
     }
 }
 
+/// One interface of a host, named by its key in `Host::ifaces`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Iface {
+    pub mac: String,
+    pub ipv4: String,
+    pub ipv6: Option<String>,
+    /// The MTU the lab sets (none: the veth default).
+    pub mtu: Option<u32>,
+    /// The switch (a `Topology::switches` key) this interface's veth peer is a port of, and
+    /// that port's name; none for a direct link.
+    pub switch: Option<String>,
+    pub port: Option<String>,
+}
+
+/// One host of the lab: a network namespace and its interfaces.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Host {
+    pub ns: String,
+    /// The state file of `xlb realserver setup` on this real (TUN labs).
+    pub realserver_state: Option<String>,
+    pub ifaces: BTreeMap<String, Iface>,
+}
+
 impl Host {
     /// The interface that carries the host's own address: the first by name (eth0).
     pub fn main(&self) -> &Iface {
@@ -326,6 +275,18 @@ impl Host {
     pub fn main_name(&self) -> &str {
         self.ifaces.keys().next().expect("a host with no interface")
     }
+}
+
+/// A service `up` configures, with every real of the lab behind it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Service {
+    pub vip4: String,
+    pub vip6: Option<String>,
+    pub port: u16,
+    pub proto: String,
+    pub mode: String,
+    /// The port its health checks probe (only where `up` configures checks).
+    pub check_port: Option<u16>,
 }
 
 impl Service {
@@ -362,11 +323,64 @@ pub fn http_url(host: &str, port: u16) -> String {
     }
 }
 
+/// An xlb daemon as `up` starts it on a director (its files in the state dir).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Daemon {
+    /// The interface its XDP program is attached to (`--iface`).
+    pub iface: String,
+    /// Its control socket, for the CLI's `--socket`.
+    pub socket: String,
+    /// Its `--state` file.
+    pub state: String,
+    #[serde(flatten)]
+    pub spawned: Spawned,
+    /// Its Prometheus endpoint (ADDR:PORT), on the director's own loopback.
+    pub metrics: String,
+    /// `--bgp-config` and `--bird-socket`, where the daemon announces its VIPs (ecmp).
+    pub bgp_config: Option<String>,
+    pub bird_socket: Option<String>,
+}
+
 impl Daemon {
     /// Its /metrics URL (to fetch from inside the director's namespace).
     pub fn metrics_url(&self) -> String {
         format!("http://{}/metrics", self.metrics)
     }
+}
+
+/// One of the lab's HTTP servers on a real (scripts/lab-http-server.py).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    #[serde(flatten)]
+    pub spawned: Spawned,
+}
+
+/// What scripts/lab's `spawn` keeps of a process it started: its output and its pid, in the
+/// state dir.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Spawned {
+    pub log: String,
+    pub pid_file: String,
+}
+
+/// The BGP side of a lab whose directors announce their VIPs (ecmp).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Bgp {
+    pub router_as: u32,
+    pub director_as: u32,
+    /// Each BIRD instance, by the host it runs on.
+    pub birds: BTreeMap<String, Bird>,
+}
+
+/// One BIRD instance: its configuration and control socket.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Bird {
+    pub config: String,
+    pub socket: String,
+    #[serde(flatten)]
+    pub spawned: Spawned,
 }
 
 /// One of `scripts/lab`'s labs, by name (`dr`, `tun`, `ecmp`).

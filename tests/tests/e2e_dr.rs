@@ -312,7 +312,7 @@ fn dr_lab_end_to_end() {
             );
         }
         // The restarted daemon is the lab's daemon from now on (the lab stops it by pid).
-        std::fs::write(&daemon.pid_file, restarted.0.id().to_string()).unwrap();
+        std::fs::write(&daemon.spawned.pid_file, restarted.0.id().to_string()).unwrap();
         std::mem::forget(restarted);
     }
     let (done, failed) = load.stop();
@@ -348,7 +348,7 @@ fn dr_lab_end_to_end() {
 /// SIGNAL to the lab's daemon; returns once it is gone.
 fn kill_daemon(signal: &str) {
     let topo = LAB.topology();
-    let pid = std::fs::read_to_string(&topo.daemon(topo.director()).pid_file).unwrap();
+    let pid = std::fs::read_to_string(&topo.daemon(topo.director()).spawned.pid_file).unwrap();
     let pid = pid.trim().to_string();
     assert!(sh("kill", &[&format!("-{signal}"), &pid]).status.success());
     wait_for("the daemon to exit", Duration::from_secs(10), || {

@@ -213,8 +213,8 @@ fn diagnostics() -> String {
     let logs = topo
         .directors
         .iter()
-        .map(|d| &topo.daemon(d).log)
-        .chain([&bgp.birds[topo.router()].log]);
+        .map(|d| &topo.daemon(d).spawned.log)
+        .chain([&bgp.birds[topo.router()].spawned.log]);
     for log in logs {
         let body = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = body.lines().rev().take(10).collect();
@@ -515,7 +515,10 @@ fn ecmp_directors() {
     for r in &topo.reals {
         let out = sh(
             "kill",
-            &["-TERM", &pid(&topo.server_on(r, alt_check_port).pid_file)],
+            &[
+                "-TERM",
+                &pid(&topo.server_on(r, alt_check_port).spawned.pid_file),
+            ],
         );
         assert!(out.status.success(), "{}", text(&out));
     }
@@ -572,7 +575,10 @@ fn ecmp_directors() {
     // connections through d2 move to d1 and keep their real. ---
     let mut conns = Connections::open(web_vip, CONNECTIONS, 30);
     let stopped = Instant::now();
-    let out = sh("kill", &["-TERM", &pid(&topo.daemon(dir2.0).pid_file)]);
+    let out = sh(
+        "kill",
+        &["-TERM", &pid(&topo.daemon(dir2.0).spawned.pid_file)],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let withdrawn = wait_hops(web_vip, &[dir1.1], Duration::from_secs(10));
     wait_hops(alt_vip, &[dir1.1], Duration::from_secs(10));

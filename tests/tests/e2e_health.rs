@@ -92,7 +92,7 @@ fn get() -> Option<String> {
 fn kill_server(real: &str) {
     let topo = LAB.topology();
     let server = topo.server_on(real, topo.service("web").port);
-    let pid = std::fs::read_to_string(&server.pid_file).unwrap();
+    let pid = std::fs::read_to_string(&server.spawned.pid_file).unwrap();
     assert!(
         Command::new("kill")
             .arg(pid.trim())
@@ -138,11 +138,7 @@ fn health_checks_in_the_dr_lab() {
     let service = service();
     let service = service.as_str();
     // (name, address) of each real.
-    let reals: Vec<(&str, &str)> = topo
-        .reals
-        .iter()
-        .map(|r| (r.as_str(), topo.ipv4(r)))
-        .collect();
+    let reals = topo.reals_with_ipv4();
     let [(r1, r1_ip), (r2, r2_ip), (r3, r3_ip)] = reals[..] else {
         panic!("the dr lab has three reals: {reals:?}")
     };

@@ -56,7 +56,7 @@ fn scrape() -> (String, Duration) {
 
 fn daemon_log() -> String {
     let topo = LAB.topology();
-    std::fs::read_to_string(&topo.daemon(topo.director()).log).unwrap_or_default()
+    std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default()
 }
 
 /// Lines of the log that contain every one of `words`.
@@ -272,7 +272,7 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
     );
 
     // --datapath-log: the daemon restarted with it logs a dropped packet's flow.
-    let pid = std::fs::read_to_string(&daemon.pid_file).unwrap();
+    let pid = std::fs::read_to_string(&daemon.spawned.pid_file).unwrap();
     let pid = pid.trim().to_string();
     assert!(sh("kill", &[&pid]).status.success());
     wait_for("the daemon to exit", Duration::from_secs(10), || {

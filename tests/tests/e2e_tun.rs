@@ -82,7 +82,8 @@ fn spread(url: &str, n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) 
 fn diagnostics() -> String {
     let status = sh(&lab_script(), &["tun", "status"]);
     let topo = LAB.topology();
-    let log = std::fs::read_to_string(&topo.daemon(topo.director()).log).unwrap_or_default();
+    let log =
+        std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(20).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
     format!(

@@ -238,6 +238,7 @@ fn status_state(name: &str) -> String {
 fn pid_file(name: &str) -> String {
     let topo = LAB.topology();
     topo.server_on(name, topo.service("web").port)
+        .spawned
         .pid_file
         .clone()
 }
@@ -294,11 +295,7 @@ fn churning_reals_under_load_fails_only_requests_to_the_churned_real() {
     let service = web.addr4();
     let service = service.as_str();
     // (name, address) of each real.
-    let reals: Vec<(&str, &str)> = topo
-        .reals
-        .iter()
-        .map(|r| (r.as_str(), topo.ipv4(r)))
-        .collect();
+    let reals = topo.reals_with_ipv4();
     // The lab's service, with health checks: a killed server must be noticed.
     xlb.ok(&["service", "remove", service]);
     xlb.ok(&[

@@ -76,7 +76,7 @@ impl Facts {
             url: web.url4(),
             real_name: first.clone(),
             real: topo.ipv4(first).to_string(),
-            real_server_pid_file: topo.server_on(first, web.port).pid_file.clone(),
+            real_server_pid_file: topo.server_on(first, web.port).spawned.pid_file.clone(),
             other_reals: others.iter().map(|r| topo.ipv4(r).to_string()).collect(),
         })
     }
