@@ -1,6 +1,7 @@
-//! What the end-to-end tests share: the lab (`scripts/lab NAME up`, torn down on drop), the
-//! `xlb` binary pointed at the lab daemon's socket, commands inside namespaces, and HTTP
-//! requests from the lab's client.
+//! What the end-to-end tests share: the lab (`scripts/lab NAME up`, torn down on drop) and
+//! its names and addresses (`Topology`, read from the file `up` writes), the `xlb` binary
+//! pointed at the lab daemon's socket, commands inside namespaces, and HTTP requests from the
+//! lab's client.
 
 use std::{
     collections::BTreeMap,
@@ -8,6 +9,9 @@ use std::{
     process::{Child, Command, Output},
     time::{Duration, Instant},
 };
+
+use anyhow::{Context, Result, ensure};
+use serde::Deserialize;
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -37,7 +41,349 @@ pub fn text(out: &Output) -> String {
     )
 }
 
-/// One of `scripts/lab`'s labs, by name (`dr`, `tun`).
+/// Where `scripts/lab` keeps each lab's state dir (its STATE_ROOT): the one fact needed to
+/// find a lab's topology.json.
+const STATE_ROOT: &str = "/run/xlb-lab";
+
+/// A lab's names and addresses, as `scripts/lab NAME up` writes them to
+/// STATE_DIR/topology.json (the schema is described there, at `write_topology`; an `Option`
+/// field is a key some labs leave out). Hosts are named as in the script (client, dir, rt,
+/// d1, r1, ...); each `ifaces` key is an interface name in the host's namespace.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Topology {
+    pub version: u32,
+    pub lab: String,
+    pub state_dir: String,
+    /// Every namespace of the lab starts with it.
+    pub ns_prefix: String,
+    /// Switch key (as in `Iface::switch`) to the namespace holding its bridge.
+    pub switches: BTreeMap<String, String>,
+    pub hosts: BTreeMap<String, Host>,
+    pub client: String,
+    pub router: Option<String>,
+    pub directors: Vec<String>,
+    pub reals: Vec<String>,
+    /// The services `up` configures, each with every real.
+    pub services: BTreeMap<String, Service>,
+    /// The xlb daemon of each director, by director.
+    pub daemons: BTreeMap<String, Daemon>,
+    /// The HTTP servers the lab runs on the reals, by process name.
+    pub servers: BTreeMap<String, Server>,
+    /// The configuration one director saved and the others restored (ecmp).
+    pub saved_config: Option<String>,
+    pub bgp: Option<Bgp>,
+}
+
+impl Topology {
+    /// Reads and checks a topology.json.
+    pub fn load(path: &Path) -> Result<Topology> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Topology::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Parses and checks the text of a topology.json: every host it names exists, every
+    /// switch an interface names too.
+    pub fn parse(text: &str) -> Result<Topology> {
+        let topo: Topology = serde_json::from_str(text)?;
+        ensure!(
+            topo.version == 1,
+            "topology version {}, this code reads 1",
+            topo.version
+        );
+        for host in std::iter::once(&topo.client)
+            .chain(&topo.router)
+            .chain(&topo.directors)
+            .chain(&topo.reals)
+            .chain(topo.daemons.keys())
+            .chain(topo.servers.values().map(|s| &s.host))
+        {
+            ensure!(
+                topo.hosts.contains_key(host),
+                "host {host} is not among the hosts"
+            );
+        }
+        for (name, host) in &topo.hosts {
+            ensure!(!host.ifaces.is_empty(), "host {name} has no interface");
+            for sw in host.ifaces.values().filter_map(|i| i.switch.as_ref()) {
+                ensure!(
+                    topo.switches.contains_key(sw),
+                    "{name} is on switch {sw}, which is not among the switches"
+                );
+            }
+        }
+        Ok(topo)
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .get(name)
+            .unwrap_or_else(|| panic!("lab {} has no host {name}", self.lab))
+    }
+
+    /// The network namespace of `host` (client, dir, r1, ...).
+    pub fn ns(&self, host: &str) -> &str {
+        &self.host(host).ns
+    }
+
+    /// `host`'s IPv4 address (on its main interface).
+    pub fn ipv4(&self, host: &str) -> &str {
+        &self.host(host).main().ipv4
+    }
+
+    /// `host`'s IPv6 address (on its main interface); panics in a lab without IPv6.
+    pub fn ipv6(&self, host: &str) -> &str {
+        self.host(host)
+            .main()
+            .ipv6
+            .as_deref()
+            .unwrap_or_else(|| panic!("{host} of lab {} has no IPv6 address", self.lab))
+    }
+
+    /// The reals' IPv4 addresses, in the order of `reals`.
+    pub fn real_ipv4s(&self) -> Vec<&str> {
+        self.reals.iter().map(|r| self.ipv4(r)).collect()
+    }
+
+    /// (name, IPv4 address) of each real, in the order of `reals`.
+    pub fn reals_with_ipv4(&self) -> Vec<(&str, &str)> {
+        self.reals
+            .iter()
+            .map(|r| (r.as_str(), self.ipv4(r)))
+            .collect()
+    }
+
+    /// The real whose main interface has address `addr`.
+    pub fn real_by_addr(&self, addr: &str) -> Option<&str> {
+        self.reals
+            .iter()
+            .find(|r| {
+                let main = self.host(r).main();
+                main.ipv4 == addr || main.ipv6.as_deref() == Some(addr)
+            })
+            .map(String::as_str)
+    }
+
+    /// The only director of a lab with one (dr, tun).
+    pub fn director(&self) -> &str {
+        assert_eq!(
+            self.directors.len(),
+            1,
+            "lab {} has several directors",
+            self.lab
+        );
+        &self.directors[0]
+    }
+
+    pub fn router(&self) -> &str {
+        self.router
+            .as_deref()
+            .unwrap_or_else(|| panic!("lab {} has no router", self.lab))
+    }
+
+    pub fn service(&self, name: &str) -> &Service {
+        self.services
+            .get(name)
+            .unwrap_or_else(|| panic!("lab {} has no service {name}", self.lab))
+    }
+
+    pub fn daemon(&self, director: &str) -> &Daemon {
+        self.daemons
+            .get(director)
+            .unwrap_or_else(|| panic!("lab {} has no daemon on {director}", self.lab))
+    }
+
+    /// The CLI talking to `director`'s daemon.
+    pub fn xlb(&self, director: &str) -> Xlb {
+        Xlb {
+            socket: self.daemon(director).socket.clone(),
+        }
+    }
+
+    /// The lab's HTTP server on `host` listening on `port`.
+    pub fn server_on(&self, host: &str, port: u16) -> &Server {
+        self.servers
+            .values()
+            .find(|s| s.host == host && s.port == port)
+            .unwrap_or_else(|| panic!("lab {} has no server on {host}:{port}", self.lab))
+    }
+
+    /// The switch namespace and port name that `host`'s interface `iface` is plugged into.
+    pub fn switch_port(&self, host: &str, iface: &str) -> (&str, &str) {
+        let i = self
+            .host(host)
+            .ifaces
+            .get(iface)
+            .unwrap_or_else(|| panic!("{host} of lab {} has no {iface}", self.lab));
+        match (&i.switch, &i.port) {
+            (Some(sw), Some(port)) => (&self.switches[sw], port),
+            _ => panic!("{host}'s {iface} in lab {} is on no switch", self.lab),
+        }
+    }
+
+    /// The name of `host`'s interface on the segment (switch) of `other`'s main interface:
+    /// e.g. the router's interface towards the reals.
+    pub fn iface_towards(&self, host: &str, other: &str) -> &str {
+        let switch = &self.host(other).main().switch;
+        self.host(host)
+            .ifaces
+            .iter()
+            .find(|(_, i)| switch.is_some() && i.switch == *switch)
+            .map(|(name, _)| name.as_str())
+            .unwrap_or_else(|| panic!("{host} of lab {} shares no segment with {other}", self.lab))
+    }
+
+    /// A file in the lab's state dir.
+    pub fn state_file(&self, name: &str) -> String {
+        format!("{}/{name}", self.state_dir)
+    }
+}
+
+/// One interface of a host, named by its key in `Host::ifaces`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Iface {
+    pub mac: String,
+    pub ipv4: String,
+    pub ipv6: Option<String>,
+    /// The MTU the lab sets (none: the veth default).
+    pub mtu: Option<u32>,
+    /// The switch (a `Topology::switches` key) this interface's veth peer is a port of, and
+    /// that port's name; none for a direct link.
+    pub switch: Option<String>,
+    pub port: Option<String>,
+}
+
+/// One host of the lab: a network namespace and its interfaces.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Host {
+    pub ns: String,
+    /// The state file of `xlb realserver setup` on this real (TUN labs).
+    pub realserver_state: Option<String>,
+    pub ifaces: BTreeMap<String, Iface>,
+}
+
+impl Host {
+    /// The interface that carries the host's own address: the first by name (eth0).
+    pub fn main(&self) -> &Iface {
+        self.ifaces
+            .values()
+            .next()
+            .expect("a host with no interface")
+    }
+
+    /// The name of `main`'s interface.
+    pub fn main_name(&self) -> &str {
+        self.ifaces.keys().next().expect("a host with no interface")
+    }
+}
+
+/// A service `up` configures, with every real of the lab behind it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Service {
+    pub vip4: String,
+    pub vip6: Option<String>,
+    pub port: u16,
+    pub proto: String,
+    pub mode: String,
+    /// The port its health checks probe (only where `up` configures checks).
+    pub check_port: Option<u16>,
+}
+
+impl Service {
+    /// As the CLI writes it: VIP4:PORT/PROTO.
+    pub fn addr4(&self) -> String {
+        format!("{}:{}/{}", self.vip4, self.port, self.proto)
+    }
+
+    /// As the CLI writes it: [VIP6]:PORT/PROTO.
+    pub fn addr6(&self) -> String {
+        format!("[{}]:{}/{}", self.vip6(), self.port, self.proto)
+    }
+
+    pub fn vip6(&self) -> &str {
+        self.vip6.as_deref().expect("a service with no IPv6 VIP")
+    }
+
+    /// http://VIP4/ (the port only when it is not 80).
+    pub fn url4(&self) -> String {
+        http_url(&self.vip4, self.port)
+    }
+
+    /// http://[VIP6]/ (the port only when it is not 80).
+    pub fn url6(&self) -> String {
+        http_url(&format!("[{}]", self.vip6()), self.port)
+    }
+}
+
+/// http://HOST/ or http://HOST:PORT/ (the port only when it is not 80).
+pub fn http_url(host: &str, port: u16) -> String {
+    match port {
+        80 => format!("http://{host}/"),
+        _ => format!("http://{host}:{port}/"),
+    }
+}
+
+/// An xlb daemon as `up` starts it on a director (its files in the state dir).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Daemon {
+    /// The interface its XDP program is attached to (`--iface`).
+    pub iface: String,
+    /// Its control socket, for the CLI's `--socket`.
+    pub socket: String,
+    /// Its `--state` file.
+    pub state: String,
+    #[serde(flatten)]
+    pub spawned: Spawned,
+    /// Its Prometheus endpoint (ADDR:PORT), on the director's own loopback.
+    pub metrics: String,
+    /// `--bgp-config` and `--bird-socket`, where the daemon announces its VIPs (ecmp).
+    pub bgp_config: Option<String>,
+    pub bird_socket: Option<String>,
+}
+
+impl Daemon {
+    /// Its /metrics URL (to fetch from inside the director's namespace).
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.metrics)
+    }
+}
+
+/// One of the lab's HTTP servers on a real (scripts/lab-http-server.py).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    #[serde(flatten)]
+    pub spawned: Spawned,
+}
+
+/// What scripts/lab's `spawn` keeps of a process it started: its output and its pid, in the
+/// state dir.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Spawned {
+    pub log: String,
+    pub pid_file: String,
+}
+
+/// The BGP side of a lab whose directors announce their VIPs (ecmp).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Bgp {
+    pub router_as: u32,
+    pub director_as: u32,
+    /// Each BIRD instance, by the host it runs on.
+    pub birds: BTreeMap<String, Bird>,
+}
+
+/// One BIRD instance: its configuration and control socket.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Bird {
+    pub config: String,
+    pub socket: String,
+    #[serde(flatten)]
+    pub spawned: Spawned,
+}
+
+/// One of `scripts/lab`'s labs, by name (`dr`, `tun`, `ecmp`).
 #[derive(Clone, Copy)]
 pub struct Lab {
     name: &'static str,
@@ -81,35 +427,50 @@ impl Lab {
             self.name,
             text(&out)
         );
-        Running(self)
+        let running = Running(self);
+        self.topology();
+        running
+    }
+
+    /// Where `up` writes the lab's topology.
+    pub fn topology_path(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(self.name).join("topology.json")
+    }
+
+    /// The lab's names and addresses; panics when the lab is not up.
+    pub fn topology(&self) -> Topology {
+        Topology::load(&self.topology_path())
+            .unwrap_or_else(|e| panic!("lab {} (is it up?): {e:#}", self.name))
     }
 
     /// The lab's state directory (sockets, pid files, logs).
     pub fn state(&self) -> String {
-        format!("/run/xlb-lab/{}", self.name)
+        self.topology().state_dir
     }
 
-    /// The CLI talking to this lab's daemon.
+    /// The CLI talking to this lab's daemon (the lab's only director's).
     pub fn xlb(&self) -> Xlb {
-        Xlb {
-            socket: format!("{}/xlb.sock", self.state()),
-        }
+        let topo = self.topology();
+        topo.xlb(topo.director())
     }
 
     /// `xlb daemon ARGS` on this lab's socket in the director's network namespace only, as
     /// scripts/lab starts it: the host's bpffs stays visible, so its pins outlive it.
     pub fn daemon_command(&self, args: &[&str]) -> Command {
+        let topo = self.topology();
+        let dir = topo.director();
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.ns("dir")))
+        cmd.arg(format!("--net=/run/netns/{}", topo.ns(dir)))
             .arg(xlb_bin())
-            .args(["--socket", &self.xlb().socket, "daemon"])
+            .args(["--socket", &topo.daemon(dir).socket, "daemon"])
             .args(args);
         cmd
     }
 
     /// A command in the director's network namespace only (see `daemon_command`).
     pub fn in_dir_netns(&self, cmd: &[&str]) -> Output {
-        let mut full = vec![format!("--net=/run/netns/{}", self.ns("dir"))];
+        let topo = self.topology();
+        let mut full = vec![format!("--net=/run/netns/{}", topo.ns(topo.director()))];
         full.extend(cmd.iter().map(|s| s.to_string()));
         let full: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
         sh("nsenter", &full)
@@ -117,12 +478,13 @@ impl Lab {
 
     /// The lab's namespace for `host` (client, dir, r1, ...).
     pub fn ns(&self, host: &str) -> String {
-        format!("xlb-{}-{host}", self.name)
+        self.topology().ns(host).to_string()
     }
 
     /// One HTTP request from the lab's client on a new connection: the body, or None.
     pub fn curl(&self, max_time: &str, args: &[&str]) -> Option<String> {
-        let ns = self.ns("client");
+        let topo = self.topology();
+        let ns = topo.ns(&topo.client).to_string();
         let mut full = vec![
             "netns",
             "exec",
@@ -298,5 +660,51 @@ pub fn assert_spread(per_real: &BTreeMap<String, usize>, reals: usize, total: us
             (0.20..=0.47).contains(&share),
             "{real} got {share:.3} of requests: {per_real:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every lab's topology, as `scripts/lab LAB topology` prints what `up` writes, loads here
+    /// and holds what the tests rely on. Needs no root and brings nothing up.
+    #[test]
+    fn every_lab_topology_loads() {
+        let script = repo().join("scripts/lab");
+        let usage = text(&sh(script.to_str().unwrap(), &["help"]));
+        let labs = usage
+            .split_once("(labs: ")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .map(|(labs, _)| labs.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no lab list in: {usage}"));
+        assert!(labs.len() >= 3, "{labs:?}");
+        for lab in labs {
+            let out = sh(script.to_str().unwrap(), &[lab, "topology"]);
+            assert!(out.status.success(), "{lab}: {}", text(&out));
+            let topo = Topology::parse(&String::from_utf8_lossy(&out.stdout))
+                .unwrap_or_else(|e| panic!("{lab}: {e:#}"));
+            assert_eq!(topo.lab, lab);
+            // Where the tests look for it.
+            assert_eq!(
+                Path::new(&topo.state_dir).join("topology.json"),
+                Lab::new(lab.to_string().leak()).topology_path()
+            );
+            for host in topo.hosts.values() {
+                assert!(host.ns.starts_with(&topo.ns_prefix), "{lab}: {host:?}");
+            }
+            assert!(!topo.reals.is_empty() && !topo.directors.is_empty());
+            for d in &topo.directors {
+                topo.daemon(d);
+            }
+            for service in topo.services.values() {
+                for r in &topo.reals {
+                    topo.server_on(r, service.port);
+                    if let Some(port) = service.check_port {
+                        topo.server_on(r, port);
+                    }
+                }
+            }
+        }
     }
 }

@@ -15,10 +15,12 @@ use xlb_tests::lab::{
     KillOnDrop, Lab, assert_spread, keepalive, metric, repo, sh, text, wait_for, xlb_bin,
 };
 
-const VIP: &str = "198.18.0.100";
-const SERVICE: &str = "198.18.0.100:80/tcp";
-
 const LAB: Lab = Lab::new("dr");
+
+/// The lab's service, as the CLI writes it.
+fn service() -> String {
+    LAB.topology().service("web").addr4()
+}
 
 fn xlb(args: &[&str]) -> Output {
     LAB.xlb().run(args)
@@ -33,12 +35,19 @@ fn get(url: &str) -> Option<String> {
 }
 
 fn spread(n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) {
-    LAB.spread(&format!("http://{VIP}/"), n, String::new)
+    LAB.spread(&LAB.topology().service("web").url4(), n, String::new)
 }
 
 #[test]
 fn dr_lab_end_to_end() {
     let _lab = LAB.up();
+    let topo = LAB.topology();
+    let (service, url) = (service(), topo.service("web").url4());
+    let service = service.as_str();
+    let (client, dir) = (topo.client.as_str(), topo.director());
+    let client_ip = topo.ipv4(client);
+    let dir_ip = topo.ipv4(dir);
+    let reals = topo.real_ipv4s();
 
     // 300 requests all succeed, every real gets 20-47 %, and reals see the client's address.
     let (per_real, failed, clients) = spread(300);
@@ -47,7 +56,7 @@ fn dr_lab_end_to_end() {
     assert_spread(&per_real, 3, 300);
     assert_eq!(
         clients,
-        vec!["198.18.0.1".to_string()],
+        vec![client_ip.to_string()],
         "DR must keep the client source"
     );
 
@@ -57,67 +66,66 @@ fn dr_lab_end_to_end() {
         &[
             "netns",
             "exec",
-            "xlb-dr-client",
+            topo.ns(client),
             "ping",
             "-c",
             "2",
             "-W",
             "1",
-            "198.18.0.2",
+            dir_ip,
         ],
     );
     assert!(ping.status.success(), "ping to the director failed");
     let server = Command::new("ip")
-        .args(["netns", "exec", "xlb-dr-dir", "python3"])
+        .args(["netns", "exec", topo.ns(dir), "python3"])
         .arg(repo().join("scripts/lab-http-server.py"))
         .args(["--name", "director", "--port", "8080"])
         .spawn()
         .unwrap();
     let mut server = KillOnDrop(server);
+    let dir_url = format!("http://{dir_ip}:8080/");
     wait_for(
         "the director's own HTTP server",
         Duration::from_secs(10),
-        || get("http://198.18.0.2:8080/").is_some(),
+        || get(&dir_url).is_some(),
     );
     assert_eq!(
-        get("http://198.18.0.2:8080/").as_deref(),
-        Some("director 198.18.0.1")
+        get(&dir_url).as_deref(),
+        Some(format!("director {client_ip}").as_str())
     );
     let _ = server.0.kill();
 
     // After `real remove`, no new connection reaches that real; after `real add`, new ones do.
-    xlb_ok(&["real", "remove", SERVICE, "198.18.0.12"]);
+    let (r2, r2_ip) = (topo.reals[1].as_str(), reals[1]);
+    xlb_ok(&["real", "remove", service, r2_ip]);
     let (per_real, failed, _) = spread(60);
     assert_eq!(failed, 0);
     assert!(
-        !per_real.contains_key("r2"),
-        "r2 still got requests: {per_real:?}"
+        !per_real.contains_key(r2),
+        "{r2} still got requests: {per_real:?}"
     );
-    xlb_ok(&["real", "add", SERVICE, "198.18.0.12"]);
+    xlb_ok(&["real", "add", service, r2_ip]);
     let (per_real, failed, _) = spread(60);
     assert_eq!(failed, 0);
     assert!(
-        per_real.contains_key("r2"),
-        "r2 got nothing after re-adding: {per_real:?}"
+        per_real.contains_key(r2),
+        "{r2} got nothing after re-adding: {per_real:?}"
     );
 
     // A long-lived TCP connection keeps its real while other reals are added, removed and
     // reweighted, and while its own real is reweighted.
     let mut conn = KeepAlive::start();
     let (port, holder) = conn.next_answer();
-    let holder_ip = format!("198.18.0.1{}", holder.trim_start_matches('r'));
-    let other = ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
-        .into_iter()
-        .find(|r| *r != holder_ip)
-        .unwrap();
+    let holder_ip = topo.ipv4(&holder).to_string();
+    let other = reals.iter().copied().find(|r| *r != holder_ip).unwrap();
     let steps: [&[&str]; 7] = [
-        &["real", "weight", SERVICE, other, "50"],
-        &["real", "remove", SERVICE, other],
-        &["real", "add", SERVICE, other],
-        &["real", "add", SERVICE, "198.18.0.21"],
-        &["real", "remove", SERVICE, "198.18.0.21"],
-        &["real", "weight", SERVICE, &holder_ip, "300"],
-        &["real", "weight", SERVICE, &holder_ip, "100"],
+        &["real", "weight", service, other, "50"],
+        &["real", "remove", service, other],
+        &["real", "add", service, other],
+        &["real", "add", service, "198.18.0.21"],
+        &["real", "remove", service, "198.18.0.21"],
+        &["real", "weight", service, &holder_ip, "300"],
+        &["real", "weight", service, &holder_ip, "100"],
     ];
     for step in steps {
         xlb_ok(step);
@@ -132,7 +140,7 @@ fn dr_lab_end_to_end() {
 
     // Draining the connection's real: it keeps working, no new connection reaches the real,
     // and wait-drained returns only once the connection has closed.
-    xlb_ok(&["real", "drain", SERVICE, &holder_ip]);
+    xlb_ok(&["real", "drain", service, &holder_ip]);
     assert!(xlb_ok(&["status"]).contains("draining"));
     let (per_real, failed, _) = spread(45);
     assert_eq!(failed, 0, "{per_real:?}");
@@ -146,7 +154,7 @@ fn dr_lab_end_to_end() {
     let early = xlb(&[
         "real",
         "wait-drained",
-        SERVICE,
+        service,
         &holder_ip,
         "--timeout",
         "1s",
@@ -160,7 +168,7 @@ fn dr_lab_end_to_end() {
     xlb_ok(&[
         "real",
         "wait-drained",
-        SERVICE,
+        service,
         &holder_ip,
         "--timeout",
         "20s",
@@ -169,7 +177,7 @@ fn dr_lab_end_to_end() {
         "wait-drained returned {:?} after the connection closed",
         closed.elapsed()
     );
-    xlb_ok(&["real", "enable", SERVICE, &holder_ip]);
+    xlb_ok(&["real", "enable", service, &holder_ip]);
     let (per_real, failed, _) = spread(45);
     assert_eq!(failed, 0, "{per_real:?}");
     assert!(
@@ -183,19 +191,19 @@ fn dr_lab_end_to_end() {
         &[
             "netns",
             "exec",
-            "xlb-dr-dir",
+            topo.ns(dir),
             "curl",
             "-s",
             "--max-time",
             "5",
-            "http://127.0.0.1:9180/metrics",
+            &topo.daemon(dir).metrics_url(),
         ],
     );
     let page = String::from_utf8_lossy(&page.stdout);
     // Every real has its series; the long-lived connection's real carried its packets (the
     // others were just re-added, so their counters restarted).
-    for real in ["198.18.0.11", "198.18.0.12", "198.18.0.13"] {
-        let series = format!("xlb_real_packets_total{{real=\"{real}\",service=\"{SERVICE}\"}}");
+    for &real in &reals {
+        let series = format!("xlb_real_packets_total{{real=\"{real}\",service=\"{service}\"}}");
         let value = metric(&page, &series);
         assert!(value.is_some(), "metrics lack {series}:\n{page}");
         if real == holder_ip {
@@ -211,11 +219,11 @@ fn dr_lab_end_to_end() {
     let before = xlb_ok(&["save"]);
     for bad in [
         vec!["service", "add", "198.18.0.300:80/tcp"],
-        vec!["real", "add", "198.18.0.101:80/tcp", "198.18.0.11"],
-        vec!["real", "add", SERVICE, "198.18.0.11"],
-        vec!["real", "add", SERVICE, "198.18.0.21", "--weight", "70000"],
-        vec!["real", "add", SERVICE, "fd00:18::21"],
-        vec!["service", "add", SERVICE],
+        vec!["real", "add", "198.18.0.101:80/tcp", reals[0]],
+        vec!["real", "add", service, reals[0]],
+        vec!["real", "add", service, "198.18.0.21", "--weight", "70000"],
+        vec!["real", "add", service, "fd00:18::21"],
+        vec!["service", "add", service],
     ] {
         let out = xlb(&bad);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -229,20 +237,21 @@ fn dr_lab_end_to_end() {
     assert_eq!(xlb_ok(&["save"]), before);
 
     // A second daemon on the same interface is refused.
+    let daemon = topo.daemon(dir);
     let second = sh(
         "ip",
         &[
             "netns",
             "exec",
-            "xlb-dr-dir",
+            topo.ns(dir),
             xlb_bin().to_str().unwrap(),
             "--socket",
-            "/run/xlb-lab/dr/second.sock",
+            &topo.state_file("second.sock"),
             "daemon",
             "--iface",
-            "eth0",
+            &daemon.iface,
             "--state",
-            "/run/xlb-lab/dr/second.json",
+            &topo.state_file("second.json"),
         ],
     );
     assert!(!second.status.success(), "a second daemon attached");
@@ -263,11 +272,11 @@ fn dr_lab_end_to_end() {
             answered >= 5,
             "round {round}: {answered} answers without a daemon"
         );
-        let mut args = vec!["--iface", "eth0", "--state", "/run/xlb-lab/dr/state.json"];
+        let mut args = vec!["--iface", &daemon.iface, "--state", &daemon.state];
         if let Some(cap) = extra {
             args.extend(["--conn-capacity", cap]);
         }
-        let log = format!("/run/xlb-lab/dr/restart-{round}.log");
+        let log = topo.state_file(&format!("restart-{round}.log"));
         let restarted = KillOnDrop(
             LAB.daemon_command(&args)
                 .stderr(std::fs::File::create(&log).unwrap())
@@ -293,8 +302,8 @@ fn dr_lab_end_to_end() {
         );
         assert_eq!(xlb_ok(&["save"]), before, "configuration not restored");
         // A change through the new daemon, applied to the adopted data path.
-        xlb_ok(&["real", "weight", SERVICE, "198.18.0.12", "60"]);
-        xlb_ok(&["real", "weight", SERVICE, "198.18.0.12", "100"]);
+        xlb_ok(&["real", "weight", service, r2_ip, "60"]);
+        xlb_ok(&["real", "weight", service, r2_ip, "100"]);
         for _ in 0..10 {
             assert_eq!(
                 conn.next_answer(),
@@ -303,7 +312,7 @@ fn dr_lab_end_to_end() {
             );
         }
         // The restarted daemon is the lab's daemon from now on (the lab stops it by pid).
-        std::fs::write("/run/xlb-lab/dr/xlb.pid", restarted.0.id().to_string()).unwrap();
+        std::fs::write(&daemon.spawned.pid_file, restarted.0.id().to_string()).unwrap();
         std::mem::forget(restarted);
     }
     let (done, failed) = load.stop();
@@ -316,27 +325,30 @@ fn dr_lab_end_to_end() {
     // the VIP is no longer served.
     kill_daemon("TERM");
     assert!(
-        get(&format!("http://{VIP}/")).is_some(),
+        get(&url).is_some(),
         "a stopped daemon's data path must keep forwarding"
     );
-    let detach = LAB.in_dir_netns(&[xlb_bin().to_str().unwrap(), "detach", "--iface", "eth0"]);
+    let detach = LAB.in_dir_netns(&[
+        xlb_bin().to_str().unwrap(),
+        "detach",
+        "--iface",
+        &daemon.iface,
+    ]);
     assert!(detach.status.success(), "{}", text(&detach));
     assert!(
         text(&detach).contains("removed 10 pins"),
         "{}",
         text(&detach)
     );
-    let link = sh("ip", &["-n", "xlb-dr-dir", "link", "show", "eth0"]);
+    let link = sh("ip", &["-n", topo.ns(dir), "link", "show", &daemon.iface]);
     assert!(!text(&link).contains("xdp"), "{}", text(&link));
-    assert!(
-        get(&format!("http://{VIP}/")).is_none(),
-        "the VIP is still served after detach"
-    );
+    assert!(get(&url).is_none(), "the VIP is still served after detach");
 }
 
 /// SIGNAL to the lab's daemon; returns once it is gone.
 fn kill_daemon(signal: &str) {
-    let pid = std::fs::read_to_string("/run/xlb-lab/dr/xlb.pid").unwrap();
+    let topo = LAB.topology();
+    let pid = std::fs::read_to_string(&topo.daemon(topo.director()).spawned.pid_file).unwrap();
     let pid = pid.trim().to_string();
     assert!(sh("kill", &[&format!("-{signal}"), &pid]).status.success());
     wait_for("the daemon to exit", Duration::from_secs(10), || {
@@ -358,12 +370,13 @@ impl Load {
         let handle = std::thread::spawn(move || {
             let start = Instant::now();
             let (mut done, mut failed) = (0, 0);
+            let url = LAB.topology().service("web").url4();
             while !flag.load(std::sync::atomic::Ordering::Relaxed)
                 && done < 2000
                 && start.elapsed() < Duration::from_secs(60)
             {
                 done += 1;
-                if get(&format!("http://{VIP}/")).is_none() {
+                if get(&url).is_none() {
                     failed += 1;
                 }
             }
@@ -388,9 +401,11 @@ struct KeepAlive {
 impl KeepAlive {
     fn start() -> KeepAlive {
         let (tx, answers) = std::sync::mpsc::channel();
+        let topo = LAB.topology();
+        let web = topo.service("web");
         let child = keepalive(
-            "xlb-dr-client",
-            &[VIP, "80", "--max-seconds", "60"],
+            topo.ns(&topo.client),
+            &[&web.vip4, &web.port.to_string(), "--max-seconds", "60"],
             move |line| tx.send(line).is_ok(),
         );
         KeepAlive {

@@ -10,6 +10,7 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
+    path::Path,
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -19,20 +20,9 @@ use aya::maps::MapData;
 use lb_common::{Backend, FAMILY_V4, ServiceKey, ServiceValue};
 use serde_json::Value;
 use xlb::control::service_key;
-use xlb_tests::lab::{KillOnDrop, Lab, Xlb, keepalive, repo, sh, text, wait_for};
+use xlb_tests::lab::{KillOnDrop, Lab, Topology, Xlb, keepalive, repo, sh, text, wait_for};
 
 const LAB: Lab = Lab::new("ecmp");
-const STATE: &str = "/run/xlb-lab/ecmp";
-const ROUTER_NS: &str = "xlb-ecmp-rt";
-const DIRECTOR_SWITCH_NS: &str = "xlb-ecmp-sw1";
-const WEB_VIP: &str = "198.18.13.1";
-const WEB: &str = "198.18.13.1:80/tcp";
-const ALT_VIP: &str = "198.18.13.2";
-const ALT: &str = "198.18.13.2:80/tcp";
-/// (name, address) of each director.
-const D1: (&str, &str) = ("d1", "198.18.11.1");
-const D2: (&str, &str) = ("d2", "198.18.11.2");
-const REALS: [&str; 3] = ["r1", "r2", "r3"];
 /// Long-lived connections held across a director's loss.
 const CONNECTIONS: usize = 24;
 /// A long-lived connection silent for longer than this (it asks every 50 ms) was cut off.
@@ -40,10 +30,19 @@ const STALL: Duration = Duration::from_millis(150);
 /// Short connections, each from a new client port, for the spread over the directors.
 const SPREAD_REQUESTS: usize = 200;
 
-fn director(d: (&str, &str)) -> Xlb {
-    Xlb {
-        socket: format!("{STATE}/{}.sock", d.0),
-    }
+/// (name, address) of a director.
+type Director<'a> = (&'a str, &'a str);
+
+/// The lab's two directors, (name, address) each.
+fn directors(topo: &Topology) -> (Director<'_>, Director<'_>) {
+    let [d1, d2] = &topo.directors[..] else {
+        panic!("the ecmp lab has two directors: {:?}", topo.directors)
+    };
+    ((d1, topo.ipv4(d1)), (d2, topo.ipv4(d2)))
+}
+
+fn director(d: Director) -> Xlb {
+    LAB.topology().xlb(d.0)
 }
 
 fn url(vip: &str) -> String {
@@ -52,9 +51,17 @@ fn url(vip: &str) -> String {
 
 /// The router's next hops for `vip` (its kernel's FIB, as `ip -j route` reports it), sorted.
 fn router_hops(vip: &str) -> Vec<String> {
+    let topo = LAB.topology();
     let out = sh(
         "ip",
-        &["-j", "-n", ROUTER_NS, "route", "show", &format!("{vip}/32")],
+        &[
+            "-j",
+            "-n",
+            topo.ns(topo.router()),
+            "route",
+            "show",
+            &format!("{vip}/32"),
+        ],
     );
     assert!(out.status.success(), "ip route: {}", text(&out));
     let routes: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -97,18 +104,30 @@ fn wait_hops(vip: &str, want: &[&str], timeout: Duration) -> Duration {
 /// netlink reports it), not from anything the daemon says. SERVICES gives the service's id,
 /// MAGLEV its table (an inner array: `[size, 0]`, then the slots' backend ids), BACKENDS each
 /// backend's address.
-fn kernel_table(d: (&str, &str), service: &str) -> Vec<IpAddr> {
-    let ns = format!("xlb-ecmp-{}", d.0);
+fn kernel_table(d: Director, service: &str) -> Vec<IpAddr> {
+    let topo = LAB.topology();
     let out = sh(
         "ip",
-        &["-j", "-d", "-n", &ns, "link", "show", "dev", "eth0"],
+        &[
+            "-j",
+            "-d",
+            "-n",
+            topo.ns(d.0),
+            "link",
+            "show",
+            "dev",
+            &topo.daemon(d.0).iface,
+        ],
     );
     assert!(out.status.success(), "ip link: {}", text(&out));
     let link: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let prog_id = link[0]["xdp"]["prog"]["id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no XDP program on {}'s eth0: {link}", d.0))
-        as u32;
+    let prog_id = link[0]["xdp"]["prog"]["id"].as_u64().unwrap_or_else(|| {
+        panic!(
+            "no XDP program on {}'s {}: {link}",
+            d.0,
+            topo.daemon(d.0).iface
+        )
+    }) as u32;
     let prog = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == prog_id)
@@ -152,7 +171,7 @@ fn kernel_table(d: (&str, &str), service: &str) -> Vec<IpAddr> {
         .collect()
 }
 
-fn stats(d: (&str, &str)) -> Value {
+fn stats(d: Director) -> Value {
     serde_json::from_str(&director(d).ok(&["--json", "stats"])).unwrap()
 }
 
@@ -166,16 +185,18 @@ fn service_new_flows(stats: &Value, service: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn include_file(d: (&str, &str)) -> String {
-    std::fs::read_to_string(format!("{STATE}/{}-vips.conf", d.0)).unwrap_or_default()
+fn include_file(d: Director) -> String {
+    let topo = LAB.topology();
+    let file = topo.daemon(d.0).bgp_config.clone().unwrap();
+    std::fs::read_to_string(file).unwrap_or_default()
 }
 
-fn announces(d: (&str, &str), vip: &str) -> bool {
+fn announces(d: Director, vip: &str) -> bool {
     include_file(d).contains(&format!("route {vip}/32 blackhole;"))
 }
 
-fn pid(name: &str) -> String {
-    std::fs::read_to_string(format!("{STATE}/{name}.pid"))
+fn pid(pid_file: &str) -> String {
+    std::fs::read_to_string(pid_file)
         .unwrap()
         .trim()
         .to_string()
@@ -187,10 +208,18 @@ fn diagnostics() -> String {
         &["ecmp", "status"],
     );
     let mut out = format!("--- scripts/lab ecmp status ---\n{}", text(&status));
-    for log in ["xlb-d1", "xlb-d2", "rt-bird"] {
-        let body = std::fs::read_to_string(format!("{STATE}/{log}.log")).unwrap_or_default();
+    let topo = LAB.topology();
+    let bgp = topo.bgp.as_ref().unwrap();
+    let logs = topo
+        .directors
+        .iter()
+        .map(|d| &topo.daemon(d).spawned.log)
+        .chain([&bgp.birds[topo.router()].spawned.log]);
+    for log in logs {
+        let body = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = body.lines().rev().take(10).collect();
-        out += &format!("--- {log}.log (end) ---\n");
+        let name = Path::new(log).file_name().unwrap().to_string_lossy();
+        out += &format!("--- {name} (end) ---\n");
         for line in tail.into_iter().rev() {
             out += line;
             out.push('\n');
@@ -226,12 +255,14 @@ impl Connections {
     fn open(vip: &str, n: usize, seconds: u32) -> Connections {
         let (tx, rx) = mpsc::channel();
         let mut children = Vec::new();
+        let topo = LAB.topology();
+        let port = topo.service("web").port.to_string();
         for i in 0..n {
             let tx = tx.clone();
             let seconds = seconds.to_string();
             children.push(keepalive(
-                "xlb-ecmp-client",
-                &[vip, "80", "--interval", "0.05", "--timeout", "10"]
+                topo.ns(&topo.client),
+                &[vip, &port, "--interval", "0.05", "--timeout", "10"]
                     .into_iter()
                     .chain(["--max-seconds", &seconds])
                     .collect::<Vec<_>>(),
@@ -332,8 +363,9 @@ fn median_of(d: &[Duration]) -> Duration {
 
 /// A command to one of the lab's BIRDs (rt, d1, d2) over its own control socket; its output.
 fn birdc(name: &str, cmd: &str) -> String {
-    let sock = format!("{STATE}/{name}-bird.ctl");
-    let mut args = vec!["5", "birdc", "-s", &sock];
+    let topo = LAB.topology();
+    let sock = &topo.bgp.as_ref().unwrap().birds[name].socket;
+    let mut args = vec!["5", "birdc", "-s", sock];
     args.extend(cmd.split_whitespace());
     let out = sh("timeout", &args);
     assert!(
@@ -347,25 +379,30 @@ fn birdc(name: &str, cmd: &str) -> String {
 #[test]
 fn ecmp_directors() {
     let _lab = LAB.up();
-    let (d1, d2) = (director(D1), director(D2));
+    let topo = LAB.topology();
+    let (dir1, dir2) = directors(&topo);
+    let (d1, d2) = (director(dir1), director(dir2));
+    let (web_vip, alt_vip) = (&topo.service("web").vip4, &topo.service("alt").vip4);
+    let (web, alt) = (&topo.service("web").addr4(), &topo.service("alt").addr4());
+    let alt_check_port = topo.service("alt").check_port.unwrap();
 
     // --- The lab's starting point: one configuration on both directors, every VIP announced
     // by both and routed over both. ---
     let config1: Value = serde_json::from_str(&d1.ok(&["--json", "save"])).unwrap();
     let config2: Value = serde_json::from_str(&d2.ok(&["--json", "save"])).unwrap();
     assert_eq!(config1, config2, "xlb restore on d2 did not reproduce d1");
-    for vip in [WEB_VIP, ALT_VIP] {
+    for vip in [web_vip, alt_vip] {
         assert!(
-            announces(D1, vip) && announces(D2, vip),
+            announces(dir1, vip) && announces(dir2, vip),
             "{}",
             diagnostics()
         );
-        assert_eq!(router_hops(vip), [D1.1, D2.1], "{}", diagnostics());
+        assert_eq!(router_hops(vip), [dir1.1, dir2.1], "{}", diagnostics());
     }
     // The kernel's own tables, slot by slot: d1 was configured through the CLI, d2 restored
     // d1's saved configuration (their backend ids may differ; the reals per slot may not).
-    for service in [WEB, ALT] {
-        let (t1, t2) = (kernel_table(D1, service), kernel_table(D2, service));
+    for service in [web, alt] {
+        let (t1, t2) = (kernel_table(dir1, service), kernel_table(dir2, service));
         let mut per_real = BTreeMap::new();
         for a in &t1 {
             *per_real.entry(a.to_string()).or_insert(0) += 1;
@@ -377,7 +414,7 @@ fn ecmp_directors() {
             t1.len()
         );
         assert_eq!(t1.len(), 65537);
-        assert_eq!(per_real.len(), REALS.len(), "{per_real:?}");
+        assert_eq!(per_real.len(), topo.reals.len(), "{per_real:?}");
         assert!(
             t1 == t2,
             "{differing} slots differ between d1 and d2 for {service}"
@@ -385,15 +422,15 @@ fn ecmp_directors() {
     }
 
     // --- Spread: new connections from many client ports land on both directors. ---
-    let (before1, before2) = (stats(D1), stats(D2));
-    let (per_real, failed) = requests(WEB_VIP, SPREAD_REQUESTS);
-    let new1 = service_new_flows(&stats(D1), WEB) - service_new_flows(&before1, WEB);
-    let new2 = service_new_flows(&stats(D2), WEB) - service_new_flows(&before2, WEB);
+    let (before1, before2) = (stats(dir1), stats(dir2));
+    let (per_real, failed) = requests(web_vip, SPREAD_REQUESTS);
+    let new1 = service_new_flows(&stats(dir1), web) - service_new_flows(&before1, web);
+    let new2 = service_new_flows(&stats(dir2), web) - service_new_flows(&before2, web);
     println!(
         "spread: {SPREAD_REQUESTS} connections, {failed} failed; new flows d1 {new1}, d2 {new2}; reals {per_real:?}"
     );
     assert_eq!(failed, 0, "{per_real:?}\n{}", diagnostics());
-    assert_eq!(per_real.len(), REALS.len(), "{per_real:?}");
+    assert_eq!(per_real.len(), topo.reals.len(), "{per_real:?}");
     // Every connection is one new flow on exactly one director (a retransmitted SYN may
     // count twice).
     let total = (new1 + new2) as usize;
@@ -413,11 +450,11 @@ fn ecmp_directors() {
     // NOTIFICATION, no TCP FIN; the router learns it only from BFD). Long-lived connections
     // through it move to d2 and reach the same real: identical Maglev tables, no shared
     // connection state. ---
-    let mut conns = Connections::open(WEB_VIP, CONNECTIONS, 40);
+    let mut conns = Connections::open(web_vip, CONNECTIONS, 40);
     lose_director(
         &mut conns,
-        D1,
-        D2,
+        dir1,
+        dir2,
         "director loss (BFD)",
         Duration::from_secs(4),
     );
@@ -425,8 +462,8 @@ fn ecmp_directors() {
     // d1 comes back: it announces again once its checks pass; the connections ECMP moves back
     // to it keep their real too.
     let back = Instant::now();
-    link(D1, "up");
-    let returned = wait_hops(WEB_VIP, &[D1.1, D2.1], Duration::from_secs(20));
+    link(dir1, "up");
+    let returned = wait_hops(web_vip, &[dir1.1, dir2.1], Duration::from_secs(20));
     conns.run_for(Duration::from_secs(2));
     let alive = conns.survivors_after(back + returned);
     println!(
@@ -441,94 +478,110 @@ fn ecmp_directors() {
 
     // --- The same loss with BGP's hold timer (3 s) as the only detector: BFD off on every
     // BIRD (the sessions restart), then d2 goes dark. ---
-    for name in ["rt", "d1", "d2"] {
-        let path = format!("{STATE}/{name}-bird.conf");
-        let conf = std::fs::read_to_string(&path).unwrap();
+    let birds = &topo.bgp.as_ref().unwrap().birds;
+    for name in std::iter::once(topo.router()).chain(topo.directors.iter().map(String::as_str)) {
+        let path = &birds[name].config;
+        let conf = std::fs::read_to_string(path).unwrap();
         assert!(conf.contains("bfd on;"), "{conf}");
-        std::fs::write(&path, conf.replace("bfd on;", "")).unwrap();
+        std::fs::write(path, conf.replace("bfd on;", "")).unwrap();
         birdc(name, "configure");
     }
     wait_for("BGP sessions without BFD", Duration::from_secs(20), || {
-        birdc("rt", "show protocols").matches("Established").count() == 2
-            && birdc("rt", "show bfd sessions").matches("Up").count() == 0
+        birdc(topo.router(), "show protocols")
+            .matches("Established")
+            .count()
+            == topo.directors.len()
+            && birdc(topo.router(), "show bfd sessions")
+                .matches("Up")
+                .count()
+                == 0
     });
-    wait_hops(WEB_VIP, &[D1.1, D2.1], Duration::from_secs(20));
-    let mut conns = Connections::open(WEB_VIP, CONNECTIONS, 40);
+    wait_hops(web_vip, &[dir1.1, dir2.1], Duration::from_secs(20));
+    let mut conns = Connections::open(web_vip, CONNECTIONS, 40);
     lose_director(
         &mut conns,
-        D2,
-        D1,
+        dir2,
+        dir1,
         "director loss (hold timer only)",
         Duration::from_secs(8),
     );
     drop(conns);
-    link(D2, "up");
-    wait_hops(WEB_VIP, &[D1.1, D2.1], Duration::from_secs(20));
-    wait_hops(ALT_VIP, &[D1.1, D2.1], Duration::from_secs(20));
+    link(dir2, "up");
+    wait_hops(web_vip, &[dir1.1, dir2.1], Duration::from_secs(20));
+    wait_hops(alt_vip, &[dir1.1, dir2.1], Duration::from_secs(20));
 
     // --- Every real of a VIP down (alt's check port closed on every real): both directors
     // withdraw it, the router has no route left for it; web is untouched. ---
-    for r in REALS {
-        let out = sh("kill", &["-TERM", &pid(&format!("alt-{r}"))]);
+    for r in &topo.reals {
+        let out = sh(
+            "kill",
+            &[
+                "-TERM",
+                &pid(&topo.server_on(r, alt_check_port).spawned.pid_file),
+            ],
+        );
         assert!(out.status.success(), "{}", text(&out));
     }
-    let withdrawn = wait_hops(ALT_VIP, &[], Duration::from_secs(10));
+    let withdrawn = wait_hops(alt_vip, &[], Duration::from_secs(10));
     println!(
-        "all reals of {ALT} down: withdrawn from the router after {} ms",
+        "all reals of {alt} down: withdrawn from the router after {} ms",
         ms(withdrawn)
     );
-    assert!(!announces(D1, ALT_VIP) && !announces(D2, ALT_VIP));
-    assert_eq!(router_hops(WEB_VIP), [D1.1, D2.1]);
+    assert!(!announces(dir1, alt_vip) && !announces(dir2, alt_vip));
+    assert_eq!(router_hops(web_vip), [dir1.1, dir2.1]);
     assert!(
-        LAB.curl("1", &[&url(ALT_VIP)]).is_none(),
-        "{ALT} still answers"
+        LAB.curl("1", &[&url(alt_vip)]).is_none(),
+        "{alt} still answers"
     );
     let mut restarted = Vec::new();
-    for r in REALS {
+    for r in &topo.reals {
         let child = Command::new("ip")
-            .args(["netns", "exec", &LAB.ns(r), "python3"])
+            .args(["netns", "exec", topo.ns(r), "python3"])
             .arg(repo().join("scripts/lab-http-server.py"))
-            .args(["--name", r, "--port", "8080"])
+            .args(["--name", r, "--port", &alt_check_port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         restarted.push(KillOnDrop(child));
     }
-    let announced = wait_hops(ALT_VIP, &[D1.1, D2.1], Duration::from_secs(10));
+    let announced = wait_hops(alt_vip, &[dir1.1, dir2.1], Duration::from_secs(10));
     println!(
-        "{ALT}'s reals back: routed over both directors again {} ms after the servers restarted",
+        "{alt}'s reals back: routed over both directors again {} ms after the servers restarted",
         ms(announced)
     );
-    let (per_real, failed) = requests(ALT_VIP, 30);
+    let (per_real, failed) = requests(alt_vip, 30);
     assert_eq!(failed, 0, "{per_real:?}");
 
     // --- A service removed on one director: that director withdraws its VIP, the other keeps
     // serving all of it. ---
-    d2.ok(&["service", "remove", ALT]);
-    wait_hops(ALT_VIP, &[D1.1], Duration::from_secs(10));
+    d2.ok(&["service", "remove", alt]);
+    wait_hops(alt_vip, &[dir1.1], Duration::from_secs(10));
     assert!(
-        announces(D2, WEB_VIP) && !announces(D2, ALT_VIP),
+        announces(dir2, web_vip) && !announces(dir2, alt_vip),
         "{}",
-        include_file(D2)
+        include_file(dir2)
     );
-    let before = service_new_flows(&stats(D1), ALT);
-    let (per_real, failed) = requests(ALT_VIP, 30);
-    let through_d1 = service_new_flows(&stats(D1), ALT) - before;
-    println!("{ALT} removed on d2: 30 connections, {failed} failed, {through_d1} through d1");
+    let before = service_new_flows(&stats(dir1), alt);
+    let (per_real, failed) = requests(alt_vip, 30);
+    let through_d1 = service_new_flows(&stats(dir1), alt) - before;
+    println!("{alt} removed on d2: 30 connections, {failed} failed, {through_d1} through d1");
     assert_eq!(failed, 0, "{per_real:?}");
     assert_eq!(through_d1, 30);
-    d2.ok(&["restore", &format!("{STATE}/config.json")]);
-    wait_hops(ALT_VIP, &[D1.1, D2.1], Duration::from_secs(10));
+    d2.ok(&["restore", topo.saved_config.as_ref().unwrap()]);
+    wait_hops(alt_vip, &[dir1.1, dir2.1], Duration::from_secs(10));
 
     // --- A clean stop (SIGTERM) of d2's daemon: it withdraws every VIP before it exits;
     // connections through d2 move to d1 and keep their real. ---
-    let mut conns = Connections::open(WEB_VIP, CONNECTIONS, 30);
+    let mut conns = Connections::open(web_vip, CONNECTIONS, 30);
     let stopped = Instant::now();
-    let out = sh("kill", &["-TERM", &pid("xlb-d2")]);
+    let out = sh(
+        "kill",
+        &["-TERM", &pid(&topo.daemon(dir2.0).spawned.pid_file)],
+    );
     assert!(out.status.success(), "{}", text(&out));
-    let withdrawn = wait_hops(WEB_VIP, &[D1.1], Duration::from_secs(10));
-    wait_hops(ALT_VIP, &[D1.1], Duration::from_secs(10));
+    let withdrawn = wait_hops(web_vip, &[dir1.1], Duration::from_secs(10));
+    wait_hops(alt_vip, &[dir1.1], Duration::from_secs(10));
     conns.run_for(Duration::from_secs(3));
     let alive = conns.survivors_after(stopped + withdrawn);
     let stalled: Vec<Duration> = conns.stalled_after(stopped).iter().map(|s| s.1).collect();
@@ -544,9 +597,9 @@ fn ecmp_directors() {
         }
     );
     assert!(
-        !announces(D2, WEB_VIP) && !announces(D2, ALT_VIP),
+        !announces(dir2, web_vip) && !announces(dir2, alt_vip),
         "{}",
-        include_file(D2)
+        include_file(dir2)
     );
     assert!(conns.errors.is_empty(), "{:?}", conns.errors);
     assert_eq!(alive.len(), CONNECTIONS, "{}", diagnostics());
@@ -554,12 +607,10 @@ fn ecmp_directors() {
 
 /// Takes a director's switch port down or up: down, the director is dark (as after a crash
 /// or a power loss), its processes still running but cut off.
-fn link(d: (&str, &str), state: &str) {
-    let port = format!("sw-{}", d.0);
-    let out = sh(
-        "ip",
-        &["-n", DIRECTOR_SWITCH_NS, "link", "set", &port, state],
-    );
+fn link(d: Director, state: &str) {
+    let topo = LAB.topology();
+    let (switch, port) = topo.switch_port(d.0, &topo.daemon(d.0).iface);
+    let out = sh("ip", &["-n", switch, "link", "set", port, state]);
     assert!(out.status.success(), "{}", text(&out));
 }
 
@@ -569,15 +620,16 @@ fn link(d: (&str, &str), state: &str) {
 /// each one that stalled (those through `lost`) as a flow it had never seen.
 fn lose_director(
     conns: &mut Connections,
-    lost: (&str, &str),
-    kept: (&str, &str),
+    lost: Director,
+    kept: Director,
     what: &str,
     settle: Duration,
 ) {
+    let web_vip = LAB.topology().service("web").vip4.clone();
     let miss_before = stats(kept)["global"]["conn_miss"].as_u64().unwrap();
     let t = Instant::now();
     link(lost, "down");
-    let converged = wait_hops(WEB_VIP, &[kept.1], Duration::from_secs(10));
+    let converged = wait_hops(&web_vip, &[kept.1], Duration::from_secs(10));
     conns.run_for(settle);
     let alive = conns.survivors_after(t + converged);
     let stalled: Vec<Duration> = conns.stalled_after(t).iter().map(|s| s.1).collect();

@@ -15,14 +15,6 @@ use std::{
 
 use xlb_tests::lab::{KillOnDrop, Lab, repo};
 
-const VIP: &str = "198.18.0.100";
-const SERVICE: &str = "198.18.0.100:80/tcp";
-const STATE: &str = "/run/xlb-lab/dr";
-const REALS: [(&str, &str); 3] = [
-    ("r1", "198.18.0.11"),
-    ("r2", "198.18.0.12"),
-    ("r3", "198.18.0.13"),
-];
 const INTERVAL_MS: u64 = 300;
 const FALL: u64 = 3;
 
@@ -30,6 +22,16 @@ const LAB: Lab = Lab::new("dr");
 
 fn xlb_ok(args: &[&str]) -> String {
     LAB.xlb().ok(args)
+}
+
+/// The lab's service, as the CLI writes it.
+fn service() -> String {
+    LAB.topology().service("web").addr4()
+}
+
+/// Another service on the lab's VIP: PORT/PROTO.
+fn vip_service(port_proto: &str) -> String {
+    format!("{}:{port_proto}", LAB.topology().service("web").vip4)
 }
 
 /// Changes the lab service's saved configuration and restores it (`xlb save` | edit |
@@ -40,10 +42,10 @@ fn edit_service(edit: impl FnOnce(&mut serde_json::Value)) {
         .as_array_mut()
         .unwrap()
         .iter_mut()
-        .find(|s| s["service"] == SERVICE)
+        .find(|s| s["service"] == service())
         .unwrap();
     edit(svc);
-    let file = format!("{STATE}/health-config.json");
+    let file = LAB.topology().state_file("health-config.json");
     std::fs::write(&file, config.to_string()).unwrap();
     xlb_ok(&["restore", &file]);
 }
@@ -83,16 +85,14 @@ fn wait_state(service: &str, real: &str, want: &str, timeout: Duration) -> Durat
 
 /// One GET to the VIP on a new connection: the answering real's name, or None.
 fn get() -> Option<String> {
-    LAB.curl("1", &[&format!("http://{VIP}/")])
+    LAB.curl("1", &[&LAB.topology().service("web").url4()])
         .map(|body| body.split_whitespace().next().unwrap_or("").to_string())
 }
 
-fn pid_file(name: &str) -> String {
-    format!("{STATE}/{name}.pid")
-}
-
 fn kill_server(real: &str) {
-    let pid = std::fs::read_to_string(pid_file(&format!("http-{real}"))).unwrap();
+    let topo = LAB.topology();
+    let server = topo.server_on(real, topo.service("web").port);
+    let pid = std::fs::read_to_string(&server.spawned.pid_file).unwrap();
     assert!(
         Command::new("kill")
             .arg(pid.trim())
@@ -104,10 +104,11 @@ fn kill_server(real: &str) {
 
 /// Starts a lab HTTP server in a real's namespace, in place of the lab's.
 fn start_server(real: &str) -> KillOnDrop {
+    let port = LAB.topology().service("web").port.to_string();
     let child = Command::new("ip")
-        .args(["netns", "exec", &format!("xlb-dr-{real}"), "python3"])
+        .args(["netns", "exec", &LAB.ns(real), "python3"])
         .arg(repo().join("scripts/lab-http-server.py"))
-        .args(["--name", real, "--port", "80"])
+        .args(["--name", real, "--port", &port])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -123,7 +124,7 @@ fn udp_echo(real: &str) -> KillOnDrop {
                       while True:\n    d, a = s.recvfrom(2048)\n    s.sendto(d, a)\n";
     KillOnDrop(
         Command::new("ip")
-            .args(["netns", "exec", &format!("xlb-dr-{real}"), "python3", "-c"])
+            .args(["netns", "exec", &LAB.ns(real), "python3", "-c"])
             .arg(script)
             .spawn()
             .unwrap(),
@@ -133,6 +134,22 @@ fn udp_echo(real: &str) -> KillOnDrop {
 #[test]
 fn health_checks_in_the_dr_lab() {
     let _lab = LAB.up();
+    let topo = LAB.topology();
+    let service = service();
+    let service = service.as_str();
+    // (name, address) of each real.
+    let reals = topo.reals_with_ipv4();
+    let [(r1, r1_ip), (r2, r2_ip), (r3, r3_ip)] = reals[..] else {
+        panic!("the dr lab has three reals: {reals:?}")
+    };
+    let state = &topo.state_dir;
+    let web_port = topo.service("web").port.to_string();
+    let (tcp_svc, exec_svc, udp_svc) = (
+        vip_service("8082/tcp"),
+        vip_service("8083/tcp"),
+        vip_service("5353/udp"),
+    );
+    let (tcp_svc, exec_svc, udp_svc) = (tcp_svc.as_str(), exec_svc.as_str(), udp_svc.as_str());
 
     // The lab's service gets an HTTP check on /healthz.
     edit_service(|svc| {
@@ -141,8 +158,8 @@ fn health_checks_in_the_dr_lab() {
             "interval_ms": INTERVAL_MS, "timeout_ms": INTERVAL_MS, "rise": 2, "fall": FALL,
         });
     });
-    for (_, addr) in REALS {
-        wait_state(SERVICE, addr, "up", Duration::from_secs(5));
+    for &(_, addr) in &reals {
+        wait_state(service, addr, "up", Duration::from_secs(5));
     }
 
     // Under continuous load, kill r1's server: requests fail only until the checks take r1
@@ -162,8 +179,8 @@ fn health_checks_in_the_dr_lab() {
     };
     std::thread::sleep(Duration::from_millis(1500));
     let killed = Instant::now();
-    kill_server("r1");
-    let detected = wait_state(SERVICE, "198.18.0.11", "down", Duration::from_secs(5));
+    kill_server(r1);
+    let detected = wait_state(service, r1_ip, "down", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let log = load.join().unwrap();
@@ -210,10 +227,10 @@ fn health_checks_in_the_dr_lab() {
     );
 
     // r1's server back: up after `rise` successes, new connections reach it again.
-    let _r1_server = start_server("r1");
-    wait_state(SERVICE, "198.18.0.11", "up", Duration::from_secs(5));
+    let _r1_server = start_server(r1);
+    wait_state(service, r1_ip, "up", Duration::from_secs(5));
     assert!(
-        (0..30).any(|_| get().as_deref() == Some("r1")),
+        (0..30).any(|_| get().as_deref() == Some(r1)),
         "r1 got nothing after coming back up"
     );
 
@@ -222,30 +239,30 @@ fn health_checks_in_the_dr_lab() {
     xlb_ok(&[
         "service",
         "add",
-        "198.18.0.100:8082/tcp",
+        tcp_svc,
         "--mode",
         "dr",
         "--check",
         "tcp",
         "--check-port",
-        "80",
+        &web_port,
         "--interval",
         "300ms",
         "--timeout",
         "300ms",
     ]);
     // exec: a third service's reals are healthy while a marker file exists; r2 flaps.
-    let marker = |real: &str| format!("{STATE}/health-ok-{real}");
+    let marker = |real: &str| format!("{state}/health-ok-{real}");
     xlb_ok(&[
         "service",
         "add",
-        "198.18.0.100:8083/tcp",
+        exec_svc,
         "--mode",
         "dr",
         "--check",
         "exec",
         "--check-cmd",
-        &format!("test -e {STATE}/health-ok-$XLB_REAL"),
+        &format!("test -e {state}/health-ok-$XLB_REAL"),
         "--interval",
         "200ms",
         "--timeout",
@@ -256,11 +273,11 @@ fn health_checks_in_the_dr_lab() {
         "1",
     ]);
     // udp: a fourth service's reals run an echo server on 5353.
-    let echo: Vec<KillOnDrop> = REALS.iter().map(|(r, _)| udp_echo(r)).collect();
+    let echo: Vec<KillOnDrop> = reals.iter().map(|(r, _)| udp_echo(r)).collect();
     xlb_ok(&[
         "service",
         "add",
-        "198.18.0.100:5353/udp",
+        udp_svc,
         "--mode",
         "dr",
         "--check",
@@ -274,63 +291,40 @@ fn health_checks_in_the_dr_lab() {
         "--timeout",
         "300ms",
     ]);
-    for (_, addr) in REALS {
+    for &(_, addr) in &reals {
         std::fs::write(marker(addr), "").unwrap();
-        for svc in [
-            "198.18.0.100:8082/tcp",
-            "198.18.0.100:8083/tcp",
-            "198.18.0.100:5353/udp",
-        ] {
+        for svc in [tcp_svc, exec_svc, udp_svc] {
             xlb_ok(&["real", "add", svc, addr]);
         }
     }
-    for (_, addr) in REALS {
-        for svc in [
-            "198.18.0.100:8082/tcp",
-            "198.18.0.100:8083/tcp",
-            "198.18.0.100:5353/udp",
-        ] {
+    for &(_, addr) in &reals {
+        for svc in [tcp_svc, exec_svc, udp_svc] {
             wait_state(svc, addr, "up", Duration::from_secs(5));
         }
     }
-    kill_server("r3");
-    wait_state(
-        "198.18.0.100:8082/tcp",
-        "198.18.0.13",
-        "down",
-        Duration::from_secs(5),
-    );
-    wait_state(SERVICE, "198.18.0.13", "down", Duration::from_secs(5));
+    kill_server(r3);
+    wait_state(tcp_svc, r3_ip, "down", Duration::from_secs(5));
+    wait_state(service, r3_ip, "down", Duration::from_secs(5));
     drop(echo);
-    wait_state(
-        "198.18.0.100:5353/udp",
-        "198.18.0.11",
-        "down",
-        Duration::from_secs(5),
-    );
+    wait_state(udp_svc, r1_ip, "down", Duration::from_secs(5));
 
     // exec and flapping: r2's marker goes, r2 is down; it comes back for less than `rise`
     // checks twice and stays down; steady, it is readmitted.
-    let exec_svc = "198.18.0.100:8083/tcp";
-    std::fs::remove_file(marker("198.18.0.12")).unwrap();
-    wait_state(exec_svc, "198.18.0.12", "down", Duration::from_secs(5));
+    std::fs::remove_file(marker(r2_ip)).unwrap();
+    wait_state(exec_svc, r2_ip, "down", Duration::from_secs(5));
     for _ in 0..2 {
-        std::fs::write(marker("198.18.0.12"), "").unwrap();
+        std::fs::write(marker(r2_ip), "").unwrap();
         let flap = Instant::now();
         while flap.elapsed() < Duration::from_millis(350) {
-            assert_eq!(
-                state_of(exec_svc, "198.18.0.12"),
-                "down",
-                "readmitted early"
-            );
+            assert_eq!(state_of(exec_svc, r2_ip), "down", "readmitted early");
             std::thread::sleep(Duration::from_millis(30));
         }
-        std::fs::remove_file(marker("198.18.0.12")).unwrap();
+        std::fs::remove_file(marker(r2_ip)).unwrap();
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(state_of(exec_svc, "198.18.0.12"), "down");
+        assert_eq!(state_of(exec_svc, r2_ip), "down");
     }
-    std::fs::write(marker("198.18.0.12"), "").unwrap();
-    let back = wait_state(exec_svc, "198.18.0.12", "up", Duration::from_secs(5));
+    std::fs::write(marker(r2_ip), "").unwrap();
+    let back = wait_state(exec_svc, r2_ip, "up", Duration::from_secs(5));
     eprintln!("steady r2 readmitted after {back:?} (rise 3 x 200 ms)");
     assert!(
         back >= Duration::from_millis(400),
@@ -342,7 +336,7 @@ fn health_checks_in_the_dr_lab() {
     edit_service(|svc| {
         svc["weights"] = "adaptive".into();
         for real in svc["reals"].as_array_mut().unwrap() {
-            if real["addr"] == "198.18.0.11" {
+            if real["addr"] == r1_ip {
                 real["check"] = serde_json::json!({
                     "kind": "http", "path": "/healthz?delay=0.1",
                     "interval_ms": INTERVAL_MS, "timeout_ms": INTERVAL_MS,
@@ -357,10 +351,10 @@ fn health_checks_in_the_dr_lab() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|s| s["service"] == SERVICE)
+            .find(|s| s["service"] == service)
             .unwrap()
             .clone();
-        ["198.18.0.11", "198.18.0.12"]
+        [r1_ip, r2_ip]
             .iter()
             .map(|a| {
                 svc["reals"]
@@ -388,8 +382,8 @@ fn health_checks_in_the_dr_lab() {
     let total = 150;
     let to_r1 = (0..total)
         .filter(|_| match get().as_deref() {
-            Some("r1") => true,
-            Some("r2") => false,
+            Some(r) if r == r1 => true,
+            Some(r) if r == r2 => false,
             other => panic!("unexpected answer {other:?}"),
         })
         .count();

@@ -16,15 +16,11 @@ use std::{
 
 use xlb_tests::lab::{KillOnDrop, Lab, metric, promtool_check, repo, sh, text, wait_for};
 
-const VIP: &str = "198.18.0.100";
-const SERVICE: &str = "198.18.0.100:80/tcp";
-/// A service with no reals: its packets are dropped (`no_backend`).
-const EMPTY_SERVICE: &str = "198.18.0.100:81/tcp";
-/// A checked service whose check port nobody listens on: its real goes down.
-const CHECKED_SERVICE: &str = "198.18.0.100:8080/tcp";
+/// A service on the lab's VIP with no reals: its packets are dropped (`no_backend`).
+const EMPTY_PORT: u16 = 81;
+/// A checked service on the lab's VIP whose check port nobody listens on: its real goes down.
+const CHECKED_PORT: u16 = 8080;
 const LAB: Lab = Lab::new("dr");
-const DIRECTOR: &str = "xlb-dr-dir";
-const METRICS_URL: &str = "http://127.0.0.1:9180/metrics";
 
 fn xlb_ok(args: &[&str]) -> String {
     LAB.xlb().ok(args)
@@ -32,12 +28,14 @@ fn xlb_ok(args: &[&str]) -> String {
 
 /// One scrape from inside the director's namespace, and how long the daemon took to answer.
 fn scrape() -> (String, Duration) {
+    let topo = LAB.topology();
+    let dir = topo.director();
     let out = sh(
         "ip",
         &[
             "netns",
             "exec",
-            DIRECTOR,
+            topo.ns(dir),
             "curl",
             "-s",
             "--max-time",
@@ -46,7 +44,7 @@ fn scrape() -> (String, Duration) {
             "/dev/stdout",
             "-w",
             "\n#time_total %{time_total}\n",
-            METRICS_URL,
+            &topo.daemon(dir).metrics_url(),
         ],
     );
     assert!(out.status.success(), "scrape failed: {}", text(&out));
@@ -57,7 +55,8 @@ fn scrape() -> (String, Duration) {
 }
 
 fn daemon_log() -> String {
-    std::fs::read_to_string(format!("{}/xlb.log", LAB.state())).unwrap_or_default()
+    let topo = LAB.topology();
+    std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default()
 }
 
 /// Lines of the log that contain every one of `words`.
@@ -79,23 +78,35 @@ fn families(page: &str) -> BTreeSet<String> {
 #[test]
 fn metrics_logs_and_dashboard_in_the_dr_lab() {
     let _lab = LAB.up();
+    let topo = LAB.topology();
+    let web = topo.service("web");
+    let vip = web.vip4.as_str();
+    let service = web.addr4();
+    let service = service.as_str();
+    let empty_service = format!("{vip}:{EMPTY_PORT}/tcp");
+    let empty_service = empty_service.as_str();
+    let checked_service = format!("{vip}:{CHECKED_PORT}/tcp");
+    let checked_service = checked_service.as_str();
+    let client_ip = topo.ipv4(&topo.client);
+    let [r1, r2, r3] = topo.real_ipv4s()[..] else {
+        panic!("the dr lab has three reals: {:?}", topo.reals)
+    };
+    let daemon = topo.daemon(topo.director());
 
     // Traffic: IPv4 and IPv6 requests through the balancer, and packets for a service with no
     // real (dropped).
-    let (per_real, failed, _) = LAB.spread(&format!("http://{VIP}/"), 30, String::new);
+    let (per_real, failed, _) = LAB.spread(&web.url4(), 30, String::new);
     assert_eq!(failed, 0, "{per_real:?}");
-    assert!(
-        LAB.get("http://[fd00:18::100]/").is_some(),
-        "IPv6 request failed"
-    );
-    xlb_ok(&["service", "add", EMPTY_SERVICE]);
-    assert!(LAB.curl("1", &[&format!("http://{VIP}:81/")]).is_none());
+    assert!(LAB.get(&web.url6()).is_some(), "IPv6 request failed");
+    xlb_ok(&["service", "add", empty_service]);
+    let empty_url = format!("http://{vip}:{EMPTY_PORT}/");
+    assert!(LAB.curl("1", &[&empty_url]).is_none());
 
     // A checked real that fails its check goes down, with the check's reason in the log.
     xlb_ok(&[
         "service",
         "add",
-        CHECKED_SERVICE,
+        checked_service,
         "--check",
         "tcp",
         "--interval",
@@ -105,17 +116,17 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
         "--fall",
         "1",
     ]);
-    xlb_ok(&["real", "add", CHECKED_SERVICE, "198.18.0.11"]);
+    xlb_ok(&["real", "add", checked_service, r1]);
     wait_for(
         "the checked real to go down",
         Duration::from_secs(10),
-        || log_lines(&daemon_log(), &["real down", "198.18.0.11", "refused"]) == 1,
+        || log_lines(&daemon_log(), &["real down", r1, "refused"]) == 1,
     );
 
     // Draining a real with no open connection finishes at once; the log says so once.
-    xlb_ok(&["real", "drain", SERVICE, "198.18.0.12"]);
+    xlb_ok(&["real", "drain", service, r2]);
     wait_for("drain finished in the log", Duration::from_secs(10), || {
-        log_lines(&daemon_log(), &["drain finished", "198.18.0.12"]) == 1
+        log_lines(&daemon_log(), &["drain finished", r2]) == 1
     });
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(
@@ -126,9 +137,8 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
     );
 
     // A refused request: one log line with the request and the reason.
-    let bad = LAB
-        .xlb()
-        .run(&["real", "add", "198.18.0.100:82/tcp", "198.18.0.11"]);
+    let unknown_service = format!("{vip}:82/tcp");
+    let bad = LAB.xlb().run(&["real", "add", &unknown_service, r1]);
     assert!(!bad.status.success());
 
     // The scrape: promtool finds no problem.
@@ -153,18 +163,18 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
             &format!("xlb_real_state{{real=\"{real}\",service=\"{service}\",state=\"{state}\"}}"),
         )
     };
-    for r in ["198.18.0.11", "198.18.0.12", "198.18.0.13"] {
+    for r in [r1, r2, r3] {
         assert!(
-            real("xlb_real_packets_total", SERVICE, r).is_some_and(|v| v > 0.0),
+            real("xlb_real_packets_total", service, r).is_some_and(|v| v > 0.0),
             "{r} carried no packets:\n{page}"
         );
-        assert!(real("xlb_real_new_flows_total", SERVICE, r).is_some_and(|v| v > 0.0));
-        assert_eq!(real("xlb_real_weight", SERVICE, r), Some(100.0));
+        assert!(real("xlb_real_new_flows_total", service, r).is_some_and(|v| v > 0.0));
+        assert_eq!(real("xlb_real_weight", service, r), Some(100.0));
     }
-    assert_eq!(state(SERVICE, "198.18.0.12", "draining"), Some(1.0));
-    assert_eq!(state(SERVICE, "198.18.0.12", "up"), None);
-    assert_eq!(state(SERVICE, "198.18.0.11", "up"), Some(1.0));
-    assert_eq!(state(CHECKED_SERVICE, "198.18.0.11", "down"), Some(1.0));
+    assert_eq!(state(service, r2, "draining"), Some(1.0));
+    assert_eq!(state(service, r2, "up"), None);
+    assert_eq!(state(service, r1, "up"), Some(1.0));
+    assert_eq!(state(checked_service, r1, "down"), Some(1.0));
     // One series per real, its current state.
     let states: Vec<&str> = page
         .lines()
@@ -172,12 +182,8 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
         .collect();
     assert_eq!(states.len(), 7, "3 + 3 IPv6 + 1 checked reals:\n{page}");
     assert!(states.iter().all(|l| l.ends_with("} 1")), "{states:?}");
-    assert_eq!(real("xlb_real_in_table", SERVICE, "198.18.0.12"), Some(0.0));
-    let latency = real(
-        "xlb_real_check_latency_seconds",
-        CHECKED_SERVICE,
-        "198.18.0.11",
-    );
+    assert_eq!(real("xlb_real_in_table", service, r2), Some(0.0));
+    let latency = real("xlb_real_check_latency_seconds", checked_service, r1);
     assert!(
         latency.is_some_and(|l| (0.0..1.0).contains(&l)),
         "{latency:?}"
@@ -185,7 +191,7 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
     assert!(
         metric(
             &page,
-            &format!("xlb_service_packets_total{{service=\"{EMPTY_SERVICE}\"}}")
+            &format!("xlb_service_packets_total{{service=\"{empty_service}\"}}")
         )
         .is_some_and(|v| v >= 1.0)
     );
@@ -204,8 +210,12 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
         Some(f64::from(lb_common::DEFAULT_CONN_CAPACITY))
     );
     assert!(
-        page.contains("xlb_xdp_attach_info{iface=\"eth0\",mode=\"native\"} 1")
-            || page.contains("xlb_xdp_attach_info{iface=\"eth0\",mode=\"generic\"} 1"),
+        ["native", "generic"]
+            .iter()
+            .any(|mode| page.contains(&format!(
+                "xlb_xdp_attach_info{{iface=\"{}\",mode=\"{mode}\"}} 1",
+                daemon.iface
+            ))),
         "{page}"
     );
     assert!(
@@ -248,34 +258,34 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
     let log = daemon_log();
     for (words, n) in [
         (&["XDP program attached", "mode="][..], 1),
-        (&["service added", EMPTY_SERVICE][..], 1),
-        (&["real added", CHECKED_SERVICE, "198.18.0.11"][..], 1),
-        (&["next hop resolved", "198.18.0.13", "mac="][..], 1),
-        (&["real draining", "198.18.0.12"][..], 1),
-        (&["refused", "real-add", "198.18.0.100:82/tcp"][..], 1),
+        (&["service added", empty_service][..], 1),
+        (&["real added", checked_service, r1][..], 1),
+        (&["next hop resolved", r3, "mac="][..], 1),
+        (&["real draining", r2][..], 1),
+        (&["refused", "real-add", &unknown_service][..], 1),
     ] {
         assert_eq!(log_lines(&log, words), n, "{words:?} in the log:\n{log}");
     }
     assert!(
-        !log.contains("xlb_datapath") && !log.contains("198.18.0.1:"),
+        !log.contains("xlb_datapath") && !log.contains(&format!("{client_ip}:")),
         "packet contents at the default level:\n{log}"
     );
 
     // --datapath-log: the daemon restarted with it logs a dropped packet's flow.
-    let pid = std::fs::read_to_string(format!("{}/xlb.pid", LAB.state())).unwrap();
+    let pid = std::fs::read_to_string(&daemon.spawned.pid_file).unwrap();
     let pid = pid.trim().to_string();
     assert!(sh("kill", &[&pid]).status.success());
     wait_for("the daemon to exit", Duration::from_secs(10), || {
         !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid)
     });
-    let log_path = format!("{}/xlb-datapath.log", LAB.state());
+    let log_path = topo.state_file("xlb-datapath.log");
     // It adopts the data path the stopped daemon left pinned.
     let restarted = LAB
         .daemon_command(&[
             "--iface",
-            "eth0",
+            &daemon.iface,
             "--state",
-            &format!("{}/state.json", LAB.state()),
+            &daemon.state,
             "--datapath-log",
         ])
         .stdout(Stdio::null())
@@ -289,7 +299,7 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
     let start = Instant::now();
     let mut logged = String::new();
     while start.elapsed() < Duration::from_secs(10) {
-        let _ = LAB.curl("1", &[&format!("http://{VIP}:81/")]);
+        let _ = LAB.curl("1", &[&empty_url]);
         logged = std::fs::read_to_string(&log_path).unwrap();
         if logged.contains("xlb_datapath") {
             break;
@@ -301,8 +311,8 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
             &[
                 "DEBUG",
                 "xlb_datapath",
-                "drop_no_backend proto 6 198.18.0.1:",
-                "-> 198.18.0.100:81"
+                &format!("drop_no_backend proto 6 {client_ip}:"),
+                &format!("-> {vip}:{EMPTY_PORT}"),
             ]
         ),
         logged.matches("xlb_datapath").count(),
@@ -313,11 +323,11 @@ fn metrics_logs_and_dashboard_in_the_dr_lab() {
         "no data-path log:\n{logged}"
     );
     // Forwarded packets are not logged.
-    assert!(LAB.get(&format!("http://{VIP}/")).is_some());
+    assert!(LAB.get(&web.url4()).is_some());
     std::thread::sleep(Duration::from_millis(300));
     let after = std::fs::read_to_string(&log_path).unwrap();
     assert!(
-        !after.contains("-> 198.18.0.100:80"),
+        !after.contains(&format!("-> {vip}:{}", web.port)),
         "a forwarded packet was logged:\n{after}"
     );
 }

@@ -14,29 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb_tests::lab::{Lab, assert_spread, metric, promtool_check, repo, sh, text, xlb_bin};
+use xlb_tests::lab::{
+    Lab, Topology, assert_spread, metric, promtool_check, repo, sh, text, xlb_bin,
+};
 
-const VIP4: &str = "198.18.0.200";
-const VIP6: &str = "fd00:18::200";
-const SERVICE4: &str = "198.18.0.200:80/tcp";
-const SERVICE6: &str = "[fd00:18::200]:80/tcp";
-const URL4: &str = "http://198.18.0.200/";
-const URL6: &str = "http://[fd00:18::200]/";
-const CLIENT_NS: &str = "xlb-tun-client";
-const CLIENT4: &str = "198.18.1.1";
-const CLIENT6: &str = "fd00:18:1::1";
-/// The director's own addresses: the tunnels' outer source.
-const TUNNEL_SRC4: &str = "198.18.1.2";
-const TUNNEL_SRC6: &str = "fd00:18:1::2";
-/// The router, where the real segment is captured (its real-facing interface).
-const ROUTER_NS: &str = "xlb-tun-rt";
-const ROUTER_REAL_IFACE: &str = "eth1";
-/// (name, IPv4, IPv6) of each real server.
-const REALS: [(&str, &str, &str); 3] = [
-    ("r1", "198.18.2.11", "fd00:18:2::11"),
-    ("r2", "198.18.2.12", "fd00:18:2::12"),
-    ("r3", "198.18.2.13", "fd00:18:2::13"),
-];
 /// The path-MTU upload: far more than one full-size segment.
 const POST_BYTES: usize = 204_800;
 
@@ -53,19 +34,20 @@ fn xlb_ok(args: &[&str]) -> String {
 /// `xlb realserver VERB --iface eth0 --vip VIP --mode tun` inside the real's namespace (with
 /// the lab's state file for setup and teardown), bounded by `timeout 30`.
 fn realserver(real: &str, verb: &str, vip: &str) -> Output {
-    let ns = format!("xlb-tun-{real}");
-    let state = format!("/run/xlb-lab/tun/{real}-realserver.json");
+    let topo = LAB.topology();
+    let host = topo.host(real);
+    let state = host.realserver_state.clone().unwrap();
     let bin = xlb_bin();
-    let mut args = vec!["30", "ip", "netns", "exec", &ns, bin.to_str().unwrap()];
+    let mut args = vec!["30", "ip", "netns", "exec", &host.ns, bin.to_str().unwrap()];
     args.extend([
         "realserver",
         verb,
         "--iface",
-        "eth0",
+        host.main_name(),
         "--vip",
         vip,
         "--mode",
-        "tun",
+        &topo.service("web").mode,
     ]);
     if verb != "check" {
         args.extend(["--state", &state]);
@@ -99,7 +81,9 @@ fn spread(url: &str, n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) 
 /// What a failure message needs: the lab's status and the end of the daemon's log.
 fn diagnostics() -> String {
     let status = sh(&lab_script(), &["tun", "status"]);
-    let log = std::fs::read_to_string("/run/xlb-lab/tun/xlb.log").unwrap_or_default();
+    let topo = LAB.topology();
+    let log =
+        std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(20).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
     format!(
@@ -115,11 +99,21 @@ fn diagnostics() -> String {
 /// Bounded: tcpdump runs under `timeout 5`.
 fn capture_real_segment(filter: &str, count: usize, traffic: impl FnOnce()) -> Vec<String> {
     let count = count.to_string();
+    let topo = LAB.topology();
+    let router = topo.router();
+    let iface = topo.iface_towards(router, &topo.reals[0]);
     let mut child = Command::new("ip")
         .args([
-            "netns", "exec", ROUTER_NS, "timeout", "5", "tcpdump", "-l", "-n",
+            "netns",
+            "exec",
+            topo.ns(router),
+            "timeout",
+            "5",
+            "tcpdump",
+            "-l",
+            "-n",
         ])
-        .args(["-i", ROUTER_REAL_IFACE, "-c", &count, filter])
+        .args(["-i", iface, "-c", &count, filter])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -179,10 +173,18 @@ fn tunnelled(lines: &[String], src: &str, reals: &[&str], client: &str, vip: &st
 
 /// `ip route get` (or `ip -6 route get`) from the client, with any cached path MTU.
 fn client_route(family: &str, dst: &str) -> String {
+    let topo = LAB.topology();
     let out = sh(
         "ip",
         &[
-            "netns", "exec", CLIENT_NS, "ip", family, "route", "get", dst,
+            "netns",
+            "exec",
+            topo.ns(&topo.client),
+            "ip",
+            family,
+            "route",
+            "get",
+            dst,
         ],
     );
     assert!(out.status.success(), "ip route get {dst}: {}", text(&out));
@@ -191,16 +193,18 @@ fn client_route(family: &str, dst: &str) -> String {
 
 /// Whether the real's eth0 carries an XDP program.
 fn real_has_xdp(real: &str) -> bool {
+    let topo = LAB.topology();
+    let host = topo.host(real);
     let out = sh(
         "ip",
         &[
             "-n",
-            &format!("xlb-tun-{real}"),
+            &host.ns,
             "-d",
             "link",
             "show",
             "dev",
-            "eth0",
+            host.main_name(),
         ],
     );
     String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
@@ -208,26 +212,16 @@ fn real_has_xdp(real: &str) -> bool {
 
 /// Whether the real's lo holds `addr`.
 fn real_has_vip(real: &str, addr: &str) -> bool {
-    let out = sh(
-        "ip",
-        &[
-            "-n",
-            &format!("xlb-tun-{real}"),
-            "addr",
-            "show",
-            "dev",
-            "lo",
-        ],
-    );
+    let out = sh("ip", &["-n", &LAB.ns(real), "addr", "show", "dev", "lo"]);
     String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/"))
 }
 
-fn tun_namespaces() -> Vec<String> {
+fn tun_namespaces(topo: &Topology) -> Vec<String> {
     let out = sh("ip", &["netns", "list"]);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|ns| ns.starts_with("xlb-tun-"))
+        .filter(|ns| ns.starts_with(&topo.ns_prefix))
         .map(str::to_string)
         .collect()
 }
@@ -248,6 +242,22 @@ fn tun_lab_end_to_end() {
         "build target/release/xlb first (scripts/test does)"
     );
     let lab = LAB.up();
+    let topo = LAB.topology();
+    let web = topo.service("web");
+    let (vip4, vip6) = (web.vip4.as_str(), web.vip6());
+    let (service4, service6) = (web.addr4(), web.addr6());
+    let (url4, url6) = (web.url4(), web.url6());
+    let (url4, url6) = (url4.as_str(), url6.as_str());
+    let (client4, client6) = (topo.ipv4(&topo.client), topo.ipv6(&topo.client));
+    // The director's own addresses: the tunnels' outer source.
+    let dir = topo.director();
+    let (tunnel_src4, tunnel_src6) = (topo.ipv4(dir), topo.ipv6(dir));
+    // (name, IPv4, IPv6) of each real server.
+    let reals: Vec<(&str, &str, &str)> = topo
+        .reals
+        .iter()
+        .map(|r| (r.as_str(), topo.ipv4(r), topo.ipv6(r)))
+        .collect();
 
     // The lab's own view: every process alive, every real prepared for both VIPs.
     let status = text(&sh(&lab_script(), &["tun", "status"]));
@@ -263,7 +273,7 @@ fn tun_lab_end_to_end() {
 
     // 1. 300 IPv4 requests all succeed, every real gets 20-47 %, and the reals see the
     // client's own address (the tunnel carries the client's packet unchanged).
-    let (per_real, failed, clients) = spread(URL4, 300);
+    let (per_real, failed, clients) = spread(url4, 300);
     eprintln!("IPv4 spread over reals: {per_real:?}, failed {failed}");
     assert_eq!(
         failed,
@@ -274,12 +284,12 @@ fn tun_lab_end_to_end() {
     assert_spread(&per_real, 3, 300);
     assert_eq!(
         clients,
-        vec![CLIENT4.to_string()],
+        vec![client4.to_string()],
         "TUN must keep the client source"
     );
 
     // 2. The same over IPv6 (IP6IP6), with fewer requests.
-    let (per_real, failed, clients) = spread(URL6, 90);
+    let (per_real, failed, clients) = spread(url6, 90);
     eprintln!("IPv6 spread over reals: {per_real:?}, failed {failed}");
     assert_eq!(
         failed,
@@ -288,33 +298,33 @@ fn tun_lab_end_to_end() {
         diagnostics()
     );
     assert_eq!(per_real.len(), 3, "every real answers: {per_real:?}");
-    assert_eq!(clients, vec![CLIENT6.to_string()]);
+    assert_eq!(clients, vec![client6.to_string()]);
 
     // 3. On the real segment the requests travel encapsulated: protocol 4 (IPIP) from the
     // director's tunnel source to a real, carrying the client's packet to the VIP; likewise
     // IPv6 in IPv6. Captured on the router's real-facing interface; at least 5 of the first
     // 10 packets captured must be such tunnelled requests (10 GETs make dozens).
-    let reals4: Vec<&str> = REALS.iter().map(|r| r.1).collect();
-    let reals6: Vec<&str> = REALS.iter().map(|r| r.2).collect();
+    let reals4: Vec<&str> = reals.iter().map(|r| r.1).collect();
+    let reals6: Vec<&str> = reals.iter().map(|r| r.2).collect();
     let lines = capture_real_segment(
-        &format!("ip proto 4 and src host {TUNNEL_SRC4}"),
+        &format!("ip proto 4 and src host {tunnel_src4}"),
         10,
         || {
-            spread(URL4, 10);
+            spread(url4, 10);
         },
     );
     assert!(
-        tunnelled(&lines, TUNNEL_SRC4, &reals4, CLIENT4, VIP4) >= 5,
-        "no IPIP packets {TUNNEL_SRC4} -> real on the real segment: {lines:#?}"
+        tunnelled(&lines, tunnel_src4, &reals4, client4, vip4) >= 5,
+        "no IPIP packets {tunnel_src4} -> real on the real segment: {lines:#?}"
     );
     // Any IPv6 from the director: `ip6 proto 41` would miss a tunnel whose outer header
     // carries an extension header (RFC 2473's encapsulation limit), `tunnelled` reads past it.
-    let lines = capture_real_segment(&format!("ip6 and src host {TUNNEL_SRC6}"), 10, || {
-        spread(URL6, 10);
+    let lines = capture_real_segment(&format!("ip6 and src host {tunnel_src6}"), 10, || {
+        spread(url6, 10);
     });
     assert!(
-        tunnelled(&lines, TUNNEL_SRC6, &reals6, CLIENT6, VIP6) >= 5,
-        "no IP6IP6 packets {TUNNEL_SRC6} -> real on the real segment: {lines:#?}"
+        tunnelled(&lines, tunnel_src6, &reals6, client6, vip6) >= 5,
+        "no IP6IP6 packets {tunnel_src6} -> real on the real segment: {lines:#?}"
     );
 
     // 4. Path MTU: full-size client segments plus the tunnel header do not fit the
@@ -325,9 +335,19 @@ fn tun_lab_end_to_end() {
         TempFile(std::env::temp_dir().join(format!("xlb-tun-post-{}.bin", std::process::id())));
     let body: Vec<u8> = (0..POST_BYTES).map(|i| (i % 251) as u8).collect();
     std::fs::write(&file.0, body).unwrap();
+    // The director's link MTU less the IPIP (20 bytes) or IP6IP6 (40 bytes) header.
+    let dir_mtu = topo
+        .host(dir)
+        .main()
+        .mtu
+        .expect("the lab sets the director's MTU");
+    let (mtu4, mtu6) = (
+        format!("mtu {}", dir_mtu - 20),
+        format!("mtu {}", dir_mtu - 40),
+    );
     for (family, url, vip, client, mtu) in [
-        ("-4", URL4, VIP4, CLIENT4, "mtu 1480"),
-        ("-6", URL6, VIP6, CLIENT6, "mtu 1460"),
+        ("-4", url4, vip4, client4, mtu4.as_str()),
+        ("-6", url6, vip6, client6, mtu6.as_str()),
     ] {
         let before = client_route(family, vip);
         assert!(
@@ -343,7 +363,7 @@ fn tun_lab_end_to_end() {
         let words: Vec<&str> = answer.split_whitespace().collect();
         assert!(
             words.len() == 3
-                && REALS.iter().any(|r| r.0 == words[0])
+                && reals.iter().any(|r| r.0 == words[0])
                 && words[1] == client
                 && words[2] == POST_BYTES.to_string(),
             "POST to {url}: answer {answer:?}, want \"rN {client} {POST_BYTES}\""
@@ -360,12 +380,12 @@ fn tun_lab_end_to_end() {
     // services and tearing it down leaves it unprepared (the check names each missing piece
     // on its own line) while the other reals keep answering; set up and added again, it
     // answers again.
-    for (real, _, _) in REALS {
-        for vip in [VIP4, VIP6] {
+    for &(real, _, _) in &reals {
+        for vip in [vip4, vip6] {
             realserver_ok(real, "check", vip);
         }
         // Its report shows the decapsulator at work: every real took part of the traffic.
-        let report = text(&realserver(real, "check", VIP4));
+        let report = text(&realserver(real, "check", vip4));
         let decapsulated: u64 = report
             .split("decapsulated ")
             .nth(1)
@@ -374,45 +394,49 @@ fn tun_lab_end_to_end() {
             .unwrap_or_else(|| panic!("no decapsulated count in check on {real}: {report}"));
         assert!(decapsulated > 0, "{real} decapsulated nothing: {report}");
         // The same counters for Prometheus (node_exporter's textfile collector).
-        let ns = format!("xlb-tun-{real}");
         let bin = xlb_bin();
+        let iface = topo.host(real).main_name();
         let args = [
             "netns",
             "exec",
-            &ns,
+            topo.ns(real),
             bin.to_str().unwrap(),
             "realserver",
             "metrics",
             "--iface",
-            "eth0",
+            iface,
         ];
         let page = text(&sh("ip", &args));
         promtool_check(&page);
-        let series = "xlb_decap_packets_total{iface=\"eth0\",result=\"decapsulated\"}";
+        let series =
+            format!("xlb_decap_packets_total{{iface=\"{iface}\",result=\"decapsulated\"}}");
         assert!(
-            metric(&page, series).is_some_and(|n| n >= decapsulated as f64),
+            metric(&page, &series).is_some_and(|n| n >= decapsulated as f64),
             "{real}: {page}"
         );
-        assert_eq!(metric(&page, "xlb_decap_vips{iface=\"eth0\"}"), Some(2.0));
+        assert_eq!(
+            metric(&page, &format!("xlb_decap_vips{{iface=\"{iface}\"}}")),
+            Some(2.0)
+        );
     }
-    let (r3, r3_v4, r3_v6) = REALS[2];
-    xlb_ok(&["real", "remove", SERVICE4, r3_v4]);
-    xlb_ok(&["real", "remove", SERVICE6, r3_v6]);
-    realserver_ok(r3, "teardown", VIP4);
-    realserver_ok(r3, "teardown", VIP6);
+    let (r3, r3_v4, r3_v6) = reals[2];
+    xlb_ok(&["real", "remove", &service4, r3_v4]);
+    xlb_ok(&["real", "remove", &service6, r3_v6]);
+    realserver_ok(r3, "teardown", vip4);
+    realserver_ok(r3, "teardown", vip6);
     assert!(
-        !real_has_vip(r3, VIP4),
-        "{VIP4} still on {r3}'s lo after teardown"
+        !real_has_vip(r3, vip4),
+        "{vip4} still on {r3}'s lo after teardown"
     );
     assert!(
-        !real_has_vip(r3, VIP6),
-        "{VIP6} still on {r3}'s lo after teardown"
+        !real_has_vip(r3, vip6),
+        "{vip6} still on {r3}'s lo after teardown"
     );
     assert!(
         !real_has_xdp(r3),
         "the decapsulator is still on {r3}'s eth0 after teardown"
     );
-    for vip in [VIP4, VIP6] {
+    for vip in [vip4, vip6] {
         let out = realserver(r3, "check", vip);
         let said = text(&out);
         let missing: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -427,7 +451,7 @@ fn tun_lab_end_to_end() {
             "check on torn-down {r3} for {vip}: want one line per missing piece, got: {said}"
         );
     }
-    for url in [URL4, URL6] {
+    for url in [url4, url6] {
         let (per_real, failed, _) = spread(url, 60);
         assert_eq!(failed, 0, "{url}: {per_real:?}\n{}", diagnostics());
         assert!(
@@ -435,17 +459,17 @@ fn tun_lab_end_to_end() {
             "{r3} still got requests: {per_real:?}"
         );
     }
-    realserver_ok(r3, "setup", VIP4);
-    realserver_ok(r3, "setup", VIP6);
-    realserver_ok(r3, "check", VIP4);
-    realserver_ok(r3, "check", VIP6);
+    realserver_ok(r3, "setup", vip4);
+    realserver_ok(r3, "setup", vip6);
+    realserver_ok(r3, "check", vip4);
+    realserver_ok(r3, "check", vip6);
     assert!(
-        real_has_vip(r3, VIP4) && real_has_xdp(r3),
+        real_has_vip(r3, vip4) && real_has_xdp(r3),
         "{r3} not set up again"
     );
-    xlb_ok(&["real", "add", SERVICE4, r3_v4]);
-    xlb_ok(&["real", "add", SERVICE6, r3_v6]);
-    for url in [URL4, URL6] {
+    xlb_ok(&["real", "add", &service4, r3_v4]);
+    xlb_ok(&["real", "add", &service6, r3_v6]);
+    for url in [url4, url6] {
         let (per_real, failed, _) = spread(url, 60);
         assert_eq!(failed, 0, "{url}: {per_real:?}\n{}", diagnostics());
         assert!(
@@ -460,17 +484,17 @@ fn tun_lab_end_to_end() {
         &[
             "netns",
             "exec",
-            "xlb-tun-dir",
+            topo.ns(dir),
             "curl",
             "-s",
             "--max-time",
             "5",
-            "http://127.0.0.1:9181/metrics",
+            &topo.daemon(dir).metrics_url(),
         ],
     );
     let page = String::from_utf8_lossy(&page.stdout);
-    for (_, real, _) in REALS {
-        let series = format!("xlb_real_packets_total{{real=\"{real}\",service=\"{SERVICE4}\"}}");
+    for &(_, real, _) in &reals {
+        let series = format!("xlb_real_packets_total{{real=\"{real}\",service=\"{service4}\"}}");
         assert!(
             metric(&page, &series).is_some_and(|v| v > 0.0),
             "metrics lack traffic on {series}:\n{page}"
@@ -485,10 +509,11 @@ fn tun_lab_end_to_end() {
 
     // 6. `down` leaves no namespace and no state behind.
     drop(lab);
-    let left = tun_namespaces();
+    let left = tun_namespaces(&topo);
     assert!(left.is_empty(), "lab tun down left namespaces: {left:?}");
     assert!(
-        !Path::new("/run/xlb-lab/tun").exists(),
-        "lab tun down left /run/xlb-lab/tun"
+        !Path::new(&topo.state_dir).exists(),
+        "lab tun down left {}",
+        topo.state_dir
     );
 }

@@ -13,16 +13,14 @@ use std::{
 };
 
 use serde_json::Value;
-use xlb_tests::lab::{KillOnDrop, Lab, keepalive, repo, sh, text, wait_for};
+use xlb_tests::lab::{KillOnDrop, Lab, Service, keepalive, repo, sh, text, wait_for};
 
-const VIP: &str = "198.18.0.100";
-const SERVICE: &str = "198.18.0.100:80/tcp";
 const LAB: Lab = Lab::new("dr");
-const REALS: [(&str, &str); 3] = [
-    ("r1", "198.18.0.11"),
-    ("r2", "198.18.0.12"),
-    ("r3", "198.18.0.13"),
-];
+
+/// The lab's service.
+fn web() -> Service {
+    LAB.topology().service("web").clone()
+}
 
 static LAB_TURN: Mutex<()> = Mutex::new(());
 
@@ -51,9 +49,17 @@ struct KeepAlive {
 impl KeepAlive {
     fn start(interval: &str, seconds: &str) -> KeepAlive {
         let (tx, lines) = mpsc::channel();
+        let web = web();
         let child = keepalive(
             &LAB.ns("client"),
-            &[VIP, "80", "--interval", interval, "--max-seconds", seconds],
+            &[
+                &web.vip4,
+                &web.port.to_string(),
+                "--interval",
+                interval,
+                "--max-seconds",
+                seconds,
+            ],
             move |line| tx.send(line).is_ok(),
         );
         KeepAlive { child, lines }
@@ -85,6 +91,7 @@ fn a_flood_of_new_flows_does_not_move_established_ones() {
     const CAPACITY: u64 = 512;
     const FLOWS: u64 = 100_000;
     let _lab = LAB.up_with(&[("XLB_LAB_CONN_CAPACITY", &CAPACITY.to_string())]);
+    let web = web();
     // Busy connections (a request every 0.2 s throughout) and quiet ones (the same, but
     // paused during the flood). The flood's flows each send a SYN and an ACK, so the LRU
     // cannot favour the real connections for having been used twice: theirs are evicted too,
@@ -125,10 +132,11 @@ fn a_flood_of_new_flows_does_not_move_established_ones() {
 
     // New connections during the flood, one after another.
     let (done_tx, done_rx) = mpsc::channel();
+    let url = web.url4();
     let prober = std::thread::spawn(move || {
         let (mut ok, mut failed) = (0, 0);
         while done_rx.try_recv().is_err() {
-            match LAB.curl("2", &[&format!("http://{VIP}/")]) {
+            match LAB.curl("2", &[&url]) {
                 Some(_) => ok += 1,
                 None => failed += 1,
             }
@@ -143,8 +151,8 @@ fn a_flood_of_new_flows_does_not_move_established_ones() {
             &LAB.ns("client"),
             "python3",
             repo().join("scripts/lab-syn-flood.py").to_str().unwrap(),
-            VIP,
-            "80",
+            &web.vip4,
+            &web.port.to_string(),
             "--count",
             &FLOWS.to_string(),
             "--max-seconds",
@@ -163,7 +171,7 @@ fn a_flood_of_new_flows_does_not_move_established_ones() {
     std::thread::sleep(Duration::from_secs(1));
     let quiet_misses = global(&stats(), "conn_miss") - global(&after, "conn_miss");
     let (after_ok, after_failed) = {
-        let (per_real, failed, _) = LAB.spread(&format!("http://{VIP}/"), 100, String::new);
+        let (per_real, failed, _) = LAB.spread(&web.url4(), 100, String::new);
         (per_real.values().sum::<usize>(), failed)
     };
 
@@ -214,13 +222,13 @@ fn a_flood_of_new_flows_does_not_move_established_ones() {
 }
 
 fn status_state(name: &str) -> String {
-    let addr = REALS.iter().find(|(n, _)| *n == name).unwrap().1;
+    let addr = LAB.topology().ipv4(name).to_string();
     let status: Value = serde_json::from_str(&LAB.xlb().ok(&["status", "--json"])).unwrap();
     status["services"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|s| s["service"] == SERVICE)
+        .filter(|s| s["service"] == web().addr4())
         .flat_map(|s| s["reals"].as_array().unwrap())
         .find(|r| r["addr"] == addr)
         .map(|r| r["state"].as_str().unwrap().to_string())
@@ -228,7 +236,11 @@ fn status_state(name: &str) -> String {
 }
 
 fn pid_file(name: &str) -> String {
-    format!("{}/http-{name}.pid", LAB.state())
+    let topo = LAB.topology();
+    topo.server_on(name, topo.service("web").port)
+        .spawned
+        .pid_file
+        .clone()
 }
 
 /// Kills a real's HTTP server (SIGKILL: its connections get RSTs, new ones are refused).
@@ -247,7 +259,7 @@ fn start_server(name: &str, restarted: &mut BTreeMap<String, KillOnDrop>) {
     let child = Command::new("ip")
         .args(["netns", "exec", &LAB.ns(name), "python3"])
         .arg(repo().join("scripts/lab-http-server.py"))
-        .args(["--name", name, "--port", "80"])
+        .args(["--name", name, "--port", &web().port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -278,12 +290,18 @@ fn churning_reals_under_load_fails_only_requests_to_the_churned_real() {
     let _turn = LAB_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let _lab = LAB.up();
     let xlb = LAB.xlb();
+    let topo = LAB.topology();
+    let web = topo.service("web");
+    let service = web.addr4();
+    let service = service.as_str();
+    // (name, address) of each real.
+    let reals = topo.reals_with_ipv4();
     // The lab's service, with health checks: a killed server must be noticed.
-    xlb.ok(&["service", "remove", SERVICE]);
+    xlb.ok(&["service", "remove", service]);
     xlb.ok(&[
         "service",
         "add",
-        SERVICE,
+        service,
         "--check",
         "http",
         "--check-path",
@@ -297,43 +315,30 @@ fn churning_reals_under_load_fails_only_requests_to_the_churned_real() {
         "--fall",
         "3",
     ]);
-    for (_, addr) in REALS {
-        xlb.ok(&["real", "add", SERVICE, addr]);
+    for &(_, addr) in &reals {
+        xlb.ok(&["real", "add", service, addr]);
     }
-    for (name, _) in REALS {
+    for &(name, _) in &reals {
         wait_for(&format!("{name} up"), Duration::from_secs(10), || {
             status_state(name) == "up"
         });
     }
-    let macs: BTreeMap<String, String> = REALS
+    // Each real by its MAC, as the load generator's sniffer reports the answering one.
+    let macs: BTreeMap<String, String> = reals
         .iter()
-        .map(|(name, _)| {
-            let out = sh(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &LAB.ns(name),
-                    "cat",
-                    "/sys/class/net/eth0/address",
-                ],
-            );
-            (
-                String::from_utf8_lossy(&out.stdout).trim().to_string(),
-                name.to_string(),
-            )
-        })
+        .map(|&(name, _)| (topo.host(name).main().mac.clone(), name.to_string()))
         .collect();
+    let client = topo.host(&topo.client);
 
     const SECONDS: f64 = 60.0;
     let load = Command::new("ip")
-        .args(["netns", "exec", &LAB.ns("client"), "python3"])
+        .args(["netns", "exec", &client.ns, "python3"])
         .arg(repo().join("scripts/lab-churn-load.py"))
         .args([
-            VIP,
-            "80",
+            &web.vip4,
+            &web.port.to_string(),
             "--iface",
-            "eth0",
+            client.main_name(),
             "--workers",
             "4",
             "--rate",
@@ -358,18 +363,18 @@ fn churning_reals_under_load_fails_only_requests_to_the_churned_real() {
     let start = Instant::now();
     let mut i = 0;
     while start.elapsed().as_secs_f64() < SECONDS - 8.0 {
-        let (name, addr) = REALS[i % REALS.len()];
+        let (name, addr) = reals[i % reals.len()];
         i += 1;
-        xlb.ok(&["real", "drain", SERVICE, addr]);
+        xlb.ok(&["real", "drain", service, addr]);
         std::thread::sleep(Duration::from_millis(800));
-        xlb.ok(&["real", "enable", SERVICE, addr]);
+        xlb.ok(&["real", "enable", service, addr]);
         *events.entry("drained and enabled").or_default() += 1;
         std::thread::sleep(Duration::from_millis(800));
 
         let from = now();
-        xlb.ok(&["real", "remove", SERVICE, addr]);
+        xlb.ok(&["real", "remove", service, addr]);
         std::thread::sleep(Duration::from_millis(800));
-        xlb.ok(&["real", "add", SERVICE, addr]);
+        xlb.ok(&["real", "add", service, addr]);
         windows.push((name.to_string(), "removed", from, now()));
         *events.entry("removed and added").or_default() += 1;
         wait_for(&format!("{name} up again"), Duration::from_secs(10), || {

@@ -18,16 +18,10 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use xlb_tests::lab::{KillOnDrop, Lab, repo, text};
+use xlb_tests::lab::{KillOnDrop, Lab, Topology, http_url, repo, text};
 
 const LAB: Lab = Lab::new("dr");
 const LOCK: &str = "/tmp/xlb-lab.lock";
-const VIP: &str = "198.18.0.100";
-const SERVICE: &str = "198.18.0.100:80/tcp";
-/// The real `wrk` talks to directly, and the one whose server is killed.
-const REAL: &str = "198.18.0.11";
-const REAL_NAME: &str = "r1";
-const OTHER_REALS: [&str; 2] = ["198.18.0.12", "198.18.0.13"];
 const INTERVAL_MS: u64 = 300;
 const FALL: u64 = 3;
 const RISE: u64 = 2;
@@ -48,13 +42,44 @@ pub fn run(quick: bool) -> Result<Value> {
     let _lock = lab_lock()?;
     // Dropped before the lock: the lab goes down (also on a panic) while we still hold it.
     let _lab = LAB.up();
+    let facts = Facts::of(&LAB.topology())?;
     let wrk = if quick {
-        wrk_ratio(1, 2)?
+        wrk_ratio(&facts, 1, 2)?
     } else {
-        wrk_ratio(3, 5)?
+        wrk_ratio(&facts, 3, 5)?
     };
-    let detection = detection_windows(if quick { 2 } else { 5 })?;
+    let detection = detection_windows(&facts, if quick { 2 } else { 5 })?;
     Ok(json!({ "wrk": wrk, "health_detection": detection }))
+}
+
+/// What the bench needs of the lab's topology.
+struct Facts {
+    /// The lab service as the CLI writes it, its port and its URL.
+    service: String,
+    port: u16,
+    url: String,
+    /// The real `wrk` talks to directly, and the one whose server is killed: its name,
+    /// address and the pid file of the lab's HTTP server on it.
+    real_name: String,
+    real: String,
+    real_server_pid_file: String,
+    other_reals: Vec<String>,
+}
+
+impl Facts {
+    fn of(topo: &Topology) -> Result<Facts> {
+        let web = topo.service("web");
+        let (first, others) = topo.reals.split_first().context("the lab has no real")?;
+        Ok(Facts {
+            service: web.addr4(),
+            port: web.port,
+            url: web.url4(),
+            real_name: first.clone(),
+            real: topo.ipv4(first).to_string(),
+            real_server_pid_file: topo.server_on(first, web.port).spawned.pid_file.clone(),
+            other_reals: others.iter().map(|r| topo.ipv4(r).to_string()).collect(),
+        })
+    }
 }
 
 /// The data-path bench pins this thread to one CPU, and children inherit that: the lab's
@@ -147,17 +172,18 @@ fn wrk(url: &str, seconds: u64) -> Result<(f64, u64)> {
 /// ratio is the director's cost, not a spread over more servers. Direct and VIP runs alternate
 /// and the median ratio is kept, so a burst of other work on the machine skews one round, not
 /// the figure. The three reals behind the VIP are measured once, for scale.
-fn wrk_ratio(rounds: usize, seconds: u64) -> Result<Value> {
+fn wrk_ratio(facts: &Facts, rounds: usize, seconds: u64) -> Result<Value> {
     let (mut direct, mut via_vip, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut errors = (0, 0);
+    let real = &facts.real;
     for _ in 0..rounds {
-        let (d, d_errors) = wrk(&format!("http://{REAL}/"), seconds)?;
-        for other in OTHER_REALS {
-            xlb(&["real", "drain", SERVICE, other]);
+        let (d, d_errors) = wrk(&http_url(real, facts.port), seconds)?;
+        for other in &facts.other_reals {
+            xlb(&["real", "drain", &facts.service, other]);
         }
-        let vip = wrk(&format!("http://{VIP}/"), seconds);
-        for other in OTHER_REALS {
-            xlb(&["real", "enable", SERVICE, other]);
+        let vip = wrk(&facts.url, seconds);
+        for other in &facts.other_reals {
+            xlb(&["real", "enable", &facts.service, other]);
         }
         let (v, v_errors) = vip?;
         direct.push(d);
@@ -166,7 +192,7 @@ fn wrk_ratio(rounds: usize, seconds: u64) -> Result<Value> {
         errors.0 += d_errors;
         errors.1 += v_errors;
     }
-    let (three, three_errors) = wrk(&format!("http://{VIP}/"), seconds)?;
+    let (three, three_errors) = wrk(&facts.url, seconds)?;
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -175,7 +201,7 @@ fn wrk_ratio(rounds: usize, seconds: u64) -> Result<Value> {
     let ratio = (median(&ratios) * 1000.0).round() / 1000.0;
     let round = |v: &[f64]| v.iter().map(|x| x.round()).collect::<Vec<_>>();
     println!(
-        "{:<34} {:.0} req/s through the VIP, {:.0} direct to {REAL}: ratio {ratio} (median of {rounds} rounds of {seconds} s); {:.0} req/s over 3 reals; errors {}/{}/{three_errors}",
+        "{:<34} {:.0} req/s through the VIP, {:.0} direct to {real}: ratio {ratio} (median of {rounds} rounds of {seconds} s); {:.0} req/s over 3 reals; errors {}/{}/{three_errors}",
         "HTTP keep-alive, wrk 1 thread x 8",
         median(&via_vip),
         median(&direct),
@@ -197,27 +223,27 @@ fn wrk_ratio(rounds: usize, seconds: u64) -> Result<Value> {
 }
 
 /// Changes the lab service's configuration through `xlb save` / `xlb restore`.
-fn edit_service(edit: impl FnOnce(&mut Value)) -> Result<()> {
+fn edit_service(facts: &Facts, edit: impl FnOnce(&mut Value)) -> Result<()> {
     let mut config: Value = serde_json::from_str(&xlb(&["save"]))?;
     let svc = config["services"]
         .as_array_mut()
         .context("no services in xlb save")?
         .iter_mut()
-        .find(|s| s["service"] == SERVICE)
+        .find(|s| s["service"] == facts.service)
         .context("the lab service is missing")?;
     edit(svc);
-    let file = format!("{}/bench-config.json", LAB.state());
+    let file = LAB.topology().state_file("bench-config.json");
     std::fs::write(&file, config.to_string())?;
     xlb(&["restore", &file]);
     Ok(())
 }
 
 /// The state `xlb --json status` shows for one real of the lab service.
-fn state_of(real: &str) -> Result<String> {
+fn state_of(facts: &Facts, real: &str) -> Result<String> {
     let status: Value = serde_json::from_str(&xlb(&["--json", "status"]))?;
     Ok(status["services"]
         .as_array()
-        .and_then(|s| s.iter().find(|s| s["service"] == SERVICE))
+        .and_then(|s| s.iter().find(|s| s["service"] == facts.service))
         .and_then(|s| s["reals"].as_array()?.iter().find(|r| r["addr"] == real))
         .and_then(|r| r["state"].as_str())
         .unwrap_or_default()
@@ -225,26 +251,27 @@ fn state_of(real: &str) -> Result<String> {
 }
 
 /// Polls `status` until the real is in state `want`: how long that took.
-fn wait_state(real: &str, want: &str, timeout: Duration) -> Result<Duration> {
+fn wait_state(facts: &Facts, real: &str, want: &str, timeout: Duration) -> Result<Duration> {
     let start = Instant::now();
     while start.elapsed() < timeout {
-        if state_of(real)? == want {
+        if state_of(facts, real)? == want {
             return Ok(start.elapsed());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     bail!(
         "{real} is {} after {timeout:?}, not {want}",
-        state_of(real)?
+        state_of(facts, real)?
     )
 }
 
 /// A lab HTTP server in the real's namespace, in place of the lab's.
-fn start_server() -> Result<KillOnDrop> {
+fn start_server(facts: &Facts) -> Result<KillOnDrop> {
+    let name = &facts.real_name;
     let child = Command::new("ip")
-        .args(["netns", "exec", &LAB.ns(REAL_NAME), "python3"])
+        .args(["netns", "exec", &LAB.ns(name), "python3"])
         .arg(repo().join("scripts/lab-http-server.py"))
-        .args(["--name", REAL_NAME, "--port", "80"])
+        .args(["--name", name, "--port", &facts.port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -262,14 +289,18 @@ fn kill(pid: i32) -> Result<()> {
 
 /// One request per new connection from the lab's client to the VIP until `stop`: when each
 /// started and whether it succeeded.
-fn client_load(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(Instant, bool)>> {
+fn client_load(
+    facts: &Facts,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(Instant, bool)>> {
+    let url = facts.url.clone();
     std::thread::spawn(move || {
         let mut log = Vec::new();
         // Bounded whatever happens to the caller.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             let start = Instant::now();
-            let ok = LAB.curl("1", &[&format!("http://{VIP}/")]).is_some();
+            let ok = LAB.curl("1", &[&url]).is_some();
             log.push((start, ok));
         }
         log
@@ -278,17 +309,18 @@ fn client_load(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(Instant, b
 
 /// Kills r1's server `reps` times under continuous requests, with an HTTP check every 300 ms
 /// and fall 3: how long until `status` shows r1 down, and until requests stop failing.
-fn detection_windows(reps: usize) -> Result<Value> {
-    edit_service(|svc| {
+fn detection_windows(facts: &Facts, reps: usize) -> Result<Value> {
+    let real = facts.real.as_str();
+    edit_service(facts, |svc| {
         svc["check"] = json!({
             "kind": "http", "path": "/healthz",
             "interval_ms": INTERVAL_MS, "timeout_ms": INTERVAL_MS, "rise": RISE, "fall": FALL,
         });
     })?;
-    for real in [REAL].iter().chain(&OTHER_REALS) {
-        wait_state(real, "up", Duration::from_secs(5))?;
+    for r in std::iter::once(&facts.real).chain(&facts.other_reals) {
+        wait_state(facts, r, "up", Duration::from_secs(5))?;
     }
-    let lab_server: i32 = std::fs::read_to_string(format!("{}/http-{REAL_NAME}.pid", LAB.state()))?
+    let lab_server: i32 = std::fs::read_to_string(&facts.real_server_pid_file)?
         .trim()
         .parse()?;
     let mut server: Option<KillOnDrop> = None;
@@ -296,14 +328,14 @@ fn detection_windows(reps: usize) -> Result<Value> {
     let mut total = (0, 0);
     for _ in 0..reps {
         let stop = Arc::new(AtomicBool::new(false));
-        let load = client_load(stop.clone());
+        let load = client_load(facts, stop.clone());
         std::thread::sleep(Duration::from_millis(700));
         let killed = Instant::now();
         match &server {
             Some(s) => kill(s.0.id() as i32)?,
             None => kill(lab_server)?,
         }
-        let down = wait_state(REAL, "down", Duration::from_secs(5));
+        let down = wait_state(facts, real, "down", Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(700));
         stop.store(true, Ordering::Relaxed);
         let log = load
@@ -329,7 +361,7 @@ fn detection_windows(reps: usize) -> Result<Value> {
         ensure!(
             failed_before == 0 && failed_after == 0,
             "{failed_before} requests failed before the kill and {failed_after} of {} after \
-             status showed {REAL} down",
+             status showed {real} down",
             after.len()
         );
         total.0 += log.len();
@@ -337,8 +369,8 @@ fn detection_windows(reps: usize) -> Result<Value> {
         detected.push(down);
         failing.push(last_failure);
         // Back up for the next round: a new server, `rise` successful checks.
-        server = Some(start_server()?);
-        wait_state(REAL, "up", Duration::from_secs(5))?;
+        server = Some(start_server(facts)?);
+        wait_state(facts, real, "up", Duration::from_secs(5))?;
     }
     let budget = FALL * INTERVAL_MS;
     let summary = |v: &[Duration]| {

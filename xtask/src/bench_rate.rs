@@ -31,7 +31,7 @@ use xlb::{
     dataplane::{EBPF_OBJECT, XdpModeChoice},
 };
 
-use crate::bench;
+use crate::bench_setup;
 
 /// The namespace's name is this prefix and the bench's pid, so that two runs never share one.
 const NETNS_PREFIX: &str = "xlb-bench-";
@@ -109,7 +109,7 @@ pub fn run(quick: bool) -> Result<Rates> {
     } else {
         (DEFAULT_FRAMES, DEFAULT_ROUNDS)
     };
-    let cpu = bench::pin_to_one_cpu()?;
+    let cpu = bench_setup::pin_to_one_cpu()?;
     let ns = Netns::create()?;
     eprintln!(
         "forwarding rate: {rounds} rounds of {frames} frames per path over a veth pair in \
@@ -134,7 +134,7 @@ fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
     for _ in 0..rounds {
         // The data-path bench's services, one established flow per mode. Dropped at the end
         // of the round, which detaches it.
-        let mut balancer = bench::balancer_with_services()?;
+        let mut balancer = bench_setup::balancer_with_services()?;
         let (dr, tun) = frames_of_established_flows(&mut balancer)?;
 
         // The ceiling and the balancer take turns on the same pair.
@@ -168,8 +168,8 @@ fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
 /// ceiling runs on the DR frame, which it only needs to bounce.
 fn frames_of_established_flows(b: &mut Balancer) -> Result<(Vec<u8>, Vec<u8>)> {
     Ok((
-        bench::establish(b, "198.18.1.1", "198.18.0.100", 40002)?,
-        bench::establish(b, "198.18.1.1", "198.18.0.101", 40002)?,
+        bench_setup::establish(b, "198.18.1.1", "198.18.0.100", 40002)?,
+        bench_setup::establish(b, "198.18.1.1", "198.18.0.101", 40002)?,
     ))
 }
 

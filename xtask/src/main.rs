@@ -5,6 +5,7 @@ mod bench_charts;
 mod bench_control;
 mod bench_lab;
 mod bench_rate;
+mod bench_setup;
 mod fuzz;
 mod man;
 

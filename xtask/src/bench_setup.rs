@@ -1,0 +1,102 @@
+//! The balancer both data-path benches measure (`bench`: per-packet cost under
+//! BPF_PROG_TEST_RUN, `bench_rate`: forwarding rate over a veth pair), its flows, and the CPU
+//! pinning they share. Synthetic addresses, as in the packet tests: no lab is involved.
+
+use anyhow::{Result, bail, ensure};
+use xlb::{
+    config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
+    control::Balancer,
+    dataplane::BALANCER_PROGRAM,
+};
+use xlb_tests::{ACK, Frame, SYN, XDP_TX, real_mac};
+
+pub const CLIENT4: &str = "198.18.1.1";
+pub const CLIENT6: &str = "fd00:18:1::1";
+const SERVICE4: &str = "198.18.0.100:80/tcp";
+const SERVICE6: &str = "[fd00:18::100]:80/tcp";
+const REALS4: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
+const REALS6: [&str; 3] = ["fd00:18::11", "fd00:18::12", "fd00:18::13"];
+/// TUN services: same reals' count, behind one router; the director's MTU check is on.
+const TUN_SERVICE4: &str = "198.18.0.101:80/tcp";
+const TUN_SERVICE6: &str = "[fd00:18::101]:80/tcp";
+pub const TUN_REALS4: [&str; 3] = ["10.1.0.11", "10.1.0.12", "10.1.0.13"];
+const TUN_REALS6: [&str; 3] = ["fd00:1::11", "fd00:1::12", "fd00:1::13"];
+pub const TUN_SRC4: &str = "198.18.0.2";
+const TUN_SRC6: &str = "fd00:18::2";
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+pub const MTU: u32 = 1500;
+
+/// Pins this thread to CPU 1 (CPU 0 takes most interrupts) or CPU 0 on a single-CPU machine:
+/// a test run executes on the caller's CPU, so a migration would show up in the samples.
+pub fn pin_to_one_cpu() -> Result<usize> {
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cpu = if online >= 2 { 1 } else { 0 };
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(cpu)
+}
+
+/// The balancer the packet tests use, with one IPv4 and one IPv6 TCP service of 3 reals each
+/// in DR mode, and the same in TUN mode (on other VIPs) with the MTU check on.
+pub fn balancer_with_services() -> Result<Balancer> {
+    let mut b = xlb_tests::balancer();
+    b.set_default_tunnel_sources(Some(TUN_SRC4.parse()?), Some(TUN_SRC6.parse()?));
+    b.set_mtu(MTU)?;
+    for (service, reals, mode) in [
+        (SERVICE4, &REALS4, Mode::Dr),
+        (SERVICE6, &REALS6, Mode::Dr),
+        (TUN_SERVICE4, &TUN_REALS4, Mode::Tun),
+        (TUN_SERVICE6, &TUN_REALS6, Mode::Tun),
+    ] {
+        let addr: ServiceAddr = service.parse()?;
+        let mut cfg = ServiceConfig::new(addr);
+        cfg.mode = mode;
+        for real in reals {
+            let addr = real.parse()?;
+            let mac = match mode {
+                Mode::Dr => real_mac(addr),
+                Mode::Tun => ROUTER_MAC,
+            };
+            b.set_mac(addr, Some(mac))?;
+            cfg.reals.push(RealConfig::new(addr, 100));
+        }
+        b.add_service(cfg)?;
+    }
+    Ok(b)
+}
+
+/// Sends the SYN of a flow to port 80 and returns its ACK frame, after checking the SYN
+/// added a connection-table entry (otherwise the ACK would measure the new-flow path).
+pub fn establish(b: &mut Balancer, client: &str, vip: &str, sport: u16) -> Result<Vec<u8>> {
+    let before = b.dataplane().conns()?.len();
+    let syn = Frame::tcp(client, vip, sport, 80, SYN).bytes();
+    let (verdict, _) = b.dataplane().test_run(BALANCER_PROGRAM, &syn)?;
+    ensure!(
+        verdict == XDP_TX,
+        "SYN {client}:{sport} -> {vip}:80: expected {}, got {}",
+        verdict_name(XDP_TX),
+        verdict_name(verdict)
+    );
+    let after = b.dataplane().conns()?.len();
+    ensure!(
+        after == before + 1,
+        "SYN {client}:{sport} -> {vip}:80 did not add a connection ({before} -> {after} entries)"
+    );
+    Ok(Frame::tcp(client, vip, sport, 80, ACK).bytes())
+}
+
+pub fn verdict_name(v: u32) -> String {
+    match v {
+        0 => "XDP_ABORTED".into(),
+        1 => "XDP_DROP".into(),
+        2 => "XDP_PASS".into(),
+        3 => "XDP_TX".into(),
+        4 => "XDP_REDIRECT".into(),
+        _ => format!("verdict {v}"),
+    }
+}
