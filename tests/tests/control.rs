@@ -30,8 +30,8 @@ fn daemon_error(netns: Option<&str>, args: &[&str]) -> String {
     let state = dir.join("state.json");
     let mut cmd = match netns {
         Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(xlb_bin());
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg(xlb_bin());
             c
         }
         None => Command::new(xlb_bin()),

@@ -239,11 +239,9 @@ fn dr_lab_end_to_end() {
     // A second daemon on the same interface is refused.
     let daemon = topo.daemon(dir);
     let second = sh(
-        "ip",
+        "nsenter",
         &[
-            "netns",
-            "exec",
-            topo.ns(dir),
+            &format!("--net=/run/netns/{}", topo.ns(dir)),
             xlb_bin().to_str().unwrap(),
             "--socket",
             &topo.state_file("second.sock"),
@@ -255,6 +253,11 @@ fn dr_lab_end_to_end() {
         ],
     );
     assert!(!second.status.success(), "a second daemon attached");
+    assert!(
+        text(&second).contains("another xlb daemon manages this interface"),
+        "{}",
+        text(&second)
+    );
 
     // Hitless restart: under continuous load and with a long-lived connection open, the
     // daemon is killed with SIGKILL; the pinned data path keeps forwarding, a new daemon adopts

@@ -66,10 +66,14 @@ impl Sandbox {
     }
 
     /// `xlb daemon` in the namespace, as a command not yet started; `prefix` runs it under
-    /// another command (e.g. `unshare -m ...`).
+    /// another command (e.g. `unshare -m ...`). Entered with nsenter, which keeps the host's
+    /// mounts: `ip netns exec` would give it a fresh /sys without the host's bpffs.
     fn daemon_command(&self, prefix: &[&str]) -> Command {
         let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
-        argv.extend(["ip", "netns", "exec", &self.ns].map(String::from));
+        argv.extend([
+            "nsenter".to_string(),
+            format!("--net=/run/netns/{}", self.ns),
+        ]);
         argv.push(xlb_bin().display().to_string());
         argv.extend([
             "--socket".to_string(),
@@ -109,6 +113,15 @@ impl Sandbox {
         daemon
     }
 
+    /// CMD in the namespace's network only, as the daemon runs (see `daemon_command`).
+    fn in_netns(&self, cmd: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .args(cmd)
+            .output()
+            .unwrap()
+    }
+
     fn xlb(&self, args: &[&str]) -> Output {
         Command::new(xlb_bin())
             .arg("--socket")
@@ -144,6 +157,13 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // A daemon's data path is pinned in the host's bpffs and outlives it: remove it first.
+        let _ = self.in_netns(&[
+            &xlb_bin().display().to_string(),
+            "detach",
+            "--iface",
+            "eth0",
+        ]);
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -1078,4 +1098,32 @@ fn line_of(v: &Value) -> Vec<u8> {
     let mut l = serde_json::to_vec(v).unwrap();
     l.push(b'\n');
     l
+}
+
+/// `ip netns exec` gives the daemon a mount namespace of its own, with a fresh /sys whose
+/// bpffs, and the pins in it, would die with the daemon: it refuses with one line naming what to
+/// run instead, and attaches nothing. `xlb detach` run that way refuses the same way.
+#[test]
+fn ip_netns_exec_is_refused_with_what_to_run_instead() {
+    let sb = Sandbox::new("pins");
+    let xlb = xlb_bin().display().to_string();
+    let socket = sb.socket().display().to_string();
+    let state = sb.state().display().to_string();
+    let ip_netns_exec = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &sb.ns, &xlb])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let daemon = ip_netns_exec(&[
+        "--socket", &socket, "daemon", "--iface", "eth0", "--state", &state,
+    ]);
+    let line = one_error_line(&["daemon"], &daemon);
+    assert!(line.contains("nsenter --net=/run/netns/NS"), "{line}");
+    let link = text(&sb.in_netns(&["ip", "link", "show", "eth0"]));
+    assert!(!link.contains(" xdp"), "attached anyway: {link}");
+    let detach = ip_netns_exec(&["detach", "--iface", "eth0"]);
+    let line = one_error_line(&["detach"], &detach);
+    assert!(line.contains("nsenter --net=/run/netns/NS"), "{line}");
 }

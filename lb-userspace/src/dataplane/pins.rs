@@ -160,6 +160,7 @@ impl PinDir {
     /// `xlb detach`: detaches the pinned link (even while something still holds it) and
     /// removes every pin and the directory. Returns how many pins there were.
     pub fn remove_all(&self) -> Result<usize> {
+        refuse_private_mounts()?;
         if !self.path.exists() {
             return Ok(0);
         }
@@ -216,14 +217,14 @@ pub struct MapLayout {
     pub flags: u32,
 }
 
-/// Makes sure /sys/fs/bpf is a bpffs, mounting one if not. In a private mount namespace (as
-/// `ip netns exec` creates) that mount, and the pins, end with the daemon: say so.
+/// Makes sure /sys/fs/bpf is a bpffs, mounting one if not. Refused in a mount namespace of
+/// the daemon's own, as `ip netns exec` makes (with a fresh /sys): a bpffs mounted there, and
+/// every pin in it, would die with the daemon, and the data path with them.
 fn ensure_bpffs() -> Result<()> {
     if is_bpffs(BPFFS_MOUNT) {
         return Ok(());
     }
-    let private =
-        std::fs::read_link("/proc/self/ns/mnt").ok() != std::fs::read_link("/proc/1/ns/mnt").ok();
+    refuse_private_mounts()?;
     let src = CString::new("bpf").expect("no NUL");
     let dst = CString::new(BPFFS_MOUNT).expect("no NUL");
     // SAFETY: valid C strings; no data argument.
@@ -242,14 +243,23 @@ fn ensure_bpffs() -> Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    if private {
-        tracing::warn!(
-            "mounted bpffs on {BPFFS_MOUNT} in a private mount namespace (ip netns exec?): the \
-             data path will stop with the daemon; run it with `nsenter --net=...` to keep it \
-             across restarts"
+    tracing::info!("mounted bpffs on {BPFFS_MOUNT}");
+    Ok(())
+}
+
+/// Fails when /sys/fs/bpf is not a bpffs and this process runs in a mount namespace its
+/// parent does not share (`ip netns exec`, `unshare -m`): pins are then out of reach, or
+/// would die with the process.
+fn refuse_private_mounts() -> Result<()> {
+    // SAFETY: getppid has no preconditions.
+    let parent = format!("/proc/{}/ns/mnt", unsafe { libc::getppid() });
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    if !is_bpffs(BPFFS_MOUNT) && own != std::fs::read_link(parent).ok() {
+        bail!(
+            "{BPFFS_MOUNT} here is not the host's bpffs (this process has a mount namespace of \
+             its own, as `ip netns exec` makes), so the data path's pins would be lost: run xlb \
+             with `nsenter --net=/run/netns/NS` instead"
         );
-    } else {
-        tracing::info!("mounted bpffs on {BPFFS_MOUNT}");
     }
     Ok(())
 }
