@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use tokio::net::UnixListener;
+use tokio::{net::UnixListener, sync::Notify};
 
 pub use bgp::{BgpOptions, DEFAULT_BIRD_SOCKET};
 
@@ -31,6 +31,12 @@ use crate::{
     netlink::Neighbours,
     state,
 };
+
+/// How often next hops and their MACs are re-read from the kernel...
+const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(1);
+/// ...and how soon after a change, again, for a MAC the kernel had to resolve (ARP or ND on a
+/// LAN answers within a few milliseconds).
+const RESOLUTION_WAIT: Duration = Duration::from_millis(50);
 
 pub struct DaemonOptions {
     pub iface: String,
@@ -60,6 +66,9 @@ struct Shared {
     bgp: Option<Announcer>,
     /// Draining reals whose last flow has ended (logged once; forgotten when enabled).
     drained: HashSet<(ServiceAddr, IpAddr)>,
+    /// Wakes the neighbour refresh after a change: a new real's MAC is often known already,
+    /// and it should not wait for the next tick.
+    resolve_now: Arc<Notify>,
 }
 
 impl Shared {
@@ -128,6 +137,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         Some(bgp) => Some(Announcer::start(bgp, &balancer).context("starting BGP announcements")?),
         None => None,
     };
+    let resolve_now = Arc::new(Notify::new());
     let shared = Arc::new(Mutex::new(Shared {
         balancer,
         iface: opts.iface.clone(),
@@ -137,6 +147,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         checks,
         bgp,
         drained: Default::default(),
+        resolve_now: resolve_now.clone(),
     }));
     // MACs before attaching, so a new program's first packets find reals they may forward to.
     neighbours::refresh(&shared, &neighbours, ifindex).await;
@@ -202,10 +213,17 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     tracing::info!(socket = %opts.socket.display(), "control API listening");
     let resolver = {
         let shared = shared.clone();
+        let resolve_now = resolve_now.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(NEIGHBOUR_REFRESH);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = resolve_now.notified() => {
+                        // Once more soon after, for a next hop the kernel had to ask for.
+                        tick.reset_after(RESOLUTION_WAIT);
+                    }
+                }
                 neighbours::refresh(&shared, &neighbours, ifindex).await;
             }
         })

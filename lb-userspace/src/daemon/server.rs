@@ -139,6 +139,7 @@ fn handle(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
         return Err(e.context("change refused and rolled back"));
     }
     s.announce();
+    s.resolve_now.notify_one();
     Ok(data)
 }
 
