@@ -17,6 +17,7 @@ mod log;
 mod maglev;
 mod maps;
 mod parse;
+mod refuse;
 mod service;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -120,7 +121,7 @@ pub fn xlb_icmp(ctx: XdpContext) -> u32 {
 /// The decapsulator, for real servers of TUN services: unwraps tunnelled packets for local
 /// VIPs and passes them to the stack; everything else passes untouched.
 #[xdp]
-pub fn xlb_decap(ctx: XdpContext) -> u32 {
+pub fn xlb_realserver(ctx: XdpContext) -> u32 {
     decap::decap(&ctx)
 }
 

@@ -169,6 +169,11 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "ICMP errors to a VIP (unreachable, too big, time exceeded) forwarded to the real of the \
          flow they quote.",
     );
+    let mut refusals_rescheduled = Family::counter(
+        "xlb_refusals_rescheduled_total",
+        "Refusals (a real sent a SYN or datagram back: no socket on that port) re-scheduled to \
+         another real.",
+    );
     let mut conn_misses = Family::counter(
         "xlb_conntrack_misses_total",
         "Packets other than TCP SYNs that found no connection-table entry and were \
@@ -236,6 +241,9 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             Global::FragUntracked => untracked_fragments.add(&[], value),
             Global::IcmpTooBigSent => icmp_too_big.add(&[], value),
             Global::IcmpErrorForwarded => icmp_errors_forwarded.add(&[], value),
+            Global::RefusalRescheduled => refusals_rescheduled.add(&[], value),
+            Global::DropRefusalBounced => dropped.add(&[("reason", "refusal_bounced")], value),
+            Global::DropRefusalForged => dropped.add(&[("reason", "refusal_forged")], value),
             Global::ConnMiss => conn_misses.add(&[], value),
             Global::ConnStale => conn_stale.add(&[], value),
         }
@@ -276,6 +284,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         untracked_fragments,
         icmp_too_big,
         icmp_errors_forwarded,
+        refusals_rescheduled,
         conn_misses,
         conn_stale,
         conn_entries,
