@@ -6,13 +6,14 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_FORWARD, Backend, CONN_F_CLOSING, ConnKey, ConnValue, FragKey, FragValue, Global,
-    SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, ServiceValue,
+    BACKEND_F_FORWARD, Backend, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_CLOSING, ConnKey,
+    ConnValue, FragKey, FragValue, Global, MAX_BOUNCES, RefusalEvent, SERVICE_F_HASH_SRC_IP,
+    SERVICE_F_TUN, ServiceValue,
 };
 
 use crate::{
     counters, maglev,
-    maps::{BACKENDS, CONNS, FRAGS},
+    maps::{BACKENDS, CONNS, FRAGS, REFUSALS},
     parse::Packet,
 };
 
@@ -202,4 +203,76 @@ pub fn remember_fragment_ports(pkt: &Packet) {
 #[inline(always)]
 pub fn fragment_ports(pkt: &Packet) -> Option<FragValue> {
     FRAGS.get_ptr(frag_key(pkt)).map(|v| unsafe { *v })
+}
+
+/// Who sent a refusal: what the director can check it against.
+pub enum Sender {
+    /// DR: the frame's source MAC.
+    Mac([u8; 6]),
+    /// TUN: the outer source address (IPv4 in the first four bytes).
+    Addr([u8; 16]),
+}
+
+/// What becomes of a refusal.
+pub enum Refused {
+    /// Re-scheduled: the flow's entry now names this real.
+    Moved(Choice),
+    /// Bounced too often already, or no other real: drop.
+    Bounced,
+    /// Not from the real the flow is tracked to (or no such flow): drop, never honour.
+    Forged,
+}
+
+/// A refusal of `pkt` (a TCP SYN or UDP datagram the director forwarded) from `from`: accepted
+/// only from the real the flow's entry names, then re-scheduled to another usable real of the
+/// service, the first in Maglev order from the flow's own slot that is not the refusing one
+/// (every director picks the same), and the entry rewritten.
+#[inline(always)]
+pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
+    let Some(entry) = CONNS.get_ptr_mut(&conn_key(pkt)) else {
+        return Refused::Forged;
+    };
+    // SAFETY: an LRU value; see `select`.
+    let conn = unsafe { &mut *entry };
+    let refusing = conn.backend_id as u32;
+    // The real the entry names, usable or not: it may have been taken down since it refused.
+    let Some(b) = backend(refusing) else {
+        return Refused::Forged;
+    };
+    if b.generation != conn.generation || b.service_id != svc.id {
+        return Refused::Forged;
+    }
+    let genuine = match from {
+        Sender::Mac(mac) => *mac == b.mac,
+        Sender::Addr(addr) => u128::from_ne_bytes(*addr) == u128::from_ne_bytes(b.addr),
+    };
+    if !genuine {
+        return Refused::Forged;
+    }
+    counters::refusal(refusing);
+    let _ = REFUSALS.output(
+        RefusalEvent {
+            backend_id: refusing,
+            generation: b.generation,
+        },
+        0,
+    );
+    let bounces = (conn.flags & CONN_BOUNCE_MASK) >> CONN_BOUNCE_SHIFT;
+    if bounces >= MAX_BOUNCES {
+        return Refused::Bounced;
+    }
+    let hash = maglev::hash(pkt, svc, true);
+    let Some((id, next)) = maglev::pick_other(svc, hash, refusing) else {
+        return Refused::Bounced;
+    };
+    conn.backend_id = id as u16;
+    conn.generation = next.generation;
+    conn.flags = (conn.flags & !CONN_BOUNCE_MASK) | ((bounces + 1) << CONN_BOUNCE_SHIFT);
+    touch(conn, now_ns());
+    Refused::Moved(Choice {
+        backend_id: id,
+        backend: next,
+        new_flow: true,
+        flow_hash: conn.flow_hash,
+    })
 }

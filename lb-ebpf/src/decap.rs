@@ -169,7 +169,7 @@ fn propagate_ce(ctx: &XdpContext, inner: usize, family: u8) {
 
 /// Moves the L2 header forward over the outer IP header, then drops the bytes before it.
 #[inline(always)]
-fn strip(ctx: &XdpContext, l3: usize, outer_len: usize) -> Option<()> {
+pub fn strip(ctx: &XdpContext, l3: usize, outer_len: usize) -> Option<()> {
     let eth = read::<[u8; ETH_HLEN + VLAN_HLEN]>(ctx, 0)?;
     // Exactly the L2 header's length is written: a byte more would land on the inner header.
     if l3 == ETH_HLEN + VLAN_HLEN {

@@ -42,12 +42,16 @@ pub fn drop_record(ctx: &XdpContext) {
         r if r == Global::DropNoBackend as u32 => Global::DropNoBackend.name(),
         r if r == Global::DropMalformed as u32 => Global::DropMalformed.name(),
         r if r == Global::DropTooBig as u32 => Global::DropTooBig.name(),
+        r if r == Global::DropRefusalBounced as u32 => Global::DropRefusalBounced.name(),
+        r if r == Global::DropRefusalForged as u32 => Global::DropRefusalForged.name(),
         _ => "drop",
     };
     let Some(pkt) = parse::parse(ctx) else {
         // Not TCP or UDP: `xlb_icmp` drops ICMP errors about a service's flow.
         let what = if parse::icmp(ctx).is_some() {
             "ICMP error"
+        } else if reason != "drop" && reason.contains("refusal") {
+            "tunnel packet"
         } else {
             "frame not parseable"
         };

@@ -18,6 +18,7 @@ mod maglev;
 mod maps;
 mod parse;
 mod refuse;
+mod reschedule;
 mod service;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -102,10 +103,19 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// ICMP errors to a VIP go to the real of the flow they quote (icmp_error.rs); everything else
+/// ICMP errors to a VIP go to the real of the flow they quote (icmp_error.rs), a real's
+/// refusal (IPIP / IP6IP6) is re-scheduled to another real (reschedule.rs); everything else
 /// passes. Tail-called by `xlb_balancer` for the frames that are not TCP or UDP.
 #[xdp]
 pub fn xlb_icmp(ctx: XdpContext) -> u32 {
+    // IPIP / IP6IP6: a real's refusal of a flow (reschedule.rs).
+    if let Some(tunnel) = reschedule::tunnel(&ctx) {
+        let verdict = reschedule::refusal(&ctx, &tunnel);
+        if verdict == xdp_action::XDP_PASS {
+            counters::global(Global::Passed);
+        }
+        return verdict;
+    }
     let verdict = match parse::icmp(&ctx) {
         Some((family, l3_off, icmp_off)) => {
             icmp_error::forward_error(&ctx, family, l3_off, icmp_off)

@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
-    MAX_SERVICES, ServiceKey, ServiceValue, VipKey, VipValue,
+    MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -75,3 +75,8 @@ pub static ICMP_PROGRAM: ProgramArray<1> = ProgramArray::new();
 /// The reason of the drop being logged, handed from the balancer to `xlb_drop_log`.
 #[btf_map]
 pub static DROP_REASON: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+/// One record per honoured refusal, for the daemon to take the refusing real down within
+/// milliseconds (daemon/refusals.rs). 64 KiB: thousands of records before the reader wakes.
+#[btf_map]
+pub static REFUSALS: RingBuf<RefusalEvent, { 64 * 1024 }> = RingBuf::new();
