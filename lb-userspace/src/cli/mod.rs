@@ -77,6 +77,11 @@ enum Command {
         /// with its reason and addresses, at debug level under the target xlb_datapath.
         #[arg(long)]
         datapath_log: bool,
+        /// Take a checked real down at once after this many refusals (a SYN or datagram its
+        /// xlb_realserver program sent back: no socket on that port); its check brings it back
+        /// after `rise` successes. 0: refusals are re-scheduled but take no real down.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        refusals_down: u32,
     },
     /// Remove the data path a daemon left on an interface: detach the program, remove the
     /// pinned link and maps. Stop the daemon first. Runs locally, without the daemon.
@@ -415,6 +420,7 @@ fn run(cli: Cli) -> Result<()> {
             iface,
             state,
             xdp_mode,
+            refusals_down,
             conn_capacity,
             metrics,
             pin_root,
@@ -438,6 +444,7 @@ fn run(cli: Cli) -> Result<()> {
                     bird_socket,
                 }),
                 datapath_log,
+                refusals_down,
             }));
         }
         Command::Detach { iface, pin_root } => {

@@ -110,6 +110,11 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     );
     let mut real_flows =
         Family::counter("xlb_real_new_flows_total", "New flows given to the real.");
+    let mut real_refusals = Family::counter(
+        "xlb_real_refusals_total",
+        "Connections the real refused (no socket on the port: its xlb_realserver program sent \
+         the SYN or datagram back), each re-scheduled to another real or dropped.",
+    );
     let mut real_weight = Family::gauge("xlb_real_weight", "The real's configured weight.");
     let mut real_effective_weight = Family::gauge(
         "xlb_real_effective_weight",
@@ -216,6 +221,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             real_packets.add(&labels, c.packets as f64);
             real_bytes.add(&labels, c.bytes as f64);
             real_flows.add(&labels, c.new_flows as f64);
+            real_refusals.add(&labels, c.refusals as f64);
             real_weight.add(&labels, r.weight.into());
             real_effective_weight.add(&labels, r.effective_weight.into());
             real_in_table.add(&labels, flag(r.in_table));
@@ -269,6 +275,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         real_packets,
         real_bytes,
         real_flows,
+        real_refusals,
         real_weight,
         real_effective_weight,
         real_in_table,
