@@ -260,3 +260,14 @@ fn tun_refusals_go_back_through_the_tunnel_reversed() {
     assert_eq!(refusals(&d), 2);
     assert_eq!(d.counter(Decap::Decapsulated).unwrap(), 2);
 }
+
+#[test]
+fn the_real_server_program_stays_small() {
+    // What the kernel keeps after verification, in 8-byte instructions: a bound that catches
+    // an accidental blow-up (an unrolled loop, a copied helper), printed for the record.
+    let mut d = decapsulator();
+    let info = d.program().unwrap().info().unwrap();
+    let insns = info.size_translated().unwrap() / 8;
+    eprintln!("xlb_realserver: {insns} instructions (xlated)");
+    assert!(insns > 100 && insns < 4096, "{insns} instructions");
+}
