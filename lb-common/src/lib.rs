@@ -109,6 +109,18 @@ pub const CONN_F_CLOSING: u16 = 1 << 0;
 /// re-scheduled to another (a TCP SYN starts the count again at 0).
 pub const CONN_BOUNCE_SHIFT: u16 = 8;
 pub const CONN_BOUNCE_MASK: u16 = 0x0f << CONN_BOUNCE_SHIFT;
+/// Connection flag: a packet other than a SYN was seen (the client's ACK): a later SYN is a new
+/// connection, not a retransmission.
+pub const CONN_F_ACKED: u16 = 1 << 1;
+/// Connection flags, bits 12-15: sixteenths of a second of the time the SYN was scheduled (with
+/// `last_seen_s`), so a retransmitted SYN is told from a duplicate by its age.
+pub const CONN_SYN_FRAC_SHIFT: u16 = 12;
+pub const CONN_SYN_FRAC_MASK: u16 = 0x0f << CONN_SYN_FRAC_SHIFT;
+/// A SYN for a flow whose SYN (and no ACK) was seen this many sixteenths of a second ago or
+/// more, up to `SYN_RETRY_MAX_16THS`, is a retransmission: the real did not answer, so it is
+/// moved to another real (`syn_retries_moved`). Linux retransmits after 1 s, then 2 s, 4 s.
+pub const SYN_RETRY_MIN_16THS: u64 = 14;
+pub const SYN_RETRY_MAX_16THS: u64 = 16 * 8;
 /// Most refusals one flow is re-scheduled after; the next one is dropped
 /// (`drop_refusal_bounced`), so reals that all refuse cannot bounce a packet forever.
 pub const MAX_BOUNCES: u16 = 3;
@@ -208,10 +220,13 @@ pub enum Global {
     /// Tunnel packets that look like a refusal but do not come from the real their flow is
     /// tracked to (or whose flow is not tracked): dropped, never honoured.
     DropRefusalForged = 12,
+    /// Retransmitted SYNs of flows whose real never saw the client's ACK, moved to another
+    /// real (the real did not answer: its host may be dark).
+    SynRetriesMoved = 13,
 }
 
 impl Global {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Global; Self::COUNT as usize] = [
         Global::Passed,
         Global::Forwarded,
@@ -226,6 +241,7 @@ impl Global {
         Global::RefusalRescheduled,
         Global::DropRefusalBounced,
         Global::DropRefusalForged,
+        Global::SynRetriesMoved,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -243,6 +259,7 @@ impl Global {
             Global::RefusalRescheduled => "refusal_rescheduled",
             Global::DropRefusalBounced => "drop_refusal_bounced",
             Global::DropRefusalForged => "drop_refusal_forged",
+            Global::SynRetriesMoved => "syn_retries_moved",
         }
     }
 }

@@ -343,3 +343,49 @@ fn other_tunnel_packets_pass_untouched() {
         assert_ne!(verdict, XDP_ABORTED, "truncated at {len}");
     }
 }
+
+#[test]
+fn a_retransmitted_syn_never_answered_moves_to_the_next_real() {
+    let (mut b, _) = service("198.18.0.100:80/tcp", &REALS4, Mode::Dr);
+    let f = Frame::tcp(CLIENT4, VIP4, 40010, 80, SYN);
+    let syn = f.bytes();
+    let hash = five_tuple_hash(&f, true);
+    let first = predict(&equal_weight(&REALS4), RING, hash);
+    let next = predict_other(&equal_weight(&REALS4), RING, hash, first).unwrap();
+    assert_eq!(run(&mut b, &syn), (XDP_TX, dr_to(&syn, first)));
+    // A duplicate right away is no retransmission.
+    assert_eq!(run(&mut b, &syn), (XDP_TX, dr_to(&syn, first)), "duplicate");
+    // Linux retransmits an unanswered SYN after 1 s.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert_eq!(
+        run(&mut b, &syn),
+        (XDP_TX, dr_to(&syn, next)),
+        "retransmission"
+    );
+    assert_eq!(global(&mut b, Global::SynRetriesMoved), 1);
+    // The client's ACK follows the move.
+    let ack = Frame::tcp(CLIENT4, VIP4, 40010, 80, ACK).bytes();
+    assert_eq!(run(&mut b, &ack), (XDP_TX, dr_to(&ack, next)));
+
+    // A flow whose ACK was seen: a later SYN is a new connection, scheduled by Maglev.
+    let g = Frame::tcp(CLIENT4, VIP4, 40011, 80, SYN);
+    let syn2 = g.bytes();
+    let own = predict(&equal_weight(&REALS4), RING, five_tuple_hash(&g, true));
+    run(&mut b, &syn2);
+    run(&mut b, &Frame::tcp(CLIENT4, VIP4, 40011, 80, ACK).bytes());
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert_eq!(
+        run(&mut b, &syn2),
+        (XDP_TX, dr_to(&syn2, own)),
+        "new connection"
+    );
+    assert_eq!(global(&mut b, Global::SynRetriesMoved), 1);
+}
+
+#[test]
+fn the_drop_log_program_loads_with_the_refusal_reasons() {
+    // xlb_drop_log names the refusal drop reasons; a string search there once made it a
+    // program the verifier refused ("last insn is not an exit or jmp").
+    let mut b = balancer();
+    let _logger = b.dataplane().start_datapath_log().unwrap();
+}

@@ -174,6 +174,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "ICMP errors to a VIP (unreachable, too big, time exceeded) forwarded to the real of the \
          flow they quote.",
     );
+    let mut syn_retries_moved = Family::counter(
+        "xlb_syn_retries_moved_total",
+        "Retransmitted SYNs of flows whose real never answered, moved to another real.",
+    );
     let mut refusals_rescheduled = Family::counter(
         "xlb_refusals_rescheduled_total",
         "Refusals (a real sent a SYN or datagram back: no socket on that port) re-scheduled to \
@@ -248,6 +252,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             Global::IcmpTooBigSent => icmp_too_big.add(&[], value),
             Global::IcmpErrorForwarded => icmp_errors_forwarded.add(&[], value),
             Global::RefusalRescheduled => refusals_rescheduled.add(&[], value),
+            Global::SynRetriesMoved => syn_retries_moved.add(&[], value),
             Global::DropRefusalBounced => dropped.add(&[("reason", "refusal_bounced")], value),
             Global::DropRefusalForged => dropped.add(&[("reason", "refusal_forged")], value),
             Global::ConnMiss => conn_misses.add(&[], value),
@@ -292,6 +297,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         icmp_too_big,
         icmp_errors_forwarded,
         refusals_rescheduled,
+        syn_retries_moved,
         conn_misses,
         conn_stale,
         conn_entries,
