@@ -105,6 +105,27 @@ pub struct ConnValue {
 
 /// Connection flag: the client has sent a FIN or RST.
 pub const CONN_F_CLOSING: u16 = 1 << 0;
+/// Connection flags, bits 8-11: how many times the flow's packet was refused by a real and
+/// re-scheduled to another (a TCP SYN starts the count again at 0).
+pub const CONN_BOUNCE_SHIFT: u16 = 8;
+pub const CONN_BOUNCE_MASK: u16 = 0x0f << CONN_BOUNCE_SHIFT;
+/// Connection flag: a packet other than a SYN was seen (the client's ACK): a later SYN is a new
+/// connection, not a retransmission.
+pub const CONN_F_ACKED: u16 = 1 << 1;
+/// Connection flags, bits 12-15: sixteenths of a second of the time the SYN was scheduled (with
+/// `last_seen_s`), so a retransmitted SYN is told from a duplicate by its age.
+pub const CONN_SYN_FRAC_SHIFT: u16 = 12;
+pub const CONN_SYN_FRAC_MASK: u16 = 0x0f << CONN_SYN_FRAC_SHIFT;
+/// A SYN for a flow whose SYN (and no ACK) was seen this many sixteenths of a second ago or
+/// more, up to `SYN_RETRY_MAX_16THS`, is a retransmission: the real did not answer, so it is
+/// moved to another real (`syn_retries_moved`). Linux retransmits after 1 s, then 2 s, 4 s.
+pub const SYN_RETRY_MIN_16THS: u64 = 14;
+pub const SYN_RETRY_MAX_16THS: u64 = 16 * 8;
+/// Most refusals one flow is re-scheduled after; the next one is dropped
+/// (`drop_refusal_bounced`), so reals that all refuse cannot bounce a packet forever.
+pub const MAX_BOUNCES: u16 = 3;
+/// Maglev slots probed after a flow's own slot for a real other than the refusing one.
+pub const REFUSAL_PROBES: u32 = 64;
 
 /// A fragmented datagram: addresses, IP identification, protocol.
 #[repr(C)]
@@ -134,7 +155,9 @@ pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
-    pub _pad: u64,
+    /// Per backend: refusals from this real (a SYN or datagram for a port it has no socket on,
+    /// sent back by its `xlb_realserver` program) that the director honoured. 0 per service.
+    pub refusals: u64,
 }
 
 /// Director-wide settings the control plane writes once at attach.
@@ -188,10 +211,22 @@ pub enum Global {
     /// ICMP errors to a VIP (unreachable, too big, time exceeded) quoting a service's flow,
     /// forwarded to that flow's real so its path MTU discovery works.
     IcmpErrorForwarded = 9,
+    /// Refusals (a real sent a SYN or datagram back: no socket on that port) re-scheduled to
+    /// another real of the service.
+    RefusalRescheduled = 10,
+    /// Refusals not re-scheduled: the flow was bounced `MAX_BOUNCES` times already, or the
+    /// service has no other usable real. Dropped.
+    DropRefusalBounced = 11,
+    /// Tunnel packets that look like a refusal but do not come from the real their flow is
+    /// tracked to (or whose flow is not tracked): dropped, never honoured.
+    DropRefusalForged = 12,
+    /// Retransmitted SYNs of flows whose real never saw the client's ACK, moved to another
+    /// real (the real did not answer: its host may be dark).
+    SynRetriesMoved = 13,
 }
 
 impl Global {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Global; Self::COUNT as usize] = [
         Global::Passed,
         Global::Forwarded,
@@ -203,6 +238,10 @@ impl Global {
         Global::IcmpTooBigSent,
         Global::DropTooBig,
         Global::IcmpErrorForwarded,
+        Global::RefusalRescheduled,
+        Global::DropRefusalBounced,
+        Global::DropRefusalForged,
+        Global::SynRetriesMoved,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -217,6 +256,10 @@ impl Global {
             Global::IcmpTooBigSent => "icmp_too_big_sent",
             Global::DropTooBig => "drop_too_big",
             Global::IcmpErrorForwarded => "icmp_error_forwarded",
+            Global::RefusalRescheduled => "refusal_rescheduled",
+            Global::DropRefusalBounced => "drop_refusal_bounced",
+            Global::DropRefusalForged => "drop_refusal_forged",
+            Global::SynRetriesMoved => "syn_retries_moved",
         }
     }
 }
@@ -230,6 +273,24 @@ pub struct VipKey {
     pub family: u8,
     pub _pad: [u8; 3],
 }
+
+/// What a real server does for one VIP (the value of `DECAP_VIPS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipValue {
+    /// The real's own address of the VIP's family (IPv4 in the first four bytes): the outer
+    /// source of a DR refusal, so the director sees which real refused.
+    pub real_addr: [u8; 16],
+    /// `VIP_F_*`.
+    pub flags: u32,
+}
+
+/// VIP flag: send SYNs and UDP datagrams for a port with no socket back to the director
+/// (a refusal) instead of letting the kernel answer RST / port unreachable.
+pub const VIP_F_REFUSE: u32 = 1 << 0;
+/// VIP flag: the VIP is served in DR mode (a refusal is wrapped in IPIP / IP6IP6 from
+/// `real_addr` to the VIP); without it, TUN (a refusal goes back in its own tunnel).
+pub const VIP_F_DR: u32 = 1 << 1;
 
 /// Indexes of the decapsulator's per-CPU counter array (`DECAP_STATS`).
 #[repr(u32)]
@@ -245,15 +306,19 @@ pub enum Decap {
     /// Fragmented tunnel packets (the director sets DF, so something on the path fragmented
     /// them): passed untouched, since a fragment cannot be decapsulated on its own.
     Fragment = 3,
+    /// SYNs and UDP datagrams for a VIP port with no socket, sent back to the director
+    /// (refusals) instead of being answered with RST / port unreachable.
+    Refusal = 4,
 }
 
 impl Decap {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
     pub const ALL: [Decap; Self::COUNT as usize] = [
         Decap::Decapsulated,
         Decap::Refused,
         Decap::Malformed,
         Decap::Fragment,
+        Decap::Refusal,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -262,8 +327,20 @@ impl Decap {
             Decap::Refused => "refused",
             Decap::Malformed => "malformed",
             Decap::Fragment => "fragment",
+            Decap::Refusal => "refusals",
         }
     }
+}
+
+/// One honoured refusal, sent by the director's data path to the daemon through the
+/// `REFUSALS` ring buffer so that the real is taken down within milliseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RefusalEvent {
+    /// The refusing real's backend id.
+    pub backend_id: u32,
+    /// Its generation (an event for a previous holder of the id is ignored).
+    pub generation: u32,
 }
 
 /// Seed of the flow hash. Fixed: every director must pick the same slot for the same flow.
@@ -304,6 +381,9 @@ const _: () = {
     assert!(core::mem::size_of::<Counters>() == 32);
     assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipValue>() == 20);
+    assert!(core::mem::size_of::<RefusalEvent>() == 8);
+    assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
 };
 
 #[cfg(feature = "user")]
@@ -320,6 +400,8 @@ mod pod {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for RefusalEvent {}
 }
 
 #[cfg(test)]

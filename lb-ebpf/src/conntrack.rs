@@ -6,13 +6,15 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_FORWARD, Backend, CONN_F_CLOSING, ConnKey, ConnValue, FragKey, FragValue, Global,
-    SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, ServiceValue,
+    BACKEND_F_FORWARD, Backend, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING,
+    CONN_SYN_FRAC_MASK, CONN_SYN_FRAC_SHIFT, ConnKey, ConnValue, FragKey, FragValue, Global,
+    MAX_BOUNCES, RefusalEvent, SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, SYN_RETRY_MAX_16THS,
+    SYN_RETRY_MIN_16THS, ServiceValue,
 };
 
 use crate::{
     counters, maglev,
-    maps::{BACKENDS, CONNS, FRAGS},
+    maps::{BACKENDS, CONNS, FRAGS, REFUSALS},
     parse::Packet,
 };
 
@@ -125,6 +127,10 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
                 let conn = unsafe { &mut *entry };
                 if let Some(choice) = tracked(conn, svc) {
                     touch(conn, now);
+                    // Written once per flow: a later SYN is a new connection.
+                    if conn.flags & CONN_F_ACKED == 0 {
+                        conn.flags |= CONN_F_ACKED;
+                    }
                     // Written once per flow, so the cache line stays shared otherwise.
                     if pkt.is_tcp_fin_or_rst() && conn.flags & CONN_F_CLOSING == 0 {
                         conn.flags |= CONN_F_CLOSING;
@@ -136,23 +142,67 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
             None => counters::global(Global::ConnMiss),
         }
     }
+    let t16 = now / (NS_PER_S / 16);
     let mut choice = schedule(pkt, svc, true)?;
+    if pkt.is_tcp_syn()
+        && let Some(moved) = retransmitted_syn(pkt, &key, svc, &choice, t16)
+    {
+        choice = moved;
+        counters::global(Global::SynRetriesMoved);
+    }
     let value = ConnValue {
         // Below MAX_BACKENDS (2^16): BACKENDS held an entry for it.
         backend_id: choice.backend_id as u16,
         generation: choice.backend.generation,
-        last_seen_s: (now / NS_PER_S) as u32,
+        last_seen_s: (t16 / 16) as u32,
         flow_hash: choice.flow_hash,
         flags: if pkt.is_tcp_fin_or_rst() {
             CONN_F_CLOSING
         } else {
             0
-        },
+        } | (((t16 & 0x0f) as u16) << CONN_SYN_FRAC_SHIFT),
     };
     // A full LRU evicts its oldest entry; a failed insert only means this flow is not pinned.
     let _ = CONNS.insert(&key, &value, 0);
     choice.new_flow = true;
     Some(choice)
+}
+
+/// A SYN whose flow's entry holds an unanswered SYN (no ACK since) sent to the real Maglev
+/// picks again, 0.875-8 s ago: a retransmission, so that real did not answer (its host may be
+/// dark). The flow goes to the next other real in Maglev order instead, as a refusal would.
+#[inline(always)]
+fn retransmitted_syn(
+    pkt: &Packet,
+    key: &ConnKey,
+    svc: &ServiceValue,
+    fresh: &Choice,
+    t16: u64,
+) -> Option<Choice> {
+    // SAFETY: an LRU value, only read.
+    let conn = unsafe { &*CONNS.get_ptr(key)? };
+    if conn.flags & CONN_F_ACKED != 0 {
+        return None;
+    }
+    let then = conn.last_seen_s as u64 * 16
+        + ((conn.flags & CONN_SYN_FRAC_MASK) >> CONN_SYN_FRAC_SHIFT) as u64;
+    let age = t16.checked_sub(then)?;
+    if !(SYN_RETRY_MIN_16THS..=SYN_RETRY_MAX_16THS).contains(&age) {
+        return None;
+    }
+    let unanswered = conn.backend_id as u32;
+    let b = backend(unanswered)?;
+    // Only when the entry still names the real this SYN would go to again.
+    if unanswered != fresh.backend_id || b.generation != conn.generation {
+        return None;
+    }
+    let (id, next) = maglev::pick_other(svc, maglev::hash(pkt, svc, true), unanswered)?;
+    Some(Choice {
+        backend_id: id,
+        backend: next,
+        new_flow: true,
+        flow_hash: fresh.flow_hash,
+    })
 }
 
 /// The real a flow's next packet would go to, leaving the table as it is (for ICMP errors
@@ -202,4 +252,76 @@ pub fn remember_fragment_ports(pkt: &Packet) {
 #[inline(always)]
 pub fn fragment_ports(pkt: &Packet) -> Option<FragValue> {
     FRAGS.get_ptr(frag_key(pkt)).map(|v| unsafe { *v })
+}
+
+/// Who sent a refusal: what the director can check it against.
+pub enum Sender {
+    /// DR: the frame's source MAC.
+    Mac([u8; 6]),
+    /// TUN: the outer source address (IPv4 in the first four bytes).
+    Addr([u8; 16]),
+}
+
+/// What becomes of a refusal.
+pub enum Refused {
+    /// Re-scheduled: the flow's entry now names this real.
+    Moved(Choice),
+    /// Bounced too often already, or no other real: drop.
+    Bounced,
+    /// Not from the real the flow is tracked to (or no such flow): drop, never honour.
+    Forged,
+}
+
+/// A refusal of `pkt` (a TCP SYN or UDP datagram the director forwarded) from `from`: accepted
+/// only from the real the flow's entry names, then re-scheduled to another usable real of the
+/// service, the first in Maglev order from the flow's own slot that is not the refusing one
+/// (every director picks the same), and the entry rewritten.
+#[inline(always)]
+pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
+    let Some(entry) = CONNS.get_ptr_mut(&conn_key(pkt)) else {
+        return Refused::Forged;
+    };
+    // SAFETY: an LRU value; see `select`.
+    let conn = unsafe { &mut *entry };
+    let refusing = conn.backend_id as u32;
+    // The real the entry names, usable or not: it may have been taken down since it refused.
+    let Some(b) = backend(refusing) else {
+        return Refused::Forged;
+    };
+    if b.generation != conn.generation || b.service_id != svc.id {
+        return Refused::Forged;
+    }
+    let genuine = match from {
+        Sender::Mac(mac) => *mac == b.mac,
+        Sender::Addr(addr) => u128::from_ne_bytes(*addr) == u128::from_ne_bytes(b.addr),
+    };
+    if !genuine {
+        return Refused::Forged;
+    }
+    counters::refusal(refusing);
+    let _ = REFUSALS.output(
+        RefusalEvent {
+            backend_id: refusing,
+            generation: b.generation,
+        },
+        0,
+    );
+    let bounces = (conn.flags & CONN_BOUNCE_MASK) >> CONN_BOUNCE_SHIFT;
+    if bounces >= MAX_BOUNCES {
+        return Refused::Bounced;
+    }
+    let hash = maglev::hash(pkt, svc, true);
+    let Some((id, next)) = maglev::pick_other(svc, hash, refusing) else {
+        return Refused::Bounced;
+    };
+    conn.backend_id = id as u16;
+    conn.generation = next.generation;
+    conn.flags = (conn.flags & !CONN_BOUNCE_MASK) | ((bounces + 1) << CONN_BOUNCE_SHIFT);
+    touch(conn, now_ns());
+    Refused::Moved(Choice {
+        backend_id: id,
+        backend: next,
+        new_flow: true,
+        flow_hash: conn.flow_hash,
+    })
 }

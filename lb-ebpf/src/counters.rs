@@ -45,3 +45,12 @@ pub fn service(id: u32, bytes: u64, new_flow: bool) {
 pub fn backend(id: u32, bytes: u64, new_flow: bool) {
     add(BACKEND_STATS.get_ptr_mut(id), bytes, new_flow);
 }
+
+/// A refusal from this backend's real, honoured.
+#[inline(always)]
+pub fn refusal(id: u32) {
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(id) {
+        // SAFETY: as in `global`.
+        unsafe { (*c).refusals += 1 };
+    }
+}

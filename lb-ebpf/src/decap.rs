@@ -1,13 +1,17 @@
-//! The real server's decapsulator (`xlb_decap`): tunnelled packets (IPIP, IP6IP6) whose inner
+//! The real server's decapsulator (`xlb_realserver`): tunnelled packets (IPIP, IP6IP6) whose inner
 //! destination is one of this server's VIPs lose their outer header and go to the stack as if
 //! they had arrived unencapsulated. Kernels without tunnel modules (and hosts where loading
 //! them is not wanted) can then serve a TUN director, as Katran's and GLB's decappers do.
+//!
+//! It also refuses (refuse.rs): a SYN or UDP datagram for a VIP port with no socket goes back
+//! to the director instead of being answered with RST / port unreachable, in DR mode (plain
+//! frames) and in TUN mode (tunnel packets).
 //!
 //! Everything else passes untouched, tunnel packets for other destinations included: the
 //! program drops nothing, so attaching it to a server's interface cannot cut it off.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Decap, FAMILY_V4, FAMILY_V6, VipKey};
+use lb_common::{Decap, FAMILY_V4, FAMILY_V6, VIP_F_REFUSE, VipKey};
 
 use crate::{
     counters, csum,
@@ -15,6 +19,7 @@ use crate::{
     parse::{
         self, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, VLAN_HLEN, ptr_at, read,
     },
+    refuse,
 };
 
 const IPPROTO_IPIP: u8 = 4;
@@ -43,16 +48,23 @@ pub fn decap(ctx: &XdpContext) -> u32 {
     };
     let tunnel = match tunnel {
         Ok(t) => t,
-        Err(count) => {
-            if let Some(which) = count {
-                counters::decap(which);
-            }
+        // Not a tunnel packet: a DR real's traffic, refused here when its port has no socket.
+        Err(None) => return refuse::plain(ctx, ether_type, l3),
+        Err(Some(which)) => {
+            counters::decap(which);
             return xdp_action::XDP_PASS;
         }
     };
-    if DECAP_VIPS.get_ptr(tunnel.key).is_none() {
+    let Some(vip) = DECAP_VIPS.get_ptr(tunnel.key) else {
         counters::decap(Decap::Refused);
         return xdp_action::XDP_PASS;
+    };
+    // SAFETY: a hash map value, only read.
+    if unsafe { (*vip).flags } & VIP_F_REFUSE != 0
+        && let Some(inner) = parse::parse_at(ctx, ether_type, l3 + tunnel.outer_len)
+        && refuse::no_socket(ctx, &inner)
+    {
+        return refuse::bounce(ctx, l3, tunnel.key.family);
     }
     if tunnel.outer_ecn == ECN_CE {
         propagate_ce(ctx, l3 + tunnel.outer_len, tunnel.key.family);
@@ -157,7 +169,7 @@ fn propagate_ce(ctx: &XdpContext, inner: usize, family: u8) {
 
 /// Moves the L2 header forward over the outer IP header, then drops the bytes before it.
 #[inline(always)]
-fn strip(ctx: &XdpContext, l3: usize, outer_len: usize) -> Option<()> {
+pub fn strip(ctx: &XdpContext, l3: usize, outer_len: usize) -> Option<()> {
     let eth = read::<[u8; ETH_HLEN + VLAN_HLEN]>(ctx, 0)?;
     // Exactly the L2 header's length is written: a byte more would land on the inner header.
     if l3 == ETH_HLEN + VLAN_HLEN {

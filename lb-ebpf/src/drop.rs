@@ -15,6 +15,10 @@ pub enum DropReason {
     Malformed,
     /// Too big for the tunnel and not to be answered with ICMP.
     TooBig,
+    /// A refusal of a flow bounced `MAX_BOUNCES` times already, or with no other real.
+    RefusalBounced,
+    /// Looks like a refusal, but not from the real its flow is tracked to.
+    RefusalForged,
 }
 
 impl DropReason {
@@ -24,6 +28,8 @@ impl DropReason {
             DropReason::NoBackend => Global::DropNoBackend,
             DropReason::Malformed => Global::DropMalformed,
             DropReason::TooBig => Global::DropTooBig,
+            DropReason::RefusalBounced => Global::DropRefusalBounced,
+            DropReason::RefusalForged => Global::DropRefusalForged,
         }
     }
 }

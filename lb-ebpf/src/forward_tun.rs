@@ -1,12 +1,12 @@
 //! TUN forwarding: the packet is encapsulated whole (IPIP for an IPv4 service, IP6IP6 for an
 //! IPv6 one) and sent back out of the same interface to the next hop towards the real, which
-//! strips the outer header (xlb_decap, or a kernel tunnel) and answers the client directly.
+//! strips the outer header (xlb_realserver, or a kernel tunnel) and answers the client directly.
 //!
 //! Only the outer header is written: the inner packet stays where it is and the L2 header moves
 //! to the new start of the frame, so the cost does not grow with the packet.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Backend, Config, FAMILY_V4, ServiceValue};
+use lb_common::{Config, FAMILY_V4, ServiceValue};
 
 use crate::{
     conntrack::Choice,
@@ -15,9 +15,9 @@ use crate::{
     parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN, ptr_at, read},
 };
 
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
-const OUTER_TTL: u8 = 64;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
+pub const OUTER_TTL: u8 = 64;
 /// An L2 header with one VLAN tag: the longest the parser accepts.
 const L2_MAX: usize = ETH_HLEN + VLAN_HLEN;
 
@@ -124,7 +124,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
         let check = csum::finish(csum::add(0, &h));
         h[10] = check[0];
         h[11] = check[1];
-        encapsulate(ctx, pkt.l3_off, &h, backend, config)
+        encapsulate(ctx, pkt.l3_off, &h, &backend.mac, &config.iface_mac)
     } else {
         // The flow label spreads flows over the receiver's queues and ECMP paths, which see
         // only the outer addresses otherwise. Fragments hash without ports (later ones have
@@ -140,7 +140,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
         h[7] = OUTER_TTL;
         h[8..24].copy_from_slice(&svc.tunnel_src);
         h[24..40].copy_from_slice(&backend.addr);
-        encapsulate(ctx, pkt.l3_off, &h, backend, config)
+        encapsulate(ctx, pkt.l3_off, &h, &backend.mac, &config.iface_mac)
     }
 }
 
@@ -148,20 +148,20 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
 /// new MACs (its VLAN tag and EtherType stay: the outer header is of the inner's family) and
 /// writes the outer header after it.
 #[inline(always)]
-fn encapsulate<const N: usize>(
+pub fn encapsulate<const N: usize>(
     ctx: &XdpContext,
     l2: usize,
     outer: &[u8; N],
-    backend: &Backend,
-    config: &Config,
+    dst_mac: &[u8; 6],
+    src_mac: &[u8; 6],
 ) -> u32 {
     // Copied whole: without a tag the last four bytes are the inner header's, overwritten
     // below by the outer header. One fixed-size copy keeps the verifier's work simple.
     let Some(mut eth) = read::<[u8; L2_MAX]>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
-    eth[..6].copy_from_slice(&backend.mac);
-    eth[6..12].copy_from_slice(&config.iface_mac);
+    eth[..6].copy_from_slice(dst_mac);
+    eth[6..12].copy_from_slice(src_mac);
     // SAFETY: the context is the program's own; a failure leaves the frame unchanged.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(N as i32)) } != 0 {
         // No headroom: a driver problem, visible through the xdp_exception tracepoint.

@@ -38,16 +38,23 @@ pub fn dropped(ctx: &XdpContext, reason: Global) {
 /// The body of `xlb_drop_log`: one debug record for the dropped frame.
 #[inline(always)]
 pub fn drop_record(ctx: &XdpContext) {
-    let reason = match DROP_REASON.get(0).copied().unwrap_or(u32::MAX) {
+    let raw = DROP_REASON.get(0).copied().unwrap_or(u32::MAX);
+    let refusal =
+        raw == Global::DropRefusalBounced as u32 || raw == Global::DropRefusalForged as u32;
+    let reason = match raw {
         r if r == Global::DropNoBackend as u32 => Global::DropNoBackend.name(),
         r if r == Global::DropMalformed as u32 => Global::DropMalformed.name(),
         r if r == Global::DropTooBig as u32 => Global::DropTooBig.name(),
+        r if r == Global::DropRefusalBounced as u32 => Global::DropRefusalBounced.name(),
+        r if r == Global::DropRefusalForged as u32 => Global::DropRefusalForged.name(),
         _ => "drop",
     };
     let Some(pkt) = parse::parse(ctx) else {
         // Not TCP or UDP: `xlb_icmp` drops ICMP errors about a service's flow.
         let what = if parse::icmp(ctx).is_some() {
             "ICMP error"
+        } else if refusal {
+            "tunnel packet"
         } else {
             "frame not parseable"
         };

@@ -1,8 +1,14 @@
 //! Maglev lookup: the table is built in userspace; here we only index it.
 
-use lb_common::{FAMILY_V4, NO_BACKEND, SERVICE_F_HASH_SRC_IP, ServiceValue, flow_hash};
+use lb_common::{
+    Backend, FAMILY_V4, NO_BACKEND, REFUSAL_PROBES, SERVICE_F_HASH_SRC_IP, ServiceValue, flow_hash,
+};
 
-use crate::{maps::MAGLEV, parse::Packet};
+use crate::{
+    conntrack,
+    maps::{BACKENDS, MAGLEV},
+    parse::Packet,
+};
 
 /// The flow hash that picks a slot. `with_ports` is false for fragments, which must all land on
 /// the same real although only the first one carries ports. A source-IP service hashes the
@@ -59,4 +65,38 @@ pub fn pick(service_id: u32, hash: u32) -> Option<u32> {
     let slot = hash % size;
     let id = table.get(1 + slot / 2)?[(slot & 1) as usize];
     if id == NO_BACKEND { None } else { Some(id) }
+}
+
+/// The first backend other than `not` in the service's table, from the hash's own slot on (at
+/// most `REFUSAL_PROBES` slots), if it is usable: where a refused flow goes. Maglev spreads
+/// each real's slots evenly, so a few probes find another real; the order depends only on the
+/// table, so every director with the same table picks the same one. (Reals that are down or
+/// drained hold no slots, so the first other real is the one to take.)
+///
+/// The loop body has one way on: each probe either ends the loop or moves to the next slot,
+/// and the slot is computed without a wrap-around branch, so the verifier walks it once per
+/// path (64 short iterations), not once per combination of branches.
+#[inline(always)]
+pub fn pick_other(svc: &ServiceValue, hash: u32, not: u32) -> Option<(u32, Backend)> {
+    let table = MAGLEV.get(svc.id)?;
+    let size = table.get(0)?[0] as u64;
+    if size == 0 {
+        return None;
+    }
+    let start = hash as u64 % size;
+    let mut found = NO_BACKEND;
+    for i in 0..REFUSAL_PROBES as u64 {
+        let slot = ((start + i) % size) as u32;
+        let pair = table.get(1 + slot / 2)?;
+        let id = pair[(slot & 1) as usize];
+        if id != NO_BACKEND && id != not {
+            found = id;
+            break;
+        }
+    }
+    let b = BACKENDS.get(found)?;
+    if !conntrack::usable(b, svc) {
+        return None;
+    }
+    Some((found, *b))
 }

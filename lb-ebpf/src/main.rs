@@ -17,6 +17,8 @@ mod log;
 mod maglev;
 mod maps;
 mod parse;
+mod refuse;
+mod reschedule;
 mod service;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -101,10 +103,19 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// ICMP errors to a VIP go to the real of the flow they quote (icmp_error.rs); everything else
+/// ICMP errors to a VIP go to the real of the flow they quote (icmp_error.rs), a real's
+/// refusal (IPIP / IP6IP6) is re-scheduled to another real (reschedule.rs); everything else
 /// passes. Tail-called by `xlb_balancer` for the frames that are not TCP or UDP.
 #[xdp]
 pub fn xlb_icmp(ctx: XdpContext) -> u32 {
+    // IPIP / IP6IP6: a real's refusal of a flow (reschedule.rs).
+    if let Some(tunnel) = reschedule::tunnel(&ctx) {
+        let verdict = reschedule::refusal(&ctx, &tunnel);
+        if verdict == xdp_action::XDP_PASS {
+            counters::global(Global::Passed);
+        }
+        return verdict;
+    }
     let verdict = match parse::icmp(&ctx) {
         Some((family, l3_off, icmp_off)) => {
             icmp_error::forward_error(&ctx, family, l3_off, icmp_off)
@@ -120,7 +131,7 @@ pub fn xlb_icmp(ctx: XdpContext) -> u32 {
 /// The decapsulator, for real servers of TUN services: unwraps tunnelled packets for local
 /// VIPs and passes them to the stack; everything else passes untouched.
 #[xdp]
-pub fn xlb_decap(ctx: XdpContext) -> u32 {
+pub fn xlb_realserver(ctx: XdpContext) -> u32 {
     decap::decap(&ctx)
 }
 

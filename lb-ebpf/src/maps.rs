@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
-    MAX_SERVICES, ServiceKey, ServiceValue, VipKey,
+    MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -53,10 +53,11 @@ pub static BACKEND_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = Per
 #[btf_map]
 pub static GLOBAL_STATS: PerCpuArray<u64, { Global::COUNT as usize }> = PerCpuArray::new();
 
-/// Decapsulator (real servers): the VIPs whose tunnelled packets are unwrapped here. The value
-/// is unused (0); a hash map rather than an LPM trie, since VIPs are single addresses.
+/// Real servers: the VIPs whose tunnelled packets are unwrapped here, and whether (and how)
+/// they refuse (`VipValue`); a hash map rather than an LPM trie, since VIPs are single
+/// addresses.
 #[btf_map]
-pub static DECAP_VIPS: HashMap<VipKey, u32, { DECAP_CAPACITY as usize }> = HashMap::new();
+pub static DECAP_VIPS: HashMap<VipKey, VipValue, { DECAP_CAPACITY as usize }> = HashMap::new();
 
 #[btf_map]
 pub static DECAP_STATS: PerCpuArray<u64, { Decap::COUNT as usize }> = PerCpuArray::new();
@@ -74,3 +75,8 @@ pub static ICMP_PROGRAM: ProgramArray<1> = ProgramArray::new();
 /// The reason of the drop being logged, handed from the balancer to `xlb_drop_log`.
 #[btf_map]
 pub static DROP_REASON: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+/// One record per honoured refusal, for the daemon to take the refusing real down within
+/// milliseconds (daemon/refusals.rs). 64 KiB: thousands of records before the reader wakes.
+#[btf_map]
+pub static REFUSALS: RingBuf<RefusalEvent, { 64 * 1024 }> = RingBuf::new();

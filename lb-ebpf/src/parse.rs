@@ -139,6 +139,13 @@ pub fn ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Option<Packet> {
     let (ether_type, l3) = ethernet(ctx)?;
+    parse_at(ctx, ether_type, l3)
+}
+
+/// Parses an IP packet of `ether_type`'s family at `l3`, to L4 (TCP or UDP only): a frame's
+/// own packet, or the inner packet of a tunnel.
+#[inline(always)]
+pub fn parse_at(ctx: &XdpContext, ether_type: u16, l3: usize) -> Option<Packet> {
     let mut pkt = Packet::at(0, l3);
     let l4 = match ether_type {
         ETH_P_IPV4 => parse_ipv4(ctx, l3, &mut pkt)?,

@@ -195,6 +195,10 @@ pub struct RealReport {
     pub in_table: bool,
     /// Flows that sent a packet recently (see `control::ACTIVE_FLOW_IDLE_S`).
     pub active_flows: u64,
+    /// Connections (SYNs, datagrams) the real refused since it got its backend id: no socket
+    /// on the port; each was re-scheduled to another real (or dropped when none was left).
+    #[serde(default)]
+    pub refusals: u64,
 }
 
 /// One word for a real's state, most pressing first.

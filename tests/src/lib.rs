@@ -451,3 +451,24 @@ pub fn predict(reals: &[(IpAddr, u32)], ring: u32, hash: u32) -> IpAddr {
     let table = maglev::build_table(&members, ring);
     reals[table[(hash % ring) as usize] as usize].0
 }
+
+/// Where a flow refused by `not` is re-scheduled (mirrors lb-ebpf's `maglev::pick_other`):
+/// the first real other than `not` in the Maglev table from the flow's own slot on, within
+/// `REFUSAL_PROBES` slots, every real usable.
+pub fn predict_other(reals: &[(IpAddr, u32)], ring: u32, hash: u32, not: IpAddr) -> Option<IpAddr> {
+    let members: Vec<maglev::Member> = reals
+        .iter()
+        .enumerate()
+        .map(|(i, (addr, weight))| maglev::Member {
+            addr: *addr,
+            weight: *weight,
+            id: i as u32,
+        })
+        .collect();
+    let table = maglev::build_table(&members, ring);
+    (0..lb_common::REFUSAL_PROBES)
+        .map(|i| table[((hash % ring + i) % ring) as usize])
+        .filter(|&id| id != lb_common::NO_BACKEND)
+        .map(|id| reals[id as usize].0)
+        .find(|&a| a != not)
+}

@@ -142,6 +142,9 @@ enum Acts {
     /// An ICMP error about a service's flow: the client's packet of that flow (an ACK or a UDP
     /// datagram from the client's address and port to the VIP's).
     ErrorAbout(Frame),
+    /// IPIP / IP6IP6 whose inner packet is for a service: a real's refusal of a flow (honoured
+    /// and re-scheduled, or dropped as forged or bounced too often).
+    Refusal,
 }
 
 fn model(f: &[u8]) -> Option<Acts> {
@@ -232,6 +235,12 @@ fn model(f: &[u8]) -> Option<Acts> {
                 Frame::udp(&c, &v, client_port, vip_port)
             }))
         }
+        4 | 41 if (proto == 4) == v4 && !fragmented => {
+            // The inner packet, as if it were the frame's own.
+            let mut inner = f[..l3].to_vec();
+            inner.extend_from_slice(f.get(l4..)?);
+            matches!(model(&inner)?, Acts::Flow).then_some(Acts::Refusal)
+        }
         _ => None,
     }
 }
@@ -300,6 +309,8 @@ fn check_balancer(
                     "icmp error, tun"
                 })
             }
+            // Exact bytes of re-scheduled refusals: packet_reschedule.rs.
+            Some(Acts::Refusal) => Ok("refusal re-scheduled"),
             _ => check_sent(d, input, out),
         },
         other => Err(format!("verdict {}", verdict_name(other))),

@@ -292,7 +292,7 @@ fn restore_memory_scrape(scrapes: usize) -> Result<(Value, Value, Value)> {
 
     // Scrapes: the active-flow walk plus the page, as the daemon's /metrics handler does (its
     // checks have no tasks here: the reals are unchecked).
-    let (checks, _reports) = Checks::new();
+    let (checks, _reports) = Checks::new(1);
     let scrape_with = |b: &mut Balancer, flows: usize| -> Result<((f64, f64), usize)> {
         let mut bytes = 0;
         let mut samples = Vec::new();

@@ -77,6 +77,11 @@ enum Command {
         /// with its reason and addresses, at debug level under the target xlb_datapath.
         #[arg(long)]
         datapath_log: bool,
+        /// Take a checked real down at once after this many refusals (a SYN or datagram its
+        /// xlb_realserver program sent back: no socket on that port); its check brings it back
+        /// after `rise` successes. 0: refusals are re-scheduled but take no real down.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        refusals_down: u32,
     },
     /// Remove the data path a daemon left on an interface: detach the program, remove the
     /// pinned link and maps. Stop the daemon first. Runs locally, without the daemon.
@@ -262,6 +267,15 @@ struct RealserverArgs {
     /// Where setup records what it changed, for teardown.
     #[arg(long, default_value = realserver::DEFAULT_STATE)]
     state: PathBuf,
+    /// Do not refuse: let the kernel answer a SYN to a port without a listener with RST (and
+    /// a datagram with port unreachable) instead of sending it back to the director, which
+    /// re-schedules it to another real. In DR mode no XDP program is attached then.
+    #[arg(long)]
+    no_refuse: bool,
+    /// The real's address that DR refusals are sent from (IPIP / IP6IP6 to the VIP); default:
+    /// the interface's first address of the VIP's family.
+    #[arg(long)]
+    real_addr: Option<IpAddr>,
 }
 
 impl RealserverArgs {
@@ -271,14 +285,17 @@ impl RealserverArgs {
             vip: self.vip,
             mode: self.mode,
             state: self.state,
+            refuse: !self.no_refuse,
+            real_addr: self.real_addr,
         }
     }
 }
 
 #[derive(Subcommand)]
 enum RealserverCmd {
-    /// Put the VIP on lo, hide it from ARP, and for TUN relax rp_filter and attach the
-    /// decapsulator (it stays attached after this command exits).
+    /// Put the VIP on lo, hide it from ARP, for TUN relax rp_filter, and attach the real-server
+    /// XDP program (TUN: the decapsulator; both modes: refusals of SYNs and datagrams for ports
+    /// without a socket, unless --no-refuse). It stays attached after this command exits.
     Setup(RealserverArgs),
     /// Undo exactly what setup changed (previous sysctl values come back).
     Teardown(RealserverArgs),
@@ -403,6 +420,7 @@ fn run(cli: Cli) -> Result<()> {
             iface,
             state,
             xdp_mode,
+            refusals_down,
             conn_capacity,
             metrics,
             pin_root,
@@ -426,6 +444,7 @@ fn run(cli: Cli) -> Result<()> {
                     bird_socket,
                 }),
                 datapath_log,
+                refusals_down,
             }));
         }
         Command::Detach { iface, pin_root } => {

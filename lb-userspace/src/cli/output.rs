@@ -89,8 +89,12 @@ pub fn status(status: &StatusReport, as_json: bool) -> Result<()> {
             } else {
                 r.weight.to_string()
             };
+            let refusals = match r.refusals {
+                0 => String::new(),
+                n => format!(" refusals {n}"),
+            };
             println!(
-                "  -> {:<28} weight {:<7} mac {:<17} {:<10} active flows {}{via}{check}",
+                "  -> {:<28} weight {:<7} mac {:<17} {:<10} active flows {}{refusals}{via}{check}",
                 addr,
                 weight,
                 r.mac.as_deref().unwrap_or("-"),

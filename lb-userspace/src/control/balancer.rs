@@ -397,6 +397,18 @@ impl Balancer {
         self.services.get(s).map(|st| st.id)
     }
 
+    /// The (service, real) a backend id and generation name, if it still does (a refusal
+    /// reported for an id since given to another real is not that real's).
+    pub fn real_of_backend(&self, id: u32, generation: u32) -> Option<(ServiceAddr, IpAddr)> {
+        self.services.iter().find_map(|(svc, st)| {
+            st.reals
+                .iter()
+                .chain(st.fallback.iter().map(|(a, r)| (a, r)))
+                .find(|(_, r)| r.backend_id == id && r.generation == generation)
+                .map(|(addr, _)| (*svc, *addr))
+        })
+    }
+
     pub fn real_backend_id(&self, s: &ServiceAddr, real: IpAddr) -> Option<u32> {
         self.services.get(s)?.reals.get(&real).map(|r| r.backend_id)
     }

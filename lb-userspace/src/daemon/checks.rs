@@ -34,6 +34,8 @@ struct Running {
     last: Option<(ProbeResult, SystemTime)>,
     /// Smoothed latency of successful checks, seconds (for adaptive weights).
     latency: Option<f64>,
+    /// Refusals since the real was last taken down by them (or since its check started).
+    refusals: u32,
 }
 
 impl Drop for Running {
@@ -47,17 +49,20 @@ pub struct Checks {
     running: HashMap<(ServiceAddr, IpAddr), Running>,
     next_task: u64,
     reports: mpsc::Sender<Report>,
+    /// Refusals that take a checked real down (`xlb daemon --refusals-down`; 0: never).
+    refusals_down: u32,
 }
 
 impl Checks {
     /// Results arrive on the returned receiver; feed each to [`Checks::apply`].
-    pub fn new() -> (Self, mpsc::Receiver<Report>) {
+    pub fn new(refusals_down: u32) -> (Self, mpsc::Receiver<Report>) {
         let (tx, rx) = mpsc::channel(1024);
         (
             Self {
                 running: HashMap::new(),
                 next_task: 0,
                 reports: tx,
+                refusals_down,
             },
             rx,
         )
@@ -105,6 +110,7 @@ impl Checks {
                     handle,
                     last: None,
                     latency: None,
+                    refusals: 0,
                 },
             );
         }
@@ -145,6 +151,40 @@ impl Checks {
                 tracing::warn!(service = %report.service, real = %report.real, %detail, "real down")
             }
             Err(e) => tracing::error!(real = %report.real, "applying a health change: {e:#}"),
+        }
+    }
+
+    /// The data path honoured a refusal from backend `id` (of `generation`): its real's server
+    /// has no socket for the service's port. After `refusals_down` of them a checked real goes
+    /// down at once; its check brings it back after `rise` successes. An unchecked real stays:
+    /// nothing would bring it back (its refusals are still re-scheduled, one by one).
+    pub fn refused(&mut self, b: &mut Balancer, id: u32, generation: u32) {
+        if self.refusals_down == 0 {
+            return;
+        }
+        let Some((service, real)) = b.real_of_backend(id, generation) else {
+            return;
+        };
+        let Some(r) = self.running.get_mut(&(service, real)) else {
+            return;
+        };
+        if r.tracker.health() == Health::Down {
+            return;
+        }
+        r.refusals += 1;
+        if r.refusals < self.refusals_down {
+            return;
+        }
+        r.refusals = 0;
+        r.tracker.force_down();
+        let refusals = self.refusals_down;
+        match b.set_health(&service, real, Health::Down) {
+            Ok(true) => tracing::warn!(
+                %service, %real, refusals,
+                "real down: it refused connections (no socket on the port)"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::error!(%real, "applying a refusal: {e:#}"),
         }
     }
 

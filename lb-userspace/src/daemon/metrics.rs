@@ -110,6 +110,11 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     );
     let mut real_flows =
         Family::counter("xlb_real_new_flows_total", "New flows given to the real.");
+    let mut real_refusals = Family::counter(
+        "xlb_real_refusals_total",
+        "Connections the real refused (no socket on the port: its xlb_realserver program sent \
+         the SYN or datagram back), each re-scheduled to another real or dropped.",
+    );
     let mut real_weight = Family::gauge("xlb_real_weight", "The real's configured weight.");
     let mut real_effective_weight = Family::gauge(
         "xlb_real_effective_weight",
@@ -169,6 +174,15 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "ICMP errors to a VIP (unreachable, too big, time exceeded) forwarded to the real of the \
          flow they quote.",
     );
+    let mut syn_retries_moved = Family::counter(
+        "xlb_syn_retries_moved_total",
+        "Retransmitted SYNs of flows whose real never answered, moved to another real.",
+    );
+    let mut refusals_rescheduled = Family::counter(
+        "xlb_refusals_rescheduled_total",
+        "Refusals (a real sent a SYN or datagram back: no socket on that port) re-scheduled to \
+         another real.",
+    );
     let mut conn_misses = Family::counter(
         "xlb_conntrack_misses_total",
         "Packets other than TCP SYNs that found no connection-table entry and were \
@@ -211,6 +225,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             real_packets.add(&labels, c.packets as f64);
             real_bytes.add(&labels, c.bytes as f64);
             real_flows.add(&labels, c.new_flows as f64);
+            real_refusals.add(&labels, c.refusals as f64);
             real_weight.add(&labels, r.weight.into());
             real_effective_weight.add(&labels, r.effective_weight.into());
             real_in_table.add(&labels, flag(r.in_table));
@@ -236,6 +251,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             Global::FragUntracked => untracked_fragments.add(&[], value),
             Global::IcmpTooBigSent => icmp_too_big.add(&[], value),
             Global::IcmpErrorForwarded => icmp_errors_forwarded.add(&[], value),
+            Global::RefusalRescheduled => refusals_rescheduled.add(&[], value),
+            Global::SynRetriesMoved => syn_retries_moved.add(&[], value),
+            Global::DropRefusalBounced => dropped.add(&[("reason", "refusal_bounced")], value),
+            Global::DropRefusalForged => dropped.add(&[("reason", "refusal_forged")], value),
             Global::ConnMiss => conn_misses.add(&[], value),
             Global::ConnStale => conn_stale.add(&[], value),
         }
@@ -261,6 +280,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         real_packets,
         real_bytes,
         real_flows,
+        real_refusals,
         real_weight,
         real_effective_weight,
         real_in_table,
@@ -276,6 +296,8 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         untracked_fragments,
         icmp_too_big,
         icmp_errors_forwarded,
+        refusals_rescheduled,
+        syn_retries_moved,
         conn_misses,
         conn_stale,
         conn_entries,

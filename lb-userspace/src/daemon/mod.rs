@@ -5,6 +5,7 @@ mod bgp;
 pub mod checks;
 pub mod metrics;
 mod neighbours;
+mod refusals;
 mod server;
 
 use std::{
@@ -52,6 +53,8 @@ pub struct DaemonOptions {
     pub bgp: Option<BgpOptions>,
     /// Log the data path's rare events (`CONFIG_F_DATAPATH_LOG`).
     pub datapath_log: bool,
+    /// Refusals that take a checked real down (0: none).
+    pub refusals_down: u32,
 }
 
 struct Shared {
@@ -114,6 +117,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         true => Some(datapath_log_task(dp.start_datapath_log()?)?),
         false => None,
     };
+    let refusal_events = dp.take_refusals()?;
     let mut balancer = Balancer::new(dp);
     balancer.inherit(inherited);
     balancer.set_datapath_log(opts.datapath_log)?;
@@ -131,7 +135,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         state = %opts.state.display(),
         "configuration restored"
     );
-    let (mut checks, mut reports) = Checks::new();
+    let (mut checks, mut reports) = Checks::new(opts.refusals_down);
     checks.reconcile(&balancer);
     let bgp = match opts.bgp {
         Some(bgp) => Some(Announcer::start(bgp, &balancer).context("starting BGP announcements")?),
@@ -209,6 +213,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             }
         })
     };
+    let refusals = refusals::watch(refusal_events, shared.clone())?;
     let listener = bind_socket(&opts.socket)?;
     tracing::info!(socket = %opts.socket.display(), "control API listening");
     let resolver = {
@@ -268,6 +273,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         }
     }
     resolver.abort();
+    refusals.abort();
     checker.abort();
     adapter.abort();
     if let Some(server) = metrics_server {

@@ -205,6 +205,13 @@ fn apply(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
 
 fn status(s: &mut Shared) -> Result<StatusReport> {
     let flows = active_flows(&mut s.balancer)?;
+    let mut refusals = std::collections::HashMap::new();
+    for svc in s.balancer.config().services {
+        for r in s.balancer.real_status(&svc.service) {
+            let c = s.balancer.dataplane().backend_counters(r.backend_id)?;
+            refusals.insert(r.backend_id, c.refusals);
+        }
+    }
     let services = s
         .balancer
         .config()
@@ -227,6 +234,7 @@ fn status(s: &mut Shared) -> Result<StatusReport> {
                     check: s.checks.last(&svc.service, r.addr),
                     in_table: r.in_table,
                     active_flows: flows.active.get(&r.backend_id).copied().unwrap_or(0),
+                    refusals: refusals.get(&r.backend_id).copied().unwrap_or(0),
                     mac: r.mac,
                 })
                 .collect();

@@ -127,6 +127,7 @@ fn sum_counters(map: &aya::maps::Map, id: u32) -> Result<Counters> {
         total.packets += c.packets;
         total.bytes += c.bytes;
         total.new_flows += c.new_flows;
+        total.refusals += c.refusals;
     }
     Ok(total)
 }

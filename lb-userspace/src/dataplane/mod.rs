@@ -325,6 +325,16 @@ impl Dataplane {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("opening the data path's log buffer")
     }
 
+    /// The ring buffer of refusals the data path honoured (one `RefusalEvent` each), for the
+    /// daemon to take refusing reals down at once. Taken once.
+    pub fn take_refusals(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let map = self
+            .ebpf
+            .take_map("REFUSALS")
+            .ok_or_else(|| anyhow!("map REFUSALS missing from the object (or taken)"))?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
+    }
+
     pub(super) fn map(&self, name: &str) -> Result<&aya::maps::Map> {
         self.ebpf
             .map(name)

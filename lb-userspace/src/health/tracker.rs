@@ -48,6 +48,15 @@ impl Tracker {
         self.health
     }
 
+    /// Down at once, whatever the streak (a real that refused connections): it takes `rise`
+    /// successes to come back, as after `fall` failures. Returns whether it changed.
+    pub fn force_down(&mut self) -> bool {
+        let changed = self.health != Health::Down;
+        self.health = Health::Down;
+        self.streak = 0;
+        changed
+    }
+
     /// Records one check result; returns the new health if it changed.
     pub fn record(&mut self, ok: bool) -> Option<Health> {
         let (target, needed) = match (self.health, ok) {
@@ -111,6 +120,17 @@ mod tests {
             feed(&mut t, "++-++-+++"),
             [Down, Down, Down, Down, Down, Down, Down, Down, Up]
         );
+    }
+
+    #[test]
+    fn forced_down_takes_rise_successes_to_come_back() {
+        let mut t = Tracker::new(3, 2);
+        t.record(true);
+        t.record(true);
+        assert!(t.force_down());
+        assert!(!t.force_down());
+        use Health::*;
+        assert_eq!(feed(&mut t, "++-+++"), [Down, Down, Down, Down, Down, Up]);
     }
 
     #[test]

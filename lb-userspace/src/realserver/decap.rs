@@ -1,4 +1,5 @@
-//! A real server's side of TUN: the decapsulator program (`xlb_decap`) and its VIP map.
+//! A real server's XDP program (`xlb_realserver`: the TUN decapsulator and the refusal of
+//! packets for ports without a socket, DR and TUN) and its VIP map.
 //!
 //! It comes from the same object as the balancer, whose big maps are shrunk to one entry at
 //! load: a real server needs only `DECAP_VIPS` and `DECAP_STATS`.
@@ -14,7 +15,7 @@ use aya::{
     maps::{HashMap, MapData, MapError, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{DECAP_CAPACITY, Decap, FAMILY_V4, FAMILY_V6, VipKey};
+use lb_common::{DECAP_CAPACITY, Decap, FAMILY_V4, FAMILY_V6, VIP_F_REFUSE, VipKey, VipValue};
 
 use rtnetlink::{
     LinkUnspec,
@@ -26,7 +27,7 @@ use crate::{
     netlink::Neighbours,
 };
 
-pub const DECAP_PROGRAM: &str = "xlb_decap";
+pub const DECAP_PROGRAM: &str = "xlb_realserver";
 
 /// The balancer's maps, unused by the decapsulator: one entry each instead of megabytes.
 const BALANCER_MAPS: [&str; 7] = [
@@ -55,7 +56,7 @@ pub fn vip_key(addr: IpAddr) -> VipKey {
 }
 
 /// The addresses in a `DECAP_VIPS` map, sorted.
-fn sorted_vips<T: std::borrow::Borrow<MapData>>(map: &HashMap<T, VipKey, u32>) -> Vec<IpAddr> {
+fn sorted_vips<T: std::borrow::Borrow<MapData>>(map: &HashMap<T, VipKey, VipValue>) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = map
         .keys()
         .filter_map(|k| k.ok())
@@ -109,7 +110,7 @@ impl Decapsulator {
             .try_into()?)
     }
 
-    fn vips_map(&mut self) -> Result<HashMap<&mut aya::maps::MapData, VipKey, u32>> {
+    fn vips_map(&mut self) -> Result<HashMap<&mut aya::maps::MapData, VipKey, VipValue>> {
         let map = self
             .ebpf
             .map_mut("DECAP_VIPS")
@@ -117,13 +118,19 @@ impl Decapsulator {
         Ok(HashMap::try_from(map)?)
     }
 
-    /// Tunnelled packets for `vip` are decapsulated from now on. Adding a VIP twice is fine.
+    /// Tunnelled packets for `vip` are decapsulated from now on (no refusals). Adding a VIP
+    /// twice is fine.
     pub fn add_vip(&mut self, vip: IpAddr) -> Result<()> {
+        self.add_vip_with(vip, VipValue::default())
+    }
+
+    /// As `add_vip`, and packets for `vip` are refused as `value` says (the later value wins).
+    pub fn add_vip_with(&mut self, vip: IpAddr, value: VipValue) -> Result<()> {
         if vip.is_unspecified() || vip.is_multicast() {
             bail!("{vip} cannot be a VIP");
         }
         self.vips_map()?
-            .insert(vip_key(vip), 0, 0)
+            .insert(vip_key(vip), value, 0)
             .map_err(|e| match e {
                 MapError::SyscallError(ref s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
                     anyhow!("VIP {vip}: no room (at most {DECAP_CAPACITY} VIPs)")
@@ -249,21 +256,27 @@ async fn set_xdp(nl: &Neighbours, ifindex: u32, fd: i32, flags: u32) -> Result<(
 
 /// Makes the decapsulator on `iface` accept `vip`, attaching it first if needed (native mode,
 /// else generic). Refuses to replace another XDP program.
-pub async fn attach_vip(nl: &Neighbours, ifindex: u32, iface: &str, vip: IpAddr) -> Result<()> {
+pub async fn attach_vip(
+    nl: &Neighbours,
+    ifindex: u32,
+    iface: &str,
+    vip: IpAddr,
+    value: VipValue,
+) -> Result<()> {
     if let Some((prog_id, _)) = attached_program(nl, ifindex).await? {
         let Some(map) = map_of(prog_id, "DECAP_VIPS")? else {
             bail!(
                 "{iface} already has another XDP program (id {prog_id}); xlb will not replace it"
             );
         };
-        let mut vips: HashMap<MapData, VipKey, u32> =
+        let mut vips: HashMap<MapData, VipKey, VipValue> =
             HashMap::try_from(aya::maps::Map::HashMap(map))?;
-        vips.insert(vip_key(vip), 0, 0)
-            .with_context(|| format!("adding {vip} to the decapsulator on {iface}"))?;
+        vips.insert(vip_key(vip), value, 0)
+            .with_context(|| format!("adding {vip} to the real-server program on {iface}"))?;
         return Ok(());
     }
     let mut decap = Decapsulator::load()?;
-    decap.add_vip(vip)?;
+    decap.add_vip_with(vip, value)?;
     let fd = decap.program()?.fd()?.as_fd().as_raw_fd();
     let native = set_xdp(
         nl,
@@ -291,7 +304,8 @@ pub async fn detach_vip(nl: &Neighbours, ifindex: u32, iface: &str, vip: IpAddr)
     let Some(map) = map_of(prog_id, "DECAP_VIPS")? else {
         return Ok(());
     };
-    let mut vips: HashMap<MapData, VipKey, u32> = HashMap::try_from(aya::maps::Map::HashMap(map))?;
+    let mut vips: HashMap<MapData, VipKey, VipValue> =
+        HashMap::try_from(aya::maps::Map::HashMap(map))?;
     let _ = vips.remove(&vip_key(vip));
     if vips.keys().next().is_none() {
         set_xdp(nl, ifindex, -1, mode)
@@ -304,6 +318,9 @@ pub async fn detach_vip(nl: &Neighbours, ifindex: u32, iface: &str, vip: IpAddr)
 /// What the decapsulator attached to an interface does: its VIPs and counters.
 pub struct Attached {
     pub vips: Vec<IpAddr>,
+    /// The VIPs that refuse (SYNs and datagrams for ports without a socket go back to the
+    /// director), with the real's address a DR refusal comes from.
+    pub refusing: Vec<(IpAddr, IpAddr)>,
     pub counters: Vec<(Decap, u64)>,
 }
 
@@ -318,12 +335,33 @@ pub async fn attached(nl: &Neighbours, ifindex: u32) -> Result<Option<Attached>>
     ) else {
         return Ok(None);
     };
-    let vips = sorted_vips(&HashMap::try_from(aya::maps::Map::HashMap(vips))?);
+    let vips: HashMap<MapData, VipKey, VipValue> =
+        HashMap::try_from(aya::maps::Map::HashMap(vips))?;
+    let mut refusing: Vec<(IpAddr, IpAddr)> = vips
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|(_, v)| v.flags & VIP_F_REFUSE != 0)
+        .filter_map(|(k, v)| {
+            let vip = vip_addr(&k)?;
+            let real = vip_addr(&VipKey {
+                addr: v.real_addr,
+                family: k.family,
+                _pad: [0; 3],
+            })?;
+            Some((vip, real))
+        })
+        .collect();
+    refusing.sort();
+    let vips = sorted_vips(&vips);
     let stats: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(stats))?;
     let counters = Decap::ALL
         .iter()
         .map(|&d| Ok((d, stats.get(&(d as u32), 0)?.iter().sum())))
         .collect::<Result<_>>()?;
-    Ok(Some(Attached { vips, counters }))
+    Ok(Some(Attached {
+        vips,
+        refusing,
+        counters,
+    }))
 }

@@ -25,6 +25,8 @@ mod metrics;
 
 pub use decap::{DECAP_PROGRAM, Decapsulator};
 
+use lb_common::{VIP_F_DR, VIP_F_REFUSE, VipValue};
+
 use crate::{config::Mode, netlink::Neighbours, state};
 
 pub const DEFAULT_STATE: &str = "/var/lib/xlb/realserver.json";
@@ -34,6 +36,12 @@ pub struct Options {
     pub vip: IpAddr,
     pub mode: Mode,
     pub state: PathBuf,
+    /// Attach the refusal (the default): SYNs and datagrams for a VIP port with no socket go
+    /// back to the director, which re-schedules them, instead of RST / port unreachable.
+    pub refuse: bool,
+    /// The address DR refusals come from (default: the interface's first address of the VIP's
+    /// family). The director recognises a DR refusal by the real's MAC, not by this address.
+    pub real_addr: Option<IpAddr>,
 }
 
 /// What one setup changed, so teardown can undo exactly that.
@@ -264,8 +272,9 @@ pub async fn setup(opts: &Options) -> Result<()> {
             .with_context(|| format!("adding {} to lo", opts.vip))?;
         record.added_vip = true;
     }
-    if opts.mode == Mode::Tun {
-        decap::attach_vip(&nl, ifindex, &opts.iface, opts.vip).await?;
+    if opts.mode == Mode::Tun || opts.refuse {
+        let value = vip_value(&nl, ifindex, opts).await?;
+        decap::attach_vip(&nl, ifindex, &opts.iface, opts.vip, value).await?;
     }
     match existing {
         // Set up again: keep what the first setup recorded, add what this one changed.
@@ -296,9 +305,8 @@ pub async fn teardown(opts: &Options) -> Result<()> {
         );
     };
     let record = records.records.remove(i);
-    if record.mode == Mode::Tun {
-        decap::detach_vip(&nl, ifindex, &opts.iface, opts.vip).await?;
-    }
+    // DR attaches the program too (for refusals) unless --no-refuse: detach whatever is there.
+    decap::detach_vip(&nl, ifindex, &opts.iface, opts.vip).await?;
     if record.added_vip
         && let Some(msg) = lo_address(&nl, lo, opts.vip).await?
     {
@@ -349,14 +357,31 @@ pub async fn check(opts: &Options) -> Result<Check> {
             ));
         }
     }
-    if opts.mode == Mode::Tun {
+    if opts.mode == Mode::Tun || opts.refuse {
         match decap::attached(&nl, ifindex).await? {
-            None => missing.push(format!(
+            None if opts.mode == Mode::Tun => missing.push(format!(
                 "no xlb decapsulator on {}: tunnelled packets are not decapsulated",
                 opts.iface
             )),
+            None => missing.push(format!(
+                "no {DECAP_PROGRAM} program on {}: a SYN to a port without a listener is answered \
+                 with RST instead of being re-scheduled by the director (or use --no-refuse)",
+                opts.iface
+            )),
             Some(d) => {
-                if !d.vips.contains(&opts.vip) {
+                match d.refusing.iter().find(|(v, _)| *v == opts.vip) {
+                    Some((_, from)) => report.push(format!(
+                        "{DECAP_PROGRAM} on {}: refuses for {} (DR refusals from {from})",
+                        opts.iface, opts.vip
+                    )),
+                    None if opts.refuse => missing.push(format!(
+                        "{DECAP_PROGRAM} on {} does not refuse for {}: set it up again (or use \
+                         --no-refuse)",
+                        opts.iface, opts.vip
+                    )),
+                    None => {}
+                }
+                if opts.mode == Mode::Tun && !d.vips.contains(&opts.vip) {
                     missing.push(format!(
                         "the decapsulator on {} does not accept {}",
                         opts.iface, opts.vip
@@ -390,6 +415,38 @@ pub fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
+/// What the real-server program does for this VIP: refuse or not, from which address.
+async fn vip_value(nl: &Neighbours, ifindex: u32, opts: &Options) -> Result<VipValue> {
+    let mut value = VipValue::default();
+    if !opts.refuse {
+        return Ok(value);
+    }
+    value.flags = VIP_F_REFUSE;
+    if opts.mode == Mode::Dr {
+        value.flags |= VIP_F_DR;
+    }
+    let real = match opts.real_addr {
+        Some(a) => Some(a),
+        None => {
+            let (v4, v6) = nl.primary_addresses(ifindex).await?;
+            match opts.vip {
+                IpAddr::V4(_) => v4.map(IpAddr::V4),
+                IpAddr::V6(_) => v6.map(IpAddr::V6),
+            }
+        }
+    };
+    match real {
+        Some(a) => value.real_addr = decap::vip_key(a).addr,
+        None if opts.mode == Mode::Dr => bail!(
+            "{} has no {} address to send refusals from: give --real-addr (or --no-refuse)",
+            opts.iface,
+            if opts.vip.is_ipv4() { "IPv4" } else { "IPv6" }
+        ),
+        None => {}
+    }
+    Ok(value)
+}
+
 fn validate(opts: &Options) -> Result<()> {
     let v = opts.vip;
     if v.is_unspecified() || v.is_multicast() || v.is_loopback() {
@@ -397,6 +454,14 @@ fn validate(opts: &Options) -> Result<()> {
     }
     if opts.iface == "lo" {
         bail!("--iface is the interface clients' packets arrive on, not lo");
+    }
+    if let Some(a) = opts.real_addr {
+        if a.is_ipv4() != v.is_ipv4() {
+            bail!("--real-addr {a} is not of the VIP's family ({v})");
+        }
+        if a.is_unspecified() || a.is_multicast() || a.is_loopback() || a == v {
+            bail!("--real-addr {a} cannot be the real's address");
+        }
     }
     Ok(())
 }
