@@ -6,10 +6,9 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_FORWARD, Backend, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING,
-    CONN_SYN_FRAC_MASK, CONN_SYN_FRAC_SHIFT, ConnKey, ConnValue, FragKey, FragValue, Global,
-    MAX_BOUNCES, RefusalEvent, SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, SYN_RETRY_MAX_16THS,
-    SYN_RETRY_MIN_16THS, ServiceValue,
+    Backend, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING, CONN_SYN_FRAC_MASK,
+    CONN_SYN_FRAC_SHIFT, ConnKey, ConnValue, FragKey, FragValue, Global, MAX_BOUNCES, RefusalEvent,
+    SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, SYN_RETRY_MAX_16THS, SYN_RETRY_MIN_16THS, ServiceValue,
 };
 
 use crate::{
@@ -47,11 +46,6 @@ fn touch(conn: &mut ConnValue, now_ns: u64) {
 }
 
 #[inline(always)]
-pub fn usable(backend: &Backend, svc: &ServiceValue) -> bool {
-    backend.flags & BACKEND_F_FORWARD != 0 && backend.service_id == svc.id
-}
-
-#[inline(always)]
 fn backend(id: u32) -> Option<Backend> {
     BACKENDS.get(id).copied()
 }
@@ -86,7 +80,7 @@ fn conn_key(pkt: &Packet) -> ConnKey {
 #[inline(always)]
 fn tracked(conn: &ConnValue, svc: &ServiceValue) -> Option<Choice> {
     let b = backend(conn.backend_id.into())?;
-    if b.generation != conn.generation || !usable(&b, svc) {
+    if b.generation != conn.generation || !maglev::usable(&b, svc) {
         return None;
     }
     Some(Choice {
@@ -103,7 +97,7 @@ fn schedule(pkt: &Packet, svc: &ServiceValue, with_ports: bool) -> Option<Choice
     let hash = maglev::hash(pkt, svc, with_ports);
     let backend_id = maglev::pick(svc.id, hash)?;
     let b = backend(backend_id)?;
-    if !usable(&b, svc) {
+    if !maglev::usable(&b, svc) {
         return None;
     }
     Some(Choice {

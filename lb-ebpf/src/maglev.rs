@@ -1,11 +1,11 @@
 //! Maglev lookup: the table is built in userspace; here we only index it.
 
 use lb_common::{
-    Backend, FAMILY_V4, NO_BACKEND, REFUSAL_PROBES, SERVICE_F_HASH_SRC_IP, ServiceValue, flow_hash,
+    BACKEND_F_FORWARD, Backend, FAMILY_V4, NO_BACKEND, REFUSAL_PROBES, SERVICE_F_HASH_SRC_IP,
+    ServiceValue, flow_hash,
 };
 
 use crate::{
-    conntrack,
     maps::{BACKENDS, MAGLEV},
     parse::Packet,
 };
@@ -53,6 +53,13 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
     unsafe { (addr.as_ptr() as *const [u32; 4]).read_unaligned() }
 }
 
+/// Whether a backend entry may take this service's packets: marked for forwarding, and still
+/// an entry of this service.
+#[inline(always)]
+pub fn usable(backend: &Backend, svc: &ServiceValue) -> bool {
+    backend.flags & BACKEND_F_FORWARD != 0 && backend.service_id == svc.id
+}
+
 /// The backend id in the service's table for this hash, or None when the table is missing or
 /// holds no backend in that slot.
 #[inline(always)]
@@ -95,7 +102,7 @@ pub fn pick_other(svc: &ServiceValue, hash: u32, not: u32) -> Option<(u32, Backe
         }
     }
     let b = BACKENDS.get(found)?;
-    if !conntrack::usable(b, svc) {
+    if !usable(b, svc) {
         return None;
     }
     Some((found, *b))
