@@ -17,13 +17,12 @@ use crate::{
     counters, csum,
     maps::DECAP_VIPS,
     parse::{
-        self, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, VLAN_HLEN, ptr_at, read,
+        self, ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
+        VLAN_HLEN, ptr_at, read,
     },
     refuse,
 };
 
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 const ECN_MASK: u8 = 0x03;
 const ECN_CE: u8 = 0x03;
 

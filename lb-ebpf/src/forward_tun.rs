@@ -12,11 +12,11 @@ use crate::{
     conntrack::Choice,
     csum,
     maps::CONFIG,
-    parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN, ptr_at, read},
+    parse::{
+        ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN, ptr_at, read,
+    },
 };
 
-pub const IPPROTO_IPIP: u8 = 4;
-pub const IPPROTO_IPV6: u8 = 41;
 pub const OUTER_TTL: u8 = 64;
 /// An L2 header with one VLAN tag: the longest the parser accepts.
 const L2_MAX: usize = ETH_HLEN + VLAN_HLEN;
@@ -110,6 +110,33 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
         return xdp_action::XDP_ABORTED;
     };
     let backend = &choice.backend;
+    let outer = Outer {
+        src: &svc.tunnel_src,
+        dst: &backend.addr,
+        // The flow label spreads flows over the receiver's queues and ECMP paths, which see
+        // only the outer addresses otherwise. Fragments hash without ports (later ones have
+        // none), so every fragment of a datagram takes the same path.
+        label: choice.flow_hash & 0xf_ffff,
+        dst_mac: &backend.mac,
+        src_mac: &config.iface_mac,
+    };
+    wrap(ctx, pkt, &inner, &outer)
+}
+
+/// How an IPIP / IP6IP6 packet is addressed.
+pub struct Outer<'a> {
+    pub src: &'a [u8; 16],
+    pub dst: &'a [u8; 16],
+    /// The IPv6 outer flow label (ignored for IPv4).
+    pub label: u32,
+    pub dst_mac: &'a [u8; 6],
+    pub src_mac: &'a [u8; 6],
+}
+
+/// Wraps the packet in an outer header of its own family (IPIP or IP6IP6), addressed as
+/// `outer` says, with the inner header's ToS / traffic class.
+#[inline(always)]
+pub fn wrap(ctx: &XdpContext, pkt: &Packet, inner: &Inner, outer: &Outer) -> u32 {
     if pkt.family == FAMILY_V4 {
         let mut h = [0u8; IPV4_HLEN];
         h[0] = 0x45;
@@ -119,17 +146,14 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
         h[6] = 0x40;
         h[8] = OUTER_TTL;
         h[9] = IPPROTO_IPIP;
-        h[12..16].copy_from_slice(&svc.tunnel_src[..4]);
-        h[16..20].copy_from_slice(&backend.addr[..4]);
+        h[12..16].copy_from_slice(&outer.src[..4]);
+        h[16..20].copy_from_slice(&outer.dst[..4]);
         let check = csum::finish(csum::add(0, &h));
         h[10] = check[0];
         h[11] = check[1];
-        encapsulate(ctx, pkt.l3_off, &h, &backend.mac, &config.iface_mac)
+        encapsulate(ctx, pkt.l3_off, &h, outer.dst_mac, outer.src_mac)
     } else {
-        // The flow label spreads flows over the receiver's queues and ECMP paths, which see
-        // only the outer addresses otherwise. Fragments hash without ports (later ones have
-        // none), so every fragment of a datagram takes the same path.
-        let label = choice.flow_hash & 0xf_ffff;
+        let label = outer.label;
         let mut h = [0u8; IPV6_HLEN];
         h[0] = 0x60 | inner.tos >> 4;
         h[1] = inner.tos << 4 | (label >> 16) as u8;
@@ -138,9 +162,9 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
         h[4..6].copy_from_slice(&(inner.len as u16).to_be_bytes());
         h[6] = IPPROTO_IPV6;
         h[7] = OUTER_TTL;
-        h[8..24].copy_from_slice(&svc.tunnel_src);
-        h[24..40].copy_from_slice(&backend.addr);
-        encapsulate(ctx, pkt.l3_off, &h, &backend.mac, &config.iface_mac)
+        h[8..24].copy_from_slice(outer.src);
+        h[24..40].copy_from_slice(outer.dst);
+        encapsulate(ctx, pkt.l3_off, &h, outer.dst_mac, outer.src_mac)
     }
 }
 

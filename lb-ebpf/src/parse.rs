@@ -20,6 +20,9 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_DSTOPTS: u8 = 60;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv4-in-IPv4 and IPv6-in-IPv6: what TUN sends and refusals come back in.
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
 /// IPv6 extension headers skipped before giving up (Cilium uses the same bound).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 

@@ -21,7 +21,7 @@ use lb_common::{Decap, FAMILY_V4, PROTO_TCP, PROTO_UDP, VIP_F_DR, VIP_F_REFUSE, 
 
 use crate::{
     counters, csum,
-    forward_tun::{self, IPPROTO_IPIP, IPPROTO_IPV6, OUTER_TTL},
+    forward_tun::{self, OUTER_TTL, Outer},
     parse::{Fragment, IPV4_HLEN, IPV6_HLEN, Packet, ptr_at, read},
 };
 
@@ -136,31 +136,14 @@ fn wrap(ctx: &XdpContext, pkt: &Packet, vip: &VipValue) -> u32 {
     let mut src_mac = [0u8; 6];
     dst_mac.copy_from_slice(&macs[6..12]);
     src_mac.copy_from_slice(&macs[..6]);
-    if pkt.family == FAMILY_V4 {
-        let mut h = [0u8; IPV4_HLEN];
-        h[0] = 0x45;
-        h[1] = inner.tos;
-        h[2..4].copy_from_slice(&((inner.len + IPV4_HLEN as u32) as u16).to_be_bytes());
-        h[6] = 0x40;
-        h[8] = OUTER_TTL;
-        h[9] = IPPROTO_IPIP;
-        h[12..16].copy_from_slice(&vip.real_addr[..4]);
-        h[16..20].copy_from_slice(&pkt.dst[..4]);
-        let check = csum::finish(csum::add(0, &h));
-        h[10] = check[0];
-        h[11] = check[1];
-        forward_tun::encapsulate(ctx, pkt.l3_off, &h, &dst_mac, &src_mac)
-    } else {
-        let mut h = [0u8; IPV6_HLEN];
-        h[0] = 0x60 | inner.tos >> 4;
-        h[1] = inner.tos << 4;
-        h[4..6].copy_from_slice(&(inner.len as u16).to_be_bytes());
-        h[6] = IPPROTO_IPV6;
-        h[7] = OUTER_TTL;
-        h[8..24].copy_from_slice(&vip.real_addr);
-        h[24..40].copy_from_slice(&pkt.dst);
-        forward_tun::encapsulate(ctx, pkt.l3_off, &h, &dst_mac, &src_mac)
-    }
+    let outer = Outer {
+        src: &vip.real_addr,
+        dst: &pkt.dst,
+        label: 0,
+        dst_mac: &dst_mac,
+        src_mac: &src_mac,
+    };
+    forward_tun::wrap(ctx, pkt, &inner, &outer)
 }
 
 /// TUN refusal: the tunnel packet goes back whole, outer addresses and MACs swapped and the

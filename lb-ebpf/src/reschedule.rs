@@ -17,12 +17,12 @@ use crate::{
     drop::{self, DropReason},
     forward_dr, forward_tun,
     maps::CONFIG,
-    parse::{self, ETH_P_IPV4, ETH_P_IPV6, Fragment, IPV4_HLEN, IPV6_HLEN, read},
+    parse::{
+        self, ETH_P_IPV4, ETH_P_IPV6, Fragment, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
+        read,
+    },
     service,
 };
-
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 
 /// An IPIP / IP6IP6 packet: its EtherType, L3 offset, outer header length and outer source.
 pub struct Tunnel {

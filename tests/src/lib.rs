@@ -436,9 +436,9 @@ pub fn equal_weight(reals: &[&str]) -> Vec<(IpAddr, u32)> {
     reals.iter().map(|r| (ip(r), 100)).collect()
 }
 
-/// The real a fresh flow lands on, predicted from the same Maglev table the control plane
-/// builds: `reals` are (address, weight).
-pub fn predict(reals: &[(IpAddr, u32)], ring: u32, hash: u32) -> IpAddr {
+/// The Maglev table the control plane builds for `reals` (address, weight); slots hold indexes
+/// into `reals`.
+fn table(reals: &[(IpAddr, u32)], ring: u32) -> Vec<u32> {
     let members: Vec<maglev::Member> = reals
         .iter()
         .enumerate()
@@ -448,7 +448,13 @@ pub fn predict(reals: &[(IpAddr, u32)], ring: u32, hash: u32) -> IpAddr {
             id: i as u32,
         })
         .collect();
-    let table = maglev::build_table(&members, ring);
+    maglev::build_table(&members, ring)
+}
+
+/// The real a fresh flow lands on, predicted from the same Maglev table the control plane
+/// builds: `reals` are (address, weight).
+pub fn predict(reals: &[(IpAddr, u32)], ring: u32, hash: u32) -> IpAddr {
+    let table = table(reals, ring);
     reals[table[(hash % ring) as usize] as usize].0
 }
 
@@ -456,16 +462,7 @@ pub fn predict(reals: &[(IpAddr, u32)], ring: u32, hash: u32) -> IpAddr {
 /// the first real other than `not` in the Maglev table from the flow's own slot on, within
 /// `REFUSAL_PROBES` slots, every real usable.
 pub fn predict_other(reals: &[(IpAddr, u32)], ring: u32, hash: u32, not: IpAddr) -> Option<IpAddr> {
-    let members: Vec<maglev::Member> = reals
-        .iter()
-        .enumerate()
-        .map(|(i, (addr, weight))| maglev::Member {
-            addr: *addr,
-            weight: *weight,
-            id: i as u32,
-        })
-        .collect();
-    let table = maglev::build_table(&members, ring);
+    let table = table(reals, ring);
     (0..lb_common::REFUSAL_PROBES)
         .map(|i| table[((hash % ring + i) % ring) as usize])
         .filter(|&id| id != lb_common::NO_BACKEND)
