@@ -173,7 +173,7 @@ fn a_real_whose_server_dies_costs_no_failed_connection() {
 
 fn failover(c: &Case) {
     let _lab = c.lab.up();
-    let name = c.lab.ns("");
+    let name = c.lab.topology().ns_prefix;
     edit_service(c, |svc| {
         svc["check"] = serde_json::json!({
             "kind": "http", "path": "/healthz",
