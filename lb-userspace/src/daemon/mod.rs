@@ -26,9 +26,7 @@ use self::{bgp::Announcer, checks::Checks, neighbours::NextHop};
 use crate::{
     config::ServiceAddr,
     control::{Balancer, active_flows},
-    dataplane::{
-        AttachMode, Attachment, DatapathLogger, Dataplane, LoadOptions, PinDir, XdpModeChoice,
-    },
+    dataplane::{AttachMode, Attachment, Dataplane, LoadOptions, PinDir, XdpModeChoice},
     netlink::Neighbours,
     state,
 };
@@ -114,7 +112,11 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         );
     }
     let datapath_logger = match opts.datapath_log {
-        true => Some(datapath_log_task(dp.start_datapath_log()?)?),
+        true => Some(on_readable(
+            dp.start_datapath_log()?,
+            "the data path's log buffer",
+            |logger| logger.flush(),
+        )?),
         false => None,
     };
     let refusal_events = dp.take_refusals()?;
@@ -326,20 +328,29 @@ fn watch_drains(s: &mut Shared) -> Result<()> {
     Ok(())
 }
 
-/// Forwards the data path's log records to `tracing` as they arrive.
-fn datapath_log_task(logger: DatapathLogger) -> Result<tokio::task::JoinHandle<()>> {
-    // SAFETY: the logger owns the ring buffer's fd, which stays open and the same until the
-    // AsyncFd (which owns the logger) is dropped.
-    let mut logger = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+/// Runs `drain` on `source` (a ring buffer's reader) in a task of its own, each time its fd
+/// becomes readable: the data path's log records and its refusal events arrive this way.
+/// `what` names the buffer in the error.
+fn on_readable<T>(
+    source: T,
+    what: &str,
+    mut drain: impl FnMut(&mut T) + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>>
+where
+    T: std::os::fd::AsRawFd + Send + 'static,
+{
+    // SAFETY: `source` owns its fd, which stays open and the same until the AsyncFd (which
+    // owns `source`) is dropped.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(source, tokio::io::Interest::READABLE)
     }
-    .map_err(|e| anyhow::anyhow!("watching the data path's log buffer: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("watching {what}: {e}"))?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok(mut guard) = logger.readable_mut().await else {
+            let Ok(mut guard) = fd.readable_mut().await else {
                 return;
             };
-            guard.get_inner_mut().flush();
+            drain(guard.get_inner_mut());
             guard.clear_ready();
         }
     }))
