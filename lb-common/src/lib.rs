@@ -40,6 +40,15 @@ pub struct ServiceKey {
 pub const SERVICE_F_TUN: u32 = 1 << 0;
 /// Service flag: schedule on the client address only (LVS persistence, IPVS `sh`).
 pub const SERVICE_F_HASH_SRC_IP: u32 = 1 << 1;
+/// Service flag (TUN): wrap in GUE (outer IP + UDP to `gue_port`, RFC draft "direct IP
+/// encapsulation", as Linux's FOU/GUE and Katran send it) instead of bare IP-in-IP.
+pub const SERVICE_F_GUE: u32 = 1 << 2;
+/// Service flag (TUN): the outer header is IPv6 (`tunnel_src` and the reals are IPv6). With an
+/// IPv4 VIP this is IPv4-in-IPv6 (4in6).
+pub const SERVICE_F_OUTER_V6: u32 = 1 << 3;
+/// The GUE destination port when the operator gives none: the port Katran and the kernel's
+/// FOU examples use.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -50,6 +59,13 @@ pub struct ServiceValue {
     /// TUN only: the outer source address of encapsulated packets (IPv4 in the first four
     /// bytes). Per service, so a director can tunnel from the address its reals expect.
     pub tunnel_src: [u8; 16],
+    /// GUE only: the outer UDP destination port, network byte order.
+    pub gue_port: u16,
+    /// `--tunnel-src-prefix`: how many low bits of `tunnel_src` are taken from the flow hash
+    /// (0: one fixed source), so receivers and routers that hash only outer addresses see
+    /// distinct flows. At most 16.
+    pub tunnel_src_host_bits: u8,
+    pub _pad: u8,
 }
 
 /// Backend flag: established flows may be forwarded to it. Cleared when its MAC is unknown or
@@ -180,6 +196,9 @@ pub struct Config {
 /// Config flag: log the data path's rare events (drops, ICMP too big, untracked fragments)
 /// through aya-log (`xlb daemon --datapath-log`). Read only on those rare paths.
 pub const CONFIG_F_DATAPATH_LOG: u8 = 1 << 0;
+/// Config flag: answer ICMP echo requests to a VIP (the `VIPS` map) from the data path. On
+/// unless `xlb daemon --no-vip-echo`.
+pub const CONFIG_F_VIP_ECHO: u8 = 1 << 1;
 
 /// Indexes of the global per-CPU counter array.
 #[repr(u32)]
@@ -223,10 +242,13 @@ pub enum Global {
     /// Retransmitted SYNs of flows whose real never saw the client's ACK, moved to another
     /// real (the real did not answer: its host may be dark).
     SynRetriesMoved = 13,
+    /// ICMP echo requests to a VIP answered by the data path (`xlb daemon --no-vip-echo`
+    /// turns this off: they then pass to the kernel, which answers only for local addresses).
+    EchoReplied = 14,
 }
 
 impl Global {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Global; Self::COUNT as usize] = [
         Global::Passed,
         Global::Forwarded,
@@ -242,6 +264,7 @@ impl Global {
         Global::DropRefusalBounced,
         Global::DropRefusalForged,
         Global::SynRetriesMoved,
+        Global::EchoReplied,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -260,6 +283,7 @@ impl Global {
             Global::DropRefusalBounced => "drop_refusal_bounced",
             Global::DropRefusalForged => "drop_refusal_forged",
             Global::SynRetriesMoved => "syn_retries_moved",
+            Global::EchoReplied => "echo_replied",
         }
     }
 }
@@ -291,6 +315,18 @@ pub const VIP_F_REFUSE: u32 = 1 << 0;
 /// VIP flag: the VIP is served in DR mode (a refusal is wrapped in IPIP / IP6IP6 from
 /// `real_addr` to the VIP); without it, TUN (a refusal goes back in its own tunnel).
 pub const VIP_F_DR: u32 = 1 << 1;
+/// VIP flag: the director sends this VIP's packets in GUE (`xlb realserver setup --encap gue`):
+/// what `xlb realserver check` reports. The decapsulator unwraps GUE on `DecapConfig::gue_port`.
+pub const VIP_F_GUE: u32 = 1 << 2;
+
+/// The decapsulator's settings (`DECAP_CONFIG`, one element).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DecapConfig {
+    /// UDP port GUE packets arrive on, network byte order; 0: GUE is not unwrapped.
+    pub gue_port: u16,
+    pub _pad: [u8; 2],
+}
 
 /// Indexes of the decapsulator's per-CPU counter array (`DECAP_STATS`).
 #[repr(u32)]
@@ -370,7 +406,7 @@ pub fn flow_hash<const N: usize>(words: &[u32; N]) -> u32 {
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
-    assert!(core::mem::size_of::<ServiceValue>() == 24);
+    assert!(core::mem::size_of::<ServiceValue>() == 28);
     assert!(core::mem::size_of::<Backend>() == 32);
     assert!(core::mem::size_of::<ConnKey>() == 40);
     assert!(core::mem::size_of::<ConnValue>() == 16);
@@ -382,6 +418,7 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipValue>() == 20);
+    assert!(core::mem::size_of::<DecapConfig>() == 4);
     assert!(core::mem::size_of::<RefusalEvent>() == 8);
     assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
 };
@@ -401,6 +438,7 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for DecapConfig {}
     unsafe impl aya::Pod for RefusalEvent {}
 }
 

@@ -18,6 +18,18 @@ pub fn add<const N: usize>(sum: u64, bytes: &[u8; N]) -> u64 {
     s
 }
 
+/// `sum` plus the 16-bit words of `bytes[from..to]` (`from` and `to` even).
+#[inline(always)]
+pub fn add_words<const N: usize>(sum: u64, bytes: &[u8; N], from: usize, to: usize) -> u64 {
+    let mut s = sum;
+    let mut i = from;
+    while i + 1 < to && i + 1 < N {
+        s += u16::from_ne_bytes([bytes[i], bytes[i + 1]]) as u64;
+        i += 2;
+    }
+    s
+}
+
 /// Folds a sum to 16 bits and complements it: the value to store in a checksum field.
 /// Four folds bring any sum of up to 2^32 words below 2^16, without a loop.
 #[inline(always)]

@@ -1,25 +1,35 @@
-//! TUN forwarding: the packet is encapsulated whole (IPIP for an IPv4 service, IP6IP6 for an
-//! IPv6 one) and sent back out of the same interface to the next hop towards the real, which
-//! strips the outer header (xlb_realserver, or a kernel tunnel) and answers the client directly.
+//! TUN forwarding: the packet is encapsulated whole and sent back out of the same interface to
+//! the next hop towards the real, which strips the outer header (xlb_realserver, or a kernel
+//! tunnel) and answers the client directly. The outer header is IPv4 or IPv6 as the service
+//! says (an IPv4 service over IPv6 reals is 4in6), and either bare IP-in-IP (IPIP, IP6IP6,
+//! 4in6) or GUE: outer IP + UDP whose source port comes from the flow hash, so NICs (RSS) and
+//! ECMP routers, which hash the UDP ports, spread a director's flows.
 //!
 //! Only the outer header is written: the inner packet stays where it is and the L2 header moves
 //! to the new start of the frame, so the cost does not grow with the packet.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Config, FAMILY_V4, ServiceValue};
+use lb_common::{
+    Config, FAMILY_V4, PROTO_TCP, PROTO_UDP, SERVICE_F_GUE, SERVICE_F_OUTER_V6, ServiceValue,
+};
 
 use crate::{
     conntrack::Choice,
     csum,
     maps::CONFIG,
     parse::{
-        ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN, ptr_at, read,
+        ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6,
+        IPV4_HLEN, IPV6_HLEN, Packet, UDP_HLEN, VLAN_HLEN, ptr_at, read,
     },
 };
 
 pub const OUTER_TTL: u8 = 64;
+/// GUE source ports come from the ephemeral range (RFC 8086 3.2.1 asks the same of
+/// GRE-in-UDP): the flow hash fills the low 14 bits.
+const GUE_SPORT_BASE: u16 = 0xc000;
+const GUE_SPORT_MASK: u32 = 0x3fff;
 /// An L2 header with one VLAN tag: the longest the parser accepts.
-const L2_MAX: usize = ETH_HLEN + VLAN_HLEN;
+pub const L2_MAX: usize = ETH_HLEN + VLAN_HLEN;
 
 /// What the outer header takes from the inner one. Read here rather than by the parser, so
 /// that DR packets do not pay for it.
@@ -76,13 +86,13 @@ pub struct TooBig {
 /// cannot be encapsulated never becomes a tracked flow): `Err` for a malformed packet or one
 /// too big for the egress MTU once encapsulated.
 #[inline(always)]
-pub fn check(ctx: &XdpContext, pkt: &Packet) -> Result<(), Unfit> {
+pub fn check(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(), Unfit> {
     // Neither fails once the packet is parsed (a one-element array, a header already read);
     // should one, `forward` aborts.
     let (Some(config), Some(inner)) = (CONFIG.get(0), inner(ctx, pkt)) else {
         return Ok(());
     };
-    let overhead = if pkt.family == FAMILY_V4 {
+    let header = if pkt.family == FAMILY_V4 {
         IPV4_HLEN
     } else {
         IPV6_HLEN
@@ -90,9 +100,10 @@ pub fn check(ctx: &XdpContext, pkt: &Packet) -> Result<(), Unfit> {
     // The outer length is taken from the inner header, so that header must describe bytes that
     // are really there (a shorter frame would make the outer header lie).
     let avail = (ctx.data_end() - ctx.data() - pkt.l3_off) as u32;
-    if inner.len < overhead || inner.len > avail {
+    if inner.len < header || inner.len > avail {
         return Err(Unfit::Malformed);
     }
+    let overhead = Tunnel::of(svc, pkt).overhead();
     if config.mtu == 0 || inner.len + overhead <= config.mtu {
         return Ok(());
     }
@@ -110,8 +121,15 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
         return xdp_action::XDP_ABORTED;
     };
     let backend = &choice.backend;
+    let tunnel = Tunnel::of(svc, pkt);
+    let gue_sport = if tunnel.gue_dport != 0 {
+        (GUE_SPORT_BASE | (choice.flow_hash & GUE_SPORT_MASK) as u16).to_be()
+    } else {
+        0
+    };
+    let src = flow_source(svc, choice.flow_hash);
     let outer = Outer {
-        src: &svc.tunnel_src,
+        src: &src,
         dst: &backend.addr,
         // The flow label spreads flows over the receiver's queues and ECMP paths, which see
         // only the outer addresses otherwise. Fragments hash without ports (later ones have
@@ -120,7 +138,69 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
         dst_mac: &backend.mac,
         src_mac: &config.iface_mac,
     };
-    wrap(ctx, pkt, &inner, &outer)
+    wrap_in(ctx, pkt, &inner, &outer, &tunnel, gue_sport)
+}
+
+/// How a service's packets are wrapped.
+pub struct Tunnel {
+    /// The outer header is IPv6.
+    pub outer_v6: bool,
+    /// GUE's UDP destination port (network order); 0: bare IP-in-IP.
+    pub gue_dport: u16,
+}
+
+impl Tunnel {
+    #[inline(always)]
+    pub fn of(svc: &ServiceValue, pkt: &Packet) -> Self {
+        Tunnel {
+            // An IPv6 service always has IPv6 reals: the control plane refuses 6in4.
+            outer_v6: svc.flags & SERVICE_F_OUTER_V6 != 0 || pkt.family != FAMILY_V4,
+            gue_dport: if svc.flags & SERVICE_F_GUE != 0 {
+                svc.gue_port
+            } else {
+                0
+            },
+        }
+    }
+
+    /// IP-in-IP of the packet's own family (what refusals come back in).
+    #[inline(always)]
+    pub fn same_family(pkt: &Packet) -> Self {
+        Tunnel {
+            outer_v6: pkt.family != FAMILY_V4,
+            gue_dport: 0,
+        }
+    }
+
+    /// Bytes the outer headers add.
+    #[inline(always)]
+    pub fn overhead(&self) -> u32 {
+        let ip = if self.outer_v6 { IPV6_HLEN } else { IPV4_HLEN };
+        let udp = if self.gue_dport != 0 { UDP_HLEN } else { 0 };
+        (ip + udp) as u32
+    }
+}
+
+/// The outer source of a flow: the service's tunnel source, with its low
+/// `tunnel_src_host_bits` bits (`--tunnel-src-prefix`) taken from the flow hash.
+#[inline(always)]
+fn flow_source(svc: &ServiceValue, flow_hash: u32) -> [u8; 16] {
+    let mut src = svc.tunnel_src;
+    let bits = svc.tunnel_src_host_bits as u32;
+    if bits == 0 || bits > 16 {
+        return src;
+    }
+    let mask = (1u32 << bits) - 1;
+    // The last two bytes of the address of the outer family.
+    let at = if svc.flags & SERVICE_F_OUTER_V6 != 0 || src[4..].iter().any(|b| *b != 0) {
+        14
+    } else {
+        2
+    };
+    let low = u16::from_be_bytes([src[at], src[at + 1]]) as u32;
+    let host = ((low & !mask) | (flow_hash & mask)) as u16;
+    src[at..at + 2].copy_from_slice(&host.to_be_bytes());
+    src
 }
 
 /// How an IPIP / IP6IP6 packet is addressed.
@@ -137,45 +217,183 @@ pub struct Outer<'a> {
 /// `outer` says, with the inner header's ToS / traffic class.
 #[inline(always)]
 pub fn wrap(ctx: &XdpContext, pkt: &Packet, inner: &Inner, outer: &Outer) -> u32 {
-    if pkt.family == FAMILY_V4 {
-        let mut h = [0u8; IPV4_HLEN];
-        h[0] = 0x45;
-        h[1] = inner.tos;
-        h[2..4].copy_from_slice(&((inner.len + IPV4_HLEN as u32) as u16).to_be_bytes());
+    wrap_in(ctx, pkt, inner, outer, &Tunnel::same_family(pkt), 0)
+}
+
+/// Wraps the packet as `tunnel` says: IPv4 or IPv6 outer header, bare or GUE (UDP from
+/// `gue_sport`, network order).
+#[inline(always)]
+fn wrap_in(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    inner: &Inner,
+    outer: &Outer,
+    tunnel: &Tunnel,
+    gue_sport: u16,
+) -> u32 {
+    let inner_proto = if pkt.family == FAMILY_V4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
+    let gue = tunnel.gue_dport != 0;
+    let udp_len = (inner.len + UDP_HLEN as u32) as u16;
+    // One buffer for every kind of outer header (the stack is small): IP, then UDP for GUE.
+    let mut g = [0u8; IPV6_HLEN + UDP_HLEN];
+    let ip_len = if tunnel.outer_v6 {
+        IPV6_HLEN
+    } else {
+        IPV4_HLEN
+    };
+    if !tunnel.outer_v6 {
+        g[0] = 0x45;
+        g[1] = inner.tos;
+        let total = inner.len + tunnel.overhead();
+        g[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         // Identification 0 with DF set: an atomic datagram's id means nothing (RFC 6864).
-        h[6] = 0x40;
-        h[8] = OUTER_TTL;
-        h[9] = IPPROTO_IPIP;
-        h[12..16].copy_from_slice(&outer.src[..4]);
-        h[16..20].copy_from_slice(&outer.dst[..4]);
-        let check = csum::finish(csum::add(0, &h));
-        h[10] = check[0];
-        h[11] = check[1];
-        encapsulate(ctx, pkt.l3_off, &h, outer.dst_mac, outer.src_mac)
+        g[6] = 0x40;
+        g[8] = OUTER_TTL;
+        g[9] = if gue { PROTO_UDP } else { inner_proto };
+        g[12..16].copy_from_slice(&outer.src[..4]);
+        g[16..20].copy_from_slice(&outer.dst[..4]);
+        let check = csum::finish(csum::add_words(0, &g, 0, IPV4_HLEN));
+        g[10] = check[0];
+        g[11] = check[1];
     } else {
         let label = outer.label;
-        let mut h = [0u8; IPV6_HLEN];
-        h[0] = 0x60 | inner.tos >> 4;
-        h[1] = inner.tos << 4 | (label >> 16) as u8;
-        h[2] = (label >> 8) as u8;
-        h[3] = label as u8;
-        h[4..6].copy_from_slice(&(inner.len as u16).to_be_bytes());
-        h[6] = IPPROTO_IPV6;
-        h[7] = OUTER_TTL;
-        h[8..24].copy_from_slice(outer.src);
-        h[24..40].copy_from_slice(outer.dst);
-        encapsulate(ctx, pkt.l3_off, &h, outer.dst_mac, outer.src_mac)
+        g[0] = 0x60 | inner.tos >> 4;
+        g[1] = inner.tos << 4 | (label >> 16) as u8;
+        g[2] = (label >> 8) as u8;
+        g[3] = label as u8;
+        let payload = inner.len + tunnel.overhead() - IPV6_HLEN as u32;
+        g[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
+        g[6] = if gue { PROTO_UDP } else { inner_proto };
+        g[7] = OUTER_TTL;
+        g[8..24].copy_from_slice(outer.src);
+        g[24..40].copy_from_slice(outer.dst);
     }
+    let l2 = pkt.l3_off;
+    let ether_type = if tunnel.outer_v6 {
+        ETH_P_IPV6
+    } else {
+        ETH_P_IPV4
+    };
+    if !gue {
+        return if tunnel.outer_v6 {
+            encapsulate(
+                ctx,
+                l2,
+                first::<40, 48>(&g),
+                ether_type,
+                outer.dst_mac,
+                outer.src_mac,
+            )
+        } else {
+            encapsulate(
+                ctx,
+                l2,
+                first::<20, 48>(&g),
+                ether_type,
+                outer.dst_mac,
+                outer.src_mac,
+            )
+        };
+    }
+    g[ip_len..ip_len + 2].copy_from_slice(&gue_sport.to_ne_bytes());
+    g[ip_len + 2..ip_len + 4].copy_from_slice(&tunnel.gue_dport.to_ne_bytes());
+    g[ip_len + 4..ip_len + 6].copy_from_slice(&udp_len.to_be_bytes());
+    if !tunnel.outer_v6 {
+        // GUE over IPv4 carries a zero UDP checksum, as Linux's FOU and Katran send it (RFC
+        // 8086 3.2.2 allows it for tunnels): the inner packet has its own checksums.
+        return encapsulate(
+            ctx,
+            l2,
+            first::<28, 48>(&g),
+            ether_type,
+            outer.dst_mac,
+            outer.src_mac,
+        );
+    }
+    // GUE over IPv6: the pseudo-header (addresses, UDP length, next header 17), the UDP header
+    // and the inner packet's sum.
+    if let Some(inner_sum) = inner_sum(ctx, l2, inner) {
+        let sum = csum::add_words(inner_sum, &g, 8, IPV6_HLEN + UDP_HLEN)
+            + udp_len.to_be() as u64
+            + (PROTO_UDP as u16).to_be() as u64;
+        let c = csum::finish(sum);
+        // A sum of zero is sent as all ones: zero means "no checksum" (RFC 768).
+        let c = if c == [0, 0] { [0xff, 0xff] } else { c };
+        g[IPV6_HLEN + 6] = c[0];
+        g[IPV6_HLEN + 7] = c[1];
+    }
+    encapsulate(ctx, l2, &g, ether_type, outer.dst_mac, outer.src_mac)
+}
+
+/// The first `N` bytes of `M`, as an array reference (no copy).
+#[inline(always)]
+fn first<const N: usize, const M: usize>(b: &[u8; M]) -> &[u8; N] {
+    const { assert!(N <= M) };
+    // SAFETY: N <= M, checked at compile time; u8 has no alignment.
+    unsafe { &*(b.as_ptr() as *const [u8; N]) }
+}
+
+/// The one's complement sum of the inner packet's `inner.len` bytes, from its headers alone
+/// (Linux's "local checksum offload"): a segment whose own checksum is right sums to the
+/// negated sum of its pseudo-header, and an IPv4 header whose checksum is right sums to zero.
+/// So GUE over IPv6 gets a real UDP checksum (RFC 8200 8.1) at a constant cost. None where
+/// that does not hold or cannot be known cheaply (fragments, IPv6 extension headers, UDP over
+/// IPv4 without a checksum, other protocols): the UDP checksum is then zero, which RFC 6935
+/// allows for tunnels and which Linux's FOU and xlb's decapsulator accept.
+#[inline(always)]
+fn inner_sum(ctx: &XdpContext, l3: usize, inner: &Inner) -> Option<u64> {
+    let h = read::<[u8; 10]>(ctx, l3)?;
+    let v4 = h[0] >> 4 == 4;
+    let (proto, l4) = if v4 {
+        // More fragments, or an offset: not a whole segment.
+        if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+            return None;
+        }
+        (h[9], ((h[0] & 0x0f) as usize) * 4)
+    } else {
+        (h[6], IPV6_HLEN)
+    };
+    let seg_len = inner.len.checked_sub(l4 as u32)?;
+    match proto {
+        PROTO_TCP => {}
+        IPPROTO_ICMPV6 if !v4 => {}
+        PROTO_UDP => {
+            if read::<[u8; 2]>(ctx, l3 + l4 + 6)? == [0, 0] {
+                return None;
+            }
+        }
+        // ICMP (IPv4) sums the message alone, and a right IPv4 header sums to zero.
+        IPPROTO_ICMP if v4 => return Some(0),
+        _ => return None,
+    }
+    // The pseudo-header: addresses, then the length and protocol, which sum the same as
+    // IPv4's 16-bit length and IPv6's 32-bit one.
+    let (addrs, ip_sum) = if v4 {
+        (csum::packet(ptr_at::<[u8; 8]>(ctx, l3 + 12)?)?, 0)
+    } else {
+        (
+            csum::packet(ptr_at::<[u8; 32]>(ctx, l3 + 8)?)?,
+            csum::packet(ptr_at::<[u8; IPV6_HLEN]>(ctx, l3)?)?,
+        )
+    };
+    let pseudo = addrs + (seg_len as u16).to_be() as u64 + (proto as u16).to_be() as u64;
+    let negated = u16::from_ne_bytes(csum::finish(pseudo)) as u64;
+    Some(ip_sum + negated)
 }
 
 /// Grows the frame by the outer header `N` bytes at the front, moves the L2 header there with
-/// new MACs (its VLAN tag and EtherType stay: the outer header is of the inner's family) and
-/// writes the outer header after it.
+/// new MACs and the outer header's EtherType (its VLAN tag stays) and writes the outer header
+/// after it.
 #[inline(always)]
-pub fn encapsulate<const N: usize>(
+fn encapsulate<const N: usize>(
     ctx: &XdpContext,
     l2: usize,
     outer: &[u8; N],
+    ether_type: u16,
     dst_mac: &[u8; 6],
     src_mac: &[u8; 6],
 ) -> u32 {
@@ -186,6 +404,7 @@ pub fn encapsulate<const N: usize>(
     };
     eth[..6].copy_from_slice(dst_mac);
     eth[6..12].copy_from_slice(src_mac);
+    set_ether_type(&mut eth, l2, ether_type);
     // SAFETY: the context is the program's own; a failure leaves the frame unchanged.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(N as i32)) } != 0 {
         // No headroom: a driver problem, visible through the xdp_exception tracepoint.
@@ -203,4 +422,17 @@ pub fn encapsulate<const N: usize>(
         outer_at.write_unaligned(*outer);
     }
     xdp_action::XDP_TX
+}
+
+/// Writes the EtherType of an L2 header of length `l2` (14, or 18 with a tag).
+#[inline(always)]
+pub fn set_ether_type(eth: &mut [u8; L2_MAX], l2: usize, ether_type: u16) {
+    let t = ether_type.to_be_bytes();
+    if l2 == L2_MAX {
+        eth[16] = t[0];
+        eth[17] = t[1];
+    } else {
+        eth[12] = t[0];
+        eth[13] = t[1];
+    }
 }

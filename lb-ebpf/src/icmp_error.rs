@@ -47,7 +47,7 @@ pub fn forward_error(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usiz
         // The flow's family and L3 offset are the error's: the whole error is encapsulated.
         // One too big for the tunnel is dropped, never answered: no ICMP error about an ICMP
         // error (RFC 1122 3.2.2, RFC 4443 2.4).
-        match forward_tun::check(ctx, &flow) {
+        match forward_tun::check(ctx, &flow, &svc) {
             Ok(()) => {}
             Err(Unfit::Malformed) => return drop::drop(ctx, DropReason::Malformed),
             Err(Unfit::TooBig(_)) => return drop::drop(ctx, DropReason::TooBig),

@@ -9,6 +9,7 @@ mod counters;
 mod csum;
 mod decap;
 mod drop;
+mod echo;
 mod forward_dr;
 mod forward_tun;
 mod icmp_error;
@@ -74,7 +75,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     let tun = svc.flags & SERVICE_F_TUN != 0;
     if tun {
         // Before scheduling: a packet that cannot be encapsulated must not become a flow.
-        match forward_tun::check(ctx, &pkt) {
+        match forward_tun::check(ctx, &pkt, &svc) {
             Ok(()) => {}
             Err(Unfit::Malformed) => return drop::drop(ctx, DropReason::Malformed),
             Err(Unfit::TooBig(too_big)) => return icmp_too_big::answer(ctx, &pkt, &too_big),
@@ -103,8 +104,8 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// ICMP errors to a VIP go to the real of the flow they quote (icmp_error.rs), a real's
-/// refusal (IPIP / IP6IP6) is re-scheduled to another real (reschedule.rs); everything else
+/// Echo requests to a VIP are answered (echo.rs), ICMP errors to a VIP go to the real of the
+/// flow they quote (icmp_error.rs), a real's refusal (IPIP / IP6IP6 / 4in6) is re-scheduled to another real (reschedule.rs); everything else
 /// passes. Tail-called by `xlb_balancer` for the frames that are not TCP or UDP.
 #[xdp]
 pub fn xlb_icmp(ctx: XdpContext) -> u32 {
@@ -117,9 +118,8 @@ pub fn xlb_icmp(ctx: XdpContext) -> u32 {
         return verdict;
     }
     let verdict = match parse::icmp(&ctx) {
-        Some((family, l3_off, icmp_off)) => {
-            icmp_error::forward_error(&ctx, family, l3_off, icmp_off)
-        }
+        Some((family, l3_off, icmp_off)) => echo::answer(&ctx, family, l3_off, icmp_off)
+            .unwrap_or_else(|| icmp_error::forward_error(&ctx, family, l3_off, icmp_off)),
         None => xdp_action::XDP_PASS,
     };
     if verdict == xdp_action::XDP_PASS {

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
-    DEFAULT_RING_SIZE, Decap, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
+    DEFAULT_RING_SIZE, Decap, DecapConfig, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
     MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
 };
 
@@ -58,6 +58,15 @@ pub static GLOBAL_STATS: PerCpuArray<u64, { Global::COUNT as usize }> = PerCpuAr
 /// addresses.
 #[btf_map]
 pub static DECAP_VIPS: HashMap<VipKey, VipValue, { DECAP_CAPACITY as usize }> = HashMap::new();
+
+/// The decapsulator's settings (the GUE port), written by `xlb realserver setup`.
+#[btf_map]
+pub static DECAP_CONFIG: Array<DecapConfig, 1> = Array::new();
+
+/// The director's VIPs (every address with a service), for echo replies (echo.rs); the value
+/// is unused.
+#[btf_map]
+pub static VIPS: HashMap<VipKey, u32, { MAX_SERVICES as usize }> = HashMap::new();
 
 #[btf_map]
 pub static DECAP_STATS: PerCpuArray<u64, { Decap::COUNT as usize }> = PerCpuArray::new();

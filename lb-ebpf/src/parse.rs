@@ -13,6 +13,7 @@ const ETH_P_8021AD: u16 = 0x88a8;
 pub const VLAN_HLEN: usize = 4;
 pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
+pub const UDP_HLEN: usize = 8;
 
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
@@ -20,7 +21,8 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_DSTOPTS: u8 = 60;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
-/// IPv4-in-IPv4 and IPv6-in-IPv6: what TUN sends and refusals come back in.
+/// IPv4 and IPv6 as the payload of an IP header (IPIP, 4in6; IP6IP6): what TUN sends and
+/// refusals come back in.
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
 /// IPv6 extension headers skipped before giving up (Cilium uses the same bound).

@@ -24,7 +24,8 @@ use crate::{
     service,
 };
 
-/// An IPIP / IP6IP6 packet: its EtherType, L3 offset, outer header length and outer source.
+/// An IPIP / IP6IP6 / 4in6 packet: its inner packet's EtherType, L3 offset, outer header
+/// length and outer source.
 pub struct Tunnel {
     ether_type: u16,
     l3: usize,
@@ -32,10 +33,11 @@ pub struct Tunnel {
     src: [u8; 16],
 }
 
-/// The frame's tunnel packet, if it is one (unfragmented, inner of the outer's family).
+/// The frame's tunnel packet, if it is one (unfragmented; IPIP, IP6IP6, or 4in6: a real
+/// refuses a GUE packet in bare IP-in-IP, decap.rs).
 #[inline(always)]
 pub fn tunnel(ctx: &XdpContext) -> Option<Tunnel> {
-    let (ether_type, l3) = parse::ethernet(ctx)?;
+    let (mut ether_type, l3) = parse::ethernet(ctx)?;
     let mut src = [0u8; 16];
     let outer_len = match ether_type {
         ETH_P_IPV4 => {
@@ -53,8 +55,11 @@ pub fn tunnel(ctx: &XdpContext) -> Option<Tunnel> {
         }
         ETH_P_IPV6 => {
             let h = read::<[u8; IPV6_HLEN]>(ctx, l3)?;
-            if h[0] >> 4 != 6 || h[6] != IPPROTO_IPV6 {
+            if h[0] >> 4 != 6 || (h[6] != IPPROTO_IPV6 && h[6] != IPPROTO_IPIP) {
                 return None;
+            }
+            if h[6] == IPPROTO_IPIP {
+                ether_type = ETH_P_IPV4;
             }
             src.copy_from_slice(&h[8..24]);
             IPV6_HLEN
@@ -103,7 +108,7 @@ pub fn refusal(ctx: &XdpContext, t: &Tunnel) -> u32 {
         Refused::Bounced => return drop::drop(ctx, DropReason::RefusalBounced),
         Refused::Forged => return drop::drop(ctx, DropReason::RefusalForged),
     };
-    if decap::strip(ctx, t.l3, t.outer_len).is_none() {
+    if decap::strip(ctx, t.l3, t.outer_len, t.ether_type).is_none() {
         // Cannot happen (both headers were read above), but the frame may be half rewritten.
         return xdp_action::XDP_ABORTED;
     }

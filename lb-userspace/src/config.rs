@@ -103,6 +103,23 @@ pub enum Mode {
     Tun,
 }
 
+/// How a TUN service wraps packets for its reals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Encap {
+    /// Bare IP-in-IP (IPIP, IP6IP6, 4in6): every packet has the same outer addresses.
+    #[default]
+    Ipip,
+    /// GUE: IP-in-UDP with a source port per flow, which NICs and ECMP routers hash.
+    Gue,
+}
+
+impl Encap {
+    fn is_default(&self) -> bool {
+        *self == Encap::Ipip
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 pub enum HashKind {
     /// Source and destination address, ports and protocol.
@@ -224,6 +241,12 @@ pub struct ServiceConfig {
     /// default for the VIP's family (an address of its interface).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_src: Option<IpAddr>,
+    /// TUN only: bare IP-in-IP or GUE.
+    #[serde(default, skip_serializing_if = "Encap::is_default")]
+    pub encap: Encap,
+    /// GUE only: the outer UDP destination port (None: `DEFAULT_GUE_PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gue_port: Option<u16>,
     #[serde(default)]
     pub on_down: OnDown,
     /// Where new flows go while no real is up (keepalived's sorry server). None: dropped.
@@ -245,6 +268,8 @@ impl ServiceConfig {
             hash: HashKind::FiveTuple,
             reals: Vec::new(),
             tunnel_src: None,
+            encap: Encap::Ipip,
+            gue_port: None,
             on_down: OnDown::Move,
             fallback: None,
             check: None,
@@ -262,11 +287,25 @@ impl ServiceConfig {
             if self.mode != Mode::Tun {
                 bail!("service {s}: a tunnel source needs --mode tun");
             }
-            if src.is_ipv4() != s.vip.is_ipv4() {
-                bail!("service {s}: tunnel source {src} is not of the VIP's address family");
+            if src.is_ipv4() && s.vip.is_ipv6() {
+                bail!(
+                    "service {s}: tunnel source {src}: an IPv6 service cannot be tunnelled over \
+                     IPv4 (only IPv4 over IPv6, 4in6)"
+                );
             }
             if src.is_unspecified() || src.is_multicast() {
                 bail!("service {s}: {src} cannot be a tunnel source");
+            }
+        }
+        if self.encap == Encap::Gue && self.mode != Mode::Tun {
+            bail!("service {s}: --encap gue needs --mode tun");
+        }
+        if let Some(port) = self.gue_port {
+            if self.encap != Encap::Gue {
+                bail!("service {s}: a GUE port needs --encap gue");
+            }
+            if port == 0 {
+                bail!("service {s}: GUE port 0 is not a port");
             }
         }
         if !(2..=maglev::MAX_SIZE).contains(&self.ring_size) || !maglev::is_prime(self.ring_size) {
@@ -315,20 +354,32 @@ pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
             real.addr
         );
     }
-    if real.addr.is_ipv4() != s.vip.is_ipv4() {
-        match svc.mode {
-            Mode::Dr => bail!(
-                "real {}: address family differs from service {s} (DR needs both in one family)",
-                real.addr
-            ),
-            Mode::Tun => bail!(
-                "real {}: address family differs from service {s} (TUN: IPIP carries IPv4 to \
-                 IPv4 reals, IP6IP6 IPv6 to IPv6 reals)",
-                real.addr
-            ),
-        }
+    match svc.mode {
+        Mode::Dr if real.addr.is_ipv4() != s.vip.is_ipv4() => bail!(
+            "real {}: address family differs from service {s} (DR needs both in one family)",
+            real.addr
+        ),
+        Mode::Tun if real.addr.is_ipv4() != svc.tunnel_v4() => bail!(
+            "real {}: service {s} tunnels over {}, so its reals must be {} (an IPv4 service \
+             reaches IPv6 reals, 4in6, with an IPv6 --tunnel-src)",
+            real.addr,
+            if svc.tunnel_v4() { "IPv4" } else { "IPv6" },
+            if svc.tunnel_v4() { "IPv4" } else { "IPv6" },
+        ),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+impl ServiceConfig {
+    /// TUN: whether the outer header is IPv4: the tunnel source's family, else the VIP's.
+    pub fn tunnel_v4(&self) -> bool {
+        self.tunnel_src.unwrap_or(self.service.vip).is_ipv4()
+    }
+
+    /// GUE's destination port, the default filled in.
+    pub fn effective_gue_port(&self) -> u16 {
+        self.gue_port.unwrap_or(lb_common::DEFAULT_GUE_PORT)
+    }
 }
 
 /// The whole configuration of a director.

@@ -352,6 +352,86 @@ pub fn outer_header(
     }
 }
 
+/// A tunnel's outer headers as the RFCs describe them, for any pair of families (IPIP, IP6IP6,
+/// 4in6) and for GUE (RFC draft "direct IP encapsulation": UDP right before the inner packet)
+/// when `gue` gives (source port, destination port). `inner` is the inner datagram, exactly
+/// its header's length. The GUE UDP checksum is zero over IPv4; over IPv6 it is summed here
+/// over every byte, independently of how the program gets it.
+pub fn tunnel_header(
+    src: IpAddr,
+    dst: IpAddr,
+    tos: u8,
+    flow_label: u32,
+    inner: &[u8],
+    gue: Option<(u16, u16)>,
+) -> Vec<u8> {
+    let inner_proto = if inner[0] >> 4 == 4 { 4 } else { 41 };
+    let udp_len = 8 + inner.len();
+    let (proto, payload_len) = match gue {
+        Some(_) => (17, udp_len),
+        None => (inner_proto, inner.len()),
+    };
+    let mut udp = Vec::new();
+    if let Some((sport, dport)) = gue {
+        udp.extend_from_slice(&sport.to_be_bytes());
+        udp.extend_from_slice(&dport.to_be_bytes());
+        udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+    }
+    let mut h = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut h = vec![0x45, tos];
+            h.extend_from_slice(&((20 + payload_len) as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            let sum = checksum(&h);
+            h[10..12].copy_from_slice(&sum.to_be_bytes());
+            h
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut h = vec![
+                0x60 | tos >> 4,
+                tos << 4 | (flow_label >> 16) as u8 & 0x0f,
+                (flow_label >> 8) as u8,
+                flow_label as u8,
+            ];
+            h.extend_from_slice(&(payload_len as u16).to_be_bytes());
+            h.extend_from_slice(&[proto, 64]);
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            if gue.is_some() {
+                let mut pseudo = s.octets().to_vec();
+                pseudo.extend_from_slice(&d.octets());
+                pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, 17]);
+                pseudo.extend_from_slice(&udp);
+                pseudo.extend_from_slice(inner);
+                let sum = match checksum(&pseudo) {
+                    0 => 0xffff,
+                    s => s,
+                };
+                udp[6..8].copy_from_slice(&sum.to_be_bytes());
+            }
+            h
+        }
+        _ => panic!("mixed outer address families"),
+    };
+    h.extend_from_slice(&udp);
+    h
+}
+
+/// The GUE source port the director derives from a flow hash: the ephemeral range.
+pub fn gue_sport(hash: u32) -> u16 {
+    0xc000 | (hash & 0x3fff) as u16
+}
+
+/// Sets a frame's EtherType (after its tag, if any).
+pub fn set_ether_type(frame: &mut [u8], ether_type: u16) {
+    let l2 = l2_len(frame);
+    frame[l2 - 2..l2].copy_from_slice(&ether_type.to_be_bytes());
+}
+
 /// The inner datagram's length from its own header (IPv4 total length, IPv6 payload + 40).
 pub fn ip_len(l3: &[u8]) -> usize {
     if l3[0] >> 4 == 4 {

@@ -382,8 +382,8 @@ fn errors_about_other_traffic_pass_untouched() {
             quoting(&V4, reply(&V4, 40000), (5, 1, [198, 18, 2, 2])),
         ),
         (
-            "an echo request to the vip",
-            Frame::icmp(CLIENT4, VIP4, 8, 0, [0, 1, 0, 1], b"ping"),
+            "an echo request to the director's own address (no vip: packet_echo.rs)",
+            Frame::icmp(CLIENT4, DEFAULT_SRC4, 8, 0, [0, 1, 0, 1], b"ping"),
         ),
         (
             "a fragment of an error",
@@ -405,8 +405,8 @@ fn errors_about_other_traffic_pass_untouched() {
             quoting(&V6, reply(&V6, 40000), (4, 0, [0, 0, 0, 6])),
         ),
         (
-            "v6: an echo request to the vip",
-            Frame::icmp(CLIENT6, VIP6, 128, 0, [0, 1, 0, 1], b"ping"),
+            "v6: an echo request to the director's own address",
+            Frame::icmp(CLIENT6, DEFAULT_SRC6, 128, 0, [0, 1, 0, 1], b"ping"),
         ),
         (
             "v6: quote too short for the ports",

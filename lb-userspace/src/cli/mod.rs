@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use crate::{
     api::{self, DEFAULT_SOCKET, Request, StatsReport, StatusReport},
     config::{
-        Config, DEFAULT_WEIGHT, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig,
-        Weights,
+        Config, DEFAULT_WEIGHT, Encap, HashKind, Mode, OnDown, RealConfig, ServiceAddr,
+        ServiceConfig, Weights,
     },
     daemon::{self, DaemonOptions},
     dataplane::{self, Dataplane, LoadOptions, PinDir, XdpModeChoice},
@@ -82,6 +82,10 @@ enum Command {
         /// after `rise` successes. 0: refusals are re-scheduled but take no real down.
         #[arg(long, value_name = "N", default_value_t = 1)]
         refusals_down: u32,
+        /// Leave ICMP echo requests to VIPs to the kernel (which answers only for addresses it
+        /// holds) instead of answering them from the data path.
+        #[arg(long)]
+        no_vip_echo: bool,
     },
     /// Remove the data path a daemon left on an interface: detach the program, remove the
     /// pinned link and maps. Stop the daemon first. Runs locally, without the daemon.
@@ -154,8 +158,15 @@ enum ServiceCmd {
         #[arg(long, value_enum, default_value_t = HashKind::FiveTuple)]
         hash: HashKind,
         /// TUN: the outer source address (default: the director interface's own address).
+        /// An IPv6 address with IPv6 reals makes an IPv4 service IPv4-in-IPv6 (4in6).
         #[arg(long, value_name = "ADDR")]
         tunnel_src: Option<IpAddr>,
+        /// TUN: bare IP-in-IP, or GUE (IP in UDP, a source port per flow for NICs and ECMP).
+        #[arg(long, value_enum, default_value_t = Encap::Ipip)]
+        encap: Encap,
+        /// GUE: the outer UDP destination port [default: 6080].
+        #[arg(long, value_name = "PORT")]
+        gue_port: Option<u16>,
         /// A real that fails its checks: its flows move to live reals, or stay (IPVS-like).
         #[arg(long, value_enum, default_value_t = OnDown::Move)]
         on_down: OnDown,
@@ -276,6 +287,12 @@ struct RealserverArgs {
     /// the interface's first address of the VIP's family.
     #[arg(long)]
     real_addr: Option<IpAddr>,
+    /// TUN: the encapsulation the director sends (its service's --encap).
+    #[arg(long, value_enum, default_value_t = Encap::Ipip)]
+    encap: Encap,
+    /// GUE: the UDP port GUE packets arrive on (the service's --gue-port) [default: 6080].
+    #[arg(long, value_name = "PORT")]
+    gue_port: Option<u16>,
 }
 
 impl RealserverArgs {
@@ -287,6 +304,8 @@ impl RealserverArgs {
             state: self.state,
             refuse: !self.no_refuse,
             real_addr: self.real_addr,
+            encap: self.encap,
+            gue_port: self.gue_port,
         }
     }
 }
@@ -428,6 +447,7 @@ fn run(cli: Cli) -> Result<()> {
             bird_socket,
             log_level,
             datapath_log,
+            no_vip_echo,
         } => {
             init_logging(log_level, datapath_log);
             let rt = tokio::runtime::Runtime::new()?;
@@ -445,6 +465,7 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 datapath_log,
                 refusals_down,
+                vip_echo: !no_vip_echo,
             }));
         }
         Command::Detach { iface, pin_root } => {
@@ -472,6 +493,8 @@ fn run(cli: Cli) -> Result<()> {
             ring_size,
             hash,
             tunnel_src,
+            encap,
+            gue_port,
             on_down,
             fallback,
             weights,
@@ -482,6 +505,8 @@ fn run(cli: Cli) -> Result<()> {
                 ring_size,
                 hash,
                 tunnel_src,
+                encap,
+                gue_port,
                 on_down,
                 fallback,
                 weights,

@@ -9,13 +9,14 @@ use std::{
 use anyhow::{Context, Result, bail};
 use lb_common::{
     BACKEND_F_FORWARD, Backend, Config as KernelConfig, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
-    MAX_SERVICES, SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, ServiceKey, ServiceValue,
+    MAX_SERVICES, SERVICE_F_GUE, SERVICE_F_HASH_SRC_IP, SERVICE_F_OUTER_V6, SERVICE_F_TUN,
+    ServiceKey, ServiceValue,
 };
 
 use crate::{
     api,
     config::{
-        Config, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig, Weights,
+        Config, Encap, HashKind, Mode, OnDown, RealConfig, ServiceAddr, ServiceConfig, Weights,
         validate_real,
     },
     dataplane::{Dataplane, Inherited},
@@ -188,6 +189,7 @@ pub struct Balancer {
     tunnel_v6: Option<Ipv6Addr>,
     /// The data path logs its rare events (`xlb daemon --datapath-log`).
     datapath_log: bool,
+    vip_echo: bool,
 }
 
 /// The smallest MTU `set_mtu` accepts: every IPv4 host takes 576-byte datagrams (RFC 791), and
@@ -202,6 +204,16 @@ fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
             (out, FAMILY_V4)
         }
         IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// The `VIPS` key of a VIP.
+fn vip_key(vip: IpAddr) -> lb_common::VipKey {
+    let (addr, family) = addr_bytes(vip);
+    lb_common::VipKey {
+        addr,
+        family,
+        _pad: [0; 3],
     }
 }
 
@@ -238,6 +250,7 @@ impl Balancer {
             tunnel_v4: None,
             tunnel_v6: None,
             datapath_log: false,
+            vip_echo: true,
         }
     }
 
@@ -289,6 +302,12 @@ impl Balancer {
     }
 
     /// Turns the data path's debug events on or off (see `CONFIG_F_DATAPATH_LOG`).
+    /// Whether the data path answers pings to VIPs (on by default).
+    pub fn set_vip_echo(&mut self, on: bool) -> Result<()> {
+        self.vip_echo = on;
+        self.write_kernel_config()
+    }
+
     pub fn set_datapath_log(&mut self, on: bool) -> Result<()> {
         self.datapath_log = on;
         self.write_kernel_config()
@@ -352,6 +371,10 @@ impl Balancer {
             iface_mac: self.iface_mac,
             flags: if self.datapath_log {
                 lb_common::CONFIG_F_DATAPATH_LOG
+            } else {
+                0
+            } | if self.vip_echo {
+                lb_common::CONFIG_F_VIP_ECHO
             } else {
                 0
             },
@@ -561,15 +584,28 @@ impl Balancer {
         };
         if config.mode == Mode::Tun {
             flags |= SERVICE_F_TUN;
+            if !config.tunnel_v4() {
+                flags |= SERVICE_F_OUTER_V6;
+            }
         }
+        let gue_port = if config.encap == Encap::Gue {
+            flags |= SERVICE_F_GUE;
+            config.effective_gue_port().to_be()
+        } else {
+            0
+        };
         // The all-ports count goes first too, so the new service is found from its first packet.
         self.write_kernel_config()?;
+        self.dp.set_vip(vip_key(s.vip), true)?;
         self.dp.set_service(
             service_key(s),
             ServiceValue {
                 id,
                 flags,
                 tunnel_src,
+                gue_port,
+                tunnel_src_host_bits: 0,
+                _pad: 0,
             },
         )
     }
@@ -593,6 +629,9 @@ impl Balancer {
         }
         self.services.remove(s);
         self.service_ids.release(id);
+        if !self.services.keys().any(|o| o.vip == s.vip) {
+            self.dp.set_vip(vip_key(s.vip), false)?;
+        }
         self.write_kernel_config()
     }
 
@@ -909,6 +948,8 @@ fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
         && a.ring_size == b.ring_size
         && a.hash == b.hash
         && a.tunnel_src == b.tunnel_src
+        && a.encap == b.encap
+        && a.gue_port == b.gue_port
 }
 
 #[cfg(test)]

@@ -178,6 +178,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "xlb_syn_retries_moved_total",
         "Retransmitted SYNs of flows whose real never answered, moved to another real.",
     );
+    let mut echo_replies = Family::counter(
+        "xlb_echo_replies_total",
+        "ICMP echo requests to a VIP answered by the data path.",
+    );
     let mut refusals_rescheduled = Family::counter(
         "xlb_refusals_rescheduled_total",
         "Refusals (a real sent a SYN or datagram back: no socket on that port) re-scheduled to \
@@ -253,6 +257,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             Global::IcmpErrorForwarded => icmp_errors_forwarded.add(&[], value),
             Global::RefusalRescheduled => refusals_rescheduled.add(&[], value),
             Global::SynRetriesMoved => syn_retries_moved.add(&[], value),
+            Global::EchoReplied => echo_replies.add(&[], value),
             Global::DropRefusalBounced => dropped.add(&[("reason", "refusal_bounced")], value),
             Global::DropRefusalForged => dropped.add(&[("reason", "refusal_forged")], value),
             Global::ConnMiss => conn_misses.add(&[], value),
@@ -298,6 +303,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         icmp_errors_forwarded,
         refusals_rescheduled,
         syn_retries_moved,
+        echo_replies,
         conn_misses,
         conn_stale,
         conn_entries,

@@ -53,6 +53,8 @@ pub struct DaemonOptions {
     pub datapath_log: bool,
     /// Refusals that take a checked real down (0: none).
     pub refusals_down: u32,
+    /// Answer pings to VIPs from the data path (`CONFIG_F_VIP_ECHO`).
+    pub vip_echo: bool,
 }
 
 struct Shared {
@@ -123,6 +125,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let mut balancer = Balancer::new(dp);
     balancer.inherit(inherited);
     balancer.set_datapath_log(opts.datapath_log)?;
+    balancer.set_vip_echo(opts.vip_echo)?;
     balancer.set_iface_mac(iface.mac)?;
     // No IP packet exceeds 65535 bytes, so a larger MTU (lo's 65536) checks nothing more.
     balancer.set_mtu(iface.mtu.min(65535))?;

@@ -5,7 +5,9 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuArray};
-use lb_common::{Backend, Config, ConnKey, ConnValue, Counters, Global, ServiceKey, ServiceValue};
+use lb_common::{
+    Backend, Config, ConnKey, ConnValue, Counters, Global, ServiceKey, ServiceValue, VipKey,
+};
 
 use super::{Dataplane, sys};
 
@@ -35,6 +37,17 @@ impl Dataplane {
         // Absent already (a service whose setup failed half-way) is fine: the goal is reached.
         if map.get(key, 0).is_ok() {
             map.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `key` a VIP the data path answers pings for, or no longer.
+    pub fn set_vip(&mut self, key: VipKey, present: bool) -> Result<()> {
+        let mut map: HashMap<_, VipKey, u32> = HashMap::try_from(self.map_mut("VIPS")?)?;
+        if present {
+            map.insert(key, 0, 0)?;
+        } else if map.get(&key, 0).is_ok() {
+            map.remove(&key)?;
         }
         Ok(())
     }

@@ -12,10 +12,13 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{DECAP_CAPACITY, Decap, FAMILY_V4, FAMILY_V6, VIP_F_REFUSE, VipKey, VipValue};
+use lb_common::{
+    DECAP_CAPACITY, Decap, DecapConfig, FAMILY_V4, FAMILY_V6, VIP_F_GUE, VIP_F_REFUSE, VipKey,
+    VipValue,
+};
 
 use rtnetlink::{
     LinkUnspec,
@@ -149,6 +152,24 @@ impl Decapsulator {
         })
     }
 
+    /// GUE packets to UDP `port` are unwrapped from now on (0: none are).
+    pub fn set_gue_port(&mut self, port: u16) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("DECAP_CONFIG")
+            .ok_or_else(|| anyhow!("map DECAP_CONFIG missing from the object"))?;
+        let mut map: Array<_, DecapConfig> = Array::try_from(map)?;
+        map.set(
+            0,
+            DecapConfig {
+                gue_port: port.to_be(),
+                _pad: [0; 2],
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
     /// The VIPs decapsulated here, sorted.
     pub fn vips(&mut self) -> Result<Vec<IpAddr>> {
         Ok(sorted_vips(&self.vips_map()?))
@@ -254,21 +275,49 @@ async fn set_xdp(nl: &Neighbours, ifindex: u32, fd: i32, flags: u32) -> Result<(
     Ok(())
 }
 
+/// The GUE port (host order, 0: none) in an attached decapsulator's `DECAP_CONFIG`.
+fn gue_port_of(map: MapData) -> Result<(u16, Array<MapData, DecapConfig>)> {
+    let config: Array<MapData, DecapConfig> = Array::try_from(aya::maps::Map::Array(map))?;
+    Ok((u16::from_be(config.get(&0, 0)?.gue_port), config))
+}
+
 /// Makes the decapsulator on `iface` accept `vip`, attaching it first if needed (native mode,
-/// else generic). Refuses to replace another XDP program.
+/// else generic), and unwrap GUE on `gue_port` (0: the VIP's packets are bare IP-in-IP).
+/// Refuses to replace another XDP program, or to move the GUE port other VIPs use.
 pub async fn attach_vip(
     nl: &Neighbours,
     ifindex: u32,
     iface: &str,
     vip: IpAddr,
     value: VipValue,
+    gue_port: u16,
 ) -> Result<()> {
     if let Some((prog_id, _)) = attached_program(nl, ifindex).await? {
-        let Some(map) = map_of(prog_id, "DECAP_VIPS")? else {
+        let (Some(map), Some(config)) = (
+            map_of(prog_id, "DECAP_VIPS")?,
+            map_of(prog_id, "DECAP_CONFIG")?,
+        ) else {
             bail!(
                 "{iface} already has another XDP program (id {prog_id}); xlb will not replace it"
             );
         };
+        let (current, mut config) = gue_port_of(config)?;
+        if gue_port != 0 && current != 0 && current != gue_port {
+            bail!(
+                "the decapsulator on {iface} already unwraps GUE on port {current}; one port per \
+                 interface"
+            );
+        }
+        if gue_port != 0 && current == 0 {
+            config.set(
+                0,
+                DecapConfig {
+                    gue_port: gue_port.to_be(),
+                    _pad: [0; 2],
+                },
+                0,
+            )?;
+        }
         let mut vips: HashMap<MapData, VipKey, VipValue> =
             HashMap::try_from(aya::maps::Map::HashMap(map))?;
         vips.insert(vip_key(vip), value, 0)
@@ -277,6 +326,7 @@ pub async fn attach_vip(
     }
     let mut decap = Decapsulator::load()?;
     decap.add_vip_with(vip, value)?;
+    decap.set_gue_port(gue_port)?;
     let fd = decap.program()?.fd()?.as_fd().as_raw_fd();
     let native = set_xdp(
         nl,
@@ -321,6 +371,9 @@ pub struct Attached {
     /// The VIPs that refuse (SYNs and datagrams for ports without a socket go back to the
     /// director), with the real's address a DR refusal comes from.
     pub refusing: Vec<(IpAddr, IpAddr)>,
+    /// The VIPs set up for GUE, and the port GUE is unwrapped on (0: none).
+    pub gue_vips: Vec<IpAddr>,
+    pub gue_port: u16,
     pub counters: Vec<(Decap, u64)>,
 }
 
@@ -329,12 +382,14 @@ pub async fn attached(nl: &Neighbours, ifindex: u32) -> Result<Option<Attached>>
     let Some((prog_id, _)) = attached_program(nl, ifindex).await? else {
         return Ok(None);
     };
-    let (Some(vips), Some(stats)) = (
+    let (Some(vips), Some(stats), Some(config)) = (
         map_of(prog_id, "DECAP_VIPS")?,
         map_of(prog_id, "DECAP_STATS")?,
+        map_of(prog_id, "DECAP_CONFIG")?,
     ) else {
         return Ok(None);
     };
+    let (gue_port, _) = gue_port_of(config)?;
     let vips: HashMap<MapData, VipKey, VipValue> =
         HashMap::try_from(aya::maps::Map::HashMap(vips))?;
     let mut refusing: Vec<(IpAddr, IpAddr)> = vips
@@ -352,6 +407,13 @@ pub async fn attached(nl: &Neighbours, ifindex: u32) -> Result<Option<Attached>>
         })
         .collect();
     refusing.sort();
+    let mut gue_vips: Vec<IpAddr> = vips
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|(_, v)| v.flags & VIP_F_GUE != 0)
+        .filter_map(|(k, _)| vip_addr(&k))
+        .collect();
+    gue_vips.sort();
     let vips = sorted_vips(&vips);
     let stats: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(stats))?;
@@ -362,6 +424,8 @@ pub async fn attached(nl: &Neighbours, ifindex: u32) -> Result<Option<Attached>>
     Ok(Some(Attached {
         vips,
         refusing,
+        gue_vips,
+        gue_port,
         counters,
     }))
 }

@@ -25,9 +25,13 @@ mod metrics;
 
 pub use decap::{DECAP_PROGRAM, Decapsulator};
 
-use lb_common::{VIP_F_DR, VIP_F_REFUSE, VipValue};
+use lb_common::{VIP_F_DR, VIP_F_GUE, VIP_F_REFUSE, VipValue};
 
-use crate::{config::Mode, netlink::Neighbours, state};
+use crate::{
+    config::{Encap, Mode},
+    netlink::Neighbours,
+    state,
+};
 
 pub const DEFAULT_STATE: &str = "/var/lib/xlb/realserver.json";
 
@@ -42,6 +46,28 @@ pub struct Options {
     /// The address DR refusals come from (default: the interface's first address of the VIP's
     /// family). The director recognises a DR refusal by the real's MAC, not by this address.
     pub real_addr: Option<IpAddr>,
+    /// TUN: what the director wraps packets in (GUE also needs the decapsulator's port).
+    pub encap: Encap,
+    /// GUE: its UDP port (None: `DEFAULT_GUE_PORT`).
+    pub gue_port: Option<u16>,
+}
+
+impl Options {
+    /// The GUE port this VIP's packets arrive on (0: not GUE).
+    fn gue_port(&self) -> u16 {
+        match self.encap {
+            Encap::Gue => self.gue_port.unwrap_or(lb_common::DEFAULT_GUE_PORT),
+            Encap::Ipip => 0,
+        }
+    }
+
+    /// What `check` reports the director must send.
+    fn encap_name(&self) -> String {
+        match self.encap {
+            Encap::Gue => format!("GUE on UDP port {}", self.gue_port()),
+            Encap::Ipip => "IP-in-IP (IPIP, IP6IP6 or 4in6)".to_string(),
+        }
+    }
 }
 
 /// What one setup changed, so teardown can undo exactly that.
@@ -274,7 +300,7 @@ pub async fn setup(opts: &Options) -> Result<()> {
     }
     if opts.mode == Mode::Tun || opts.refuse {
         let value = vip_value(&nl, ifindex, opts).await?;
-        decap::attach_vip(&nl, ifindex, &opts.iface, opts.vip, value).await?;
+        decap::attach_vip(&nl, ifindex, &opts.iface, opts.vip, value, opts.gue_port()).await?;
     }
     match existing {
         // Set up again: keep what the first setup recorded, add what this one changed.
@@ -387,6 +413,25 @@ pub async fn check(opts: &Options) -> Result<Check> {
                         opts.iface, opts.vip
                     ));
                 }
+                if opts.mode == Mode::Tun {
+                    let gue = d.gue_vips.contains(&opts.vip);
+                    if gue != (opts.encap == Encap::Gue) || (gue && d.gue_port != opts.gue_port()) {
+                        missing.push(format!(
+                            "the decapsulator on {} is not set up to expect {} for {}: set it up \
+                             again with --encap",
+                            opts.iface,
+                            opts.encap_name(),
+                            opts.vip
+                        ));
+                    } else {
+                        report.push(format!(
+                            "decapsulator on {}: expects {} for {}",
+                            opts.iface,
+                            opts.encap_name(),
+                            opts.vip
+                        ));
+                    }
+                }
                 let counts: Vec<String> = d
                     .counters
                     .iter()
@@ -418,10 +463,13 @@ pub fn mode_name(mode: Mode) -> &'static str {
 /// What the real-server program does for this VIP: refuse or not, from which address.
 async fn vip_value(nl: &Neighbours, ifindex: u32, opts: &Options) -> Result<VipValue> {
     let mut value = VipValue::default();
+    if opts.encap == Encap::Gue {
+        value.flags |= VIP_F_GUE;
+    }
     if !opts.refuse {
         return Ok(value);
     }
-    value.flags = VIP_F_REFUSE;
+    value.flags |= VIP_F_REFUSE;
     if opts.mode == Mode::Dr {
         value.flags |= VIP_F_DR;
     }
@@ -449,6 +497,15 @@ async fn vip_value(nl: &Neighbours, ifindex: u32, opts: &Options) -> Result<VipV
 
 fn validate(opts: &Options) -> Result<()> {
     let v = opts.vip;
+    if opts.encap == Encap::Gue && opts.mode != Mode::Tun {
+        bail!("--encap gue needs --mode tun");
+    }
+    if opts.gue_port.is_some() && opts.encap != Encap::Gue {
+        bail!("--gue-port needs --encap gue");
+    }
+    if opts.gue_port == Some(0) {
+        bail!("--gue-port 0 is not a port");
+    }
     if v.is_unspecified() || v.is_multicast() || v.is_loopback() {
         bail!("{v} cannot be a VIP");
     }
