@@ -48,6 +48,8 @@ pub fn answer(ctx: &XdpContext, family: u8, l3: usize, icmp_off: usize) -> Optio
     if macs[6] & 1 != 0 {
         return None;
     }
+    // The datagram as its header states it must be here, ending after the ICMP header.
+    let avail = ctx.data_end() - ctx.data() - l3;
     if v4 {
         let ip = ptr_at::<[u8; IPV4_HLEN]>(ctx, l3)?;
         // SAFETY: ptr_at checked the 20 bytes.
@@ -58,8 +60,20 @@ pub fn answer(ctx: &XdpContext, family: u8, l3: usize, icmp_off: usize) -> Optio
             _pad: [0; 3],
         };
         key.addr[..4].copy_from_slice(&h[16..20]);
+        // No options (a reply would have to handle them) and a header that passes its
+        // checksum: a corrupt header's source may be corrupt too (and the kernel would drop
+        // it).
+        let len = u16::from_be_bytes([h[2], h[3]]) as usize;
         let src = h[12];
-        if src == 0 || src == 127 || src >= 224 || VIPS.get_ptr(&key).is_none() {
+        if h[0] != 0x45
+            || csum::finish(csum::add(0, &h)) != [0, 0]
+            || len > avail
+            || len < IPV4_HLEN + 8
+            || src == 0
+            || src == 127
+            || src >= 224
+            || VIPS.get_ptr(&key).is_none()
+        {
             return None;
         }
         let old = [h[8], h[9]];
@@ -74,29 +88,36 @@ pub fn answer(ctx: &XdpContext, family: u8, l3: usize, icmp_off: usize) -> Optio
         // SAFETY: as above.
         unsafe { ip.write_unaligned(h) };
     } else {
-        let ip = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3)?;
-        // SAFETY: ptr_at checked the 40 bytes.
-        let mut h = unsafe { ip.read_unaligned() };
+        // Only what is read or written: the stack is shared with the rest of xlb_icmp.
+        let len_at = ptr_at::<[u8; 2]>(ctx, l3 + 4)?;
+        let addrs_at = ptr_at::<[u8; 32]>(ctx, l3 + 8)?;
+        // SAFETY: ptr_at checked both ranges.
+        let (len, mut addrs) = unsafe { (len_at.read_unaligned(), addrs_at.read_unaligned()) };
+        let len = IPV6_HLEN + u16::from_be_bytes(len) as usize;
         let mut key = VipKey {
             addr: [0; 16],
             family,
             _pad: [0; 3],
         };
-        key.addr.copy_from_slice(&h[24..40]);
-        let mut src = [0u8; 16];
-        src.copy_from_slice(&h[8..24]);
+        key.addr.copy_from_slice(&addrs[16..32]);
         // Unspecified, loopback or multicast: no single host to answer.
-        if u128::from_be_bytes(src) <= 1 || src[0] == 0xff || VIPS.get_ptr(&key).is_none() {
+        let src = u128::from_be_bytes(addrs[..16].try_into().ok()?);
+        if len > avail
+            || icmp_off + 8 > l3 + len
+            || src <= 1
+            || addrs[0] == 0xff
+            || VIPS.get_ptr(&key).is_none()
+        {
             return None;
         }
-        h[7] = REPLY_TTL;
         // The pseudo-header's addresses only trade places: the checksum keeps them.
-        let mut a = [0u8; 32];
-        a.copy_from_slice(&h[8..40]);
-        h[8..24].copy_from_slice(&a[16..32]);
-        h[24..40].copy_from_slice(&a[..16]);
+        addrs.rotate_left(16);
+        let hop_limit = ptr_at::<u8>(ctx, l3 + 7)?;
         // SAFETY: as above.
-        unsafe { ip.write_unaligned(h) };
+        unsafe {
+            addrs_at.write_unaligned(addrs);
+            hop_limit.write(REPLY_TTL);
+        }
     }
     let old = [head[0], head[1]];
     head[0] = reply;

@@ -188,33 +188,54 @@ pub fn generated(frame: &[u8]) -> Result<Ip, String> {
     Ok(ip)
 }
 
-/// A tunnel frame (IPIP or IP6IP6): a valid outer header of the inner's family whose length
-/// is exactly its own header plus the inner datagram's stated length, which fits in the frame.
-/// Returns the outer header and the inner one's offset; the inner packet itself is not judged
-/// (the balancer carries it as it came).
+/// A tunnel frame (IPIP, IP6IP6, 4in6, or GUE: UDP whose payload is the inner IP packet): a
+/// valid outer header whose length is exactly its own header (and the UDP header, whose
+/// length agrees) plus the inner datagram's stated length, which fits in the frame. Returns
+/// the outer header and the inner one's offset; the inner packet itself is not judged (the
+/// balancer carries it as it came), nor is GUE's UDP checksum (see the fuzz tests).
 pub fn tunnel(frame: &[u8]) -> Result<(Ip, usize), String> {
     let outer = ip(frame)?;
-    let inner = outer.l3 + outer.header_len;
-    let inner_len = match (outer.version, outer.proto) {
-        (4, 4) => {
+    let mut inner = outer.l3 + outer.header_len;
+    let mut udp = 0;
+    let want_version = match outer.proto {
+        4 => 4,
+        41 => 6,
+        17 => {
+            let h = frame
+                .get(inner..inner + 9)
+                .ok_or("GUE without an inner header")?;
+            udp = u16::from_be_bytes([h[4], h[5]]) as usize;
+            inner += 8;
+            h[8] >> 4
+        }
+        p => return Err(format!("IPv{} protocol {p} is not a tunnel", outer.version)),
+    };
+    let inner_len = match want_version {
+        4 => {
             let h = frame.get(inner..inner + 4).ok_or("no inner IPv4 header")?;
             if h[0] >> 4 != 4 {
                 return Err("IPIP with a non-IPv4 inner packet".into());
             }
             u16::from_be_bytes([h[2], h[3]]) as usize
         }
-        (6, 41) => {
+        6 => {
             let h = frame.get(inner..inner + 6).ok_or("no inner IPv6 header")?;
             if h[0] >> 4 != 6 {
                 return Err("IP6IP6 with a non-IPv6 inner packet".into());
             }
             40 + u16::from_be_bytes([h[4], h[5]]) as usize
         }
-        (v, p) => return Err(format!("IPv{v} protocol {p} is not a tunnel")),
+        v => return Err(format!("GUE carrying IP version {v}")),
     };
-    if outer.len != outer.header_len + inner_len {
+    let udp_len = if outer.proto == 17 { 8 } else { 0 };
+    if udp_len != 0 && udp != 8 + inner_len {
         return Err(format!(
-            "outer length {} does not enclose the inner datagram ({} + {inner_len})",
+            "UDP length {udp} does not enclose the inner datagram ({inner_len})"
+        ));
+    }
+    if outer.len != outer.header_len + udp_len + inner_len {
+        return Err(format!(
+            "outer length {} does not enclose the inner datagram ({} + {udp_len} + {inner_len})",
             outer.len, outer.header_len
         ));
     }

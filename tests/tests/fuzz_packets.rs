@@ -7,9 +7,12 @@
 //! - a passed frame is byte-identical, and a frame not for a service (by a model of the
 //!   documented rules, written here) is always passed;
 //! - every frame sent out is well-formed: DR changes the two MACs only (the packet is the
-//!   real's business); TUN's outer header encloses exactly the inner datagram, with a right
-//!   IPv4 checksum, the inner packet as it came, and the decapsulator gives the frame back;
-//!   an ICMP reply has exact lengths and right IP and ICMP checksums, quoting the packet;
+//!   real's business); TUN's outer header (IPIP, IP6IP6, 4in6, GUE over either family)
+//!   encloses exactly the inner datagram, with a right IPv4 checksum, GUE's UDP checksum zero
+//!   over IPv4 and, over IPv6, right whenever the inner packet's own checksums are, the inner
+//!   packet as it came, and the decapsulator gives the frame back; an ICMP reply has exact
+//!   lengths and right IP and ICMP checksums, quoting the packet; an echo reply is the request
+//!   turned around;
 //! - a forwarded ICMP error goes to the real its flow's next packet goes to.
 //!
 //! Cases: `XLB_FUZZ_CASES` frames in all (default 200,000), shared between the properties;
@@ -25,6 +28,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use lb_common::DEFAULT_GUE_PORT;
 use proptest::{
     collection::vec,
     prelude::*,
@@ -32,7 +36,7 @@ use proptest::{
     test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner},
 };
 use xlb::{
-    config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
+    config::{Encap, Mode, RealConfig, ServiceAddr, ServiceConfig},
     control::Balancer,
     dataplane::BALANCER_PROGRAM,
     netlink::Mac,
@@ -46,6 +50,11 @@ const VIP4_DR: &str = "198.18.0.100";
 const VIP4_TUN: &str = "198.18.0.101";
 const VIP6_DR: &str = "fd00:18::100";
 const VIP6_TUN: &str = "fd00:18::101";
+/// GUE over IPv4, GUE over IPv6, 4in6, and 4in6 in GUE.
+const VIP4_GUE: &str = "198.18.0.102";
+const VIP6_GUE: &str = "fd00:18::102";
+const VIP4_4IN6: &str = "198.18.0.103";
+const VIP4_4IN6_GUE: &str = "198.18.0.104";
 const CLIENT4: &str = "198.18.1.1";
 const CLIENT6: &str = "fd00:18:1::1";
 const ROUTER4: &str = "198.18.2.1";
@@ -55,16 +64,21 @@ const TUNNEL_SRC6: &str = "fd00:18::2";
 const NEXT_HOP_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
 const MTU: u32 = 1500;
 
-/// DR and TUN, both families, TCP and UDP, one-port and all-ports services.
-const SERVICES: [(&str, Mode); 8] = [
-    ("198.18.0.100:80/tcp", Mode::Dr),
-    ("198.18.0.100:0/udp", Mode::Dr),
-    ("[fd00:18::100]:443/tcp", Mode::Dr),
-    ("[fd00:18::100]:53/udp", Mode::Dr),
-    ("198.18.0.101:80/tcp", Mode::Tun),
-    ("198.18.0.101:53/udp", Mode::Tun),
-    ("[fd00:18::101]:0/tcp", Mode::Tun),
-    ("[fd00:18::101]:53/udp", Mode::Tun),
+/// DR and TUN, both families, TCP and UDP, one-port and all-ports services; TUN in IPIP or
+/// GUE, over the VIP's family or (4in6) over IPv6.
+const SERVICES: [(&str, Mode, Encap, bool); 12] = [
+    ("198.18.0.100:80/tcp", Mode::Dr, Encap::Ipip, false),
+    ("198.18.0.100:0/udp", Mode::Dr, Encap::Ipip, false),
+    ("[fd00:18::100]:443/tcp", Mode::Dr, Encap::Ipip, false),
+    ("[fd00:18::100]:53/udp", Mode::Dr, Encap::Ipip, false),
+    ("198.18.0.101:80/tcp", Mode::Tun, Encap::Ipip, false),
+    ("198.18.0.101:53/udp", Mode::Tun, Encap::Ipip, false),
+    ("[fd00:18::101]:0/tcp", Mode::Tun, Encap::Ipip, false),
+    ("[fd00:18::101]:53/udp", Mode::Tun, Encap::Ipip, false),
+    ("198.18.0.102:80/tcp", Mode::Tun, Encap::Gue, false),
+    ("[fd00:18::102]:0/udp", Mode::Tun, Encap::Gue, false),
+    ("198.18.0.103:80/tcp", Mode::Tun, Encap::Ipip, true),
+    ("198.18.0.104:0/udp", Mode::Tun, Encap::Gue, true),
 ];
 const DR_REALS: [&str; 6] = [
     "198.18.0.11",
@@ -90,17 +104,21 @@ fn director() -> Balancer {
         Some(TUNNEL_SRC6.parse().unwrap()),
     );
     b.set_mtu(MTU).unwrap();
-    for (service, mode) in SERVICES {
+    for (service, mode, encap, over_v6) in SERVICES {
         let addr: ServiceAddr = service.parse().unwrap();
         let mut cfg = ServiceConfig::new(addr);
         cfg.mode = mode;
+        cfg.encap = encap;
+        if over_v6 {
+            cfg.tunnel_src = Some(ip(TUNNEL_SRC6));
+        }
         let reals = if mode == Mode::Dr {
             DR_REALS
         } else {
             TUN_REALS
         };
         for r in reals.iter().map(|r| ip(r)) {
-            if r.is_ipv4() == addr.vip.is_ipv4() {
+            if r.is_ipv4() == cfg.tunnel_v4() {
                 let mac = if mode == Mode::Dr {
                     real_mac(r)
                 } else {
@@ -115,12 +133,22 @@ fn director() -> Balancer {
     b
 }
 
-/// The real server's decapsulator, for the TUN VIPs.
+const REAL_VIPS: [&str; 6] = [
+    VIP4_TUN,
+    VIP6_TUN,
+    VIP4_GUE,
+    VIP6_GUE,
+    VIP4_4IN6,
+    VIP4_4IN6_GUE,
+];
+
+/// The real server's decapsulator, for the TUN VIPs, unwrapping GUE on the default port.
 fn real_server() -> Decapsulator {
     let mut d = decapsulator();
-    for vip in [VIP4_TUN, VIP6_TUN] {
+    for vip in REAL_VIPS {
         d.add_vip(ip(vip)).unwrap();
     }
+    d.set_gue_port(DEFAULT_GUE_PORT).unwrap();
     d
 }
 
@@ -142,9 +170,11 @@ enum Acts {
     /// An ICMP error about a service's flow: the client's packet of that flow (an ACK or a UDP
     /// datagram from the client's address and port to the VIP's).
     ErrorAbout(Frame),
-    /// IPIP / IP6IP6 whose inner packet is for a service: a real's refusal of a flow (honoured
-    /// and re-scheduled, or dropped as forged or bounced too often).
+    /// IPIP / IP6IP6 / 4in6 whose inner packet is for a service: a real's refusal of a flow
+    /// (honoured and re-scheduled, or dropped as forged or bounced too often).
     Refusal,
+    /// An ICMP echo request to a VIP (its ICMP header's offset): answered.
+    Echo(usize),
 }
 
 fn model(f: &[u8]) -> Option<Acts> {
@@ -207,6 +237,10 @@ fn model(f: &[u8]) -> Option<Acts> {
             service_for(dst, be16(&ports[2..4]), proto).then_some(Acts::Flow)
         }
         1 | 58 if (proto == 1) == v4 && !fragmented => {
+            let head = f.get(l4..l4 + 2)?;
+            if head == [if v4 { 8 } else { 128 }, 0] {
+                return services().any(|s| s.vip == dst).then_some(Acts::Echo(l4));
+            }
             // The quote: the real's packet, from the VIP (the address the error is sent to).
             let q = l4 + 8;
             let (src, client, qproto, ql4) = if v4 {
@@ -235,9 +269,11 @@ fn model(f: &[u8]) -> Option<Acts> {
                 Frame::udp(&c, &v, client_port, vip_port)
             }))
         }
-        4 | 41 if (proto == 4) == v4 && !fragmented => {
+        4 | 41 if !fragmented => {
             // The inner packet, as if it were the frame's own.
             let mut inner = f[..l3].to_vec();
+            let ether_type: u16 = if proto == 4 { 0x0800 } else { 0x86dd };
+            inner[l3 - 2..l3].copy_from_slice(&ether_type.to_be_bytes());
             inner.extend_from_slice(f.get(l4..)?);
             matches!(model(&inner)?, Acts::Flow).then_some(Acts::Refusal)
         }
@@ -258,7 +294,7 @@ fn addr(b: &[u8]) -> IpAddr {
 
 fn services() -> impl Iterator<Item = &'static ServiceAddr> {
     static PARSED: LazyLock<Vec<ServiceAddr>> =
-        LazyLock::new(|| SERVICES.iter().map(|(s, _)| s.parse().unwrap()).collect());
+        LazyLock::new(|| SERVICES.iter().map(|(s, ..)| s.parse().unwrap()).collect());
     PARSED.iter()
 }
 
@@ -311,6 +347,7 @@ fn check_balancer(
             }
             // Exact bytes of re-scheduled refusals: packet_reschedule.rs.
             Some(Acts::Refusal) => Ok("refusal re-scheduled"),
+            Some(Acts::Echo(icmp)) => check_echo(input, out, icmp),
             _ => check_sent(d, input, out),
         },
         other => Err(format!("verdict {}", verdict_name(other))),
@@ -374,8 +411,19 @@ fn check_tunnel(d: &mut Decapsulator, input: &[u8], out: &[u8]) -> Result<(), St
     if out[..6] != NEXT_HOP_MAC || out[6..12] != DIRECTOR_MAC {
         return Err("TUN frame not from the director to the next hop".into());
     }
-    if out[12..l2] != input[12..l2] || out[inner..] != input[l2..] {
+    if out[12..l2 - 2] != input[12..l2 - 2] || out[inner..] != input[l2..] {
         return Err("TUN changed the L2 tags or the inner packet".into());
+    }
+    let outer_type: [u8; 2] = if outer.version == 4 {
+        [0x08, 0x00]
+    } else {
+        [0x86, 0xdd]
+    };
+    if out[l2 - 2..l2] != outer_type {
+        return Err("TUN frame's EtherType is not its outer header's".into());
+    }
+    if outer.proto == 17 {
+        check_gue(out, &outer, inner)?;
     }
     if !TUN_REALS.iter().any(|r| ip(r) == outer.dst)
         || ![TUNNEL_SRC4, TUNNEL_SRC6]
@@ -400,6 +448,95 @@ fn check_tunnel(d: &mut Decapsulator, input: &[u8], out: &[u8]) -> Result<(), St
         ));
     }
     Ok(())
+}
+
+/// GUE's UDP header: an ephemeral source port, the GUE port, and a checksum that is zero over
+/// IPv4 and, over IPv6, right whenever the inner packet's own checksums are right (the
+/// director sums it from the headers) and present for a whole TCP segment.
+fn check_gue(out: &[u8], outer: &wellformed::Ip, inner: usize) -> Result<(), String> {
+    let udp = &out[inner - 8..inner];
+    if be16(&udp[0..2]) < 0xc000 || be16(&udp[2..4]) != DEFAULT_GUE_PORT {
+        return Err(format!(
+            "GUE ports {} -> {}",
+            be16(&udp[0..2]),
+            be16(&udp[2..4])
+        ));
+    }
+    let check = &udp[6..8];
+    if outer.version == 4 {
+        return if check == [0, 0] {
+            Ok(())
+        } else {
+            Err("GUE over IPv4 with a UDP checksum".into())
+        };
+    }
+    let inner_ip = if out[inner] >> 4 == 4 {
+        wellformed::ipv4(out, inner)
+    } else {
+        wellformed::ipv6(out, inner)
+    };
+    let whole_segment = inner_ip.as_ref().is_ok_and(|ip| {
+        let frag = ip.version == 4 && be16(&out[inner + 6..]) & 0x3fff != 0;
+        !frag && wellformed::l4_checksum(out, ip).is_ok()
+    });
+    if check == [0, 0] {
+        let tcp = inner_ip.as_ref().is_ok_and(|ip| ip.proto == 6);
+        return if whole_segment && tcp {
+            Err("GUE over IPv6 without a checksum for a whole TCP segment".into())
+        } else {
+            Ok(())
+        };
+    }
+    if whole_segment {
+        wellformed::l4_checksum(out, outer).map_err(|e| format!("GUE over IPv6: {e}"))?;
+    }
+    Ok(())
+}
+
+/// An echo reply: the request with MACs and addresses swapped, TTL / hop limit 64, the
+/// reply's type, and checksums right exactly when the request's were.
+fn check_echo(input: &[u8], out: &[u8], icmp: usize) -> Result<&'static str, String> {
+    let req = wellformed::ip(input)?;
+    let l2 = req.l3;
+    let v4 = req.version == 4;
+    if out.len() != input.len() || out[..6] != input[6..12] || out[6..12] != input[..6] {
+        return Err("echo reply not back to the sender's MAC, or resized".into());
+    }
+    let rep = wellformed::ip(out)?;
+    if (rep.src, rep.dst) != (req.dst, req.src) {
+        return Err(format!("echo reply from {} to {}", rep.src, rep.dst));
+    }
+    let ttl_at = if v4 { l2 + 8 } else { l2 + 7 };
+    if out[ttl_at] != 64 || out[icmp] != if v4 { 0 } else { 129 } {
+        return Err("echo reply with another TTL than 64 or another type".into());
+    }
+    // Everything else as it was: the header's other fields, the identifier, sequence, data.
+    let (addrs, check) = if v4 {
+        (l2 + 12..l2 + 20, l2 + 10..l2 + 12)
+    } else {
+        (l2 + 8..l2 + 40, l2 + 2..l2 + 2)
+    };
+    for i in 12..out.len() {
+        let rewritten = i == ttl_at
+            || addrs.contains(&i)
+            || check.contains(&i)
+            || i == icmp
+            || i == icmp + 2
+            || i == icmp + 3;
+        if !rewritten && out[i] != input[i] {
+            return Err(format!("echo reply differs from the request at byte {i}"));
+        }
+    }
+    let sums_right = |f: &[u8], ip: &wellformed::Ip| {
+        // ICMPv6 after extension headers is not summed here.
+        (v4 || icmp == l2 + 40) && wellformed::l4_checksum(f, ip).is_ok()
+    };
+    if sums_right(input, &req) != sums_right(out, &rep) {
+        return Err(
+            "echo reply's ICMP checksum right where the request's was not, or the reverse".into(),
+        );
+    }
+    Ok("echo reply")
 }
 
 fn check_too_big(input: &[u8], out: &[u8]) -> Result<(), String> {
@@ -452,8 +589,8 @@ fn check_too_big(input: &[u8], out: &[u8]) -> Result<(), String> {
 }
 
 /// The decapsulator's properties: it passes everything; it unwraps exactly the tunnel packets
-/// for its VIPs (outer IPv4 of any IHL, unfragmented, or outer IPv6 with no extension header,
-/// carrying the same family), giving back the L2 header and the inner packet, with an outer
+/// for its VIPs (outer IPv4 of any IHL, unfragmented, or outer IPv6 with no extension header;
+/// IP-in-IP or GUE), giving back the L2 header (with the inner EtherType) and the inner packet, with an outer
 /// congestion mark carried to an ECN-capable inner packet; everything else is untouched.
 fn check_decap(input: &[u8], verdict: u32, out: &[u8]) -> Result<&'static str, String> {
     if verdict != XDP_PASS {
@@ -468,6 +605,13 @@ fn check_decap(input: &[u8], verdict: u32, out: &[u8]) -> Result<&'static str, S
     };
     let mut expected = input[..l2].to_vec();
     expected.extend_from_slice(&input[l2 + outer_len..]);
+    // A 4in6 packet goes on as IPv4.
+    let inner_type: [u8; 2] = if expected[l2] >> 4 == 4 {
+        [0x08, 0x00]
+    } else {
+        [0x86, 0xdd]
+    };
+    expected[l2 - 2..l2].copy_from_slice(&inner_type);
     if out.len() != expected.len() {
         return Err(format!(
             "decapsulated to {} bytes, not {}",
@@ -514,7 +658,8 @@ fn check_decap(input: &[u8], verdict: u32, out: &[u8]) -> Result<&'static str, S
 }
 
 /// (L2 length, outer header length, outer ECN) of a tunnel packet the decapsulator must
-/// unwrap; None for anything it must leave alone.
+/// unwrap (IPIP, IP6IP6, 4in6, GUE to the default port over either family); None for anything
+/// it must leave alone.
 fn decap_model(f: &[u8]) -> Option<(usize, usize, u8)> {
     let mut l2 = 14;
     let mut ether_type = be16(f.get(12..14)?);
@@ -522,34 +667,59 @@ fn decap_model(f: &[u8]) -> Option<(usize, usize, u8)> {
         ether_type = be16(f.get(16..18)?);
         l2 = 18;
     }
-    let vips = [ip(VIP4_TUN), ip(VIP6_TUN)];
-    let (outer_len, ecn, inner_dst) = match ether_type {
+    let gue_at = |udp: usize| {
+        f.get(udp..udp + 4)
+            .is_some_and(|h| be16(&h[2..4]) == DEFAULT_GUE_PORT)
+    };
+    let version_at = |at: usize| f.get(at..at + 4).map(|h| h[0] >> 4);
+    let (outer_len, ecn, version) = match ether_type {
         0x0800 => {
             let h = f.get(l2..l2 + 20)?;
             let ihl = (h[0] & 0x0f) as usize * 4;
-            if h[0] >> 4 != 4 || ihl < 20 || h[9] != 4 || be16(&h[6..8]) & 0x3fff != 0 {
+            if h[0] >> 4 != 4 || ihl < 20 {
                 return None;
             }
-            let inner = f.get(l2 + ihl..l2 + ihl + 20)?;
-            if inner[0] >> 4 != 4 {
+            let gue = h[9] == 17 && gue_at(l2 + ihl);
+            if (h[9] != 4 && !gue) || be16(&h[6..8]) & 0x3fff != 0 {
                 return None;
             }
-            (ihl, h[1] & 3, addr(&inner[16..20]))
+            if gue {
+                (ihl + 8, h[1] & 3, version_at(l2 + ihl + 8)?)
+            } else {
+                (ihl, h[1] & 3, 4)
+            }
         }
         0x86dd => {
             let h = f.get(l2..l2 + 40)?;
-            if h[0] >> 4 != 6 || h[6] != 41 {
+            if h[0] >> 4 != 6 {
                 return None;
             }
-            let inner = f.get(l2 + 40..l2 + 80)?;
-            if inner[0] >> 4 != 6 {
-                return None;
+            let ecn = (h[1] >> 4) & 3;
+            match h[6] {
+                41 => (40, ecn, 6),
+                4 => (40, ecn, 4),
+                17 if gue_at(l2 + 40) => (48, ecn, version_at(l2 + 48)?),
+                _ => return None,
             }
-            (40, (h[1] >> 4) & 3, addr(&inner[24..40]))
         }
         _ => return None,
     };
-    vips.contains(&inner_dst).then_some((l2, outer_len, ecn))
+    let at = l2 + outer_len;
+    let inner_dst = match version {
+        4 => {
+            let inner = f.get(at..at + 20)?;
+            (inner[0] >> 4 == 4).then(|| addr(&inner[16..20]))?
+        }
+        6 => {
+            let inner = f.get(at..at + 40)?;
+            (inner[0] >> 4 == 6).then(|| addr(&inner[24..40]))?
+        }
+        _ => return None,
+    };
+    REAL_VIPS
+        .iter()
+        .any(|v| ip(v) == inner_dst)
+        .then_some((l2, outer_len, ecn))
 }
 
 // --- The corpus: valid frames for every path ----------------------------------------------
@@ -562,6 +732,7 @@ enum Path {
     TooBig,
     Drop,
     Pass,
+    Echo,
 }
 
 fn sized(frame: Frame, l3_len: usize) -> Frame {
@@ -820,9 +991,97 @@ fn balancer_corpus() -> Vec<(Path, &'static str, Vec<u8>)> {
             tcp(CLIENT6, "fd00:18::200", 40000, 443, SYN).bytes(),
         ),
         (
-            Pass,
+            Echo,
             "echo to a vip",
             Frame::icmp(CLIENT4, VIP4_DR, 8, 0, [0, 1, 0, 1], b"ping").bytes(),
+        ),
+        (
+            Echo,
+            "echo to a v6 vip, vlan",
+            Frame {
+                vlan: Some(4),
+                ..Frame::icmp(CLIENT6, VIP6_TUN, 128, 0, [0, 1, 0, 2], b"ping6")
+            }
+            .bytes(),
+        ),
+        (
+            Pass,
+            "echo to the director",
+            Frame::icmp(CLIENT4, TUNNEL_SRC4, 8, 0, [0, 1, 0, 1], b"ping").bytes(),
+        ),
+        (
+            Tun,
+            "gue v4 syn",
+            tcp(CLIENT4, VIP4_GUE, 40020, 80, SYN).bytes(),
+        ),
+        (
+            Tun,
+            "gue v4 established, vlan",
+            Frame {
+                vlan: Some(8),
+                ..tcp(CLIENT4, VIP4_GUE, 40020, 80, ACK)
+            }
+            .bytes(),
+        ),
+        (
+            Tun,
+            "gue v6 udp, all-ports service",
+            udp(CLIENT6, VIP6_GUE, 40021, 5353).bytes(),
+        ),
+        (
+            Tun,
+            "gue v6 first fragment: no checksum",
+            frag(udp(CLIENT6, VIP6_GUE, 40022, 53), 15, 0, true).bytes(),
+        ),
+        (
+            Tun,
+            "4in6 syn",
+            tcp(CLIENT4, VIP4_4IN6, 40023, 80, SYN).bytes(),
+        ),
+        (
+            Tun,
+            "4in6 gue udp",
+            udp(CLIENT4, VIP4_4IN6_GUE, 40024, 53).bytes(),
+        ),
+        (
+            Tun,
+            "4in6 gue first fragment",
+            frag(udp(CLIENT4, VIP4_4IN6_GUE, 40025, 53), 16, 0, true).bytes(),
+        ),
+        (
+            TooBig,
+            "gue v4 DF, too big once in GUE",
+            sized(
+                Frame {
+                    df: true,
+                    ..tcp(CLIENT4, VIP4_GUE, 40026, 80, ACK)
+                },
+                1473,
+            )
+            .bytes(),
+        ),
+        (
+            TooBig,
+            "gue v6 too big once in GUE",
+            // `sized` counts a TCP header: 1465 is a 1453-byte UDP datagram.
+            sized(udp(CLIENT6, VIP6_GUE, 40027, 53), 1465).bytes(),
+        ),
+        (
+            TooBig,
+            "4in6 DF, too big once in IPv6",
+            sized(
+                Frame {
+                    df: true,
+                    ..tcp(CLIENT4, VIP4_4IN6, 40028, 80, ACK)
+                },
+                1461,
+            )
+            .bytes(),
+        ),
+        (
+            Drop,
+            "4in6 no DF, too big",
+            sized(tcp(CLIENT4, VIP4_4IN6, 40029, 80, ACK), 1461).bytes(),
         ),
     ];
     // ICMP errors about the services' flows, and about other traffic.
@@ -853,6 +1112,21 @@ fn balancer_corpus() -> Vec<(Path, &'static str, Vec<u8>)> {
             error_about(&reply_from(VIP6_TUN, 8080, true), t, code, rest).bytes(),
         ));
     }
+    c.push((
+        Tun,
+        "icmp error about a gue v4 flow",
+        error_about(&reply_from(VIP4_GUE, 80, true), 3, 4, [0, 0, 5, 0x78]).bytes(),
+    ));
+    c.push((
+        Tun,
+        "icmp error about a 4in6 gue flow",
+        error_about(&reply_from(VIP4_4IN6_GUE, 53, false), 3, 3, [0; 4]).bytes(),
+    ));
+    c.push((
+        Tun,
+        "icmpv6 error about a gue v6 flow",
+        error_about(&reply_from(VIP6_GUE, 53, false), 2, 0, [0, 0, 5, 0]).bytes(),
+    ));
     c.push((
         Tun,
         "icmpv6 error after a hop-by-hop header, vlan",
@@ -900,7 +1174,91 @@ fn decap_corpus() -> Vec<(bool, &'static str, Vec<u8>)> {
     with_options[24..26].copy_from_slice(&sum.to_be_bytes());
     let mut fragment = t4(Frame::tcp(CLIENT4, VIP4_TUN, 1, 80, SYN), 0);
     fragment[14 + 6] = 0x20;
-    vec![
+    // GUE (to `port`) or 4in6, as the director sends them.
+    let wrap = |inner: Frame, src: &str, dst: &str, port: Option<u16>| {
+        let frame = inner.bytes();
+        let l3 = &frame[l2_len(&frame)..];
+        let outer = tunnel_header(
+            ip(src),
+            ip(dst),
+            0,
+            0x12345,
+            &l3[..ip_len(l3)],
+            port.map(|p| (0xc123, p)),
+        );
+        let mut out = encapsulate(&frame, [0x02, 0, 0, 0, 0, 0x11], NEXT_HOP_MAC, &outer);
+        let ether_type = if dst.contains(':') { 0x86dd } else { 0x0800 };
+        set_ether_type(&mut out, ether_type);
+        out
+    };
+    let gue = Some(DEFAULT_GUE_PORT);
+    let mut variant0 = wrap(
+        Frame::tcp(CLIENT4, VIP4_GUE, 1, 80, SYN),
+        TUNNEL_SRC4,
+        TUN_REALS[0],
+        gue,
+    );
+    variant0[14 + 28] = 0;
+    let mut decap = vec![
+        (
+            true,
+            "gue v4 tcp",
+            wrap(
+                Frame::tcp(CLIENT4, VIP4_GUE, 1, 80, SYN),
+                TUNNEL_SRC4,
+                TUN_REALS[0],
+                gue,
+            ),
+        ),
+        (
+            true,
+            "gue v6 udp, vlan",
+            wrap(
+                Frame {
+                    vlan: Some(9),
+                    ..Frame::udp(CLIENT6, VIP6_GUE, 2, 53)
+                },
+                TUNNEL_SRC6,
+                TUN_REALS[3],
+                gue,
+            ),
+        ),
+        (
+            true,
+            "4in6 tcp",
+            wrap(
+                Frame::tcp(CLIENT4, VIP4_4IN6, 1, 80, SYN),
+                TUNNEL_SRC6,
+                TUN_REALS[3],
+                None,
+            ),
+        ),
+        (
+            true,
+            "4in6 gue udp, vlan",
+            wrap(
+                Frame {
+                    vlan: Some(9),
+                    ..Frame::udp(CLIENT4, VIP4_4IN6_GUE, 2, 53)
+                },
+                TUNNEL_SRC6,
+                TUN_REALS[3],
+                gue,
+            ),
+        ),
+        (
+            false,
+            "gue to another port",
+            wrap(
+                Frame::tcp(CLIENT4, VIP4_GUE, 1, 80, SYN),
+                TUNNEL_SRC4,
+                TUN_REALS[0],
+                Some(7000),
+            ),
+        ),
+        (false, "gue variant 0", variant0),
+    ];
+    decap.extend(vec![
         (
             true,
             "ipip tcp",
@@ -988,7 +1346,8 @@ fn decap_corpus() -> Vec<(bool, &'static str, Vec<u8>)> {
                 0,
             ),
         ),
-    ]
+    ]);
+    decap
 }
 
 // --- Mutations and random frames ----------------------------------------------------------
@@ -1530,6 +1889,7 @@ fn the_corpus_takes_every_path() {
     for (path, name, frame) in balancer_corpus() {
         let (verdict, out) = run_balancer(&mut b, &frame).unwrap();
         let got = match (verdict, out.len().cmp(&frame.len())) {
+            (XDP_TX, std::cmp::Ordering::Equal) if out[..6] == frame[6..12] => Path::Echo,
             (XDP_TX, std::cmp::Ordering::Equal) => Path::Dr,
             (XDP_TX, std::cmp::Ordering::Greater) => Path::Tun,
             (XDP_TX, std::cmp::Ordering::Less) => Path::TooBig,
@@ -1543,7 +1903,7 @@ fn the_corpus_takes_every_path() {
         }
         taken.insert(format!("{path:?}"));
     }
-    assert_eq!(taken.len(), 5, "paths taken: {taken:?}");
+    assert_eq!(taken.len(), 6, "paths taken: {taken:?}");
     for (unwrapped, name, frame) in decap_corpus() {
         let (verdict, out) = d.test_run(&frame).unwrap();
         assert_eq!(verdict, XDP_PASS, "{name}");

@@ -60,7 +60,6 @@ fn reply_to(request: &Frame, reply_type: u8, rest: [u8; 4], body: &[u8]) -> Vec<
     let reply = Frame {
         vlan: request.vlan,
         tos: request.tos,
-        ipv4_options: request.ipv4_options.clone(),
         ..Frame::icmp(
             &request.dst.to_string(),
             &request.src.to_string(),
@@ -84,11 +83,10 @@ fn echo_requests_to_a_vip_are_answered_byte_exact() {
     let cases = [
         ("v4", Frame::icmp(CLIENT4, VIP4, 8, 0, rest, &body)),
         (
-            "v4 vlan, tos, options",
+            "v4 vlan, tos",
             Frame {
                 vlan: Some(12),
                 tos: 0x10,
-                ipv4_options: vec![1, 1, 1, 0],
                 ..Frame::icmp(CLIENT4, VIP4, 8, 0, rest, &body)
             },
         ),
@@ -134,6 +132,10 @@ fn other_echoes_pass_to_the_kernel_untouched() {
     from_group_mac[6] |= 1;
     let mut to_another_mac = Frame::icmp(CLIENT4, VIP4, 8, 0, [0; 4], b"ping").bytes();
     to_another_mac[5] = 0x99;
+    let mut corrupt_header = Frame::icmp(CLIENT4, VIP4, 8, 0, [0; 4], b"ping").bytes();
+    corrupt_header[14 + 10] ^= 1;
+    let mut longer_than_frame = Frame::icmp(CLIENT6, VIP6, 128, 0, [0; 4], b"ping").bytes();
+    longer_than_frame[14 + 5] += 1;
     let frames = [
         (
             "not a vip",
@@ -168,6 +170,16 @@ fn other_echoes_pass_to_the_kernel_untouched() {
             .bytes(),
         ),
         ("from a group MAC", from_group_mac),
+        ("a header failing its checksum", corrupt_header),
+        ("longer than its frame, v6", longer_than_frame),
+        (
+            "ip options: left to the kernel",
+            Frame {
+                ipv4_options: vec![1, 1, 1, 0],
+                ..Frame::icmp(CLIENT4, VIP4, 8, 0, [0; 4], b"ping")
+            }
+            .bytes(),
+        ),
         ("to another director's MAC", to_another_mac),
     ];
     for (name, frame) in frames {
