@@ -5,8 +5,10 @@
 
 use std::{
     collections::BTreeMap,
+    io::BufRead,
     path::{Path, PathBuf},
-    process::{Child, Command, Output},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -287,6 +289,10 @@ pub struct Service {
     pub mode: String,
     /// The port its health checks probe (only where `up` configures checks).
     pub check_port: Option<u16>,
+    /// TUN: ipip or gue (`scripts/lab tun up --encap`).
+    pub encap: Option<String>,
+    /// TUN: the family IPv4 requests are tunnelled in, ipv4 or ipv6 (`--4in6`).
+    pub tunnel4: Option<String>,
 }
 
 impl Service {
@@ -412,12 +418,22 @@ impl Lab {
 
     /// [`Lab::up`] with environment variables for `scripts/lab` (e.g. `XLB_LAB_CONN_CAPACITY`).
     pub fn up_with(self, env: &[(&str, &str)]) -> Running {
+        self.launch(env, &[])
+    }
+
+    /// [`Lab::up`] with options after `up` (e.g. `tun up --encap gue`).
+    pub fn up_options(self, options: &[&str]) -> Running {
+        self.launch(&[], options)
+    }
+
+    fn launch(self, env: &[(&str, &str)], options: &[&str]) -> Running {
         assert!(
             xlb_bin().exists(),
             "build target/release/xlb first (scripts/test does)"
         );
         let out = Command::new(repo().join("scripts/lab"))
             .args([self.name, "up"])
+            .args(options)
             .envs(env.iter().copied())
             .output()
             .expect("running scripts/lab");
@@ -430,6 +446,88 @@ impl Lab {
         let running = Running(self);
         self.topology();
         running
+    }
+
+    /// What a failure message needs: the lab's status and the end of its daemon's log.
+    pub fn diagnostics(&self) -> String {
+        let status = sh(
+            repo().join("scripts/lab").to_str().unwrap(),
+            &[self.name, "status"],
+        );
+        let topo = self.topology();
+        let log =
+            std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "--- scripts/lab {} status ---\n{}--- xlb.log (end) ---\n{}",
+            self.name,
+            text(&status),
+            tail.join("\n")
+        )
+    }
+
+    /// Captures up to `count` packets matching `filter` on the router's real-facing interface
+    /// while `traffic` runs, and returns tcpdump's lines. Not on a real's own eth0: its XDP
+    /// decapsulator runs before any capture tap, so a capture there sees inner packets only.
+    /// Bounded: tcpdump runs under `timeout 5`.
+    pub fn capture_real_segment(
+        &self,
+        filter: &str,
+        count: usize,
+        traffic: impl FnOnce(),
+    ) -> Vec<String> {
+        let count = count.to_string();
+        let topo = self.topology();
+        let router = topo.router();
+        let iface = topo.iface_towards(router, &topo.reals[0]);
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                topo.ns(router),
+                "timeout",
+                "5",
+                "tcpdump",
+                "-l",
+                "-n",
+            ])
+            .args(["-i", iface, "-c", &count, filter])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running tcpdump (scripts/setup installs it)");
+        // tcpdump says "listening on IFACE" on stderr once the capture is attached.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut said = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.contains("listening on") => break,
+                Ok(line) => said.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("tcpdump did not start capturing: {said:?}");
+                }
+            }
+        }
+        traffic();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// Where `up` writes the lab's topology.

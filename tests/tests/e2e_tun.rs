@@ -7,11 +7,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::BufRead,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+    process::Output,
 };
 
 use xlb_tests::lab::{
@@ -80,75 +77,12 @@ fn spread(url: &str, n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) 
 
 /// What a failure message needs: the lab's status and the end of the daemon's log.
 fn diagnostics() -> String {
-    let status = sh(&lab_script(), &["tun", "status"]);
-    let topo = LAB.topology();
-    let log =
-        std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(20).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
-    format!(
-        "--- scripts/lab tun status ---\n{}--- xlb.log (end) ---\n{}",
-        text(&status),
-        tail.join("\n")
-    )
+    LAB.diagnostics()
 }
 
-/// Captures up to `count` packets matching `filter` on the router's real-facing interface
-/// while `traffic` runs, and returns tcpdump's lines. Not on a real's own eth0: its XDP
-/// decapsulator runs before any capture tap, so a capture there sees inner packets only.
-/// Bounded: tcpdump runs under `timeout 5`.
+/// Packets matching `filter` on the router's real-facing interface while `traffic` runs.
 fn capture_real_segment(filter: &str, count: usize, traffic: impl FnOnce()) -> Vec<String> {
-    let count = count.to_string();
-    let topo = LAB.topology();
-    let router = topo.router();
-    let iface = topo.iface_towards(router, &topo.reals[0]);
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            topo.ns(router),
-            "timeout",
-            "5",
-            "tcpdump",
-            "-l",
-            "-n",
-        ])
-        .args(["-i", iface, "-c", &count, filter])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running tcpdump (scripts/setup installs it)");
-    // tcpdump says "listening on IFACE" on stderr once the capture is attached.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut said = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains("listening on") => break,
-            Ok(line) => said.push(line),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("tcpdump did not start capturing: {said:?}");
-            }
-        }
-    }
-    traffic();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    LAB.capture_real_segment(filter, count, traffic)
 }
 
 /// The captured lines that show a tunnelled request: outer `src > one of reals`, inner
