@@ -372,13 +372,12 @@ fn inner_sum(ctx: &XdpContext, l3: usize, inner: &Inner) -> Option<u64> {
     }
     // The pseudo-header: addresses, then the length and protocol, which sum the same as
     // IPv4's 16-bit length and IPv6's 32-bit one.
+    // One helper call: the addresses are in both the inner IPv6 header and its pseudo-header.
     let (addrs, ip_sum) = if v4 {
-        (csum::packet(ptr_at::<[u8; 8]>(ctx, l3 + 12)?)?, 0)
+        (csum::add(0, &read::<[u8; 8]>(ctx, l3 + 12)?), 0)
     } else {
-        (
-            csum::packet(ptr_at::<[u8; 32]>(ctx, l3 + 8)?)?,
-            csum::packet(ptr_at::<[u8; IPV6_HLEN]>(ctx, l3)?)?,
-        )
+        let addrs = csum::packet(ptr_at::<[u8; 32]>(ctx, l3 + 8)?)?;
+        (addrs, addrs + csum::add_words(0, &h, 0, 8))
     };
     let pseudo = addrs + (seg_len as u16).to_be() as u64 + (proto as u16).to_be() as u64;
     let negated = u16::from_ne_bytes(csum::finish(pseudo)) as u64;

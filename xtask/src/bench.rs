@@ -12,6 +12,7 @@
 use std::{fs, path::Path};
 
 use anyhow::{Context, Result, bail};
+use lb_common::DEFAULT_GUE_PORT;
 use serde_json::{Map, Value, json};
 use xlb::{
     control::Balancer,
@@ -20,6 +21,7 @@ use xlb::{
 };
 use xlb_tests::{
     ACK, DIRECTOR_MAC, Frame, SYN, XDP_PASS, XDP_TX, encapsulate, ip_len, outer_header,
+    tunnel_header,
 };
 
 use crate::{
@@ -81,6 +83,8 @@ pub fn run(calls: usize) -> Result<DataPath> {
         decap: Decapsulator::load()?,
     };
     progs.decap.add_vip("198.18.0.101".parse()?)?;
+    progs.decap.add_vip("198.18.0.102".parse()?)?;
+    progs.decap.set_gue_port(DEFAULT_GUE_PORT)?;
     let paths = bench_paths(&mut progs.balancer)?;
     check_verdicts(&mut progs, &paths)?;
 
@@ -165,6 +169,11 @@ fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
     let tun_syn_v4 = Frame::tcp(CLIENT4, "198.18.0.101", 40001, 80, SYN).bytes();
     let tun_established_v4 = establish(b, CLIENT4, "198.18.0.101", 40002)?;
     let tun_established_v6 = establish(b, CLIENT6, "fd00:18::101", 40002)?;
+    let gue_established_v4 = establish(b, CLIENT4, "198.18.0.102", 40002)?;
+    let gue_established_v6 = establish(b, CLIENT6, "fd00:18::102", 40002)?;
+    let tun4in6_established = establish(b, CLIENT4, "198.18.0.103", 40002)?;
+    // Ping a VIP: answered by the data path (xlb_icmp, after the tail call).
+    let echo_v4 = Frame::icmp(CLIENT4, "198.18.0.100", 8, 0, [0, 1, 0, 1], &[0x5a; 56]).bytes();
     // A full-size segment of the established TUN flow, with DF: too big once encapsulated, so
     // the director answers with ICMP "fragmentation needed" (before any flow lookup).
     let too_big_v4 = Frame {
@@ -183,6 +192,19 @@ fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
             ip_len(&tun_established_v4[14..]),
         );
         encapsulate(&tun_established_v4, ROUTER_MAC, DIRECTOR_MAC, &outer)
+    };
+    // The same for the established IPv4 GUE flow.
+    let decap_gue_v4 = {
+        let l3 = &gue_established_v4[14..];
+        let outer = tunnel_header(
+            TUN_SRC4.parse()?,
+            TUN_REALS4[0].parse()?,
+            0,
+            0,
+            &l3[..ip_len(l3)],
+            Some((0xc123, DEFAULT_GUE_PORT)),
+        );
+        encapsulate(&gue_established_v4, ROUTER_MAC, DIRECTOR_MAC, &outer)
     };
 
     let path = |name, program, frame, verdict, target_ns| BenchPath {
@@ -232,8 +254,38 @@ fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
             XDP_TX,
             Some(120),
         ),
+        // GUE and 4in6: at most 1.15 times IPIP's budget.
+        path(
+            "gue_established_v4",
+            BALANCER_PROGRAM,
+            gue_established_v4,
+            XDP_TX,
+            Some(138),
+        ),
+        path(
+            "gue_established_v6",
+            BALANCER_PROGRAM,
+            gue_established_v6,
+            XDP_TX,
+            Some(138),
+        ),
+        path(
+            "tun4in6_established",
+            BALANCER_PROGRAM,
+            tun4in6_established,
+            XDP_TX,
+            Some(138),
+        ),
         path("icmp_too_big", BALANCER_PROGRAM, too_big_v4, XDP_TX, None),
+        path("echo_v4", BALANCER_PROGRAM, echo_v4, XDP_TX, None),
         path("decap_v4", DECAP_PROGRAM, decap_v4, XDP_PASS, Some(60)),
+        path(
+            "decap_gue_v4",
+            DECAP_PROGRAM,
+            decap_gue_v4,
+            XDP_PASS,
+            Some(69),
+        ),
     ])
 }
 

@@ -4,7 +4,7 @@
 
 use anyhow::{Result, bail, ensure};
 use xlb::{
-    config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
+    config::{Encap, Mode, RealConfig, ServiceAddr, ServiceConfig},
     control::Balancer,
     dataplane::BALANCER_PROGRAM,
 };
@@ -23,6 +23,10 @@ pub const TUN_REALS4: [&str; 3] = ["10.1.0.11", "10.1.0.12", "10.1.0.13"];
 const TUN_REALS6: [&str; 3] = ["fd00:1::11", "fd00:1::12", "fd00:1::13"];
 pub const TUN_SRC4: &str = "198.18.0.2";
 const TUN_SRC6: &str = "fd00:18::2";
+/// GUE services (over IPv4, over IPv6) and an IPv4 service over the IPv6 reals (4in6).
+const GUE_SERVICE4: &str = "198.18.0.102:80/tcp";
+const GUE_SERVICE6: &str = "[fd00:18::102]:80/tcp";
+const TUN4IN6_SERVICE: &str = "198.18.0.103:80/tcp";
 pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 pub const MTU: u32 = 1500;
 
@@ -42,20 +46,32 @@ pub fn pin_to_one_cpu() -> Result<usize> {
 }
 
 /// The balancer the packet tests use, with one IPv4 and one IPv6 TCP service of 3 reals each
-/// in DR mode, and the same in TUN mode (on other VIPs) with the MTU check on.
+/// in DR mode, and the same in TUN mode (on other VIPs) with the MTU check on: IPIP, GUE, and
+/// 4in6.
 pub fn balancer_with_services() -> Result<Balancer> {
     let mut b = xlb_tests::balancer();
     b.set_default_tunnel_sources(Some(TUN_SRC4.parse()?), Some(TUN_SRC6.parse()?));
     b.set_mtu(MTU)?;
-    for (service, reals, mode) in [
-        (SERVICE4, &REALS4, Mode::Dr),
-        (SERVICE6, &REALS6, Mode::Dr),
-        (TUN_SERVICE4, &TUN_REALS4, Mode::Tun),
-        (TUN_SERVICE6, &TUN_REALS6, Mode::Tun),
+    for (service, reals, mode, encap, tunnel_src) in [
+        (SERVICE4, &REALS4, Mode::Dr, Encap::Ipip, None),
+        (SERVICE6, &REALS6, Mode::Dr, Encap::Ipip, None),
+        (TUN_SERVICE4, &TUN_REALS4, Mode::Tun, Encap::Ipip, None),
+        (TUN_SERVICE6, &TUN_REALS6, Mode::Tun, Encap::Ipip, None),
+        (GUE_SERVICE4, &TUN_REALS4, Mode::Tun, Encap::Gue, None),
+        (GUE_SERVICE6, &TUN_REALS6, Mode::Tun, Encap::Gue, None),
+        (
+            TUN4IN6_SERVICE,
+            &TUN_REALS6,
+            Mode::Tun,
+            Encap::Ipip,
+            Some(TUN_SRC6),
+        ),
     ] {
         let addr: ServiceAddr = service.parse()?;
         let mut cfg = ServiceConfig::new(addr);
         cfg.mode = mode;
+        cfg.encap = encap;
+        cfg.tunnel_src = tunnel_src.map(str::parse).transpose()?;
         for real in reals {
             let addr = real.parse()?;
             let mac = match mode {
