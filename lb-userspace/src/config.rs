@@ -496,15 +496,19 @@ mod tests {
         svc.mode = Mode::Tun;
         let msg = error(&svc);
         assert!(
-            msg.contains("IPIP carries IPv4 to IPv4 reals, IP6IP6 IPv6 to IPv6 reals"),
+            msg.contains("tunnels over IPv4, so its reals must be IPv4")
+                && msg.contains("with an IPv6 --tunnel-src"),
             "{msg}"
         );
         assert!(!msg.contains('\n'));
+        // With an IPv6 tunnel source the IPv4 service reaches them (4in6).
+        svc.tunnel_src = Some("fd00::2".parse().unwrap());
+        svc.validate().unwrap();
         let mut svc6 = ServiceConfig::new("[fd00::100]:80/tcp".parse().unwrap());
         svc6.mode = Mode::Tun;
         svc6.reals
             .push(RealConfig::new("10.0.0.1".parse().unwrap(), 1));
-        assert!(error(&svc6).contains("IP6IP6"));
+        assert!(error(&svc6).contains("tunnels over IPv6"));
     }
 
     #[test]
@@ -514,7 +518,7 @@ mod tests {
         assert!(error(&svc).contains("needs --mode tun"));
         svc.mode = Mode::Tun;
         svc.validate().unwrap();
-        for bad in ["fd00::2", "0.0.0.0", "224.0.0.1"] {
+        for bad in ["0.0.0.0", "224.0.0.1"] {
             svc.tunnel_src = Some(bad.parse().unwrap());
             assert!(svc.validate().is_err(), "{bad} was accepted");
         }
@@ -525,6 +529,8 @@ mod tests {
             svc6.tunnel_src = Some(bad.parse().unwrap());
             assert!(svc6.validate().is_err(), "{bad} was accepted");
         }
+        svc6.tunnel_src = Some("198.18.0.2".parse().unwrap());
+        assert!(error(&svc6).contains("cannot be tunnelled over IPv4"));
     }
 
     #[test]
