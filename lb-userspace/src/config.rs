@@ -103,6 +103,82 @@ pub enum Mode {
     Tun,
 }
 
+/// `--tunnel-src-prefix`: outer source addresses taken per flow from a prefix, so receivers and
+/// routers that hash only outer addresses (IPIP) see distinct flows. ADDR/LEN, with 1 to 16
+/// host bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelPrefix {
+    /// The prefix's first address (host bits zero).
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+/// The most host bits a tunnel source prefix may have: the flow hash's low 16 bits fill them.
+pub const MAX_TUNNEL_HOST_BITS: u8 = 16;
+
+impl TunnelPrefix {
+    /// How many low bits of the address each flow chooses.
+    pub fn host_bits(&self) -> u8 {
+        let width = if self.addr.is_ipv4() { 32 } else { 128 };
+        width - self.len
+    }
+}
+
+impl fmt::Display for TunnelPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for TunnelPrefix {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| anyhow::anyhow!("tunnel source prefix '{s}': expected ADDR/LEN"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| anyhow::anyhow!("tunnel source prefix '{s}': '{addr}' is no address"))?;
+        let width: u8 = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= width)
+            .ok_or_else(|| anyhow::anyhow!("tunnel source prefix '{s}': bad length '{len}'"))?;
+        let prefix = TunnelPrefix { addr, len };
+        let bits = prefix.host_bits();
+        if !(1..=MAX_TUNNEL_HOST_BITS).contains(&bits) {
+            bail!(
+                "tunnel source prefix '{s}': {bits} host bits; 1 to {MAX_TUNNEL_HOST_BITS} \
+                 (IPv4 /16 to /31, IPv6 /112 to /127)"
+            );
+        }
+        let host_mask = (1u128 << bits) - 1;
+        let host = match addr {
+            IpAddr::V4(a) => u32::from(a) as u128 & host_mask,
+            IpAddr::V6(a) => u128::from(a) & host_mask,
+        };
+        if host != 0 {
+            bail!("tunnel source prefix '{s}': host bits set (the prefix's first address, please)");
+        }
+        Ok(prefix)
+    }
+}
+
+impl Serialize for TunnelPrefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TunnelPrefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// How a TUN service wraps packets for its reals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -241,6 +317,9 @@ pub struct ServiceConfig {
     /// default for the VIP's family (an address of its interface).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_src: Option<IpAddr>,
+    /// TUN only, instead of `tunnel_src`: an outer source per flow from this prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_src_prefix: Option<TunnelPrefix>,
     /// TUN only: bare IP-in-IP or GUE.
     #[serde(default, skip_serializing_if = "Encap::is_default")]
     pub encap: Encap,
@@ -268,6 +347,7 @@ impl ServiceConfig {
             hash: HashKind::FiveTuple,
             reals: Vec::new(),
             tunnel_src: None,
+            tunnel_src_prefix: None,
             encap: Encap::Ipip,
             gue_port: None,
             on_down: OnDown::Move,
@@ -295,6 +375,23 @@ impl ServiceConfig {
             }
             if src.is_unspecified() || src.is_multicast() {
                 bail!("service {s}: {src} cannot be a tunnel source");
+            }
+        }
+        if let Some(prefix) = self.tunnel_src_prefix {
+            if self.tunnel_src.is_some() {
+                bail!("service {s}: give --tunnel-src or --tunnel-src-prefix, not both");
+            }
+            if self.mode != Mode::Tun {
+                bail!("service {s}: a tunnel source prefix needs --mode tun");
+            }
+            if prefix.addr.is_ipv4() && s.vip.is_ipv6() {
+                bail!(
+                    "service {s}: tunnel source prefix {prefix}: an IPv6 service cannot be \
+                     tunnelled over IPv4"
+                );
+            }
+            if prefix.addr.is_multicast() || prefix.addr.is_loopback() {
+                bail!("service {s}: {prefix} cannot be a tunnel source prefix");
             }
         }
         if self.encap == Encap::Gue && self.mode != Mode::Tun {
@@ -371,9 +468,13 @@ pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
 }
 
 impl ServiceConfig {
-    /// TUN: whether the outer header is IPv4: the tunnel source's family, else the VIP's.
+    /// TUN: whether the outer header is IPv4: the tunnel source's (or prefix's) family, else
+    /// the VIP's.
     pub fn tunnel_v4(&self) -> bool {
-        self.tunnel_src.unwrap_or(self.service.vip).is_ipv4()
+        self.tunnel_src
+            .or(self.tunnel_src_prefix.map(|p| p.addr))
+            .unwrap_or(self.service.vip)
+            .is_ipv4()
     }
 
     /// GUE's destination port, the default filled in.

@@ -5,7 +5,7 @@
 //! original frame; "too big" advertises the MTU less each encapsulation's overhead; a GUE
 //! real's refusal comes back in bare IP-in-IP and the director re-schedules it in GUE.
 
-use std::net::{IpAddr, Ipv6Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 
 use lb_common::{DEFAULT_GUE_PORT, Decap, Global, VIP_F_GUE, VIP_F_REFUSE, VipValue};
 use xlb::{
@@ -711,4 +711,70 @@ fn services_that_cannot_be_tunnelled_are_refused_with_one_line() {
         assert!(!err.contains('\n'), "one line: {err}");
         assert!(b.config().services.is_empty());
     }
+}
+
+#[test]
+fn a_tunnel_source_prefix_gives_each_flow_an_outer_source() {
+    for (svc, reals, prefix, bits) in [
+        ("198.18.0.100:80/tcp", &REALS4, "198.18.0.16/28", 4),
+        ("[fd00:18::100]:80/tcp", &REALS6, "fd00:18::1:0/116", 12),
+        ("198.18.0.100:80/tcp", &REALS6, "fd00:18::2:0/120", 8),
+    ] {
+        let mut b = balancer();
+        let addr: ServiceAddr = svc.parse().unwrap();
+        let mut cfg = ServiceConfig::new(addr);
+        cfg.mode = Mode::Tun;
+        cfg.tunnel_src_prefix = Some(prefix.parse().unwrap());
+        for r in reals.iter() {
+            b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
+            cfg.reals.push(RealConfig::new(ip(r), 100));
+        }
+        b.add_service(cfg).unwrap();
+        let base = ip(prefix.split_once('/').unwrap().0);
+        let (client, vip) = if svc.starts_with('[') {
+            (CLIENT6, VIP6)
+        } else {
+            (CLIENT4, VIP4)
+        };
+        let mut sources = std::collections::BTreeSet::new();
+        for sport in 20000..20064 {
+            let f = Frame::tcp(client, vip, sport, 80, SYN);
+            let input = f.bytes();
+            let hash = five_tuple_hash(&f, true);
+            let real = predict(&equal_weight(reals), RING, hash);
+            let src = match base {
+                IpAddr::V4(a) => {
+                    IpAddr::V4(Ipv4Addr::from(u32::from(a) | (hash & ((1 << bits) - 1))))
+                }
+                IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(
+                    u128::from(a) | (hash & ((1 << bits) - 1)) as u128,
+                )),
+            };
+            let (verdict, out) = run(&mut b, &input);
+            assert_eq!(verdict, XDP_TX);
+            let expected = wrapped(&input, src, real, hash, None, (NEXT_HOP_MAC, DIRECTOR_MAC));
+            assert_eq!(out, expected, "{svc} {prefix} sport {sport}");
+            sources.insert(src);
+        }
+        assert!(sources.len() > 10, "{prefix}: {} sources", sources.len());
+    }
+    // One line for what cannot be.
+    for (bad, why) in [
+        ("198.18.0.0/12", "host bits"),
+        ("198.18.0.1/28", "host bits set"),
+        ("198.18.0.0", "expected ADDR/LEN"),
+        ("fd00::/64", "host bits"),
+    ] {
+        let err = format!(
+            "{:#}",
+            bad.parse::<xlb::config::TunnelPrefix>().unwrap_err()
+        );
+        assert!(err.contains(why) && !err.contains('\n'), "{bad}: {err}");
+    }
+    let mut both = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
+    both.mode = Mode::Tun;
+    both.tunnel_src = Some(ip(SRC4));
+    both.tunnel_src_prefix = Some("198.18.0.16/28".parse().unwrap());
+    let err = format!("{:#}", balancer().add_service(both).unwrap_err());
+    assert!(err.contains("not both"), "{err}");
 }

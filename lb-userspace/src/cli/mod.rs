@@ -15,7 +15,7 @@ use crate::{
     api::{self, DEFAULT_SOCKET, Request, StatsReport, StatusReport},
     config::{
         Config, DEFAULT_WEIGHT, Encap, HashKind, Mode, OnDown, RealConfig, ServiceAddr,
-        ServiceConfig, Weights,
+        ServiceConfig, TunnelPrefix, Weights,
     },
     daemon::{self, DaemonOptions},
     dataplane::{self, Dataplane, LoadOptions, PinDir, XdpModeChoice},
@@ -161,6 +161,11 @@ enum ServiceCmd {
         /// An IPv6 address with IPv6 reals makes an IPv4 service IPv4-in-IPv6 (4in6).
         #[arg(long, value_name = "ADDR")]
         tunnel_src: Option<IpAddr>,
+        /// TUN: an outer source per flow from this prefix (1-16 host bits, e.g. 198.18.0.16/28),
+        /// so IPIP receivers and routers that hash only addresses see distinct flows; the
+        /// prefix must route to the director. The alternative to --encap gue.
+        #[arg(long, value_name = "PREFIX", conflicts_with = "tunnel_src")]
+        tunnel_src_prefix: Option<TunnelPrefix>,
         /// TUN: bare IP-in-IP, or GUE (IP in UDP, a source port per flow for NICs and ECMP).
         #[arg(long, value_enum, default_value_t = Encap::Ipip)]
         encap: Encap,
@@ -493,6 +498,7 @@ fn run(cli: Cli) -> Result<()> {
             ring_size,
             hash,
             tunnel_src,
+            tunnel_src_prefix,
             encap,
             gue_port,
             on_down,
@@ -505,6 +511,7 @@ fn run(cli: Cli) -> Result<()> {
                 ring_size,
                 hash,
                 tunnel_src,
+                tunnel_src_prefix,
                 encap,
                 gue_port,
                 on_down,

@@ -347,6 +347,9 @@ impl Balancer {
         }
         let src = match (config.tunnel_src, config.service.vip) {
             (Some(src), _) => Some(src),
+            (None, _) if config.tunnel_src_prefix.is_some() => {
+                config.tunnel_src_prefix.map(|p| p.addr)
+            }
             (None, IpAddr::V4(_)) => self.tunnel_v4.map(IpAddr::V4),
             (None, IpAddr::V6(_)) => self.tunnel_v6.map(IpAddr::V6),
         };
@@ -604,7 +607,7 @@ impl Balancer {
                 flags,
                 tunnel_src,
                 gue_port,
-                tunnel_src_host_bits: 0,
+                tunnel_src_host_bits: config.tunnel_src_prefix.map_or(0, |p| p.host_bits()),
                 _pad: 0,
             },
         )
@@ -948,6 +951,7 @@ fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
         && a.ring_size == b.ring_size
         && a.hash == b.hash
         && a.tunnel_src == b.tunnel_src
+        && a.tunnel_src_prefix == b.tunnel_src_prefix
         && a.encap == b.encap
         && a.gue_port == b.gue_port
 }
