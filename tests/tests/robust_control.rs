@@ -505,8 +505,16 @@ fn malformed_cli_and_api_inputs_change_nothing() {
             "ring size 4 must be a prime",
         ),
         (
-            br#"{"request":"service-add","config":{"service":"198.18.0.101:80/tcp","mode":"tun","tunnel_src":"fd00::2"}}"#.to_vec(),
-            "not of the VIP's address family",
+            br#"{"request":"service-add","config":{"service":"[fd00:18::101]:80/tcp","mode":"tun","tunnel_src":"198.18.0.2"}}"#.to_vec(),
+            "an IPv6 service cannot be tunnelled over IPv4",
+        ),
+        (
+            br#"{"request":"service-add","config":{"service":"198.18.0.101:80/tcp","encap":"gue"}}"#.to_vec(),
+            "--encap gue needs --mode tun",
+        ),
+        (
+            br#"{"request":"service-add","config":{"service":"198.18.0.101:80/tcp","mode":"tun","tunnel_src_prefix":"198.18.0.0/8"}}"#.to_vec(),
+            "24 host bits",
         ),
         (br#"{"request":"restore","config":{"services":{}}}"#.to_vec(), "invalid type: map"),
         (
