@@ -530,6 +530,24 @@ impl Lab {
             .collect()
     }
 
+    /// The lab's only director's `/metrics` page, fetched in its namespace.
+    pub fn metrics_page(&self) -> String {
+        let topo = self.topology();
+        let dir = topo.director();
+        let url = topo.daemon(dir).metrics_url();
+        let args = [
+            "netns",
+            "exec",
+            topo.ns(dir),
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            &url,
+        ];
+        text(&sh("ip", &args))
+    }
+
     /// Where `up` writes the lab's topology.
     pub fn topology_path(&self) -> PathBuf {
         Path::new(STATE_ROOT).join(self.name).join("topology.json")

@@ -324,61 +324,21 @@ pub fn outer_header(
     flow_label: u32,
     inner_len: usize,
 ) -> Vec<u8> {
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut h = vec![0x45, tos];
-            h.extend_from_slice(&((20 + inner_len) as u16).to_be_bytes());
-            h.extend_from_slice(&[0, 0, 0x40, 0, 64, 4, 0, 0]);
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            let sum = checksum(&h);
-            h[10..12].copy_from_slice(&sum.to_be_bytes());
-            h
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut h = vec![
-                0x60 | tos >> 4,
-                tos << 4 | (flow_label >> 16) as u8 & 0x0f,
-                (flow_label >> 8) as u8,
-                flow_label as u8,
-            ];
-            h.extend_from_slice(&(inner_len as u16).to_be_bytes());
-            h.extend_from_slice(&[41, 64]);
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            h
-        }
-        _ => panic!("mixed address families"),
-    }
+    let proto = if src.is_ipv4() { 4 } else { 41 };
+    ip_header(src, dst, tos, flow_label, proto, inner_len)
 }
 
-/// A tunnel's outer headers as the RFCs describe them, for any pair of families (IPIP, IP6IP6,
-/// 4in6) and for GUE (RFC draft "direct IP encapsulation": UDP right before the inner packet)
-/// when `gue` gives (source port, destination port). `inner` is the inner datagram, exactly
-/// its header's length. The GUE UDP checksum is zero over IPv4; over IPv6 it is summed here
-/// over every byte, independently of how the program gets it.
-pub fn tunnel_header(
+/// An outer IPv4 header (no options, DF, id 0, TTL 64, checksum) or IPv6 header (hop limit
+/// 64) carrying `payload_len` bytes of protocol `proto`.
+fn ip_header(
     src: IpAddr,
     dst: IpAddr,
     tos: u8,
     flow_label: u32,
-    inner: &[u8],
-    gue: Option<(u16, u16)>,
+    proto: u8,
+    payload_len: usize,
 ) -> Vec<u8> {
-    let inner_proto = if inner[0] >> 4 == 4 { 4 } else { 41 };
-    let udp_len = 8 + inner.len();
-    let (proto, payload_len) = match gue {
-        Some(_) => (17, udp_len),
-        None => (inner_proto, inner.len()),
-    };
-    let mut udp = Vec::new();
-    if let Some((sport, dport)) = gue {
-        udp.extend_from_slice(&sport.to_be_bytes());
-        udp.extend_from_slice(&dport.to_be_bytes());
-        udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
-        udp.extend_from_slice(&[0, 0]);
-    }
-    let mut h = match (src, dst) {
+    match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let mut h = vec![0x45, tos];
             h.extend_from_slice(&((20 + payload_len) as u16).to_be_bytes());
@@ -400,23 +360,49 @@ pub fn tunnel_header(
             h.extend_from_slice(&[proto, 64]);
             h.extend_from_slice(&s.octets());
             h.extend_from_slice(&d.octets());
-            if gue.is_some() {
-                let mut pseudo = s.octets().to_vec();
-                pseudo.extend_from_slice(&d.octets());
-                pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
-                pseudo.extend_from_slice(&[0, 0, 0, 17]);
-                pseudo.extend_from_slice(&udp);
-                pseudo.extend_from_slice(inner);
-                let sum = match checksum(&pseudo) {
-                    0 => 0xffff,
-                    s => s,
-                };
-                udp[6..8].copy_from_slice(&sum.to_be_bytes());
-            }
             h
         }
         _ => panic!("mixed outer address families"),
+    }
+}
+
+/// A tunnel's outer headers as the RFCs describe them, for any pair of families (IPIP, IP6IP6,
+/// 4in6) and for GUE (RFC draft "direct IP encapsulation": UDP right before the inner packet)
+/// when `gue` gives (source port, destination port). `inner` is the inner datagram, exactly
+/// its header's length. The GUE UDP checksum is zero over IPv4; over IPv6 it is summed here
+/// over every byte, independently of how the program gets it.
+pub fn tunnel_header(
+    src: IpAddr,
+    dst: IpAddr,
+    tos: u8,
+    flow_label: u32,
+    inner: &[u8],
+    gue: Option<(u16, u16)>,
+) -> Vec<u8> {
+    let inner_proto = if inner[0] >> 4 == 4 { 4 } else { 41 };
+    let udp_len = 8 + inner.len();
+    let Some((sport, dport)) = gue else {
+        return ip_header(src, dst, tos, flow_label, inner_proto, inner.len());
     };
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) {
+        let mut pseudo = s.octets().to_vec();
+        pseudo.extend_from_slice(&d.octets());
+        pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 17]);
+        pseudo.extend_from_slice(&udp);
+        pseudo.extend_from_slice(inner);
+        let sum = match checksum(&pseudo) {
+            0 => 0xffff,
+            s => s,
+        };
+        udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    }
+    let mut h = ip_header(src, dst, tos, flow_label, 17, udp_len);
     h.extend_from_slice(&udp);
     h
 }

@@ -133,24 +133,6 @@ fn ping(family: &str, vip: &str) -> bool {
     .success()
 }
 
-fn metrics_page() -> String {
-    let topo = LAB.topology();
-    let dir = topo.director();
-    text(&sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            topo.ns(dir),
-            "curl",
-            "-s",
-            "--max-time",
-            "5",
-            &topo.daemon(dir).metrics_url(),
-        ],
-    ))
-}
-
 fn realserver_check(real: &str, vip: &str, encap: &str) -> String {
     let topo = LAB.topology();
     let host = topo.host(real);
@@ -246,7 +228,7 @@ fn tun_lab_over_gue_and_4in6() {
     // Pings of the VIPs, answered by the director's data path (no VIP on its stack).
     assert!(ping("-4", vip4), "ping {vip4}\n{}", LAB.diagnostics());
     assert!(ping("-6", vip6), "ping {vip6}\n{}", LAB.diagnostics());
-    let page = metrics_page();
+    let page = LAB.metrics_page();
     assert!(
         metric(&page, "xlb_echo_replies_total").is_some_and(|n| n >= 6.0),
         "{page}"
@@ -269,7 +251,7 @@ fn tun_lab_over_gue_and_4in6() {
         LAB.diagnostics()
     );
     assert!(!per_real.contains_key("r1"), "{per_real:?}");
-    let page = metrics_page();
+    let page = LAB.metrics_page();
     assert!(
         metric(&page, "xlb_refusals_rescheduled_total").is_some_and(|n| n >= 1.0),
         "{page}"
