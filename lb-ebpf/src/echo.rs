@@ -19,6 +19,19 @@ const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 const REPLY_TTL: u8 = 64;
 
+/// Whether the ICMP message at `icmp_off` is an echo request (type and code only).
+#[inline(always)]
+pub fn is_request(ctx: &XdpContext, family: u8, icmp_off: usize) -> bool {
+    let request = if family == FAMILY_V4 {
+        ICMP_ECHO_REQUEST
+    } else {
+        ICMPV6_ECHO_REQUEST
+    };
+    ptr_at::<[u8; 2]>(ctx, icmp_off)
+        // SAFETY: ptr_at checked the 2 bytes.
+        .is_some_and(|p| unsafe { p.read_unaligned() } == [request, 0])
+}
+
 /// The reply's verdict (XDP_TX) if the unfragmented ICMP message at `icmp_off` is an echo
 /// request to a VIP sent to this director's MAC by a single host; None for anything else,
 /// which the caller handles as before.

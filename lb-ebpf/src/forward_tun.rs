@@ -191,8 +191,8 @@ fn flow_source(svc: &ServiceValue, flow_hash: u32) -> [u8; 16] {
         return src;
     }
     let mask = (1u32 << bits) - 1;
-    // The last two bytes of the address of the outer family.
-    let at = if svc.flags & SERVICE_F_OUTER_V6 != 0 || src[4..].iter().any(|b| *b != 0) {
+    // The last two bytes of the address of the outer family (an IPv6 service has the flag).
+    let at = if svc.flags & SERVICE_F_OUTER_V6 != 0 {
         14
     } else {
         2

@@ -104,8 +104,8 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// Echo requests to a VIP are answered (echo.rs), ICMP errors to a VIP go to the real of the
-/// flow they quote (icmp_error.rs), a real's refusal (IPIP / IP6IP6 / 4in6) is re-scheduled to another real (reschedule.rs); everything else
+/// Echo requests go to `xlb_echo`, ICMP errors to a VIP go to the real of the flow they
+/// quote (icmp_error.rs), a real's refusal (IPIP / IP6IP6 / 4in6) is re-scheduled to another real (reschedule.rs); everything else
 /// passes. Tail-called by `xlb_balancer` for the frames that are not TCP or UDP.
 #[xdp]
 pub fn xlb_icmp(ctx: XdpContext) -> u32 {
@@ -118,10 +118,28 @@ pub fn xlb_icmp(ctx: XdpContext) -> u32 {
         return verdict;
     }
     let verdict = match parse::icmp(&ctx) {
-        Some((family, l3_off, icmp_off)) => echo::answer(&ctx, family, l3_off, icmp_off)
-            .unwrap_or_else(|| icmp_error::forward_error(&ctx, family, l3_off, icmp_off)),
+        Some((family, l3_off, icmp_off)) => {
+            if echo::is_request(&ctx, family, icmp_off) {
+                // SAFETY: the context is the program's own; a failed tail call returns here.
+                unsafe { ICMP_PROGRAM.tail_call(&ctx, 1) };
+            }
+            icmp_error::forward_error(&ctx, family, l3_off, icmp_off)
+        }
         None => xdp_action::XDP_PASS,
     };
+    if verdict == xdp_action::XDP_PASS {
+        counters::global(Global::Passed);
+    }
+    verdict
+}
+
+/// Echo requests to a VIP answered (echo.rs); other echo requests pass. Tail-called by
+/// `xlb_icmp`.
+#[xdp]
+pub fn xlb_echo(ctx: XdpContext) -> u32 {
+    let verdict = parse::icmp(&ctx)
+        .and_then(|(family, l3_off, icmp_off)| echo::answer(&ctx, family, l3_off, icmp_off))
+        .unwrap_or(xdp_action::XDP_PASS);
     if verdict == xdp_action::XDP_PASS {
         counters::global(Global::Passed);
     }

@@ -76,10 +76,11 @@ pub static DECAP_STATS: PerCpuArray<u64, { Decap::COUNT as usize }> = PerCpuArra
 #[btf_map]
 pub static DROP_LOG_PROGRAM: ProgramArray<1> = ProgramArray::new();
 
-/// Slot 0: `xlb_icmp`, tail-called by the balancer for frames that are not TCP or UDP (set at
-/// load; while empty, those frames pass).
+/// Slot 0: `xlb_icmp`, tail-called by the balancer for frames that are not TCP or UDP; slot 1:
+/// `xlb_echo`, tail-called by `xlb_icmp` for echo requests (a program of its own: `xlb_icmp`'s
+/// stack is full). Set at load; while a slot is empty, its frames pass.
 #[btf_map]
-pub static ICMP_PROGRAM: ProgramArray<1> = ProgramArray::new();
+pub static ICMP_PROGRAM: ProgramArray<2> = ProgramArray::new();
 
 /// The reason of the drop being logged, handed from the balancer to `xlb_drop_log`.
 #[btf_map]

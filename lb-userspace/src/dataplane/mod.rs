@@ -53,6 +53,8 @@ pub type DatapathLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 pub const PASS_PROGRAM: &str = "xlb_pass";
 /// ICMP errors to a VIP, tail-called by the balancer through `ICMP_PROGRAM` slot 0.
 pub const ICMP_PROGRAM: &str = "xlb_icmp";
+/// Echo replies for VIPs, tail-called by `xlb_icmp` through `ICMP_PROGRAM` slot 1.
+pub const ECHO_PROGRAM: &str = "xlb_echo";
 /// Tail-called by the balancer to log a drop (`--datapath-log`).
 pub const DROP_LOG_PROGRAM: &str = "xlb_drop_log";
 
@@ -149,7 +151,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        for name in [BALANCER_PROGRAM, PASS_PROGRAM, ICMP_PROGRAM] {
+        for name in [BALANCER_PROGRAM, PASS_PROGRAM, ICMP_PROGRAM, ECHO_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -160,17 +162,23 @@ impl Dataplane {
         }
         // The map stays open with `ebpf`: the kernel empties a program array once no process
         // holds it (ICMP errors then pass to the kernel until the next daemon loads).
-        let icmp: &mut Xdp = ebpf
-            .program_mut(ICMP_PROGRAM)
-            .ok_or_else(|| anyhow!("program {ICMP_PROGRAM} missing from the object"))?
-            .try_into()?;
-        let icmp_fd = icmp.fd()?.try_clone()?;
+        let mut fds = Vec::new();
+        for name in [ICMP_PROGRAM, ECHO_PROGRAM] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            fds.push(prog.fd()?.try_clone()?);
+        }
         let slots = ebpf
             .map_mut("ICMP_PROGRAM")
             .ok_or_else(|| anyhow!("map ICMP_PROGRAM missing from the object"))?;
-        ProgramArray::try_from(slots)?
-            .set(0, &icmp_fd, 0)
-            .context("installing the ICMP program")?;
+        let mut slots = ProgramArray::try_from(slots)?;
+        for (slot, fd) in fds.iter().enumerate() {
+            slots
+                .set(slot as u32, fd, 0)
+                .context("installing the ICMP and echo programs")?;
+        }
         Ok(Self {
             ebpf,
             attached: None,
