@@ -7,6 +7,10 @@
 //! The same in the TUN lab, where the refusal goes back through the real's tunnel and a forged
 //! one comes from an address that is not the flow's real.
 //!
+//! Then the real host goes dark (its link down): nothing refuses, but a client's retransmitted
+//! SYN of a connection that never got an answer goes to the next real, so each new connection
+//! costs at most one SYN retransmission (~1 s) until the checks take the real down.
+//!
 //! One sequential test: it owns the DR lab, then the TUN lab (fixed namespace names).
 
 use std::{
@@ -18,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb_tests::lab::{KillOnDrop, Lab, metric, repo};
+use xlb_tests::lab::{KillOnDrop, Lab, metric, repo, sh};
 
 struct Case {
     lab: Lab,
@@ -114,6 +118,7 @@ fn load(
     lab: Lab,
     vip: &'static str,
     period: Duration,
+    max_time: &'static str,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<(Instant, Instant, Option<String>)>> {
     std::thread::spawn(move || {
@@ -123,7 +128,7 @@ fn load(
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             let start = Instant::now();
             let got = lab
-                .curl("2", &[&format!("http://{vip}/")])
+                .curl(max_time, &[&format!("http://{vip}/")])
                 .map(|b| b.split_whitespace().next().unwrap_or("").to_string());
             results.push((start, Instant::now(), got));
             next += period;
@@ -167,12 +172,14 @@ for _ in range(20):
 #[test]
 fn a_real_whose_server_dies_costs_no_failed_connection() {
     for c in [DR, TUN] {
-        failover(&c);
+        let _lab = c.lab.up();
+        let _r1_server = failover(&c);
+        dark_host(&c);
     }
 }
 
-fn failover(c: &Case) {
-    let _lab = c.lab.up();
+/// Returns r1's restarted server.
+fn failover(c: &Case) -> KillOnDrop {
     let name = c.lab.topology().ns_prefix;
     edit_service(c, |svc| {
         svc["check"] = serde_json::json!({
@@ -203,7 +210,7 @@ fn failover(c: &Case) {
 
     // ~50 new connections a second for ~10 s; r1's server is killed (-9) after 3 s.
     let stop = Arc::new(AtomicBool::new(false));
-    let loader = load(c.lab, c.vip, Duration::from_millis(20), stop.clone());
+    let loader = load(c.lab, c.vip, Duration::from_millis(20), "2", stop.clone());
     std::thread::sleep(Duration::from_secs(3));
     let pid = std::fs::read_to_string(format!("{}/http-r1.pid", c.lab.state())).unwrap();
     let killed = Instant::now();
@@ -257,7 +264,7 @@ fn failover(c: &Case) {
     );
 
     // Its server back: the check brings r1 up again after `rise` successes.
-    let _server = KillOnDrop(
+    let server = KillOnDrop(
         Command::new("ip")
             .args(["netns", "exec", &c.lab.ns("r1"), "python3"])
             .arg(repo().join("scripts/lab-http-server.py"))
@@ -266,6 +273,74 @@ fn failover(c: &Case) {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
+    );
+    wait_state(c, c.reals[0], "up", Duration::from_secs(10));
+    server
+}
+
+/// r1's link goes down under load (its switch port): no refusal comes back, the client retransmits its SYN after
+/// 1 s and the director moves that retransmission (`syn_retries_moved`). No new connection
+/// fails; none waits for more than one retransmission.
+fn dark_host(c: &Case) {
+    let name = c.lab.topology().ns_prefix;
+    let topo = c.lab.topology();
+    // Pulled at the switch, as a cable would be: r1 keeps its addresses and routes.
+    let (switch, port) = topo.switch_port("r1", topo.host("r1").main_name());
+    let link = |state: &str| {
+        let out = sh("ip", &["-n", switch, "link", "set", port, state]);
+        assert!(out.status.success(), "{name}: r1's switch port {state}");
+    };
+    let moved_before = metric(&metrics(c), "xlb_syn_retries_moved_total").unwrap_or(0.0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // A longer --max-time than one retransmission needs, so a second one would show as a
+    // slow request rather than a timeout.
+    let loader = load(c.lab, c.vip, Duration::from_millis(20), "4", stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let dark = Instant::now();
+    link("down");
+    let to_down = wait_state(c, c.reals[0], "down", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let results = loader.join().unwrap();
+    link("up");
+
+    // The request in flight on r1 when its link went down is established there: apart.
+    let in_dark = |s: &Instant, e: &Instant| *s <= dark && dark <= *e;
+    let after: Vec<_> = results.iter().filter(|(s, e, _)| !in_dark(s, e)).collect();
+    let failed = after.iter().filter(|(_, _, r)| r.is_none()).count();
+    let slowest = after
+        .iter()
+        .map(|(s, e, _)| e.duration_since(*s))
+        .max()
+        .unwrap();
+    let delayed = after
+        .iter()
+        .filter(|(s, e, _)| e.duration_since(*s) > Duration::from_millis(500))
+        .count();
+    let moved = metric(&metrics(c), "xlb_syn_retries_moved_total").unwrap_or(0.0) - moved_before;
+    eprintln!(
+        "{name}dark host: {} requests, {failed} failed, {delayed} delayed by a SYN \
+         retransmission (slowest {:.0} ms), {moved} SYN retries moved; r1 down {:.1} s after \
+         its link went down (by its check)",
+        after.len(),
+        slowest.as_secs_f64() * 1000.0,
+        to_down.as_secs_f64()
+    );
+    assert_eq!(
+        failed, 0,
+        "{name}: new connections failed while r1 was dark"
+    );
+    assert!(delayed >= 1, "{name}: no connection went to r1 while dark");
+    // (A retransmission that arrives after r1 is down moves as any flow of a down real does.)
+    assert!(
+        moved >= 1.0,
+        "{name}: no retransmitted SYN moved by the director"
+    );
+    // One retransmission is 1 s; a second would be 3 s after the first SYN.
+    assert!(
+        slowest < Duration::from_millis(2500),
+        "{name}: a connection waited {slowest:?}: more than one SYN retransmission"
     );
     wait_state(c, c.reals[0], "up", Duration::from_secs(10));
 }
