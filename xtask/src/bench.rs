@@ -3,15 +3,18 @@
 //! `repeat = N` would rerun the program on its own output (a DR rewrite turns into a pass from
 //! the second run on), so every sample is one call with repeat = 1. The empty program
 //! (`xlb_pass`) is measured the same way in the same run and its median is the floor: the
-//! syscall and test-run harness cost that every path pays. The decapsulator is a second load
-//! of the same object, measured against the same floor.
+//! syscall and test-run harness cost that every path pays. The real server's program
+//! (`xlb_realserver`: decapsulation and refusals) is a second load of the same object, measured
+//! against the same floor; its `real_*` paths are a DR real with refusals on, whose socket
+//! lookups run in this process's network namespace (where the bench listens on the port).
 //!
 //! "Over the floor" subtracts the floor's statistic of the same rank: a path's median minus
 //! the floor's median, its p99 minus the floor's p99 (the harness has a tail of its own).
 
-use std::{fs, path::Path};
+use std::{fs, net::TcpListener, path::Path};
 
 use anyhow::{Context, Result, bail};
+use lb_common::{VIP_F_DR, VIP_F_REFUSE, VipValue};
 use serde_json::{Map, Value, json};
 use xlb::{
     control::Balancer,
@@ -81,7 +84,18 @@ pub fn run(calls: usize) -> Result<DataPath> {
         decap: Decapsulator::load()?,
     };
     progs.decap.add_vip("198.18.0.101".parse()?)?;
-    let paths = bench_paths(&mut progs.balancer)?;
+    // A DR real of 198.18.0.100 with refusals on, and a server listening on every address.
+    let mut real_addr = [0; 16];
+    real_addr[..4].copy_from_slice(&[198, 18, 0, 11]);
+    progs.decap.add_vip_with(
+        "198.18.0.100".parse()?,
+        VipValue {
+            real_addr,
+            flags: VIP_F_REFUSE | VIP_F_DR,
+        },
+    )?;
+    let listener = TcpListener::bind("0.0.0.0:0").context("listening for the real's paths")?;
+    let paths = bench_paths(&mut progs.balancer, listener.local_addr()?.port())?;
     check_verdicts(&mut progs, &paths)?;
 
     eprintln!(
@@ -109,6 +123,7 @@ pub fn run(calls: usize) -> Result<DataPath> {
         rows,
     };
     print_table(&dp);
+    drop(listener);
     Ok(dp)
 }
 
@@ -156,7 +171,8 @@ impl Programs {
 }
 
 /// The paths, floor first. Established paths get their flow into the connection table here.
-fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
+/// `listening`: a port with a listener, for the real's SYN path.
+fn bench_paths(b: &mut Balancer, listening: u16) -> Result<Vec<BenchPath>> {
     let pass_v4 = Frame::tcp(CLIENT4, "198.18.0.2", 40000, 22, SYN).bytes();
     let pass_v6 = Frame::tcp(CLIENT6, "fd00:18::2", 40000, 22, SYN).bytes();
     let syn_v4 = Frame::tcp(CLIENT4, "198.18.0.100", 40001, 80, SYN).bytes();
@@ -184,6 +200,14 @@ fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
         );
         encapsulate(&tun_established_v4, ROUTER_MAC, DIRECTOR_MAC, &outer)
     };
+    // What a DR real receives: a SYN to a port with a listener (looked up, passed), a packet of
+    // an established connection (passed without a lookup), a SYN to a port without one
+    // (refused: back to the director in IPIP), traffic for no VIP.
+    let real_syn_listener = Frame::tcp(CLIENT4, "198.18.0.100", 40001, listening, SYN).bytes();
+    let real_established = Frame::tcp(CLIENT4, "198.18.0.100", 40002, listening, ACK).bytes();
+    let closed = TcpListener::bind("0.0.0.0:0")?.local_addr()?.port();
+    let real_refusal = Frame::tcp(CLIENT4, "198.18.0.100", 40003, closed, SYN).bytes();
+    let real_non_vip = Frame::tcp(CLIENT4, "198.18.0.11", 40004, 22, ACK).bytes();
 
     let path = |name, program, frame, verdict, target_ns| BenchPath {
         name,
@@ -234,6 +258,28 @@ fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
         ),
         path("icmp_too_big", BALANCER_PROGRAM, too_big_v4, XDP_TX, None),
         path("decap_v4", DECAP_PROGRAM, decap_v4, XDP_PASS, Some(60)),
+        path(
+            "real_syn_listener_v4",
+            DECAP_PROGRAM,
+            real_syn_listener,
+            XDP_PASS,
+            None,
+        ),
+        path(
+            "real_established_v4",
+            DECAP_PROGRAM,
+            real_established,
+            XDP_PASS,
+            None,
+        ),
+        path(
+            "real_non_vip_v4",
+            DECAP_PROGRAM,
+            real_non_vip,
+            XDP_PASS,
+            None,
+        ),
+        path("real_refusal_v4", DECAP_PROGRAM, real_refusal, XDP_TX, None),
     ])
 }
 
@@ -318,6 +364,36 @@ fn print_table(dp: &DataPath) {
             r.name, r.raw.median, r.raw.p99, r.net.median, r.net.p99, target, status
         );
     }
+    for (path, ratio) in real_side_ratios(dp) {
+        let status = if ratio <= 0.3 { "ok" } else { "MISS" };
+        println!(
+            "{path} / dr_established_v4 (over the floor): {ratio:.2} (goal <= 0.30)  {status}"
+        );
+    }
+}
+
+/// The real server's cost on traffic it does not refuse against the director's DR established
+/// path, both over the floor, two decimals; the goal is at most 0.3 (the real's program must
+/// cost next to nothing on the traffic it serves).
+fn real_side_ratios(dp: &DataPath) -> Vec<(&'static str, f64)> {
+    let net = |name: &str| {
+        dp.rows
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.net.median)
+    };
+    let Some(dr) = net("dr_established_v4").filter(|&ns| ns > 0) else {
+        return Vec::new();
+    };
+    ["real_established_v4", "real_non_vip_v4"]
+        .into_iter()
+        .filter_map(|path| {
+            Some((
+                path,
+                (net(path)? as f64 / dr as f64 * 100.0).round() / 100.0,
+            ))
+        })
+        .collect()
 }
 
 /// The tail target: p99 within twice the median (both over the floor).
@@ -344,6 +420,9 @@ fn summary_json(dp: &DataPath, rates: &Rates) -> Result<Value> {
         ratios.insert(r.name.into(), json!(ratio));
     }
     summary.insert("ratios".into(), Value::Object(ratios));
+    for (path, ratio) in real_side_ratios(dp) {
+        summary.insert(format!("{path}_over_dr_established"), json!(ratio));
+    }
     summary.insert("raw".into(), Value::Object(raw));
     summary.insert("rate".into(), rates.to_json());
     summary.insert("calls_per_path".into(), json!(dp.calls));
