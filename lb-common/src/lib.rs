@@ -341,6 +341,9 @@ pub struct RefusalEvent {
     pub backend_id: u32,
     /// Its generation (an event for a previous holder of the id is ignored).
     pub generation: u32,
+    /// When the data path honoured the refusal: `bpf_ktime_get_ns`, CLOCK_MONOTONIC. The
+    /// daemon reports how long after it the real was taken down.
+    pub refused_at_ns: u64,
 }
 
 /// Seed of the flow hash. Fixed: every director must pick the same slot for the same flow.
@@ -382,7 +385,7 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipValue>() == 20);
-    assert!(core::mem::size_of::<RefusalEvent>() == 8);
+    assert!(core::mem::size_of::<RefusalEvent>() == 16);
     assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
 };
 

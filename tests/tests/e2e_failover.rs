@@ -237,11 +237,22 @@ fn failover(c: &Case) -> KillOnDrop {
         .filter(|(s, e, r)| r.is_none() && !in_kill(s, e))
         .count();
     let refusals = real(c, c.reals[0])["refusals"].as_u64().unwrap();
+    // The daemon's own measure: from the data path honouring the refusal to the real out of
+    // the Maglev table.
+    let refusal_to_down = metric(
+        &metrics(c),
+        &format!(
+            "xlb_real_refusal_down_seconds{{real=\"{}\",service=\"{}\"}}",
+            c.reals[0], c.service
+        ),
+    );
     eprintln!(
         "{name}failover: {} requests, {failed} failed (+{in_flight} in flight at the kill); r1 \
-         down {:.1} ms after kill -9 (status polled); r1 refused {refusals}",
+         down {:.1} ms after kill -9 (status polled), {:.2} ms after its refusal (daemon); r1 \
+         refused {refusals}",
         results.len(),
-        to_down.as_secs_f64() * 1000.0
+        to_down.as_secs_f64() * 1000.0,
+        refusal_to_down.unwrap_or(f64::NAN) * 1000.0
     );
     assert!(
         results.len() >= 300,
@@ -251,6 +262,10 @@ fn failover(c: &Case) -> KillOnDrop {
     assert_eq!(failed, 0, "{name}: requests failed");
     assert!(in_flight <= 1, "{name}: one request at a time is in flight");
     assert!(refusals >= 1, "{name}: r1 refused nothing");
+    assert!(
+        refusal_to_down.is_some_and(|d| (0.0..1.0).contains(&d)),
+        "{name}: refusal to down {refusal_to_down:?} s"
+    );
     // Well inside the check's own window (fall x interval = 3 s).
     assert!(
         to_down < Duration::from_millis(1000),

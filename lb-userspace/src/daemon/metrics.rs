@@ -147,6 +147,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "xlb_real_check_latency_seconds",
         "How long the real's last health check took.",
     );
+    let mut refusal_down_delay = Family::gauge(
+        "xlb_real_refusal_down_seconds",
+        "How long after the data path honoured its refusal the real was last taken down.",
+    );
     let mut passed = Family::counter(
         "xlb_passed_packets_total",
         "Frames handed to the kernel untouched (not for a service, or not parseable).",
@@ -238,6 +242,9 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             if let Some(latency) = scrape.checks.last_latency(&svc.service, r.addr) {
                 check_latency.add(&labels, latency);
             }
+            if let Some(delay) = scrape.checks.refusal_down_delay(&svc.service, r.addr) {
+                refusal_down_delay.add(&labels, delay);
+            }
         }
     }
     for g in Global::ALL {
@@ -290,6 +297,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         real_resolved,
         real_active,
         check_latency,
+        refusal_down_delay,
         passed,
         forwarded,
         dropped,
