@@ -294,6 +294,17 @@ pub fn adaptive_weight(weight: u32, latency: f64, fastest: f64) -> u32 {
     scaled.clamp(weight.div_ceil(4), weight)
 }
 
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps refusals.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::adaptive_weight;
@@ -309,15 +320,4 @@ mod tests {
         assert_eq!(adaptive_weight(1, 0.3, 0.001), 1);
         assert_eq!(adaptive_weight(0, 0.3, 0.001), 0);
     }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps refusals.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
