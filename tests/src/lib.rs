@@ -27,8 +27,13 @@ pub const XDP_TX: u32 = 3;
 
 /// A balancer on a freshly loaded program with a small connection table.
 pub fn balancer() -> Balancer {
+    balancer_with_capacity(4096)
+}
+
+/// As [`balancer`], with a connection table of `conn_capacity` flows.
+pub fn balancer_with_capacity(conn_capacity: u32) -> Balancer {
     let dp = Dataplane::load(&LoadOptions {
-        conn_capacity: 4096,
+        conn_capacity,
         ..LoadOptions::default()
     })
     .expect("load the XDP program (run as root after scripts/setup)");

@@ -26,6 +26,7 @@ use xlb_tests::{
 };
 
 use crate::{
+    bench_flows::{self, FlowsRow},
     bench_rate::Rates,
     bench_setup::{
         CLIENT4, CLIENT6, MTU, ROUTER_MAC, TUN_REALS4, TUN_SRC4, balancer_with_services, establish,
@@ -38,7 +39,7 @@ pub const QUICK_CALLS: usize = 20_000;
 
 /// Calls per path before moving to the next path: small enough that drift (frequency, noisy
 /// neighbours) hits every path alike, large enough to keep caches warm within a round.
-const ROUND: usize = 1_000;
+pub const ROUND: usize = 1_000;
 
 /// One measured path: a program, the frame it runs on every call, and what it must return.
 struct BenchPath {
@@ -74,10 +75,16 @@ pub struct DataPath {
     pub cpu: usize,
     pub floor: Stats,
     pub rows: Vec<Row>,
+    /// The established paths with many flows (bench_flows.rs).
+    pub flows: Vec<FlowsRow>,
+    /// The balancer program's size, translated and JIT-ed, in bytes.
+    pub prog_xlated_bytes: u32,
+    pub prog_jited_bytes: u32,
 }
 
-/// Measures every path and prints the table.
-pub fn run(calls: usize) -> Result<DataPath> {
+/// Measures every path and prints the table; then the established paths with each flow count
+/// of `flow_counts`.
+pub fn run(calls: usize, flow_counts: &[(&'static str, usize)]) -> Result<DataPath> {
     let cpu = pin_to_one_cpu()?;
     let mut progs = Programs {
         balancer: balancer_with_services()?,
@@ -116,14 +123,27 @@ pub fn run(calls: usize) -> Result<DataPath> {
             target_ns: p.target_ns,
         })
         .collect();
-    let dp = DataPath {
+    let (prog_xlated_bytes, prog_jited_bytes) =
+        progs.balancer.dataplane().program_sizes(BALANCER_PROGRAM)?;
+    let mut dp = DataPath {
         calls,
         cpu,
         floor,
         rows,
+        flows: Vec::new(),
+        prog_xlated_bytes,
+        prog_jited_bytes,
     };
     print_table(&dp);
     drop(listener);
+    drop(progs);
+    println!(
+        "{BALANCER_PROGRAM}: {prog_xlated_bytes} bytes translated, {prog_jited_bytes} JIT-ed\n\n\
+         established paths with many flows, each call a different flow in random order:\n\
+         {:<26} {:>8} {:>8} {:>12} {:>12}",
+        "path", "median", "p99", "median-floor", "p99-floor"
+    );
+    dp.flows = bench_flows::run(calls, flow_counts)?;
     Ok(dp)
 }
 
@@ -321,7 +341,7 @@ fn measure(progs: &mut Programs, paths: &[BenchPath], calls: usize) -> Result<Ve
     Ok(samples)
 }
 
-fn stats(mut samples: Vec<u64>) -> Stats {
+pub fn stats(mut samples: Vec<u64>) -> Stats {
     samples.sort_unstable();
     Stats {
         median: percentile(&samples, 0.50),
@@ -336,7 +356,7 @@ fn percentile(sorted: &[u64], q: f64) -> u64 {
 }
 
 /// Raw minus the floor's statistic of the same rank, at least 0: the program's own cost.
-fn over(raw: Stats, floor: Stats) -> Stats {
+pub fn over(raw: Stats, floor: Stats) -> Stats {
     Stats {
         median: raw.median.saturating_sub(floor.median),
         p99: raw.p99.saturating_sub(floor.p99),
@@ -419,6 +439,14 @@ fn summary_json(dp: &DataPath, rates: &Rates) -> Result<Value> {
         let ratio = (r.raw.median as f64 / dp.floor.median as f64 * 100.0).round() / 100.0;
         ratios.insert(r.name.into(), json!(ratio));
     }
+    for f in &dp.flows {
+        let mut figures = stats_json(f.net);
+        figures["floor_ns"] = json!(f.floor.median);
+        figures["hit_ratio"] = json!((f.hit_ratio * 1e4).round() / 1e4);
+        summary.insert(f.name.clone(), figures);
+    }
+    summary.insert("prog_xlated_bytes".into(), json!(dp.prog_xlated_bytes));
+    summary.insert("prog_jited_bytes".into(), json!(dp.prog_jited_bytes));
     summary.insert("ratios".into(), Value::Object(ratios));
     for (path, ratio) in real_side_ratios(dp) {
         summary.insert(format!("{path}_over_dr_established"), json!(ratio));

@@ -44,7 +44,15 @@ pub fn pin_to_one_cpu() -> Result<usize> {
 /// The balancer the packet tests use, with one IPv4 and one IPv6 TCP service of 3 reals each
 /// in DR mode, and the same in TUN mode (on other VIPs) with the MTU check on.
 pub fn balancer_with_services() -> Result<Balancer> {
-    let mut b = xlb_tests::balancer();
+    services(xlb_tests::balancer())
+}
+
+/// As [`balancer_with_services`], with a connection table of `conn_capacity` flows.
+pub fn balancer_with_capacity(conn_capacity: u32) -> Result<Balancer> {
+    services(xlb_tests::balancer_with_capacity(conn_capacity))
+}
+
+fn services(mut b: Balancer) -> Result<Balancer> {
     b.set_default_tunnel_sources(Some(TUN_SRC4.parse()?), Some(TUN_SRC6.parse()?));
     b.set_mtu(MTU)?;
     for (service, reals, mode) in [

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_charts;
 mod bench_control;
+mod bench_flows;
 mod bench_lab;
 mod bench_rate;
 mod bench_setup;
@@ -93,7 +94,13 @@ fn run(cli: Cli) -> Result<()> {
             let part = |p: BenchPart| args.only.is_none_or(|only| only == p);
             let start = std::time::Instant::now();
             if part(BenchPart::Datapath) {
-                let datapath = bench::run(calls)?;
+                // --quick: 100,000 flows only (establishing 1,000,000 per path takes a while).
+                let flow_counts = if args.quick {
+                    &bench_flows::COUNTS[..1]
+                } else {
+                    &bench_flows::COUNTS[..]
+                };
+                let datapath = bench::run(calls, flow_counts)?;
                 let rates = bench_rate::run(args.quick)?;
                 bench::write_summary(&datapath, &rates)?;
                 bench_charts::render(&datapath, &rates, &bench::out_dir())?;

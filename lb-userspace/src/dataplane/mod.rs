@@ -362,6 +362,12 @@ impl Dataplane {
         Ok((result.return_value, out))
     }
 
+    /// A loaded program's size: translated (after the verifier) and JIT-ed, in bytes.
+    pub fn program_sizes(&mut self, program: &str) -> Result<(u32, u32)> {
+        let info = self.program(program)?.info()?;
+        Ok((info.size_translated().unwrap_or(0), info.size_jitted()))
+    }
+
     /// Runs a program once and returns the kernel-measured duration (for benchmarks).
     pub fn time_run(&mut self, program: &str, frame: &[u8]) -> Result<std::time::Duration> {
         let prog = self.program(program)?;
