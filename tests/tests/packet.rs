@@ -388,8 +388,8 @@ fn counters_count_packets_bytes_and_new_flows_per_service_and_real() {
     let real = b.real_backend_id(&svc, ip("198.18.0.11")).unwrap();
     let expect_bytes = (syn.len() + 2 * ack.len()) as u64;
     for c in [
-        b.dataplane().service_counters(id).unwrap(),
-        b.dataplane().backend_counters(real).unwrap(),
+        b.dataplane().all_service_counters().unwrap()[id as usize],
+        b.dataplane().all_backend_counters().unwrap()[real as usize],
     ] {
         assert_eq!((c.packets, c.bytes, c.new_flows), (3, expect_bytes, 1));
     }

@@ -451,8 +451,8 @@ fn tun_packets_are_counted_like_dr_ones() {
     // Bytes as received, before encapsulation, as DR counts them.
     let bytes = (syn.len() + 2 * ack.len()) as u64;
     for c in [
-        b.dataplane().service_counters(id).unwrap(),
-        b.dataplane().backend_counters(real).unwrap(),
+        b.dataplane().all_service_counters().unwrap()[id as usize],
+        b.dataplane().all_backend_counters().unwrap()[real as usize],
     ] {
         assert_eq!((c.packets, c.bytes, c.new_flows), (3, bytes, 1));
     }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use lb_common::Global;
+use lb_common::{Counters, Global};
 use prometheus::{TextEncoder, proto::MetricFamily};
 use tokio::net::TcpListener;
 
@@ -214,18 +214,21 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     );
 
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    let service_counters = b.dataplane().all_service_counters()?;
+    let backend_counters = b.dataplane().all_backend_counters()?;
+    let counters = |all: &[Counters], id: u32| all.get(id as usize).copied().unwrap_or_default();
     for svc in b.config().services {
         let name = svc.service.to_string();
         let service = ("service", name.as_str());
         let id = b.service_id(&svc.service).unwrap_or_default();
-        let c = b.dataplane().service_counters(id)?;
+        let c = counters(&service_counters, id);
         svc_packets.add(&[service], c.packets as f64);
         svc_bytes.add(&[service], c.bytes as f64);
         svc_flows.add(&[service], c.new_flows as f64);
         for r in b.real_status(&svc.service) {
             let addr = r.addr.to_string();
             let labels = [("real", addr.as_str()), service];
-            let c = b.dataplane().backend_counters(r.backend_id)?;
+            let c = counters(&backend_counters, r.backend_id);
             real_packets.add(&labels, c.packets as f64);
             real_bytes.add(&labels, c.bytes as f64);
             real_flows.add(&labels, c.new_flows as f64);

@@ -205,13 +205,8 @@ fn apply(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
 
 fn status(s: &mut Shared) -> Result<StatusReport> {
     let flows = active_flows(&mut s.balancer)?;
-    let mut refusals = std::collections::HashMap::new();
-    for svc in s.balancer.config().services {
-        for r in s.balancer.real_status(&svc.service) {
-            let c = s.balancer.dataplane().backend_counters(r.backend_id)?;
-            refusals.insert(r.backend_id, c.refusals);
-        }
-    }
+    let counters = s.balancer.dataplane().all_backend_counters()?;
+    let refusals = |id: u32| counters.get(id as usize).map_or(0, |c| c.refusals);
     let services = s
         .balancer
         .config()
@@ -234,7 +229,7 @@ fn status(s: &mut Shared) -> Result<StatusReport> {
                     check: s.checks.last(&svc.service, r.addr),
                     in_table: r.in_table,
                     active_flows: flows.active.get(&r.backend_id).copied().unwrap_or(0),
-                    refusals: refusals.get(&r.backend_id).copied().unwrap_or(0),
+                    refusals: refusals(r.backend_id),
                     mac: r.mac,
                 })
                 .collect();
@@ -262,6 +257,12 @@ fn stats(s: &mut Shared) -> Result<StatsReport> {
         bytes: c.bytes,
         new_flows: c.new_flows,
     };
+    let (service_counters, backend_counters) = (
+        b.dataplane().all_service_counters()?,
+        b.dataplane().all_backend_counters()?,
+    );
+    let counter =
+        |all: &[lb_common::Counters], id: u32| all.get(id as usize).copied().unwrap_or_default();
     let mut services = Vec::new();
     for svc in b.config().services {
         let id = b.service_id(&svc.service).unwrap_or_default();
@@ -272,12 +273,12 @@ fn stats(s: &mut Shared) -> Result<StatsReport> {
             };
             reals.push(RealStats {
                 addr: r.addr,
-                counters: counts(b.dataplane().backend_counters(backend)?),
+                counters: counts(counter(&backend_counters, backend)),
             });
         }
         services.push(ServiceStats {
             service: svc.service,
-            counters: counts(b.dataplane().service_counters(id)?),
+            counters: counts(counter(&service_counters, id)),
             reals,
         });
     }
