@@ -16,16 +16,21 @@ use crate::{
     bench_rate::{GOAL, Rates},
 };
 
-const FONT: &str = "sans-serif";
+pub const FONT: &str = "sans-serif";
 const MEDIAN: RGBColor = RGBColor(0x2b, 0x6c, 0xb0);
 const P99: RGBColor = RGBColor(0x9e, 0xc5, 0xe8);
 const TARGET: RGBColor = RGBColor(0xc0, 0x39, 0x2b);
 const CEILING: RGBColor = RGBColor(0x7f, 0x8c, 0x8d);
 
-pub fn render(dp: &DataPath, rates: &Rates, dir: &Path) -> Result<()> {
+/// Makes the embedded font the one `FONT` names; every chart calls it first.
+pub fn register() -> Result<()> {
     // Registering twice is harmless; the font lives as long as the program.
     register_font(FONT, FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| anyhow!("the embedded DejaVu Sans font did not parse"))?;
+        .map_err(|_| anyhow!("the embedded DejaVu Sans font did not parse"))
+}
+
+pub fn render(dp: &DataPath, rates: &Rates, dir: &Path) -> Result<()> {
+    register()?;
     for (name, draw) in [
         (
             "datapath.png",
@@ -43,9 +48,9 @@ pub fn render(dp: &DataPath, rates: &Rates, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+pub type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
-fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+pub fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing a chart: {e:?}")
 }
 

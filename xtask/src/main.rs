@@ -6,6 +6,8 @@ mod bench_control;
 mod bench_lab;
 mod bench_rate;
 mod bench_setup;
+mod experiment;
+mod experiment_chart;
 mod fuzz;
 mod man;
 
@@ -36,6 +38,9 @@ enum Task {
     /// Fuzz the XDP programs with random and mutated frames (needs root): the properties of
     /// tests/tests/fuzz_packets.rs, 200,000 frames, or ten million with --long.
     Fuzz(fuzz::FuzzArgs),
+    /// Run a scripted experiment in a lab under client load (needs root; what `scripts/lab
+    /// LAB experiment NAME` runs): events.csv, timeline.png and summary.txt in one directory.
+    Experiment(experiment::ExperimentArgs),
 }
 
 #[derive(Args)]
@@ -117,6 +122,12 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("cargo xtask fuzz must run as root (it loads XDP programs)");
             }
             fuzz::run(args)
+        }
+        Task::Experiment(args) => {
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("cargo xtask experiment must run as root (network namespaces)");
+            }
+            experiment::run(args).map(|_| ())
         }
     }
 }
