@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Result, anyhow};
 use plotters::{
-    coord::Shift,
+    coord::{CoordTranslate, Shift},
     prelude::*,
     style::{FontStyle, register_font},
 };
@@ -50,6 +50,29 @@ pub fn render(dp: &DataPath, rates: &Rates, dir: &Path) -> Result<()> {
 
 pub type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
+/// The legend of a chart's labelled series, boxed, at `position`.
+pub fn legend<'a, 'b: 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .draw()
+        .map_err(plot_err)
+}
+
+/// The label of a segmented axis: one name per segment, at its centre.
+pub fn segment_name(names: &[&str], v: &SegmentValue<u32>) -> String {
+    match v {
+        SegmentValue::CenterOf(i) => names.get(*i as usize).unwrap_or(&"").to_string(),
+        _ => String::new(),
+    }
+}
+
 pub fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing a chart: {e:?}")
 }
@@ -83,10 +106,7 @@ fn datapath(area: &Area, dp: &DataPath) -> Result<()> {
         .configure_mesh()
         .disable_y_mesh()
         .x_desc("ns over the floor (BPF_PROG_TEST_RUN, one call per sample)")
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => names.get(*i as usize).unwrap_or(&"").to_string(),
-            _ => String::new(),
-        })
+        .y_label_formatter(&|v| segment_name(&names, v))
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 15))
         .draw()
@@ -155,14 +175,7 @@ fn datapath(area: &Area, dp: &DataPath) -> Result<()> {
             )
         }))
         .map_err(plot_err)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font((FONT, 14))
-        .draw()
-        .map_err(plot_err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     Ok(())
 }
 
@@ -191,10 +204,7 @@ fn rate(area: &Area, rates: &Rates) -> Result<()> {
         .configure_mesh()
         .disable_y_mesh()
         .x_desc("Mpps, kernel time (bar: median of the rounds; dots: each round)")
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => names.get(*i as usize).unwrap_or(&"").to_string(),
-            _ => String::new(),
-        })
+        .y_label_formatter(&|v| segment_name(&names, v))
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 15))
         .draw()
@@ -247,13 +257,6 @@ fn rate(area: &Area, rates: &Rates) -> Result<()> {
         .legend(|(x, y)| {
             PathElement::new(vec![(x + 8, y - 7), (x + 8, y + 7)], TARGET.stroke_width(2))
         });
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font((FONT, 14))
-        .draw()
-        .map_err(plot_err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     Ok(())
 }

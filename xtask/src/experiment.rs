@@ -28,7 +28,10 @@ use serde_json::Value;
 use xlb::maglev::{self, Member};
 use xlb_tests::lab::{Lab, Topology, repo, xlb_bin};
 
-use crate::experiment_chart;
+use crate::{
+    experiment_chart,
+    experiment_rows::{COLUMNS, Kind, Row, failure_window, moved_flows, percentile, round},
+};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Name {
@@ -81,81 +84,6 @@ pub struct ExperimentArgs {
     /// A short form (seconds instead of tens of seconds), as the test suite runs it.
     #[arg(long)]
     pub quick: bool,
-}
-
-/// The CSV's columns, in order.
-pub const COLUMNS: &str = "time_s,kind,flow,real,latency_ms,outcome,detail";
-
-/// One line of events.csv. `time` is seconds since the experiment's start (when its load
-/// began), to the millisecond; a request's latency is to a tenth of a millisecond.
-#[derive(Clone, Debug)]
-pub struct Row {
-    pub time: f64,
-    pub kind: Kind,
-    /// A request's flow: its client port (`request`) or connection (`keepalive`).
-    pub flow: String,
-    /// The real that answered (or, in DR, that refused), if known.
-    pub real: String,
-    pub latency_ms: Option<f64>,
-    pub ok: bool,
-    /// The error of a failed request; what happened, for an event.
-    pub detail: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// A GET on a new connection.
-    Request,
-    /// A GET on a long-lived connection.
-    Keepalive,
-    Event,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Request => "request",
-            Kind::Keepalive => "keepalive",
-            Kind::Event => "event",
-        }
-    }
-}
-
-impl Row {
-    fn is_request(&self) -> bool {
-        self.kind != Kind::Event
-    }
-
-    /// When its answer (or failure) came.
-    pub fn end(&self) -> f64 {
-        self.time + self.latency_ms.unwrap_or(0.0) / 1000.0
-    }
-
-    fn csv(&self) -> String {
-        let outcome = match (self.kind, self.ok) {
-            (Kind::Event, _) => "",
-            (_, true) => "ok",
-            (_, false) => "failed",
-        };
-        // The CSV has no quoting: the free text never holds a comma.
-        format!(
-            "{:.3},{},{},{},{},{},{}",
-            self.time,
-            self.kind.as_str(),
-            self.flow,
-            self.real,
-            self.latency_ms
-                .map(|l| format!("{l:.1}"))
-                .unwrap_or_default(),
-            outcome,
-            self.detail.replace([',', '\n'], ";")
-        )
-    }
-}
-
-fn round(v: f64, digits: i32) -> f64 {
-    let f = 10f64.powi(digits);
-    (v * f).round() / f
 }
 
 fn epoch() -> f64 {
@@ -424,6 +352,50 @@ impl Run {
         Ok(LongLived { handles, on })
     }
 
+    /// Time 0: the watcher (the daemon's view, or in a lab of several directors the router's
+    /// route to the VIP), then the long-lived connections (once each has answered), then the
+    /// new connections.
+    fn begin(self: &Arc<Self>, plan: Plan) -> Result<Under> {
+        self.t0.store(epoch().to_bits(), Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = if self.topo.directors.len() == 1 {
+            self.watch_daemon(stop.clone())
+        } else {
+            self.watch_router(stop.clone())
+        };
+        let mut what = format!("new connections for {} s", plan.seconds);
+        if plan.conns > 0 {
+            let _ = write!(what, "; {} long-lived ones for {} s", plan.conns, plan.held);
+        }
+        self.event(what);
+        let long = self.keepalives(plan.conns, plan.held)?;
+        let churn = Some(self.churn(plan.seconds, plan.rate));
+        Ok(Under {
+            churn,
+            long,
+            stop,
+            watcher,
+        })
+    }
+
+    /// Until `stop`: every 50 ms, how many next hops the router's route to the VIP has, an
+    /// event at each change.
+    fn watch_router(self: &Arc<Self>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+        let run = Arc::clone(self);
+        std::thread::spawn(move || {
+            let router = run.topo.ns(run.topo.router()).to_string();
+            let mut hops = route_hops(&router, &run.vip);
+            while !stop.load(Ordering::Relaxed) {
+                let now = route_hops(&router, &run.vip);
+                if now != hops {
+                    run.event(format!("router: {now} next hop(s) for the VIP"));
+                    hops = now;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    }
+
     /// Until `stop`: every 100 ms, the daemon's view (each real's state, whether its control
     /// socket answers), an event at each change.
     fn watch_daemon(self: &Arc<Self>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
@@ -461,6 +433,45 @@ impl Run {
     }
 }
 
+/// The load an experiment runs under, from time 0.
+struct Plan {
+    /// New connections (lab-churn-load.py) for this long, at `rate` a second.
+    seconds: f64,
+    rate: f64,
+    /// Long-lived connections (lab-http-keepalive.py), held for `held` seconds.
+    conns: usize,
+    held: f64,
+}
+
+/// An experiment's load and its watcher, under way since `Run::begin`.
+struct Under {
+    churn: Option<JoinHandle<Result<Vec<Row>>>>,
+    long: LongLived,
+    stop: Arc<AtomicBool>,
+    watcher: JoinHandle<()>,
+}
+
+impl Under {
+    /// Waits for the new connections to end: their rows (once; empty after).
+    fn new_conns(&mut self) -> Result<Vec<Row>> {
+        match self.churn.take() {
+            Some(h) => h.join().expect("the load thread panicked"),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Waits for the whole load to end and stops the watcher: every request's row, and the
+    /// long-lived connections' rows alone.
+    fn end(mut self) -> Result<(Vec<Row>, Vec<Row>)> {
+        let mut rows = self.new_conns()?;
+        let kept = join_all(self.long.handles)?;
+        rows.extend(kept.iter().cloned());
+        self.stop.store(true, Ordering::Relaxed);
+        self.watcher.join().expect("the watcher panicked");
+        Ok((rows, kept))
+    }
+}
+
 /// Long-lived connections under way.
 struct LongLived {
     handles: Vec<JoinHandle<Result<Vec<Row>>>>,
@@ -479,10 +490,6 @@ impl LongLived {
             }
         }
         best
-    }
-
-    fn rows(self) -> Result<Vec<Row>> {
-        join_all(self.handles)
     }
 }
 
@@ -627,15 +634,6 @@ struct Extra {
     shares: Option<Vec<(String, f64, f64)>>,
 }
 
-/// Percentile `p` (0-100) of sorted values, nearest rank.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// The lines every summary has: requests, failures and their window, answers per real,
 /// latency percentiles. Each is "name: value", computed from the rows as written.
 fn common_figures(rows: &[Row], reals: &[String]) -> String {
@@ -688,25 +686,12 @@ fn common_figures(rows: &[Row], reals: &[String]) -> String {
     s
 }
 
-/// From the first failed request's send to the last one's end, if any failed.
-pub fn failure_window(rows: &[Row]) -> Option<(f64, f64)> {
-    let failed: Vec<&Row> = rows.iter().filter(|r| r.is_request() && !r.ok).collect();
-    let from = failed.iter().map(|r| r.time).min_by(f64::total_cmp)?;
-    let to = failed.iter().map(|r| r.end()).max_by(f64::total_cmp)?;
-    Some((from, to))
-}
-
 fn join_all(handles: Vec<JoinHandle<Result<Vec<Row>>>>) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for h in handles {
         rows.extend(h.join().expect("a load thread panicked")?);
     }
     Ok(rows)
-}
-
-/// Sets time 0 to now.
-fn start(run: &Run) {
-    run.t0.store(epoch().to_bits(), Ordering::Relaxed);
 }
 
 fn event_time(rows: &[Row], run: &Run, prefix: &str) -> Option<f64> {
@@ -726,10 +711,13 @@ fn event_time(rows: &[Row], run: &Run, prefix: &str) -> Option<f64> {
 
 fn spread(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
     let weights: BTreeMap<String, u32> = run.reals()?.into_iter().map(|(n, _, w)| (n, w)).collect();
-    start(&run);
-    let seconds = run.secs(20.0, 4.0);
-    run.event(format!("new connections for {seconds} s"));
-    let rows = run.churn(seconds, 150.0).join().expect("load thread")?;
+    let under = run.begin(Plan {
+        seconds: run.secs(20.0, 4.0),
+        rate: 150.0,
+        conns: 0,
+        held: 0.0,
+    })?;
+    let (rows, _) = under.end()?;
     run.event("load ends");
     let ok: Vec<&Row> = rows.iter().filter(|r| r.ok).collect();
     let total_weight: u32 = weights.values().sum();
@@ -809,25 +797,24 @@ fn restart_server(run: &Run, real: &str, argv: &[String]) -> Result<()> {
 fn failover(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
     let saved = with_check(&run)?;
     let victim = run.topo.reals[0].clone();
-    start(&run);
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = run.watch_daemon(stop.clone());
     let (seconds, kill_at, back_at) = if run.quick {
         (6.0, 1.5, 3.5)
     } else {
         (30.0, 8.0, 18.0)
     };
-    run.event(format!("new connections for {seconds} s"));
-    let load = run.churn(seconds, 150.0);
+    let under = run.begin(Plan {
+        seconds,
+        rate: 150.0,
+        conns: 0,
+        held: 0.0,
+    })?;
     run.at(kill_at);
     let argv = kill_9(&server_of(&run, &victim).spawned.pid_file)?;
     run.event(format!("kill -9 the HTTP server on {victim}"));
     run.at(back_at);
     restart_server(&run, &victim, &argv)?;
     run.event(format!("HTTP server on {victim} started again"));
-    let rows = load.join().expect("load thread")?;
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().expect("watcher");
+    let (rows, _) = under.end()?;
     restore(&run, &saved)?;
 
     let kill = event_time(&rows, &run, "kill -9").context("no kill event")?;
@@ -852,11 +839,17 @@ fn failover(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
             let _ = writeln!(text, "last answer from {victim} after the kill: none");
         }
     }
-    let failed_after = rows
+    // A request in flight on the killed server's connection cannot be saved; one sent after
+    // the kill can.
+    let failed = |r: &&Row| r.is_request() && !r.ok && r.end() >= kill;
+    let in_flight = rows.iter().filter(failed).filter(|r| r.time < kill).count();
+    let sent_after = rows
         .iter()
-        .filter(|r| r.is_request() && !r.ok && r.end() >= kill)
+        .filter(failed)
+        .filter(|r| r.time >= kill)
         .count();
-    let _ = writeln!(text, "failed after the kill: {failed_after}");
+    let _ = writeln!(text, "failed, sent after the kill: {sent_after}");
+    let _ = writeln!(text, "failed, in flight at the kill: {in_flight}");
     let first_back = rows
         .iter()
         .filter(from_victim)
@@ -877,21 +870,19 @@ fn failover(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
 }
 
 fn drain(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
-    start(&run);
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = run.watch_daemon(stop.clone());
     let (seconds, conns, held, drain_at) = if run.quick {
         (9.0, 6, 3.0, 1.0)
     } else {
         (30.0, 9, 12.0, 4.0)
     };
-    run.event(format!(
-        "{conns} long-lived connections for {held} s; new connections for {seconds} s"
-    ));
-    let long = run.keepalives(conns, held)?;
-    let load = run.churn(seconds, 100.0);
+    let under = run.begin(Plan {
+        seconds,
+        rate: 100.0,
+        conns,
+        held,
+    })?;
     // The real that holds the most long-lived connections is the one drained.
-    let victim = long.busiest(&run.topo.reals);
+    let victim = under.long.busiest(&run.topo.reals);
     let addr = run.real_addr(&victim).to_string();
     run.at(drain_at);
     run.xlb(&["real", "drain", &run.service, &addr])?;
@@ -911,11 +902,7 @@ fn drain(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
     std::thread::sleep(Duration::from_millis(300));
     run.xlb(&["real", "enable", &run.service, &addr])?;
     run.event(format!("xlb real enable {victim}"));
-    let mut rows = load.join().expect("load thread")?;
-    let kept = long.rows()?;
-    rows.extend(kept.iter().cloned());
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().expect("watcher");
+    let (rows, kept) = under.end()?;
 
     let t_drain = event_time(&rows, &run, "xlb real drain").context("no drain event")?;
     let t_drained = event_time(&rows, &run, "xlb real wait-drained").context("no drained")?;
@@ -998,23 +985,28 @@ fn reweight(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
     );
     let ideal = t_old.iter().zip(&t_new).filter(|(a, b)| a != b).count() as f64 / ring as f64;
 
-    start(&run);
+    // New connections from client ports 20000 up, twice: before and after the change.
     let phase = run.secs(10.0, 2.5);
-    let conns = if run.quick { 6 } else { 12 };
-    run.event(format!(
-        "{conns} long-lived connections; new connections for {phase} s (client ports from 20000)"
-    ));
-    let long = run.keepalives(conns, 2.0 * phase + 3.0)?;
-    let mut rows = run.churn(phase, 150.0).join().expect("load thread")?;
+    let mut under = run.begin(Plan {
+        seconds: phase,
+        rate: 150.0,
+        conns: if run.quick { 6 } else { 12 },
+        held: 2.0 * phase + 3.0,
+    })?;
+    let mut rows = under.new_conns()?;
     run.xlb(&["real", "weight", &run.service, &addr, &new.to_string()])?;
     run.event(format!("xlb real weight {victim} {new} (was {old})"));
     std::thread::sleep(Duration::from_millis(200));
     run.event(format!(
         "new connections for {phase} s from the same client ports"
     ));
-    rows.extend(run.churn(phase, 150.0).join().expect("load thread")?);
-    let kept = long.rows()?;
-    rows.extend(kept.iter().cloned());
+    rows.extend(
+        run.churn(phase, 150.0)
+            .join()
+            .expect("the load thread panicked")?,
+    );
+    let (kept_rows, kept) = under.end()?;
+    rows.extend(kept_rows);
     run.xlb(&["real", "weight", &run.service, &addr, &old.to_string()])?;
     run.event(format!("xlb real weight {victim} {old} (put back)"));
 
@@ -1042,39 +1034,20 @@ fn reweight(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
     Ok((rows, Extra { text, shares: None }))
 }
 
-/// Flows of `kind` answered both before and after time `t`, and how many of them were
-/// answered by another real after it than before.
-pub fn moved_flows(rows: &[Row], kind: Kind, t: f64) -> (usize, usize) {
-    let mut before: BTreeMap<&str, &str> = BTreeMap::new();
-    let mut after: BTreeMap<&str, &str> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r.kind == kind && r.ok) {
-        let side = if r.time < t { &mut before } else { &mut after };
-        // A connection's last answer before, its first after.
-        if r.time < t || !side.contains_key(r.flow.as_str()) {
-            side.insert(&r.flow, &r.real);
-        }
-    }
-    let common: Vec<&&str> = before.keys().filter(|f| after.contains_key(*f)).collect();
-    let moved = common.iter().filter(|f| before[**f] != after[**f]).count();
-    (moved, common.len())
-}
-
 fn restart(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
     let dir = run.director().to_string();
     let daemon = run.topo.daemon(&dir).clone();
-    start(&run);
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = run.watch_daemon(stop.clone());
     let (seconds, kill_at, back_at, conns) = if run.quick {
         (6.0, 1.5, 3.5, 4)
     } else {
         (30.0, 8.0, 18.0, 6)
     };
-    run.event(format!(
-        "new connections for {seconds} s; {conns} long-lived ones"
-    ));
-    let long = run.keepalives(conns, seconds)?;
-    let load = run.churn(seconds, 150.0);
+    let under = run.begin(Plan {
+        seconds,
+        rate: 150.0,
+        conns,
+        held: seconds,
+    })?;
     run.at(kill_at);
     let argv = kill_9(&daemon.spawned.pid_file)?;
     run.event("kill -9 the xlb daemon");
@@ -1086,11 +1059,7 @@ fn restart(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
         &daemon.spawned.pid_file,
     )?;
     run.event("xlb daemon started again");
-    let mut rows = load.join().expect("load thread")?;
-    let kept = long.rows()?;
-    rows.extend(kept.iter().cloned());
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().expect("watcher");
+    let (rows, kept) = under.end()?;
 
     let t_kill = event_time(&rows, &run, "kill -9").context("no kill event")?;
     let t_back = event_time(&rows, &run, "xlb daemon started").context("no start event")?;
@@ -1145,7 +1114,6 @@ fn director_loss(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
         let (s, p) = run.topo.switch_port(&lost, &iface);
         (s.to_string(), p.to_string())
     };
-    let router = run.topo.ns(run.topo.router()).to_string();
     let link = |state: &str| -> Result<()> {
         let ok = Command::new("ip")
             .args(["-n", &switch, "link", "set", &port, state])
@@ -1154,43 +1122,24 @@ fn director_loss(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
         ensure!(ok, "ip link set {port} {state} in {switch} failed");
         Ok(())
     };
-    start(&run);
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (run, stop, router) = (run.clone(), stop.clone(), router.clone());
-        std::thread::spawn(move || {
-            let mut hops = route_hops(&router, &run.vip);
-            while !stop.load(Ordering::Relaxed) {
-                let now = route_hops(&router, &run.vip);
-                if now != hops {
-                    run.event(format!("router: {} next hop(s) for the VIP", now));
-                    hops = now;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
     let (seconds, lose_at, back_at, conns) = if run.quick {
         (8.0, 1.5, 4.5, 6)
     } else {
         (30.0, 8.0, 18.0, 12)
     };
-    run.event(format!(
-        "new connections for {seconds} s; {conns} long-lived ones"
-    ));
-    let long = run.keepalives(conns, seconds)?;
-    let load = run.churn(seconds, 100.0);
+    let under = run.begin(Plan {
+        seconds,
+        rate: 100.0,
+        conns,
+        held: seconds,
+    })?;
     run.at(lose_at);
     link("down")?;
     run.event(format!("{lost} dark (its switch port down)"));
     run.at(back_at);
     link("up")?;
     run.event(format!("{lost} back (its switch port up)"));
-    let mut rows = load.join().expect("load thread")?;
-    let kept = long.rows()?;
-    rows.extend(kept.iter().cloned());
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().expect("watcher");
+    let (rows, kept) = under.end()?;
 
     let t_lost = event_time(&rows, &run, &format!("{lost} dark")).context("no loss event")?;
     let mut text = String::new();
@@ -1220,7 +1169,8 @@ fn director_loss(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
             .filter(|w| w[1].time >= t_lost)
             .map(|w| w[1].time - w[0].time)
             .fold(0.0, f64::max);
-        if gap > 0.5 {
+        // Asked every 100 ms: a gap of 2.5 intervals is a stall.
+        if gap > 0.25 {
             stalls.push(gap);
         }
     }

@@ -8,8 +8,8 @@ use anyhow::Result;
 use plotters::prelude::*;
 
 use crate::{
-    bench_charts::{Area, FONT, plot_err, register},
-    experiment::{Kind, Row, percentile},
+    bench_charts::{Area, FONT, legend, plot_err, register, segment_name},
+    experiment_rows::{Kind, Row, percentile},
 };
 
 const PALETTE: [RGBColor; 6] = [
@@ -20,6 +20,9 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(0x16, 0xa0, 0x85),
     RGBColor(0x7f, 0x8c, 0x8d),
 ];
+/// One line of the rates chart: its legend, colour and (time, per second) points.
+type Series = (String, RGBColor, Vec<(f64, f64)>);
+
 const FAILURES: RGBColor = RGBColor(0xc0, 0x39, 0x2b);
 const EVENT: RGBColor = RGBColor(0x55, 0x55, 0x55);
 
@@ -45,7 +48,7 @@ pub fn timeline(path: &Path, title: &str, rows: &[Row], reals: &[String]) -> Res
             .map(|(i, &n)| ((i as f64 + 0.5) * bin, n as f64 / bin))
             .collect()
     };
-    let mut series: Vec<(String, RGBColor, Vec<(f64, f64)>)> = reals
+    let mut series: Vec<Series> = reals
         .iter()
         .enumerate()
         .map(|(i, real)| {
@@ -78,7 +81,7 @@ fn draw_rates(
     span: f64,
     bin: f64,
     y_max: f64,
-    series: &[(String, RGBColor, Vec<(f64, f64)>)],
+    series: &[Series],
     events: &[&Row],
 ) -> Result<()> {
     let mut chart = ChartBuilder::on(area)
@@ -125,14 +128,7 @@ fn draw_rates(
             )])
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font((FONT, 13))
-        .draw()
-        .map_err(plot_err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     Ok(())
 }
 
@@ -196,14 +192,7 @@ fn draw_latency(
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font((FONT, 13))
-        .draw()
-        .map_err(plot_err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
@@ -226,10 +215,7 @@ pub fn shares(path: &Path, title: &str, shares: &[(String, f64, f64)]) -> Result
         .configure_mesh()
         .disable_x_mesh()
         .y_desc("% of answers")
-        .x_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => names.get(*i as usize).unwrap_or(&"").to_string(),
-            _ => String::new(),
-        })
+        .x_label_formatter(&|v| segment_name(&names, v))
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 15))
         .draw()
@@ -257,14 +243,7 @@ pub fn shares(path: &Path, title: &str, shares: &[(String, f64, f64)]) -> Result
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font((FONT, 14))
-        .draw()
-        .map_err(plot_err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     area.present().map_err(plot_err)?;
     Ok(())
 }

@@ -8,6 +8,7 @@ mod bench_rate;
 mod bench_setup;
 mod experiment;
 mod experiment_chart;
+mod experiment_rows;
 mod fuzz;
 mod man;
 
