@@ -272,7 +272,7 @@ fn drain(lab: &str) {
     let new_while = o
         .requests()
         .filter(|r| r.kind == "request" && r.outcome == "ok" && r.real == victim)
-        .filter(|r| r.time > t_drain + 0.05 && r.time < t_enable)
+        .filter(|r| r.time > t_drain && r.time < t_enable)
         .count();
     assert_eq!(
         o.number(&format!(

@@ -493,7 +493,8 @@ impl LongLived {
     }
 }
 
-/// The process whose pid `pid_file` holds: its command line, then SIGKILL.
+/// The process whose pid `pid_file` holds: its command line, then SIGKILL; returns once it is
+/// gone.
 fn kill_9(pid_file: &str) -> Result<Vec<String>> {
     let pid: i32 = std::fs::read_to_string(pid_file)
         .with_context(|| format!("reading {pid_file}"))?
@@ -513,6 +514,24 @@ fn kill_9(pid_file: &str) -> Result<Vec<String>> {
         "kill -9 {pid}: {}",
         std::io::Error::last_os_error()
     );
+    // Its sockets close as it exits, a few ms after the signal: the event is when it is gone
+    // (a zombie or reaped), so a request sent before that counts as in flight at the kill.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat)
+                if !stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z') =>
+            {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            _ => break,
+        }
+    }
     Ok(argv)
 }
 
@@ -900,8 +919,10 @@ fn drain(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
     restart_server(&run, &victim, &argv)?;
     run.event(format!("HTTP server on {victim} restarted"));
     std::thread::sleep(Duration::from_millis(300));
-    run.xlb(&["real", "enable", &run.service, &addr])?;
+    // Stamped before the command: a new connection may land on the real as soon as it runs
+    // (the drain is stamped after its command, once no new connection can).
     run.event(format!("xlb real enable {victim}"));
+    run.xlb(&["real", "enable", &run.service, &addr])?;
     let (rows, kept) = under.end()?;
 
     let t_drain = event_time(&rows, &run, "xlb real drain").context("no drain event")?;
@@ -911,7 +932,7 @@ fn drain(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
     let new_while = rows
         .iter()
         .filter(|r| r.kind == Kind::Request && r.ok && r.real == victim)
-        .filter(|r| r.time > t_drain + 0.05 && r.time < t_enable)
+        .filter(|r| r.time > t_drain && r.time < t_enable)
         .count();
     let _ = writeln!(
         text,

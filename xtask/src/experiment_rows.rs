@@ -111,3 +111,59 @@ pub fn moved_flows(rows: &[Row], kind: Kind, t: f64) -> (usize, usize) {
     let moved = common.iter().filter(|f| before[**f] != after[**f]).count();
     (moved, common.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(time: f64, flow: &str, real: &str, ok: bool) -> Row {
+        Row {
+            time,
+            kind: Kind::Request,
+            flow: flow.into(),
+            real: real.into(),
+            latency_ms: Some(10.0),
+            ok,
+            detail: if ok {
+                String::new()
+            } else {
+                "reset, by peer".into()
+            },
+        }
+    }
+
+    #[test]
+    fn the_failure_window_runs_from_the_first_failed_send_to_the_last_failed_end() {
+        let rows = [
+            request(1.0, "1", "r1", true),
+            request(2.0, "2", "", false),
+            request(2.5, "3", "r2", true),
+            request(3.0, "4", "", false),
+        ];
+        assert_eq!(failure_window(&rows), Some((2.0, 3.01)));
+        assert_eq!(failure_window(&rows[..1]), None);
+    }
+
+    #[test]
+    fn a_flow_moved_when_its_real_after_t_is_not_its_real_before() {
+        let rows = [
+            request(1.0, "20000", "r1", true),
+            request(1.1, "20001", "r2", true),
+            request(1.2, "20002", "r3", true),
+            request(5.0, "20000", "r1", true),
+            request(5.1, "20001", "r3", true),
+            request(5.2, "20002", "r3", false), // failed after: not compared
+        ];
+        assert_eq!(moved_flows(&rows, Kind::Request, 4.0), (1, 2));
+        assert_eq!(moved_flows(&rows, Kind::Keepalive, 4.0), (0, 0));
+    }
+
+    #[test]
+    fn csv_rows_have_seven_fields_and_no_comma_in_free_text() {
+        let line = request(1.25, "20000", "", false).csv();
+        assert_eq!(line, "1.250,request,20000,,10.0,failed,reset; by peer");
+        assert_eq!(line.split(',').count(), COLUMNS.split(',').count());
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 50.0), 2.0);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 99.0), 4.0);
+    }
+}
