@@ -372,6 +372,15 @@ fn director_loss() {
         o.get("router routes around d1"),
         format!("{:.3} s after it went dark", routed - dark)
     );
+    let retried = o
+        .requests()
+        .filter(|r| r.kind == "request" && r.outcome == "ok")
+        .filter(|r| r.latency_ms.unwrap() > 500.0)
+        .count();
+    assert_eq!(
+        o.number("new connections answered after more than 500 ms (a SYN sent again)") as usize,
+        retried
+    );
     let kept: Vec<&Row> = o.requests().filter(|r| r.kind == "keepalive").collect();
     let broken = kept.iter().filter(|r| r.outcome == "failed").count();
     let (moved_n, conns) = moved(&o, "keepalive", dark);

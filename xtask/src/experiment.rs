@@ -1178,6 +1178,15 @@ fn director_loss(run: Arc<Run>) -> Result<(Vec<Row>, Extra)> {
             "{t:.3} s after it went dark"
         ))
     );
+    // A SYN sent to the dark director is lost; the client sends it again after 1 s.
+    let retried = rows
+        .iter()
+        .filter(|r| r.kind == Kind::Request && r.ok && r.latency_ms.unwrap_or(0.0) > 500.0)
+        .count();
+    let _ = writeln!(
+        text,
+        "new connections answered after more than 500 ms (a SYN sent again): {retried}"
+    );
     // A long-lived connection through the lost director stalls until the router moves it.
     let mut stalls: Vec<f64> = Vec::new();
     let mut by_conn: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();

@@ -215,11 +215,15 @@ pub fn shares(path: &Path, title: &str, shares: &[(String, f64, f64)]) -> Result
         .configure_mesh()
         .disable_x_mesh()
         .y_desc("% of answers")
+        .light_line_style(WHITE)
         .x_label_formatter(&|v| segment_name(&names, v))
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 15))
         .draw()
         .map_err(plot_err)?;
+    // Two bars a segment: measured in its left half, the weights' share in its right half.
+    let half = (area.dim_in_pixel().0 as i32 - 90) / n.max(1) as i32 / 2;
+    let (outer, inner) = ((half / 5) as u32, 4u32);
     for (which, color, label) in [(0, PALETTE[0], "measured"), (1, PALETTE[5], "weights")] {
         chart
             .draw_series(shares.iter().enumerate().map(|(i, s)| {
@@ -231,11 +235,10 @@ pub fn shares(path: &Path, title: &str, shares: &[(String, f64, f64)]) -> Result
                     ],
                     color.filled(),
                 );
-                // Measured on the left half of the segment, the weights' share on the right.
                 if which == 0 {
-                    bar.set_margin(0, 0, 20, 90);
+                    bar.set_margin(0, 0, outer, half as u32 + inner);
                 } else {
-                    bar.set_margin(0, 0, 90, 20);
+                    bar.set_margin(0, 0, half as u32 + inner, outer);
                 }
                 bar
             }))
