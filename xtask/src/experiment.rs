@@ -51,15 +51,11 @@ pub enum Name {
 }
 
 impl Name {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Name::Spread => "spread",
-            Name::Failover => "failover",
-            Name::Drain => "drain",
-            Name::Reweight => "reweight",
-            Name::Restart => "restart",
-            Name::DirectorLoss => "director-loss",
-        }
+    /// As on the command line.
+    pub fn as_str(self) -> String {
+        use clap::ValueEnum;
+        let value = self.to_possible_value().expect("no experiment is hidden");
+        value.get_name().to_string()
     }
 
     fn labs(self) -> &'static [&'static str] {
@@ -100,9 +96,9 @@ struct Run {
     service: String,
     vip: String,
     port: u16,
-    /// Epoch seconds of time 0 (f64 bits), set by `start`.
+    /// Epoch seconds of time 0 (f64 bits), set by `Run::begin`.
     t0: AtomicU64,
-    events: Arc<Mutex<Vec<Row>>>,
+    events: Mutex<Vec<Row>>,
     quick: bool,
 }
 
@@ -598,7 +594,7 @@ pub fn run(args: ExperimentArgs) -> Result<PathBuf> {
         port: web.port,
         topo,
         t0: AtomicU64::new(0),
-        events: Arc::default(),
+        events: Mutex::default(),
         quick: args.quick,
     });
     eprintln!(
