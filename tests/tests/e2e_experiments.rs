@@ -4,7 +4,7 @@
 //!
 //! One sequential test: it owns the DR lab, then the TUN lab, then the ECMP lab (fixed
 //! namespace names). Each lab is brought up here once and its experiments run in it in turn
-//! (each puts back what it changed). TUN runs the same code as DR: two of its experiments.
+//! (each puts back what it changed).
 
 use std::{collections::BTreeMap, path::Path, process::Command};
 
@@ -422,6 +422,9 @@ fn experiments_write_their_rows_chart_and_summary() {
         let _lab = Lab::new("tun").up();
         spread("tun");
         failover("tun");
+        drain("tun");
+        reweight("tun");
+        restart("tun");
     }
     {
         let _lab = Lab::new("ecmp").up();
