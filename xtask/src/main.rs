@@ -7,6 +7,9 @@ mod bench_flows;
 mod bench_lab;
 mod bench_rate;
 mod bench_setup;
+mod experiment;
+mod experiment_chart;
+mod experiment_rows;
 mod fuzz;
 mod man;
 
@@ -37,6 +40,9 @@ enum Task {
     /// Fuzz the XDP programs with random and mutated frames (needs root): the properties of
     /// tests/tests/fuzz_packets.rs, 200,000 frames, or ten million with --long.
     Fuzz(fuzz::FuzzArgs),
+    /// Run a scripted experiment in a lab under client load (needs root; what `scripts/lab
+    /// LAB experiment NAME` runs): events.csv, timeline.png and summary.txt in one directory.
+    Experiment(experiment::ExperimentArgs),
 }
 
 #[derive(Args)]
@@ -124,6 +130,12 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("cargo xtask fuzz must run as root (it loads XDP programs)");
             }
             fuzz::run(args)
+        }
+        Task::Experiment(args) => {
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("cargo xtask experiment must run as root (network namespaces)");
+            }
+            experiment::run(args).map(|_| ())
         }
     }
 }
