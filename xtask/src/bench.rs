@@ -32,14 +32,11 @@ use crate::{
         CLIENT4, CLIENT6, MTU, ROUTER_MAC, TUN_REALS4, TUN_SRC4, balancer_with_services, establish,
         pin_to_one_cpu, verdict_name,
     },
+    bench_stats::{ROUND, Stats, over, stats},
 };
 
 pub const DEFAULT_CALLS: usize = 200_000;
 pub const QUICK_CALLS: usize = 20_000;
-
-/// Calls per path before moving to the next path: small enough that drift (frequency, noisy
-/// neighbours) hits every path alike, large enough to keep caches warm within a round.
-pub const ROUND: usize = 1_000;
 
 /// One measured path: a program, the frame it runs on every call, and what it must return.
 struct BenchPath {
@@ -50,13 +47,6 @@ struct BenchPath {
     verdict: u32,
     /// Budget for the median over the floor, in ns.
     target_ns: Option<u64>,
-}
-
-/// Median and p99 of one path's samples, in ns.
-#[derive(Clone, Copy)]
-pub struct Stats {
-    pub median: u64,
-    pub p99: u64,
 }
 
 /// One path's result.
@@ -339,28 +329,6 @@ fn measure(progs: &mut Programs, paths: &[BenchPath], calls: usize) -> Result<Ve
         done += n;
     }
     Ok(samples)
-}
-
-pub fn stats(mut samples: Vec<u64>) -> Stats {
-    samples.sort_unstable();
-    Stats {
-        median: percentile(&samples, 0.50),
-        p99: percentile(&samples, 0.99),
-    }
-}
-
-/// Nearest-rank percentile of sorted, non-empty samples.
-fn percentile(sorted: &[u64], q: f64) -> u64 {
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// Raw minus the floor's statistic of the same rank, at least 0: the program's own cost.
-pub fn over(raw: Stats, floor: Stats) -> Stats {
-    Stats {
-        median: raw.median.saturating_sub(floor.median),
-        p99: raw.p99.saturating_sub(floor.p99),
-    }
 }
 
 fn print_table(dp: &DataPath) {

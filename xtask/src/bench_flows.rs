@@ -15,8 +15,8 @@ use xlb::dataplane::{BALANCER_PROGRAM, PASS_PROGRAM};
 use xlb_tests::{ACK, Frame, SYN, XDP_TX};
 
 use crate::{
-    bench::{ROUND, Stats, over, stats},
     bench_setup::{balancer_with_capacity, verdict_name},
+    bench_stats::{ROUND, Stats, over, stats},
 };
 
 /// The flow counts, as they appear in `summary.json` keys.

@@ -7,6 +7,7 @@ mod bench_flows;
 mod bench_lab;
 mod bench_rate;
 mod bench_setup;
+mod bench_stats;
 mod experiment;
 mod experiment_chart;
 mod experiment_rows;
