@@ -609,6 +609,37 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// SIGKILL to `pid`, returning once it is gone (a zombie or reaped). Its sockets close as it
+/// exits, a few ms after the signal: until then its listener still accepts connections that
+/// then die with it, so a test counts a request sent before this returns as in flight at the
+/// kill.
+pub fn kill_9(pid: i32) -> Result<()> {
+    // SAFETY: a plain kill(2).
+    ensure!(
+        unsafe { libc::kill(pid, libc::SIGKILL) } == 0,
+        "kill -9 {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the command name's closing parenthesis.
+            Ok(stat)
+                if !stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z') =>
+            {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            _ => return Ok(()),
+        }
+    }
+    anyhow::bail!("process {pid} still there 2 s after SIGKILL")
+}
+
 pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while start.elapsed() < timeout {

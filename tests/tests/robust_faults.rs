@@ -13,7 +13,7 @@ use std::{
 };
 
 use serde_json::Value;
-use xlb_tests::lab::{KillOnDrop, Lab, Service, keepalive, repo, sh, text, wait_for};
+use xlb_tests::lab::{KillOnDrop, Lab, Service, keepalive, kill_9, repo, sh, text, wait_for};
 
 const LAB: Lab = Lab::new("dr");
 
@@ -251,8 +251,7 @@ fn kill_server(name: &str, restarted: &mut BTreeMap<String, KillOnDrop>) {
         return;
     }
     let pid = std::fs::read_to_string(pid_file(name)).unwrap();
-    let out = sh("kill", &["-KILL", pid.trim()]);
-    assert!(out.status.success(), "{}", text(&out));
+    kill_9(pid.trim().parse().unwrap()).unwrap();
 }
 
 fn start_server(name: &str, restarted: &mut BTreeMap<String, KillOnDrop>) {

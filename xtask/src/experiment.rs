@@ -504,30 +504,7 @@ fn kill_9(pid_file: &str) -> Result<Vec<String>> {
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    // SAFETY: a plain kill(2) on a pid read from the lab's own pid file.
-    ensure!(
-        unsafe { libc::kill(pid, libc::SIGKILL) } == 0,
-        "kill -9 {pid}: {}",
-        std::io::Error::last_os_error()
-    );
-    // Its sockets close as it exits, a few ms after the signal: the event is when it is gone
-    // (a zombie or reaped), so a request sent before that counts as in flight at the kill.
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while std::time::Instant::now() < deadline {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat)
-                if !stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z') =>
-            {
-                std::thread::sleep(Duration::from_millis(1))
-            }
-            _ => break,
-        }
-    }
+    xlb_tests::lab::kill_9(pid)?;
     Ok(argv)
 }
 
