@@ -81,7 +81,7 @@ fn a_replace_the_kernel_cannot_hold_leaves_the_previous_configuration() {
     let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
     for r in reals {
         let addr: IpAddr = r.parse().unwrap();
-        b.set_mac(addr, Some(real_mac(addr))).unwrap();
+        b.set_link(addr, Some(link(real_mac(addr)))).unwrap();
         svc.reals.push(RealConfig::new(addr, 100));
     }
     let before = Config {
