@@ -8,7 +8,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, HashMap, MapData, ProgramArray},
     programs::{
-        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        ProgramError, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
@@ -358,18 +358,47 @@ impl Dataplane {
     }
 
     /// Runs a program once on `frame` with BPF_PROG_TEST_RUN: the verdict and the frame after.
+    /// The frame arrives on lo.
     pub fn test_run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        self.test_run_on(program, frame, None)
+    }
+
+    /// `test_run`, the frame arriving on the interface `ingress` (lo if None).
+    pub fn test_run_on(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        ingress: Option<u32>,
+    ) -> Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
+        let ctx = ingress.map(|i| xdp_md(frame, i));
         let prog = self.program(program)?;
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: ctx.as_ref().map(|c| &c[..]),
             repeat: 1,
             ..TestRunOptions::default()
         };
         let result = prog.test_run(opts)?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
+    }
+
+    /// Runs a program once on `frame`, arriving on `ingress`, in BPF_PROG_RUN's live-frames
+    /// mode: what the program sends (XDP_TX, XDP_REDIRECT) really leaves. Its verdict is not
+    /// reported.
+    pub fn send_live(&mut self, program: &str, frame: &[u8], ingress: u32) -> Result<()> {
+        let ctx = xdp_md(frame, ingress);
+        let prog = self.program(program)?;
+        prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            attrs: TestRunAttrs::new().xdp_live_frames(1),
+            ..TestRunOptions::default()
+        })?;
+        Ok(())
     }
 
     /// Runs a program once and returns the kernel-measured duration (for benchmarks).
@@ -382,6 +411,15 @@ impl Dataplane {
         };
         Ok(prog.test_run(opts)?.duration)
     }
+}
+
+/// A `struct xdp_md` for BPF_PROG_TEST_RUN: data 0, data_end the frame's length, data_meta 0,
+/// then the ingress interface (rx queue 0, egress 0).
+fn xdp_md(frame: &[u8], ingress: u32) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
+    ctx
 }
 
 /// The layouts this binary's program declares for the pinned maps (CONNS at the capacity asked).
