@@ -362,7 +362,7 @@ fn tun_lab_end_to_end() {
         });
         let words: Vec<&str> = answer.split_whitespace().collect();
         assert!(
-            words.len() == 3
+            words.len() == 4
                 && reals.iter().any(|r| r.0 == words[0])
                 && words[1] == client
                 && words[2] == POST_BYTES.to_string(),
