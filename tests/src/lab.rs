@@ -326,8 +326,11 @@ pub fn http_url(host: &str, port: u16) -> String {
 /// An xlb daemon as `up` starts it on a director (its files in the state dir).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Daemon {
-    /// The interface its XDP program is attached to (`--iface`).
+    /// The interface its XDP program is attached to (its first `--iface`: it names the pins).
     pub iface: String,
+    /// Every `--iface`, where there are several (a two-arm director).
+    #[serde(default)]
+    pub ifaces: Vec<String>,
     /// Its control socket, for the CLI's `--socket`.
     pub socket: String,
     /// Its `--state` file.
