@@ -5,11 +5,7 @@
 //!
 //! One test function runs the scenarios in order: they share one lab (fixed namespace names).
 
-use std::{
-    path::Path,
-    process::Output,
-    time::{Duration, Instant},
-};
+use std::{path::Path, process::Output, time::Duration};
 
 use serde_json::Value;
 use xlb_tests::lab::{KillOnDrop, Lab, assert_spread, metric, sh, text, wait_for, xlb_bin};
@@ -26,22 +22,8 @@ fn status() -> Value {
     serde_json::from_str(&LAB.xlb().ok(&["status", "--json"])).unwrap()
 }
 
-/// What a failure message needs: the lab's status and the end of the daemon's log.
 fn diagnostics() -> String {
-    let status = sh(
-        &xlb_tests::lab::repo().join("scripts/lab").to_string_lossy(),
-        &["dr2", "status"],
-    );
-    let topo = LAB.topology();
-    let log =
-        std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(20).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
-    format!(
-        "--- scripts/lab dr2 status ---\n{}--- xlb.log (end) ---\n{}",
-        text(&status),
-        tail.join("\n")
-    )
+    LAB.diagnostics()
 }
 
 #[test]
@@ -131,7 +113,7 @@ fn two_arm_lab_end_to_end() {
     // Restart: the pinned data path keeps forwarding on both arms, and a new daemon adopts
     // both links.
     let web = topo.service("web").url4();
-    kill_daemon("TERM");
+    LAB.kill_daemon("TERM");
     assert!(LAB.get(&web).is_some(), "no forwarding without the daemon");
     let log = restart(&["--iface", "eth0", "--iface", "eth1"], "restart-both");
     assert_eq!(
@@ -145,7 +127,7 @@ fn two_arm_lab_end_to_end() {
     assert!(LAB.get(&web).is_some(), "{}", diagnostics());
 
     // An arm left out on restart is detached, and its reals are no longer forwarded to.
-    kill_daemon("TERM");
+    LAB.kill_daemon("TERM");
     let log = restart(&["--iface", "eth0"], "restart-one");
     assert!(log.contains("interface no longer listed"), "{log}");
     assert!(!has_xdp("eth1"));
@@ -168,13 +150,13 @@ fn two_arm_lab_end_to_end() {
     );
 
     // `xlb detach` names the first arm, and takes the data path off every arm.
-    kill_daemon("TERM");
+    LAB.kill_daemon("TERM");
     let restarted = restart(&["--iface", "eth0", "--iface", "eth1"], "restart-again");
     assert!(
         restarted.contains("XDP program attached iface=eth1"),
         "{restarted}"
     );
-    kill_daemon("TERM");
+    LAB.kill_daemon("TERM");
     let detach =
         |arm: &str| LAB.in_dir_netns(&[xlb_bin().to_str().unwrap(), "detach", "--iface", arm]);
     let refused = detach("eth1");
@@ -240,23 +222,6 @@ fn restart(args: &[&str], name: &str) -> String {
     std::fs::write(&daemon.spawned.pid_file, child.0.id().to_string()).unwrap();
     std::mem::forget(child);
     std::fs::read_to_string(&log).unwrap()
-}
-
-/// SIGNAL to the lab's daemon; returns once it is gone.
-fn kill_daemon(signal: &str) {
-    let topo = LAB.topology();
-    let pid = std::fs::read_to_string(&topo.daemon(topo.director()).spawned.pid_file).unwrap();
-    let pid = pid.trim().to_string();
-    assert!(sh("kill", &[&format!("-{signal}"), &pid]).status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
-        if stat.map(|s| s.contains(") Z ")).unwrap_or(true) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the daemon (pid {pid}) did not exit");
 }
 
 /// `n` bytes from xorshift64*, seeded by `round` and the clock: different on every run.
