@@ -58,6 +58,15 @@ fn daemon_refuses_an_unknown_interface() {
 }
 
 #[test]
+fn daemon_refuses_an_interface_given_twice_or_an_unknown_further_one() {
+    assert!(xlb_bin().exists(), "build target/release/xlb first");
+    let err = daemon_error(None, &["--iface", "lo", "--iface", "lo"]);
+    assert!(err.contains("interface lo is given twice"), "{err}");
+    let err = daemon_error(None, &["--iface", "lo", "--iface", "xlb-nosuch1"]);
+    assert!(err.contains("xlb-nosuch1"), "{err}");
+}
+
+#[test]
 fn daemon_that_cannot_attach_names_the_mode_it_tried() {
     assert!(xlb_bin().exists(), "build target/release/xlb first");
     // A namespace of our own: its loopback has no native XDP support.
