@@ -19,8 +19,10 @@ pub const DEFAULT_CONN_CAPACITY: u32 = 1 << 20;
 pub const FRAG_CAPACITY: u32 = 16384;
 /// Most VIPs one real server decapsulates for (the decapsulator's `DECAP_VIPS` map).
 pub const DECAP_CAPACITY: u32 = 1024;
-/// Most interfaces one director's data path is attached to (`xlb daemon --iface` repeated).
-pub const MAX_IFACES: u32 = 64;
+/// Most interfaces one director's data path is attached to (`xlb daemon --iface` repeated):
+/// few, so that `Config` holds them and the ingress check is a scan of a few words rather
+/// than a hash lookup on every packet.
+pub const MAX_IFACES: u32 = 8;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -181,13 +183,16 @@ pub struct Config {
     /// encapsulated is answered with ICMP "too big" (or dropped), before the real (and so the
     /// egress interface) is chosen. 0 disables the check.
     pub mtu: u32,
+    /// The interfaces the balancer is attached to; unused entries have ifindex 0.
+    pub ifaces: [Iface; MAX_IFACES as usize],
 }
 
-/// An interface the balancer is attached to, keyed by ifindex in `IFACES`: frames for a
-/// service are taken only when sent to its MAC, and replies sent back out of it come from it.
+/// An interface the balancer is attached to: frames for a service are taken only when sent to
+/// its MAC, and replies sent back out of it come from it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Iface {
+    pub ifindex: u32,
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
 }
@@ -394,8 +399,8 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<Counters>() == 32);
-    assert!(core::mem::size_of::<Config>() == 12);
-    assert!(core::mem::size_of::<Iface>() == 8);
+    assert!(core::mem::size_of::<Config>() == 12 + 12 * MAX_IFACES as usize);
+    assert!(core::mem::size_of::<Iface>() == 12);
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipValue>() == 20);
     assert!(core::mem::size_of::<RefusalEvent>() == 8);

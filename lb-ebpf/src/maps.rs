@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
-    DEFAULT_RING_SIZE, Decap, FRAG_CAPACITY, FragKey, FragValue, Global, Iface, MAX_BACKENDS,
-    MAX_IFACES, MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
+    DEFAULT_RING_SIZE, Decap, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS, MAX_IFACES,
+    MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -46,11 +46,7 @@ pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAG_CAPACITY as usize }> = L
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
-/// The interfaces the balancer is attached to, by ifindex (egress.rs).
-#[btf_map]
-pub static IFACES: HashMap<u32, Iface, { MAX_IFACES as usize }> = HashMap::new();
-
-/// The same interfaces as XDP_REDIRECT targets, key = value = ifindex: a frame for a real
+/// The attached interfaces (`Config::ifaces`) as XDP_REDIRECT targets, key = value = ifindex: a frame for a real
 /// routed through another attached interface than the one it came in on leaves through it.
 #[btf_map]
 pub static REDIRECT_PORTS: DevMapHash<{ MAX_IFACES as usize }> = DevMapHash::new();

@@ -328,8 +328,10 @@ impl Balancer {
     /// when sent to the MAC of the one they arrive on, and leave a real's interface from its
     /// MAC. Reals reached through an interface no longer listed stop being forwarded to.
     pub fn set_interfaces(&mut self, ifaces: &[(u32, Mac)]) -> Result<()> {
-        self.dp.set_interfaces(ifaces)?;
+        let ifindexes: Vec<u32> = ifaces.iter().map(|(i, _)| *i).collect();
+        self.dp.set_redirect_ports(&ifindexes)?;
         self.ifaces = ifaces.iter().copied().collect();
+        self.write_kernel_config()?;
         let services: Vec<ServiceAddr> = self.services.keys().copied().collect();
         for s in services {
             let reals: Vec<IpAddr> = self.services[&s].addrs().collect();
@@ -395,6 +397,14 @@ impl Balancer {
             _pad: [0; 3],
             all_ports_services,
             mtu: self.mtu,
+            ifaces: std::array::from_fn(|i| match self.ifaces.iter().nth(i) {
+                Some((&ifindex, &mac)) => lb_common::Iface {
+                    ifindex,
+                    mac,
+                    _pad: [0; 2],
+                },
+                None => lb_common::Iface::default(),
+            }),
         })
     }
 

@@ -6,8 +6,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, PerCpuArray};
 use lb_common::{
-    Backend, Config, ConnKey, ConnValue, Counters, Global, Iface, MAX_IFACES, ServiceKey,
-    ServiceValue,
+    Backend, Config, ConnKey, ConnValue, Counters, Global, MAX_IFACES, ServiceKey, ServiceValue,
 };
 
 use super::{Dataplane, sys};
@@ -19,31 +18,26 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Makes `IFACES` and `REDIRECT_PORTS` hold exactly these interfaces, (ifindex, MAC) each.
-    pub fn set_interfaces(&mut self, ifaces: &[(u32, crate::netlink::Mac)]) -> Result<()> {
+    /// Makes `REDIRECT_PORTS` hold exactly these interfaces (by ifindex); their MACs go into
+    /// `Config::ifaces` (the balancer's `set_interfaces`).
+    pub fn set_redirect_ports(&mut self, ifaces: &[u32]) -> Result<()> {
         if ifaces.len() > MAX_IFACES as usize {
-            bail!("at most {MAX_IFACES} interfaces, not {}", ifaces.len());
+            bail!(
+                "at most {MAX_IFACES} interfaces can be attached, not {}",
+                ifaces.len()
+            );
         }
-        let wanted: std::collections::HashSet<u32> = ifaces.iter().map(|(i, _)| *i).collect();
+        let wanted: std::collections::HashSet<u32> = ifaces.iter().copied().collect();
         let mut ports: DevMapHash<_> = DevMapHash::try_from(self.map_mut("REDIRECT_PORTS")?)?;
         for ifindex in ports.keys().filter_map(|k| k.ok()).collect::<Vec<_>>() {
             if !wanted.contains(&ifindex) {
                 ports.remove(ifindex)?;
             }
         }
-        for &(ifindex, _) in ifaces {
+        for &ifindex in ifaces {
             ports
                 .insert(ifindex, ifindex, None, 0)
                 .with_context(|| format!("adding interface {ifindex} to REDIRECT_PORTS"))?;
-        }
-        let mut map: HashMap<_, u32, Iface> = HashMap::try_from(self.map_mut("IFACES")?)?;
-        for ifindex in map.keys().filter_map(|k| k.ok()).collect::<Vec<_>>() {
-            if !wanted.contains(&ifindex) {
-                map.remove(&ifindex)?;
-            }
-        }
-        for &(ifindex, mac) in ifaces {
-            map.insert(ifindex, Iface { mac, _pad: [0; 2] }, 0)?;
         }
         Ok(())
     }
