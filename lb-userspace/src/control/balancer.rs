@@ -477,12 +477,9 @@ impl Balancer {
         out
     }
 
+    /// How the real is reached, while known and its interface attached: what it is
+    /// forwarded by.
     pub fn link_of(&self, addr: IpAddr) -> Option<Link> {
-        self.usable_link(addr)
-    }
-
-    /// The real's link, if its interface is attached: what it is forwarded by.
-    fn usable_link(&self, addr: IpAddr) -> Option<Link> {
         self.links
             .get(&addr)
             .copied()
@@ -508,8 +505,8 @@ impl Balancer {
                 weight: r.weight,
                 effective_weight: r.effective_weight,
                 backend_id: r.backend_id,
-                mac: self.usable_link(*addr).map(|l| format_mac(&l.mac)),
-                ifindex: self.usable_link(*addr).map(|l| l.ifindex),
+                mac: self.link_of(*addr).map(|l| format_mac(&l.mac)),
+                ifindex: self.link_of(*addr).map(|l| l.ifindex),
                 health: r.health,
                 draining: r.draining,
                 fallback,
@@ -867,7 +864,7 @@ impl Balancer {
         let state = &self.services[s];
         let real = state.real(addr).expect("a real of the service");
         let (bytes, family) = addr_bytes(addr);
-        let link = self.usable_link(addr);
+        let link = self.link_of(addr);
         // Never forward to an unknown MAC. A real that is down loses its tracked flows too
         // (they re-schedule on their next packet) unless the service keeps them (IPVS-like).
         let failed_over = real.health == Health::Down && state.config.on_down == OnDown::Move;
@@ -902,7 +899,7 @@ impl Balancer {
         let members: Vec<maglev::Member> = state
             .reals
             .iter()
-            .filter(|(addr, r)| r.eligible() && self.usable_link(**addr).is_some())
+            .filter(|(addr, r)| r.eligible() && self.link_of(**addr).is_some())
             .map(|(addr, r)| member(addr, r, r.effective_weight))
             .collect();
         if !members.is_empty() {
@@ -911,7 +908,7 @@ impl Balancer {
         state
             .fallback
             .iter()
-            .filter(|(addr, _)| self.usable_link(*addr).is_some())
+            .filter(|(addr, _)| self.link_of(*addr).is_some())
             .map(|(addr, r)| member(addr, r, 1))
             .collect()
     }
