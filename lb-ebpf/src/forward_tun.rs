@@ -1,16 +1,17 @@
 //! TUN forwarding: the packet is encapsulated whole (IPIP for an IPv4 service, IP6IP6 for an
-//! IPv6 one) and sent back out of the same interface to the next hop towards the real, which
+//! IPv6 one) and sent to the next hop towards the real (out of the interface the kernel routes
+//! it through: egress.rs), which
 //! strips the outer header (xlb_realserver, or a kernel tunnel) and answers the client directly.
 //!
 //! Only the outer header is written: the inner packet stays where it is and the L2 header moves
 //! to the new start of the frame, so the cost does not grow with the packet.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Config, FAMILY_V4, ServiceValue};
+use lb_common::{FAMILY_V4, ServiceValue};
 
 use crate::{
     conntrack::Choice,
-    csum,
+    csum, egress,
     maps::CONFIG,
     parse::{
         ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, Packet, VLAN_HLEN, ptr_at, read,
@@ -68,8 +69,6 @@ pub struct TooBig {
     pub mtu: u32,
     /// IPv4 "don't fragment" (false for IPv6).
     pub df: bool,
-    /// The configuration `check` read: the reply needs no second lookup.
-    pub config: &'static Config,
 }
 
 /// Runs before the packet is forwarded (for flows, before scheduling, so that a packet that
@@ -100,13 +99,12 @@ pub fn check(ctx: &XdpContext, pkt: &Packet) -> Result<(), Unfit> {
         len: inner.len,
         mtu: config.mtu - overhead,
         df: inner.df,
-        config,
     }))
 }
 
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choice) -> u32 {
-    let (Some(config), Some(inner)) = (CONFIG.get(0), inner(ctx, pkt)) else {
+    let Some(inner) = inner(ctx, pkt) else {
         return xdp_action::XDP_ABORTED;
     };
     let backend = &choice.backend;
@@ -118,9 +116,13 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
         // none), so every fragment of a datagram takes the same path.
         label: choice.flow_hash & 0xf_ffff,
         dst_mac: &backend.mac,
-        src_mac: &config.iface_mac,
+        src_mac: &backend.src_mac,
     };
-    wrap(ctx, pkt, &inner, &outer)
+    let verdict = wrap(ctx, pkt, &inner, &outer);
+    if verdict != xdp_action::XDP_TX {
+        return verdict;
+    }
+    egress::send(ctx, backend)
 }
 
 /// How an IPIP / IP6IP6 packet is addressed.

@@ -326,8 +326,11 @@ pub fn http_url(host: &str, port: u16) -> String {
 /// An xlb daemon as `up` starts it on a director (its files in the state dir).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Daemon {
-    /// The interface its XDP program is attached to (`--iface`).
+    /// The interface its XDP program is attached to (its first `--iface`: it names the pins).
     pub iface: String,
+    /// Every `--iface`, where there are several (a two-arm director).
+    #[serde(default)]
+    pub ifaces: Vec<String>,
     /// Its control socket, for the CLI's `--socket`.
     pub socket: String,
     /// Its `--state` file.
@@ -474,6 +477,39 @@ impl Lab {
         full.extend(cmd.iter().map(|s| s.to_string()));
         let full: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
         sh("nsenter", &full)
+    }
+
+    /// What a failure message needs: `scripts/lab NAME status` and the end of the daemon's log.
+    pub fn diagnostics(&self) -> String {
+        let status = sh(
+            &repo().join("scripts/lab").display().to_string(),
+            &[self.name, "status"],
+        );
+        let topo = self.topology();
+        let log =
+            std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "--- scripts/lab {} status ---\n{}--- xlb.log (end) ---\n{}",
+            self.name,
+            text(&status),
+            tail.join("\n")
+        )
+    }
+
+    /// Sends SIGNAL (`TERM`, `KILL`) to the lab's daemon, by its pid file; returns once it is
+    /// gone (or a zombie).
+    pub fn kill_daemon(&self, signal: &str) {
+        let topo = self.topology();
+        let pid = std::fs::read_to_string(&topo.daemon(topo.director()).spawned.pid_file).unwrap();
+        let pid = pid.trim().to_string();
+        assert!(sh("kill", &[&format!("-{signal}"), &pid]).status.success());
+        wait_for("the daemon to exit", Duration::from_secs(10), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+        });
     }
 
     /// The lab's namespace for `host` (client, dir, r1, ...).

@@ -78,19 +78,8 @@ fn spread(url: &str, n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) 
     LAB.spread(url, n, diagnostics)
 }
 
-/// What a failure message needs: the lab's status and the end of the daemon's log.
 fn diagnostics() -> String {
-    let status = sh(&lab_script(), &["tun", "status"]);
-    let topo = LAB.topology();
-    let log =
-        std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(20).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
-    format!(
-        "--- scripts/lab tun status ---\n{}--- xlb.log (end) ---\n{}",
-        text(&status),
-        tail.join("\n")
-    )
+    LAB.diagnostics()
 }
 
 /// Captures up to `count` packets matching `filter` on the router's real-facing interface
@@ -362,7 +351,7 @@ fn tun_lab_end_to_end() {
         });
         let words: Vec<&str> = answer.split_whitespace().collect();
         assert!(
-            words.len() == 3
+            words.len() == 4
                 && reals.iter().any(|r| r.0 == words[0])
                 && words[1] == client
                 && words[2] == POST_BYTES.to_string(),

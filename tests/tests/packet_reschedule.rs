@@ -43,7 +43,7 @@ fn service(service: &str, reals: &[&str], mode: Mode) -> (Balancer, ServiceAddr)
         } else {
             NEXT_HOP_MAC
         };
-        b.set_mac(ip(r), Some(mac)).unwrap();
+        b.set_link(ip(r), Some(link(mac))).unwrap();
         cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();

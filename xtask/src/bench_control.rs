@@ -21,7 +21,7 @@ use xlb::{
     dataplane::{Dataplane, LoadOptions},
     maglev::{self, Member},
 };
-use xlb_tests::{DIRECTOR_MAC, real_mac};
+use xlb_tests::{DIRECTOR_MAC, TEST_IFINDEX, link, real_mac};
 
 /// The largest ring `--ring-size` accepts: above 100 x 1,000 reals, as Maglev's paper advises.
 const LARGE_RING: u32 = maglev::MAX_SIZE;
@@ -169,9 +169,9 @@ fn loaded_balancer(conn_capacity: u32, reals: usize) -> Result<Balancer> {
         ..LoadOptions::default()
     })?;
     let mut b = Balancer::new(dp);
-    b.set_iface_mac(DIRECTOR_MAC)?;
+    b.set_interfaces(&[(TEST_IFINDEX, DIRECTOR_MAC)])?;
     for i in 0..reals {
-        b.set_mac(real_addr(i), Some(real_mac(real_addr(i))))?;
+        b.set_link(real_addr(i), Some(link(real_mac(real_addr(i)))))?;
     }
     Ok(b)
 }
@@ -303,8 +303,7 @@ fn restore_memory_scrape(scrapes: usize) -> Result<(Value, Value, Value)> {
             let ((counts, page), took) = timed(|| {
                 let counts = active_flows(b)?;
                 let scrape = metrics::Scrape {
-                    iface: "bench",
-                    attach_mode: "none",
+                    ifaces: &[("bench", 0, "none")],
                     flows: &counts,
                     checks: &checks,
                 };

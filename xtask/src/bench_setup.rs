@@ -5,10 +5,11 @@
 use anyhow::{Result, bail, ensure};
 use xlb::{
     config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
-    control::Balancer,
+    control::{Balancer, Link},
     dataplane::BALANCER_PROGRAM,
+    netlink::Mac,
 };
-use xlb_tests::{ACK, Frame, SYN, XDP_TX, real_mac};
+use xlb_tests::{ACK, Frame, SYN, XDP_TX, link, real_mac};
 
 pub const CLIENT4: &str = "198.18.1.1";
 pub const CLIENT6: &str = "fd00:18:1::1";
@@ -70,12 +71,46 @@ fn services(mut b: Balancer) -> Result<Balancer> {
                 Mode::Dr => real_mac(addr),
                 Mode::Tun => ROUTER_MAC,
             };
-            b.set_mac(addr, Some(mac))?;
+            b.set_link(addr, Some(link(mac)))?;
             cfg.reals.push(RealConfig::new(addr, 100));
         }
         b.add_service(cfg)?;
     }
     Ok(b)
+}
+
+/// Points the balancer's maps at `ifaces` (ifindex, MAC) and reaches every real through
+/// `ifindex`, except the IPv4 DR service's, reached through `dr4_ifindex`. Flows established
+/// under BPF_PROG_TEST_RUN keep their reals.
+pub fn move_reals(
+    b: &mut Balancer,
+    ifaces: &[(u32, Mac)],
+    ifindex: u32,
+    dr4_ifindex: u32,
+) -> Result<()> {
+    let reals = REALS4
+        .iter()
+        .chain(&REALS6)
+        .chain(&TUN_REALS4)
+        .chain(&TUN_REALS6);
+    let mut links = Vec::new();
+    for real in reals {
+        let addr = real.parse()?;
+        let Some(link) = b.link_of(addr) else {
+            bail!("real {addr} has no link");
+        };
+        let ifindex = if REALS4.contains(real) {
+            dr4_ifindex
+        } else {
+            ifindex
+        };
+        links.push((addr, Link { ifindex, ..link }));
+    }
+    b.set_interfaces(ifaces)?;
+    for (addr, link) in links {
+        b.set_link(addr, Some(link))?;
+    }
+    Ok(())
 }
 
 /// Sends the SYN of a flow to port 80 and returns its ACK frame, after checking the SYN

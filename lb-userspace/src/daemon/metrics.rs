@@ -79,8 +79,8 @@ fn answer<B>(req: &Request<B>, render: &dyn Fn() -> Result<String>) -> Response<
 
 /// What a scrape reads besides the balancer.
 pub struct Scrape<'a> {
-    pub iface: &'a str,
-    pub attach_mode: &'a str,
+    /// The attached interfaces: (name, ifindex, XDP mode).
+    pub ifaces: &'a [(&'a str, u32, &'a str)],
     /// One walk of the connection table (see `control::Flows`).
     pub flows: &'a Flows,
     pub checks: &'a Checks,
@@ -206,7 +206,11 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     );
     let mut attach = Family::gauge(
         "xlb_xdp_attach_info",
-        "The interface the balancer is attached to and its XDP mode (native or generic).",
+        "The interfaces the balancer is attached to and their XDP mode (native or generic).",
+    );
+    let mut real_iface = Family::gauge(
+        "xlb_real_interface_info",
+        "The attached interface the real is reached through (absent while unresolved).",
     );
     let mut build = Family::gauge(
         "xlb_build_info",
@@ -240,6 +244,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             real_up.add(&labels, flag(r.health == Health::Up));
             real_draining.add(&labels, flag(r.draining));
             real_resolved.add(&labels, flag(r.mac.is_some()));
+            let iface = scrape.ifaces.iter().find(|i| Some(i.1) == r.ifindex);
+            if let Some((name, _, _)) = iface {
+                real_iface.add(&[labels[0], labels[1], ("iface", name)], 1.0);
+            }
             let active = scrape.flows.active.get(&r.backend_id).copied().unwrap_or(0);
             real_active.add(&labels, active as f64);
             if let Some(latency) = scrape.checks.last_latency(&svc.service, r.addr) {
@@ -271,10 +279,9 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     }
     conn_entries.add(&[], scrape.flows.entries as f64);
     conn_capacity.add(&[], b.dataplane().conn_capacity()?.into());
-    attach.add(
-        &[("iface", scrape.iface), ("mode", scrape.attach_mode)],
-        1.0,
-    );
+    for (name, _, mode) in scrape.ifaces {
+        attach.add(&[("iface", name), ("mode", mode)], 1.0);
+    }
     build.add(
         &[
             ("ebpf_object", &ebpf_object_digest()),
@@ -298,6 +305,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         real_up,
         real_draining,
         real_resolved,
+        real_iface,
         real_active,
         check_latency,
         refusal_down_delay,

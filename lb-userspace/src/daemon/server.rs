@@ -16,8 +16,8 @@ use tokio::{
 use super::Shared;
 use crate::{
     api::{
-        Counts, MAX_REQUEST_BYTES, RealReport, RealStats, Request, Response, ServiceReport,
-        ServiceStats, StatsReport, StatusReport, decode_request,
+        Counts, InterfaceReport, MAX_REQUEST_BYTES, RealReport, RealStats, Request, Response,
+        ServiceReport, ServiceStats, StatsReport, StatusReport, decode_request,
     },
     control::active_flows,
     netlink::trigger_resolution,
@@ -222,6 +222,7 @@ fn status(s: &mut Shared) -> Result<StatusReport> {
                     weight: r.weight,
                     effective_weight: r.effective_weight,
                     next_hop: s.next_hops.get(&r.addr).map(|h| h.to_string()),
+                    iface: r.ifindex.and_then(|i| s.iface_name(i)).map(String::from),
                     state: r.state(),
                     health: r.health,
                     draining: r.draining,
@@ -244,8 +245,15 @@ fn status(s: &mut Shared) -> Result<StatusReport> {
         })
         .collect();
     Ok(StatusReport {
-        iface: s.iface.clone(),
-        attach_mode: s.attach_mode.into(),
+        interfaces: s
+            .ifaces
+            .iter()
+            .map(|i| InterfaceReport {
+                name: i.name.clone(),
+                ifindex: i.index,
+                attach_mode: i.mode.into(),
+            })
+            .collect(),
         services,
     })
 }

@@ -4,10 +4,10 @@
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuArray};
+use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, PerCpuArray};
 use lb_common::{
-    Backend, Config, ConnKey, ConnValue, Counters, Global, MAX_BACKENDS, MAX_SERVICES, ServiceKey,
-    ServiceValue,
+    Backend, Config, ConnKey, ConnValue, Counters, Global, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
+    ServiceKey, ServiceValue,
 };
 
 use super::{Dataplane, sys};
@@ -16,6 +16,30 @@ impl Dataplane {
     pub fn set_config(&mut self, config: Config) -> Result<()> {
         let mut map: Array<_, Config> = Array::try_from(self.map_mut("CONFIG")?)?;
         map.set(0, config, 0)?;
+        Ok(())
+    }
+
+    /// Makes `REDIRECT_PORTS` hold exactly these interfaces (by ifindex); their MACs go into
+    /// `Config::ifaces` (the balancer's `set_interfaces`).
+    pub fn set_redirect_ports(&mut self, ifaces: &[u32]) -> Result<()> {
+        if ifaces.len() > MAX_IFACES as usize {
+            bail!(
+                "at most {MAX_IFACES} interfaces can be attached, not {}",
+                ifaces.len()
+            );
+        }
+        let wanted: std::collections::HashSet<u32> = ifaces.iter().copied().collect();
+        let mut ports: DevMapHash<_> = DevMapHash::try_from(self.map_mut("REDIRECT_PORTS")?)?;
+        for ifindex in ports.keys().filter_map(|k| k.ok()).collect::<Vec<_>>() {
+            if !wanted.contains(&ifindex) {
+                ports.remove(ifindex)?;
+            }
+        }
+        for &ifindex in ifaces {
+            ports
+                .insert(ifindex, ifindex, None, 0)
+                .with_context(|| format!("adding interface {ifindex} to REDIRECT_PORTS"))?;
+        }
         Ok(())
     }
 
