@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Keep one HTTP/1.1 connection open and send a GET on it every INTERVAL seconds.
 
-    lab-http-keepalive.py HOST PORT [--interval 0.05] [--max-seconds 60] [--timeout 2]
+    lab-http-keepalive.py HOST PORT [--interval 0.05] [--max-seconds 60] [--timeout 2] [--timed]
 
 Prints one line per answer: "<local-port> <body>" (the body is the lab server's
-"<name> <client-ip>"), flushed at once, so a test can follow the connection live.
+"<name> <client-ip>"), flushed at once, so a test can follow the connection live. With
+--timed each line ends with the request's send and answer times (time.time(), seconds):
+"<local-port> <body> <sent> <answered>", for the experiments' timelines.
 Never reconnects: if the connection breaks, prints "error: <reason>" and exits 1.
 Stops by itself after --max-seconds (bounded traffic), or on SIGTERM. --timeout bounds
 each wait for an answer (TCP retransmits meanwhile, e.g. while routes converge).
@@ -47,6 +49,7 @@ def main():
     p.add_argument("--interval", type=float, default=0.05)
     p.add_argument("--max-seconds", type=float, default=60)
     p.add_argument("--timeout", type=float, default=2)
+    p.add_argument("--timed", action="store_true")
     args = p.parse_args()
     deadline = time.monotonic() + args.max_seconds
     try:
@@ -55,9 +58,11 @@ def main():
         request = f"GET / HTTP/1.1\r\nHost: {args.host}\r\n\r\n".encode()
         buf = b""
         while time.monotonic() < deadline:
+            sent = time.time()
             sock.sendall(request)
             body, buf = read_answer(sock, buf)
-            print(f"{local_port} {body}", flush=True)
+            times = f" {sent:.6f} {time.time():.6f}" if args.timed else ""
+            print(f"{local_port} {body}{times}", flush=True)
             time.sleep(args.interval)
     except (OSError, ConnectionError, ValueError) as e:
         print(f"error: {e}", flush=True)

@@ -8,8 +8,8 @@ peer address the server saw on its socket (in DR and TUN mode that is the real c
 which is what the labs check). GET /healthz answers 200 "ok\\n"; /healthz?delay=S
 answers after S seconds (a slow machine, for adaptive weights). HEAD works too.
 Every POST reads its body (Content-Length; no chunked bodies) and answers 200 with
-"<name> <client-ip> <bytes-received>\\n", so a lab can check that a large upload
-arrived whole (the TUN lab's path-MTU test).
+"<name> <client-ip> <bytes-received> <sha256-of-body>\\n", so a lab can check that a
+large upload arrived whole and intact (the TUN lab's path-MTU test, the two-arm lab).
 
 One thread per connection, HTTP/1.1 keep-alive, Content-Length on every answer, a
 large accept backlog for bursts of short connections, no request logging. Without
@@ -18,6 +18,7 @@ a VIP bound to lo; IPv4 peers are reported as plain dotted quads.
 """
 
 import argparse
+import hashlib
 import signal
 import socket
 import socketserver
@@ -49,7 +50,8 @@ class Handler(BaseHTTPRequestHandler):
         elif received is None:
             body = f"{self.server.lab_name} {self._peer()}\n".encode()
         else:
-            body = f"{self.server.lab_name} {self._peer()} {received}\n".encode()
+            count, digest = received
+            body = f"{self.server.lab_name} {self._peer()} {count} {digest}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -71,14 +73,15 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.send_error(411, "POST needs a Content-Length body (no chunked bodies)")
             return
-        want, received = int(length), 0
+        want, received, digest = int(length), 0, hashlib.sha256()
         while received < want:
             chunk = self.rfile.read(min(65536, want - received))
             if not chunk:  # the client went away mid-body: nobody to answer
                 self.close_connection = True
                 return
             received += len(chunk)
-        self._answer(True, received)
+            digest.update(chunk)
+        self._answer(True, (received, digest.hexdigest()))
 
     def log_message(self, format, *args):  # quiet: no line per request
         pass

@@ -19,6 +19,10 @@ pub const DEFAULT_CONN_CAPACITY: u32 = 1 << 20;
 pub const FRAG_CAPACITY: u32 = 16384;
 /// Most VIPs one real server decapsulates for (the decapsulator's `DECAP_VIPS` map).
 pub const DECAP_CAPACITY: u32 = 1024;
+/// Most interfaces one director's data path is attached to (`xlb daemon --iface` repeated):
+/// few, so that `Config` holds them and the ingress check is a scan of a few words rather
+/// than a hash lookup on every packet.
+pub const MAX_IFACES: u32 = 8;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -73,14 +77,19 @@ pub struct ServiceValue {
 pub const BACKEND_F_FORWARD: u8 = 1 << 0;
 
 /// One real server of one service, indexed by backend id. For a TUN service `addr` is the
-/// outer destination and `mac` the MAC of the next hop towards it.
+/// outer destination and `mac` the MAC of the next hop towards it. `ifindex` is the attached
+/// interface the kernel routes the real through and `src_mac` that interface's MAC: frames
+/// leave by XDP_TX when it is the ingress interface, by XDP_REDIRECT otherwise (egress.rs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
     pub addr: [u8; 16],
     pub mac: [u8; 6],
+    pub src_mac: [u8; 6],
     pub family: u8,
     pub flags: u8,
+    pub _pad: [u8; 2],
+    pub ifindex: u32,
     /// The service this backend belongs to; a tracked flow whose service differs re-schedules.
     pub service_id: u32,
     /// Bumped each time the id is given to another real, so flows tracked for the previous
@@ -180,17 +189,28 @@ pub struct Counters {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Config {
-    /// The MAC of the interface the program is attached to: the source of forwarded frames.
-    pub iface_mac: [u8; 6],
     /// `CONFIG_F_*` switches.
     pub flags: u8,
-    pub _pad: [u8; 1],
+    pub _pad: [u8; 3],
     /// How many all-ports (port 0) services exist: while none does, a packet that misses the
     /// exact (VIP, port, proto) lookup passes without a second lookup.
     pub all_ports_services: u32,
-    /// MTU of the egress interface: a TUN packet that no longer fits once encapsulated is
-    /// answered with ICMP "too big" (or dropped). 0 disables the check.
+    /// The smallest MTU of the attached interfaces: a TUN packet that no longer fits once
+    /// encapsulated is answered with ICMP "too big" (or dropped), before the real (and so the
+    /// egress interface) is chosen. 0 disables the check.
     pub mtu: u32,
+    /// The interfaces the balancer is attached to; unused entries have ifindex 0.
+    pub ifaces: [Iface; MAX_IFACES as usize],
+}
+
+/// An interface the balancer is attached to: frames for a service are taken only when sent to
+/// its MAC, and replies sent back out of it come from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Iface {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// Config flag: log the data path's rare events (drops, ICMP too big, untracked fragments)
@@ -377,6 +397,9 @@ pub struct RefusalEvent {
     pub backend_id: u32,
     /// Its generation (an event for a previous holder of the id is ignored).
     pub generation: u32,
+    /// When the data path honoured the refusal: `bpf_ktime_get_ns`, CLOCK_MONOTONIC. The
+    /// daemon reports how long after it the real was taken down.
+    pub refused_at_ns: u64,
 }
 
 /// Seed of the flow hash. Fixed: every director must pick the same slot for the same flow.
@@ -407,7 +430,7 @@ pub fn flow_hash<const N: usize>(words: &[u32; N]) -> u32 {
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceValue>() == 28);
-    assert!(core::mem::size_of::<Backend>() == 32);
+    assert!(core::mem::size_of::<Backend>() == 44);
     assert!(core::mem::size_of::<ConnKey>() == 40);
     assert!(core::mem::size_of::<ConnValue>() == 16);
     // Every backend id fits ConnValue's 16 bits.
@@ -415,11 +438,12 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<Counters>() == 32);
-    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<Config>() == 12 + 12 * MAX_IFACES as usize);
+    assert!(core::mem::size_of::<Iface>() == 12);
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipValue>() == 20);
     assert!(core::mem::size_of::<DecapConfig>() == 4);
-    assert!(core::mem::size_of::<RefusalEvent>() == 8);
+    assert!(core::mem::size_of::<RefusalEvent>() == 16);
     assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
 };
 
@@ -436,6 +460,7 @@ mod pod {
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Iface {}
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for DecapConfig {}

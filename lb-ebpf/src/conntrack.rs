@@ -297,6 +297,8 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
         RefusalEvent {
             backend_id: refusing,
             generation: b.generation,
+            // SAFETY: a helper without arguments.
+            refused_at_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
         },
         0,
     );

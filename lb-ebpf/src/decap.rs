@@ -13,15 +13,15 @@
 //! program drops nothing, so attaching it to a server's interface cannot cut it off.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Decap, FAMILY_V4, FAMILY_V6, PROTO_UDP, VIP_F_REFUSE, VipKey};
+use lb_common::{Decap, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_REFUSE, VipKey};
 
 use crate::{
     counters, csum,
     forward_tun::{L2_MAX, set_ether_type},
     maps::{DECAP_CONFIG, DECAP_VIPS},
     parse::{
-        self, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
-        ptr_at, read,
+        self, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
+        TCP_FLAG_ACK, TCP_FLAG_SYN, UDP_HLEN, ptr_at, read,
     },
     refuse,
 };
@@ -47,6 +47,9 @@ pub fn decap(ctx: &XdpContext) -> u32 {
     let Some((ether_type, l3)) = parse::ethernet(ctx) else {
         return xdp_action::XDP_PASS;
     };
+    if tcp_but_not_syn(ctx, ether_type, l3) {
+        return xdp_action::XDP_PASS;
+    }
     let tunnel = match ether_type {
         ETH_P_IPV4 => outer_v4(ctx, l3),
         ETH_P_IPV6 => outer_v6(ctx, l3),
@@ -87,6 +90,29 @@ pub fn decap(ctx: &XdpContext) -> u32 {
     }
     counters::decap(Decap::Decapsulated);
     xdp_action::XDP_PASS
+}
+
+/// A TCP segment other than a SYN: neither a tunnel packet nor anything to refuse. This is
+/// the bulk of a real's traffic (established connections, VIP or not), so it leaves after two
+/// small reads, before the full parse. A later fragment's "flags" are payload bytes: if they
+/// look like a SYN, the full path passes the fragment all the same.
+#[inline(always)]
+fn tcp_but_not_syn(ctx: &XdpContext, ether_type: u16, l3: usize) -> bool {
+    let l4 = match ether_type {
+        ETH_P_IPV4 => match read::<[u8; IPV4_HLEN]>(ctx, l3) {
+            Some(h) if h[0] >> 4 == 4 && h[9] == PROTO_TCP => l3 + ((h[0] & 0x0f) as usize) * 4,
+            _ => return false,
+        },
+        ETH_P_IPV6 => match read::<[u8; 8]>(ctx, l3) {
+            Some(h) if h[0] >> 4 == 6 && h[6] == PROTO_TCP => l3 + IPV6_HLEN,
+            _ => return false,
+        },
+        _ => return false,
+    };
+    match read::<u8>(ctx, l4 + 13) {
+        Some(flags) => flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN,
+        None => false,
+    }
 }
 
 pub fn ether_type_of(family: u8) -> u16 {

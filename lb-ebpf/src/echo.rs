@@ -8,9 +8,9 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{CONFIG_F_VIP_ECHO, FAMILY_V4, Global, VipKey};
 
 use crate::{
-    counters, csum,
+    counters, csum, egress,
     maps::{CONFIG, VIPS},
-    parse::{self, IPV4_HLEN, IPV6_HLEN, ptr_at},
+    parse::{IPV4_HLEN, IPV6_HLEN, ptr_at},
 };
 
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -50,7 +50,8 @@ pub fn answer(ctx: &XdpContext, family: u8, l3: usize, icmp_off: usize) -> Optio
         return None;
     }
     let config = CONFIG.get(0)?;
-    if config.flags & CONFIG_F_VIP_ECHO == 0 || !parse::sent_to(ctx, &config.iface_mac) {
+    // Only a frame sent to an attached interface's MAC: see egress::ingress.
+    if config.flags & CONFIG_F_VIP_ECHO == 0 || egress::ingress(ctx).is_none() {
         return None;
     }
     let mac_at = ptr_at::<[u8; 12]>(ctx, 0)?;

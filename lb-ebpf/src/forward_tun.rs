@@ -1,21 +1,19 @@
-//! TUN forwarding: the packet is encapsulated whole and sent back out of the same interface to
-//! the next hop towards the real, which strips the outer header (xlb_realserver, or a kernel
-//! tunnel) and answers the client directly. The outer header is IPv4 or IPv6 as the service
-//! says (an IPv4 service over IPv6 reals is 4in6), and either bare IP-in-IP (IPIP, IP6IP6,
-//! 4in6) or GUE: outer IP + UDP whose source port comes from the flow hash, so NICs (RSS) and
-//! ECMP routers, which hash the UDP ports, spread a director's flows.
+//! TUN forwarding: the packet is encapsulated whole and sent to the next hop towards the real
+//! (out of the interface the kernel routes it through: egress.rs), which strips the outer header
+//! (xlb_realserver, or a kernel tunnel) and answers the client directly. The outer header is IPv4
+//! or IPv6 as the service says (an IPv4 service over IPv6 reals is 4in6), and either bare
+//! IP-in-IP (IPIP, IP6IP6, 4in6) or GUE: outer IP + UDP whose source port comes from the flow
+//! hash, so NICs (RSS) and ECMP routers, which hash the UDP ports, spread a director's flows.
 //!
 //! Only the outer header is written: the inner packet stays where it is and the L2 header moves
 //! to the new start of the frame, so the cost does not grow with the packet.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{
-    Config, FAMILY_V4, PROTO_TCP, PROTO_UDP, SERVICE_F_GUE, SERVICE_F_OUTER_V6, ServiceValue,
-};
+use lb_common::{FAMILY_V4, PROTO_TCP, PROTO_UDP, SERVICE_F_GUE, SERVICE_F_OUTER_V6, ServiceValue};
 
 use crate::{
     conntrack::Choice,
-    csum,
+    csum, egress,
     maps::CONFIG,
     parse::{
         ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6,
@@ -78,8 +76,6 @@ pub struct TooBig {
     pub mtu: u32,
     /// IPv4 "don't fragment" (false for IPv6).
     pub df: bool,
-    /// The configuration `check` read: the reply needs no second lookup.
-    pub config: &'static Config,
 }
 
 /// Runs before the packet is forwarded (for flows, before scheduling, so that a packet that
@@ -111,13 +107,12 @@ pub fn check(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(), U
         len: inner.len,
         mtu: config.mtu - overhead,
         df: inner.df,
-        config,
     }))
 }
 
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choice) -> u32 {
-    let (Some(config), Some(inner)) = (CONFIG.get(0), inner(ctx, pkt)) else {
+    let Some(inner) = inner(ctx, pkt) else {
         return xdp_action::XDP_ABORTED;
     };
     let backend = &choice.backend;
@@ -136,9 +131,13 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
         // none), so every fragment of a datagram takes the same path.
         label: choice.flow_hash & 0xf_ffff,
         dst_mac: &backend.mac,
-        src_mac: &config.iface_mac,
+        src_mac: &backend.src_mac,
     };
-    wrap_in(ctx, pkt, &inner, &outer, &tunnel, gue_sport)
+    let verdict = wrap_in(ctx, pkt, &inner, &outer, &tunnel, gue_sport);
+    if verdict != xdp_action::XDP_TX {
+        return verdict;
+    }
+    egress::send(ctx, backend)
 }
 
 /// How a service's packets are wrapped.
@@ -222,6 +221,10 @@ pub fn wrap(ctx: &XdpContext, pkt: &Packet, inner: &Inner, outer: &Outer) -> u32
 
 /// Wraps the packet as `tunnel` says: IPv4 or IPv6 outer header, bare or GUE (UDP from
 /// `gue_sport`, network order).
+///
+/// The headers are written straight into the frame once it has grown: none is built on the
+/// stack first, because the balancer's flow path, everything inlined, has little of its 512
+/// bytes of stack to spare.
 #[inline(always)]
 fn wrap_in(
     ctx: &XdpContext,
@@ -231,110 +234,172 @@ fn wrap_in(
     tunnel: &Tunnel,
     gue_sport: u16,
 ) -> u32 {
-    let inner_proto = if pkt.family == FAMILY_V4 {
-        IPPROTO_IPIP
-    } else {
-        IPPROTO_IPV6
-    };
-    let gue = tunnel.gue_dport != 0;
-    let udp_len = (inner.len + UDP_HLEN as u32) as u16;
-    // One buffer for every kind of outer header (the stack is small): IP, then UDP for GUE.
-    let mut g = [0u8; IPV6_HLEN + UDP_HLEN];
-    let ip_len = if tunnel.outer_v6 {
-        IPV6_HLEN
-    } else {
-        IPV4_HLEN
-    };
-    if !tunnel.outer_v6 {
-        g[0] = 0x45;
-        g[1] = inner.tos;
-        let total = inner.len + tunnel.overhead();
-        g[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        // Identification 0 with DF set: an atomic datagram's id means nothing (RFC 6864).
-        g[6] = 0x40;
-        g[8] = OUTER_TTL;
-        g[9] = if gue { PROTO_UDP } else { inner_proto };
-        g[12..16].copy_from_slice(&outer.src[..4]);
-        g[16..20].copy_from_slice(&outer.dst[..4]);
-        let check = csum::finish(csum::add_words(0, &g, 0, IPV4_HLEN));
-        g[10] = check[0];
-        g[11] = check[1];
-    } else {
-        let label = outer.label;
-        g[0] = 0x60 | inner.tos >> 4;
-        g[1] = inner.tos << 4 | (label >> 16) as u8;
-        g[2] = (label >> 8) as u8;
-        g[3] = label as u8;
-        let payload = inner.len + tunnel.overhead() - IPV6_HLEN as u32;
-        g[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
-        g[6] = if gue { PROTO_UDP } else { inner_proto };
-        g[7] = OUTER_TTL;
-        g[8..24].copy_from_slice(outer.src);
-        g[24..40].copy_from_slice(outer.dst);
-    }
     let l2 = pkt.l3_off;
+    let gue = tunnel.gue_dport != 0;
+    // GUE over IPv6 needs the inner packet's sum, taken while the inner header is where the
+    // parser found it.
+    let inner_sum = if gue && tunnel.outer_v6 {
+        inner_sum(ctx, l2, inner)
+    } else {
+        None
+    };
+    let overhead = tunnel.overhead();
+    // SAFETY: the context is the program's own; a failure leaves the frame unchanged.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
+        // No headroom: a driver problem, visible through the xdp_exception tracepoint.
+        return xdp_action::XDP_ABORTED;
+    }
     let ether_type = if tunnel.outer_v6 {
         ETH_P_IPV6
     } else {
         ETH_P_IPV4
     };
+    // adjust_head voids every packet pointer: all are derived afresh from the context. The old
+    // L2 header now lies `overhead` bytes in, where the outer header goes: it moves first.
+    if move_l2(ctx, l2, overhead as usize, ether_type, outer).is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    let next = if gue {
+        PROTO_UDP
+    } else if pkt.family == FAMILY_V4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
+    let written = if tunnel.outer_v6 {
+        write_ipv6(ctx, l2, inner, outer, overhead, next)
+    } else {
+        write_ipv4(ctx, l2, inner, outer, overhead, next)
+    };
+    if written.is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
     if !gue {
-        return if tunnel.outer_v6 {
-            encapsulate(
-                ctx,
-                l2,
-                first::<40, 48>(&g),
-                ether_type,
-                outer.dst_mac,
-                outer.src_mac,
-            )
-        } else {
-            encapsulate(
-                ctx,
-                l2,
-                first::<20, 48>(&g),
-                ether_type,
-                outer.dst_mac,
-                outer.src_mac,
-            )
-        };
+        return xdp_action::XDP_TX;
     }
-    g[ip_len..ip_len + 2].copy_from_slice(&gue_sport.to_ne_bytes());
-    g[ip_len + 2..ip_len + 4].copy_from_slice(&tunnel.gue_dport.to_ne_bytes());
-    g[ip_len + 4..ip_len + 6].copy_from_slice(&udp_len.to_be_bytes());
-    if !tunnel.outer_v6 {
-        // GUE over IPv4 carries a zero UDP checksum, as Linux's FOU and Katran send it (RFC
-        // 8086 3.2.2 allows it for tunnels): the inner packet has its own checksums.
-        return encapsulate(
-            ctx,
-            l2,
-            first::<28, 48>(&g),
-            ether_type,
-            outer.dst_mac,
-            outer.src_mac,
-        );
+    let ip_len = if tunnel.outer_v6 {
+        IPV6_HLEN
+    } else {
+        IPV4_HLEN
+    };
+    let udp_len = ((inner.len + UDP_HLEN as u32) as u16).to_be_bytes();
+    let Some(udp) = ptr_at::<[u8; UDP_HLEN]>(ctx, l2 + ip_len) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let s = gue_sport.to_ne_bytes();
+    let d = tunnel.gue_dport.to_ne_bytes();
+    // GUE over IPv4 carries a zero UDP checksum, as Linux's FOU and Katran send it (RFC
+    // 8086 3.2.2 allows it for tunnels): the inner packet has its own checksums. Over IPv6 it
+    // stays zero where the inner sum cannot be known cheaply (see inner_sum).
+    // SAFETY: ptr_at checked the 8 bytes.
+    unsafe {
+        *udp = [s[0], s[1], d[0], d[1], udp_len[0], udp_len[1], 0, 0];
     }
+    let Some(inner_sum) = inner_sum else {
+        return xdp_action::XDP_TX;
+    };
     // GUE over IPv6: the pseudo-header (addresses, UDP length, next header 17), the UDP header
-    // and the inner packet's sum.
-    if let Some(inner_sum) = inner_sum(ctx, l2, inner) {
-        let sum = csum::add_words(inner_sum, &g, 8, IPV6_HLEN + UDP_HLEN)
-            + udp_len.to_be() as u64
-            + (PROTO_UDP as u16).to_be() as u64;
-        let c = csum::finish(sum);
-        // A sum of zero is sent as all ones: zero means "no checksum" (RFC 768).
-        let c = if c == [0, 0] { [0xff, 0xff] } else { c };
-        g[IPV6_HLEN + 6] = c[0];
-        g[IPV6_HLEN + 7] = c[1];
-    }
-    encapsulate(ctx, l2, &g, ether_type, outer.dst_mac, outer.src_mac)
+    // and the inner packet's sum; addresses and UDP header are read back from the frame.
+    let Some(summed) = ptr_at::<[u8; 32 + UDP_HLEN]>(ctx, l2 + 8) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: ptr_at checked the 40 bytes.
+    let summed = unsafe { &mut *summed };
+    let sum = csum::add(inner_sum, summed)
+        + u16::from_ne_bytes(udp_len) as u64
+        + (PROTO_UDP as u16).to_be() as u64;
+    let c = csum::finish(sum);
+    // A sum of zero is sent as all ones: zero means "no checksum" (RFC 768).
+    let c = if c == [0, 0] { [0xff, 0xff] } else { c };
+    // The checksum: the UDP header's last two bytes.
+    summed[32 + 6] = c[0];
+    summed[32 + 7] = c[1];
+    xdp_action::XDP_TX
 }
 
-/// The first `N` bytes of `M`, as an array reference (no copy).
+/// Moves the L2 header, which the frame's growth by `overhead` bytes left `overhead` bytes in,
+/// to the front, with the outer MACs and `ether_type` (a VLAN tag stays).
 #[inline(always)]
-fn first<const N: usize, const M: usize>(b: &[u8; M]) -> &[u8; N] {
-    const { assert!(N <= M) };
-    // SAFETY: N <= M, checked at compile time; u8 has no alignment.
-    unsafe { &*(b.as_ptr() as *const [u8; N]) }
+fn move_l2(
+    ctx: &XdpContext,
+    l2: usize,
+    overhead: usize,
+    ether_type: u16,
+    outer: &Outer,
+) -> Option<()> {
+    let t = ether_type.to_be_bytes();
+    // SAFETY: ptr_at checked every range written or read below.
+    unsafe {
+        let macs = &mut *ptr_at::<[u8; 12]>(ctx, 0)?;
+        macs[..6].copy_from_slice(outer.dst_mac);
+        macs[6..].copy_from_slice(outer.src_mac);
+        if l2 == L2_MAX {
+            let tag = ptr_at::<[u8; VLAN_HLEN]>(ctx, overhead + ETH_HLEN - 2)?.read_unaligned();
+            let at = ptr_at::<[u8; VLAN_HLEN + 2]>(ctx, ETH_HLEN - 2)?;
+            *at = [tag[0], tag[1], tag[2], tag[3], t[0], t[1]];
+        } else {
+            *ptr_at::<[u8; 2]>(ctx, ETH_HLEN - 2)? = t;
+        }
+    }
+    Some(())
+}
+
+/// Writes an outer IPv4 header at `l2`, `overhead` bytes longer than the inner packet.
+#[inline(always)]
+fn write_ipv4(
+    ctx: &XdpContext,
+    l2: usize,
+    inner: &Inner,
+    outer: &Outer,
+    overhead: u32,
+    next: u8,
+) -> Option<()> {
+    // SAFETY: ptr_at checks the 20 bytes.
+    let h = unsafe { &mut *ptr_at::<[u8; IPV4_HLEN]>(ctx, l2)? };
+    let total = ((inner.len + overhead) as u16).to_be_bytes();
+    {
+        // Identification 0 with DF set: an atomic datagram's id means nothing (RFC 6864).
+        h[..12].copy_from_slice(&[
+            0x45, inner.tos, total[0], total[1], 0, 0, 0x40, 0, OUTER_TTL, next, 0, 0,
+        ]);
+        h[12..16].copy_from_slice(&outer.src[..4]);
+        h[16..20].copy_from_slice(&outer.dst[..4]);
+        let check = csum::finish(csum::add(0, h));
+        h[10] = check[0];
+        h[11] = check[1];
+    }
+    Some(())
+}
+
+/// Writes an outer IPv6 header at `l2`, `overhead` bytes longer than the inner packet.
+#[inline(always)]
+fn write_ipv6(
+    ctx: &XdpContext,
+    l2: usize,
+    inner: &Inner,
+    outer: &Outer,
+    overhead: u32,
+    next: u8,
+) -> Option<()> {
+    // SAFETY: ptr_at checks the 40 bytes.
+    let h = unsafe { &mut *ptr_at::<[u8; IPV6_HLEN]>(ctx, l2)? };
+    let label = outer.label;
+    let payload = ((inner.len + overhead - IPV6_HLEN as u32) as u16).to_be_bytes();
+    {
+        h[..8].copy_from_slice(&[
+            0x60 | inner.tos >> 4,
+            inner.tos << 4 | (label >> 16) as u8,
+            (label >> 8) as u8,
+            label as u8,
+            payload[0],
+            payload[1],
+            next,
+            OUTER_TTL,
+        ]);
+        h[8..24].copy_from_slice(outer.src);
+        h[24..40].copy_from_slice(outer.dst);
+    }
+    Some(())
 }
 
 /// The one's complement sum of the inner packet's `inner.len` bytes, from its headers alone
@@ -382,45 +447,6 @@ fn inner_sum(ctx: &XdpContext, l3: usize, inner: &Inner) -> Option<u64> {
     let pseudo = addrs + (seg_len as u16).to_be() as u64 + (proto as u16).to_be() as u64;
     let negated = u16::from_ne_bytes(csum::finish(pseudo)) as u64;
     Some(ip_sum + negated)
-}
-
-/// Grows the frame by the outer header `N` bytes at the front, moves the L2 header there with
-/// new MACs and the outer header's EtherType (its VLAN tag stays) and writes the outer header
-/// after it.
-#[inline(always)]
-fn encapsulate<const N: usize>(
-    ctx: &XdpContext,
-    l2: usize,
-    outer: &[u8; N],
-    ether_type: u16,
-    dst_mac: &[u8; 6],
-    src_mac: &[u8; 6],
-) -> u32 {
-    // Copied whole: without a tag the last four bytes are the inner header's, overwritten
-    // below by the outer header. One fixed-size copy keeps the verifier's work simple.
-    let Some(mut eth) = read::<[u8; L2_MAX]>(ctx, 0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    eth[..6].copy_from_slice(dst_mac);
-    eth[6..12].copy_from_slice(src_mac);
-    set_ether_type(&mut eth, l2, ether_type);
-    // SAFETY: the context is the program's own; a failure leaves the frame unchanged.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(N as i32)) } != 0 {
-        // No headroom: a driver problem, visible through the xdp_exception tracepoint.
-        return xdp_action::XDP_ABORTED;
-    }
-    // adjust_head voids every packet pointer: both are derived afresh from the context.
-    let (Some(eth_at), Some(outer_at)) =
-        (ptr_at::<[u8; L2_MAX]>(ctx, 0), ptr_at::<[u8; N]>(ctx, l2))
-    else {
-        return xdp_action::XDP_ABORTED;
-    };
-    // SAFETY: ptr_at checked both ranges; the outer header is written last on purpose.
-    unsafe {
-        eth_at.write_unaligned(eth);
-        outer_at.write_unaligned(*outer);
-    }
-    xdp_action::XDP_TX
 }
 
 /// Writes the EtherType of an L2 header of length `l2` (14, or 18 with a tag).

@@ -9,12 +9,9 @@ use lb_common::{FAMILY_V4, Global, PROTO_TCP, PROTO_UDP, SERVICE_F_TUN};
 use crate::{
     conntrack, counters,
     drop::{self, DropReason},
-    forward_dr,
+    egress, forward_dr,
     forward_tun::{self, Unfit},
-    maps::CONFIG,
-    parse::{
-        self, ICMP_DEST_UNREACH, ICMP_HLEN, ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN, Packet, read,
-    },
+    parse::{ICMP_DEST_UNREACH, ICMP_HLEN, ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN, Packet, read},
     service,
 };
 
@@ -34,10 +31,7 @@ pub fn forward_error(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usiz
         return xdp_action::XDP_PASS;
     };
     // As for flows: a frame flooded to us but sent to another director's MAC is its business.
-    if !CONFIG
-        .get(0)
-        .is_some_and(|c| parse::sent_to(ctx, &c.iface_mac))
-    {
+    if egress::ingress(ctx).is_none() {
         return xdp_action::XDP_PASS;
     }
     let Some(choice) = conntrack::peek(&flow, &svc) else {
@@ -56,7 +50,7 @@ pub fn forward_error(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usiz
     } else {
         forward_dr::forward(ctx, &choice.backend)
     };
-    if verdict == xdp_action::XDP_TX {
+    if egress::sent(verdict) {
         counters::global(Global::IcmpErrorForwarded);
     }
     verdict

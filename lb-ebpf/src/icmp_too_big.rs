@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{Config, FAMILY_V4, Global};
+use lb_common::{FAMILY_V4, Global, Iface};
 
 use crate::{
     counters, csum,
@@ -33,16 +33,17 @@ const REPLY_TTL: u8 = 64;
 const IPTOS_PREC_INTERNETCONTROL: u8 = 0xc0;
 const L2_MAX: usize = ETH_HLEN + VLAN_HLEN;
 
-/// Turns the frame into the "too big" reply for `pkt`, advertising `too_big.mtu`: XDP_TX. Drops
+/// Turns the frame into the "too big" reply for `pkt`, advertising `too_big.mtu`, sent back out
+/// of `ingress` (the interface it came in on) by XDP_TX. Drops
 /// it instead when it may not be answered: IPv4 without DF (the sender allowed fragmenting,
 /// which is not the balancer's job), a packet `answerable` refuses, or one shorter than the
 /// quote (only with an MTU below what userspace accepts).
 #[inline(always)]
-pub fn answer(ctx: &XdpContext, pkt: &Packet, too_big: &TooBig) -> u32 {
+pub fn answer(ctx: &XdpContext, pkt: &Packet, too_big: &TooBig, ingress: &Iface) -> u32 {
     if pkt.family == FAMILY_V4 && !too_big.df {
         return drop::drop(ctx, DropReason::TooBig);
     }
-    let Some(verdict) = reply(ctx, pkt, too_big.len, too_big.mtu, too_big.config) else {
+    let Some(verdict) = reply(ctx, pkt, too_big.len, too_big.mtu, ingress) else {
         return drop::drop(ctx, DropReason::TooBig);
     };
     // An aborted reply (no room to rebuild the frame) is lost too, and counted as a drop as
@@ -56,7 +57,7 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet, too_big: &TooBig) -> u32 {
 }
 
 #[inline(always)]
-fn reply(ctx: &XdpContext, pkt: &Packet, len: u32, mtu: u32, config: &Config) -> Option<u32> {
+fn reply(ctx: &XdpContext, pkt: &Packet, len: u32, mtu: u32, ingress: &Iface) -> Option<u32> {
     // The quote must be the datagram's own bytes (`len`, from its header), not padding.
     if len < QUOTE_LEN as u32 {
         return None;
@@ -67,7 +68,7 @@ fn reply(ctx: &XdpContext, pkt: &Packet, len: u32, mtu: u32, config: &Config) ->
     let quote = csum::packet(ptr_at::<[u8; QUOTE_LEN]>(ctx, l2)?)?;
     // Back to where the packet came from (the client or its router), from this interface.
     eth.copy_within(6..12, 0);
-    eth[6..12].copy_from_slice(&config.iface_mac);
+    eth[6..12].copy_from_slice(&ingress.mac);
     if pkt.family == FAMILY_V4 {
         let mut h = [0u8; IPV4_HLEN + ICMP_HLEN];
         h[0] = 0x45;

@@ -10,6 +10,7 @@ mod csum;
 mod decap;
 mod drop;
 mod echo;
+mod egress;
 mod forward_dr;
 mod forward_tun;
 mod icmp_error;
@@ -64,21 +65,18 @@ fn balance(ctx: &XdpContext) -> u32 {
     let Some(svc) = svc else {
         return xdp_action::XDP_PASS;
     };
-    // Only frames sent to our own MAC: a switch flooding unknown unicast (or a promiscuous
-    // NIC) shows us frames meant for another director, which forwards them itself.
-    if !maps::CONFIG
-        .get(0)
-        .is_some_and(|c| parse::sent_to(ctx, &c.iface_mac))
-    {
+    let Some(ingress) = egress::ingress(ctx) else {
         return xdp_action::XDP_PASS;
-    }
+    };
     let tun = svc.flags & SERVICE_F_TUN != 0;
     if tun {
         // Before scheduling: a packet that cannot be encapsulated must not become a flow.
         match forward_tun::check(ctx, &pkt, &svc) {
             Ok(()) => {}
             Err(Unfit::Malformed) => return drop::drop(ctx, DropReason::Malformed),
-            Err(Unfit::TooBig(too_big)) => return icmp_too_big::answer(ctx, &pkt, &too_big),
+            Err(Unfit::TooBig(too_big)) => {
+                return icmp_too_big::answer(ctx, &pkt, &too_big, ingress);
+            }
         }
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;

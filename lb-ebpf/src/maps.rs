@@ -2,13 +2,15 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    btf_maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf,
+    },
     macros::btf_map,
 };
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, DecapConfig, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
-    MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
+    MAX_IFACES, MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -43,6 +45,11 @@ pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAG_CAPACITY as usize }> = L
 
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// The attached interfaces (`Config::ifaces`) as XDP_REDIRECT targets, key = value = ifindex: a frame for a real
+/// routed through another attached interface than the one it came in on leaves through it.
+#[btf_map]
+pub static REDIRECT_PORTS: DevMapHash<{ MAX_IFACES as usize }> = DevMapHash::new();
 
 #[btf_map]
 pub static SERVICE_STATS: PerCpuArray<Counters, { MAX_SERVICES as usize }> = PerCpuArray::new();

@@ -15,8 +15,7 @@ use crate::{
     conntrack::{self, Refused, Sender},
     counters, decap,
     drop::{self, DropReason},
-    forward_dr, forward_tun,
-    maps::CONFIG,
+    egress, forward_dr, forward_tun,
     parse::{
         self, ETH_P_IPV4, ETH_P_IPV6, Fragment, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
         read,
@@ -84,10 +83,7 @@ pub fn refusal(ctx: &XdpContext, t: &Tunnel) -> u32 {
     let Some(svc) = service::lookup(&pkt, pkt.dport) else {
         return xdp_action::XDP_PASS;
     };
-    let Some(config) = CONFIG.get(0) else {
-        return xdp_action::XDP_PASS;
-    };
-    if !parse::sent_to(ctx, &config.iface_mac) {
+    if egress::ingress(ctx).is_none() {
         return xdp_action::XDP_PASS;
     }
     // Reals refuse only whole SYNs and datagrams.

@@ -154,13 +154,20 @@ impl Response {
     }
 }
 
-/// `status`: the attached interface and what the daemon knows of every real.
+/// `status`: the attached interfaces and what the daemon knows of every real.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusReport {
-    pub iface: String,
+    /// In `--iface` order.
+    pub interfaces: Vec<InterfaceReport>,
+    pub services: Vec<ServiceReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InterfaceReport {
+    pub name: String,
+    pub ifindex: u32,
     /// `native` or `generic`.
     pub attach_mode: String,
-    pub services: Vec<ServiceReport>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -184,6 +191,8 @@ pub struct RealReport {
     pub mac: Option<String>,
     /// The real itself (DR), the router towards it (TUN), or why there is none.
     pub next_hop: Option<String>,
+    /// The attached interface the real is reached through, while resolved.
+    pub iface: Option<String>,
     pub state: RealState,
     pub health: Health,
     pub draining: bool,

@@ -35,7 +35,7 @@ pub struct Neighbours {
     handle: Handle,
 }
 
-/// The interface the balancer is attached to.
+/// An interface the balancer is attached to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Interface {
     pub index: u32,
@@ -181,14 +181,11 @@ impl Neighbours {
         Ok(oif.map(|oif| (gateway.unwrap_or(dst), oif)))
     }
 
-    /// Usable (resolved) neighbours on one interface: address -> MAC.
-    pub async fn resolved(&self, ifindex: u32) -> Result<HashMap<IpAddr, Mac>> {
+    /// Usable (resolved) neighbours: (interface, address) -> MAC.
+    pub async fn resolved(&self) -> Result<HashMap<(u32, IpAddr), Mac>> {
         let mut out = HashMap::new();
         let mut stream = self.handle.neighbours().get().execute();
         while let Some(msg) = stream.try_next().await.context("dumping neighbours")? {
-            if msg.header.ifindex != ifindex {
-                continue;
-            }
             let usable = matches!(
                 msg.header.state,
                 NeighbourState::Reachable
@@ -217,7 +214,7 @@ impl Neighbours {
                 }
             }
             if let (Some(a), Some(m)) = (addr, mac) {
-                out.insert(a, m);
+                out.insert((msg.header.ifindex, a), m);
             }
         }
         Ok(out)

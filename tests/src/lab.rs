@@ -332,8 +332,11 @@ pub fn http_url(host: &str, port: u16) -> String {
 /// An xlb daemon as `up` starts it on a director (its files in the state dir).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Daemon {
-    /// The interface its XDP program is attached to (`--iface`).
+    /// The interface its XDP program is attached to (its first `--iface`: it names the pins).
     pub iface: String,
+    /// Every `--iface`, where there are several (a two-arm director).
+    #[serde(default)]
+    pub ifaces: Vec<String>,
     /// Its control socket, for the CLI's `--socket`.
     pub socket: String,
     /// Its `--state` file.
@@ -592,6 +595,20 @@ impl Lab {
         sh("nsenter", &full)
     }
 
+    /// Sends SIGNAL (`TERM`, `KILL`) to the lab's daemon, by its pid file; returns once it is
+    /// gone (or a zombie).
+    pub fn kill_daemon(&self, signal: &str) {
+        let topo = self.topology();
+        let pid = std::fs::read_to_string(&topo.daemon(topo.director()).spawned.pid_file).unwrap();
+        let pid = pid.trim().to_string();
+        assert!(sh("kill", &[&format!("-{signal}"), &pid]).status.success());
+        wait_for("the daemon to exit", Duration::from_secs(10), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+        });
+    }
+
     /// The lab's namespace for `host` (client, dir, r1, ...).
     pub fn ns(&self, host: &str) -> String {
         self.topology().ns(host).to_string()
@@ -723,6 +740,37 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// SIGKILL to `pid`, returning once it is gone (a zombie or reaped). Its sockets close as it
+/// exits, a few ms after the signal: until then its listener still accepts connections that
+/// then die with it, so a test counts a request sent before this returns as in flight at the
+/// kill.
+pub fn kill_9(pid: i32) -> Result<()> {
+    // SAFETY: a plain kill(2).
+    ensure!(
+        unsafe { libc::kill(pid, libc::SIGKILL) } == 0,
+        "kill -9 {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the command name's closing parenthesis.
+            Ok(stat)
+                if !stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z') =>
+            {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            _ => return Ok(()),
+        }
+    }
+    anyhow::bail!("process {pid} still there 2 s after SIGKILL")
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use lb_common::flow_hash;
 use xlb::{
-    control::Balancer,
+    control::{Balancer, Link},
     dataplane::{Dataplane, LoadOptions},
     maglev,
     netlink::Mac,
@@ -24,16 +24,33 @@ pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// The interface BPF_PROG_TEST_RUN runs a program on: lo, ifindex 1 in every namespace.
+pub const TEST_IFINDEX: u32 = 1;
+
+/// A real reached out of the interface its frames come in on (XDP_TX), at `mac`.
+pub fn link(mac: Mac) -> Link {
+    Link {
+        ifindex: TEST_IFINDEX,
+        mac,
+    }
+}
 
 /// A balancer on a freshly loaded program with a small connection table.
 pub fn balancer() -> Balancer {
+    balancer_with_capacity(4096)
+}
+
+/// As [`balancer`], with a connection table of `conn_capacity` flows.
+pub fn balancer_with_capacity(conn_capacity: u32) -> Balancer {
     let dp = Dataplane::load(&LoadOptions {
-        conn_capacity: 4096,
+        conn_capacity,
         ..LoadOptions::default()
     })
     .expect("load the XDP program (run as root after scripts/setup)");
     let mut b = Balancer::new(dp);
-    b.set_iface_mac(DIRECTOR_MAC).unwrap();
+    b.set_interfaces(&[(TEST_IFINDEX, DIRECTOR_MAC)]).unwrap();
     b
 }
 

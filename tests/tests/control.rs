@@ -58,6 +58,15 @@ fn daemon_refuses_an_unknown_interface() {
 }
 
 #[test]
+fn daemon_refuses_an_interface_given_twice_or_an_unknown_further_one() {
+    assert!(xlb_bin().exists(), "build target/release/xlb first");
+    let err = daemon_error(None, &["--iface", "lo", "--iface", "lo"]);
+    assert!(err.contains("interface lo is given twice"), "{err}");
+    let err = daemon_error(None, &["--iface", "lo", "--iface", "xlb-nosuch1"]);
+    assert!(err.contains("xlb-nosuch1"), "{err}");
+}
+
+#[test]
 fn daemon_that_cannot_attach_names_the_mode_it_tried() {
     assert!(xlb_bin().exists(), "build target/release/xlb first");
     // A namespace of our own: its loopback has no native XDP support.
@@ -81,7 +90,7 @@ fn a_replace_the_kernel_cannot_hold_leaves_the_previous_configuration() {
     let mut svc = ServiceConfig::new("198.18.0.100:80/tcp".parse().unwrap());
     for r in reals {
         let addr: IpAddr = r.parse().unwrap();
-        b.set_mac(addr, Some(real_mac(addr))).unwrap();
+        b.set_link(addr, Some(link(real_mac(addr)))).unwrap();
         svc.reals.push(RealConfig::new(addr, 100));
     }
     let before = Config {

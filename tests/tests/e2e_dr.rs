@@ -6,7 +6,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::Path,
     process::{Command, Output},
     time::{Duration, Instant},
 };
@@ -268,7 +267,7 @@ fn dr_lab_end_to_end() {
     let mut conn = KeepAlive::start();
     let (port, holder) = conn.next_answer();
     for (round, extra) in [(1, None), (2, Some("4096"))] {
-        kill_daemon("KILL");
+        LAB.kill_daemon("KILL");
         // Nobody manages the data path now; it forwards on its own for a second.
         let answered = conn.answers_for(Duration::from_secs(1));
         assert!(
@@ -326,7 +325,7 @@ fn dr_lab_end_to_end() {
 
     // `xlb detach` takes the data path away: no XDP program on the interface, no pins, and
     // the VIP is no longer served.
-    kill_daemon("TERM");
+    LAB.kill_daemon("TERM");
     assert!(
         get(&url).is_some(),
         "a stopped daemon's data path must keep forwarding"
@@ -346,17 +345,6 @@ fn dr_lab_end_to_end() {
     let link = sh("ip", &["-n", topo.ns(dir), "link", "show", &daemon.iface]);
     assert!(!text(&link).contains("xdp"), "{}", text(&link));
     assert!(get(&url).is_none(), "the VIP is still served after detach");
-}
-
-/// SIGNAL to the lab's daemon; returns once it is gone.
-fn kill_daemon(signal: &str) {
-    let topo = LAB.topology();
-    let pid = std::fs::read_to_string(&topo.daemon(topo.director()).spawned.pid_file).unwrap();
-    let pid = pid.trim().to_string();
-    assert!(sh("kill", &[&format!("-{signal}"), &pid]).status.success());
-    wait_for("the daemon to exit", Duration::from_secs(10), || {
-        !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid)
-    });
 }
 
 /// Bounded continuous load: one request at a time on new connections, for at most 60 s or
@@ -441,10 +429,4 @@ impl KeepAlive {
         );
         (words[0].to_string(), words[1].to_string())
     }
-}
-
-fn is_zombie(pid: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.contains(") Z "))
-        .unwrap_or(true)
 }

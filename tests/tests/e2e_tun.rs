@@ -75,7 +75,6 @@ fn spread(url: &str, n: usize) -> (BTreeMap<String, usize>, usize, Vec<String>) 
     LAB.spread(url, n, diagnostics)
 }
 
-/// What a failure message needs: the lab's status and the end of the daemon's log.
 fn diagnostics() -> String {
     LAB.diagnostics()
 }
@@ -296,7 +295,7 @@ fn tun_lab_end_to_end() {
         });
         let words: Vec<&str> = answer.split_whitespace().collect();
         assert!(
-            words.len() == 3
+            words.len() == 4
                 && reals.iter().any(|r| r.0 == words[0])
                 && words[1] == client
                 && words[2] == POST_BYTES.to_string(),

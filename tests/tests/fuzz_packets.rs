@@ -124,7 +124,7 @@ fn director() -> Balancer {
                 } else {
                     NEXT_HOP_MAC
                 };
-                b.set_mac(r, Some(mac)).unwrap();
+                b.set_link(r, Some(link(mac))).unwrap();
                 cfg.reals.push(RealConfig::new(r, 100));
             }
         }

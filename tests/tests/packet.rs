@@ -24,7 +24,7 @@ fn with_service(service: &str, reals: &[&str], hash: HashKind) -> (Balancer, Ser
     let mut cfg = ServiceConfig::new(addr);
     cfg.hash = hash;
     for r in reals {
-        b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
+        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
         cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();
@@ -203,7 +203,7 @@ fn an_established_flow_keeps_its_real_when_the_reals_change() {
         (XDP_TX, dr_rewritten(&syn, ip("198.18.0.11")))
     );
     for r in more {
-        b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
+        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
         b.add_real(&svc, RealConfig::new(ip(r), 100)).unwrap();
     }
     b.set_weight(&svc, ip("198.18.0.11"), 50).unwrap();
@@ -239,7 +239,7 @@ fn flows_of_a_removed_real_are_rescheduled_and_its_id_reuse_does_not_inherit_the
         b.dataplane().global_counter(Global::DropNoBackend).unwrap(),
         1
     );
-    b.set_mac(ip("198.18.0.12"), Some(real_mac(ip("198.18.0.12"))))
+    b.set_link(ip("198.18.0.12"), Some(link(real_mac(ip("198.18.0.12")))))
         .unwrap();
     b.add_real(&svc, RealConfig::new(ip("198.18.0.12"), 100))
         .unwrap();
@@ -262,7 +262,7 @@ fn a_real_with_an_unknown_mac_gets_nothing() {
         );
     }
     // Its MAC lost: the tracked flows re-schedule, nothing goes to a zero MAC.
-    b.set_mac(ip("198.18.0.11"), None).unwrap();
+    b.set_link(ip("198.18.0.11"), None).unwrap();
     let ack = Frame::tcp(CLIENT4, VIP4, 1000, 80, ACK).bytes();
     assert_eq!(run(&mut b, &ack).0, XDP_DROP);
 }
@@ -388,8 +388,8 @@ fn counters_count_packets_bytes_and_new_flows_per_service_and_real() {
     let real = b.real_backend_id(&svc, ip("198.18.0.11")).unwrap();
     let expect_bytes = (syn.len() + 2 * ack.len()) as u64;
     for c in [
-        b.dataplane().service_counters(id).unwrap(),
-        b.dataplane().backend_counters(real).unwrap(),
+        b.dataplane().all_service_counters().unwrap()[id as usize],
+        b.dataplane().all_backend_counters().unwrap()[real as usize],
     ] {
         assert_eq!((c.packets, c.bytes, c.new_flows), (3, expect_bytes, 1));
     }
@@ -491,7 +491,7 @@ fn a_real_going_down_moves_its_flows_unless_the_service_keeps_them() {
         let mut cfg = ServiceConfig::new(svc);
         cfg.on_down = on_down;
         for r in REALS4 {
-            b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
+            b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
             cfg.reals.push(RealConfig::new(ip(r), 100));
         }
         b.add_service(cfg).unwrap();
@@ -554,7 +554,7 @@ fn with_every_real_down_new_flows_go_to_the_fallback_or_are_dropped() {
         let mut cfg = ServiceConfig::new(svc);
         cfg.fallback = fallback;
         for r in &all {
-            b.set_mac(ip(r), Some(real_mac(ip(r)))).unwrap();
+            b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
         }
         for r in REALS4 {
             cfg.reals.push(RealConfig::new(ip(r), 100));

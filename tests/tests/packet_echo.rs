@@ -24,7 +24,8 @@ fn director() -> Balancer {
         ("[fd00:18::100]:53/udp", "fd00:18::11"),
     ] {
         let mut cfg = ServiceConfig::new(svc.parse().unwrap());
-        b.set_mac(ip(real), Some(real_mac(ip(real)))).unwrap();
+        b.set_link(ip(real), Some(link(real_mac(ip(real)))))
+            .unwrap();
         cfg.reals.push(RealConfig::new(ip(real), 100));
         b.add_service(cfg).unwrap();
     }

@@ -49,7 +49,7 @@ fn service(
     cfg.encap = encap;
     cfg.gue_port = gue_port;
     for r in reals {
-        b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
+        b.set_link(ip(r), Some(link(NEXT_HOP_MAC))).unwrap();
         cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();
@@ -726,7 +726,7 @@ fn a_tunnel_source_prefix_gives_each_flow_an_outer_source() {
         cfg.mode = Mode::Tun;
         cfg.tunnel_src_prefix = Some(prefix.parse().unwrap());
         for r in reals.iter() {
-            b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
+            b.set_link(ip(r), Some(link(NEXT_HOP_MAC))).unwrap();
             cfg.reals.push(RealConfig::new(ip(r), 100));
         }
         b.add_service(cfg).unwrap();

@@ -109,7 +109,7 @@ fn balancer_with(service: &str, mode: Mode, reals: &[&str]) -> (Balancer, Servic
     let mut cfg = ServiceConfig::new(addr);
     cfg.mode = mode;
     for r in reals {
-        b.set_mac(ip(r), Some(mac_for(mode, ip(r)))).unwrap();
+        b.set_link(ip(r), Some(link(mac_for(mode, ip(r))))).unwrap();
         cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();
@@ -279,7 +279,7 @@ fn errors_about_a_tracked_flow_go_to_its_real_in_tun_mode() {
             )
         );
         for r in &reals[1..] {
-            b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
+            b.set_link(ip(r), Some(link(NEXT_HOP_MAC))).unwrap();
             b.add_real(&svc, RealConfig::new(ip(r), 100)).unwrap();
         }
         for error in f.errors {
@@ -439,7 +439,7 @@ fn errors_about_other_traffic_pass_untouched() {
 #[test]
 fn an_error_about_a_service_without_a_usable_real_is_dropped() {
     let (mut b, _) = balancer_with(V4.service, Mode::Dr, &V4.reals[..1]);
-    b.set_mac(ip(V4.reals[0]), None).unwrap();
+    b.set_link(ip(V4.reals[0]), None).unwrap();
     let input = error_about(&V4, &reply(&V4, 40000), ERRORS4[0], 512).bytes();
     assert_eq!(run(&mut b, &input).0, XDP_DROP);
     assert_eq!(global(&mut b, Global::DropNoBackend), 1);

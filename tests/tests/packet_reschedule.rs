@@ -43,7 +43,7 @@ fn service(service: &str, reals: &[&str], mode: Mode) -> (Balancer, ServiceAddr)
         } else {
             NEXT_HOP_MAC
         };
-        b.set_mac(ip(r), Some(mac)).unwrap();
+        b.set_link(ip(r), Some(link(mac))).unwrap();
         cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();
@@ -60,7 +60,7 @@ fn global(b: &mut Balancer, which: Global) -> u64 {
 
 fn refusals_of(b: &mut Balancer, svc: &ServiceAddr, real: IpAddr) -> u64 {
     let id = b.real_backend_id(svc, real).unwrap();
-    b.dataplane().backend_counters(id).unwrap().refusals
+    b.dataplane().all_backend_counters().unwrap()[id as usize].refusals
 }
 
 fn dr_to(frame: &[u8], real: IpAddr) -> Vec<u8> {

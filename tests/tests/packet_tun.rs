@@ -40,7 +40,7 @@ fn tun_service(service: &str, reals: &[&str], tunnel_src: Option<&str>) -> (Bala
     cfg.mode = Mode::Tun;
     cfg.tunnel_src = tunnel_src.map(ip);
     for r in reals {
-        b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
+        b.set_link(ip(r), Some(link(NEXT_HOP_MAC))).unwrap();
         cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();
@@ -418,7 +418,7 @@ fn an_established_flow_keeps_its_real_over_tun_when_the_reals_change() {
         (XDP_TX, tun_expected(&syn, DEFAULT_SRC4, ip(first), 0))
     );
     for r in more {
-        b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
+        b.set_link(ip(r), Some(link(NEXT_HOP_MAC))).unwrap();
         b.add_real(&svc, RealConfig::new(ip(r), 100)).unwrap();
     }
     assert_eq!(
@@ -451,8 +451,8 @@ fn tun_packets_are_counted_like_dr_ones() {
     // Bytes as received, before encapsulation, as DR counts them.
     let bytes = (syn.len() + 2 * ack.len()) as u64;
     for c in [
-        b.dataplane().service_counters(id).unwrap(),
-        b.dataplane().backend_counters(real).unwrap(),
+        b.dataplane().all_service_counters().unwrap()[id as usize],
+        b.dataplane().all_backend_counters().unwrap()[real as usize],
     ] {
         assert_eq!((c.packets, c.bytes, c.new_flows), (3, bytes, 1));
     }
@@ -464,7 +464,8 @@ fn tun_packets_are_counted_like_dr_ones() {
 fn tun_and_dr_services_live_side_by_side() {
     let (mut b, _) = tun_service("198.18.0.100:80/tcp", &REALS4, None);
     let dr_real = "198.18.0.11";
-    b.set_mac(ip(dr_real), Some(real_mac(ip(dr_real)))).unwrap();
+    b.set_link(ip(dr_real), Some(link(real_mac(ip(dr_real)))))
+        .unwrap();
     let mut dr = ServiceConfig::new("198.18.0.100:81/tcp".parse().unwrap());
     dr.reals.push(RealConfig::new(ip(dr_real), 100));
     b.add_service(dr).unwrap();
@@ -828,7 +829,7 @@ fn hash_kind_src_ip_still_labels_flows_by_five_tuple() {
     cfg.mode = Mode::Tun;
     cfg.hash = HashKind::SrcIp;
     for r in REALS6 {
-        b.set_mac(ip(r), Some(NEXT_HOP_MAC)).unwrap();
+        b.set_link(ip(r), Some(link(NEXT_HOP_MAC))).unwrap();
         cfg.reals.push(RealConfig::new(ip(r), 100));
     }
     b.add_service(cfg).unwrap();

@@ -3,16 +3,18 @@
 //! `repeat = N` would rerun the program on its own output (a DR rewrite turns into a pass from
 //! the second run on), so every sample is one call with repeat = 1. The empty program
 //! (`xlb_pass`) is measured the same way in the same run and its median is the floor: the
-//! syscall and test-run harness cost that every path pays. The decapsulator is a second load
-//! of the same object, measured against the same floor.
+//! syscall and test-run harness cost that every path pays. The real server's program
+//! (`xlb_realserver`: decapsulation and refusals) is a second load of the same object, measured
+//! against the same floor; its `real_*` paths are a DR real with refusals on, whose socket
+//! lookups run in this process's network namespace (where the bench listens on the port).
 //!
 //! "Over the floor" subtracts the floor's statistic of the same rank: a path's median minus
 //! the floor's median, its p99 minus the floor's p99 (the harness has a tail of its own).
 
-use std::{fs, path::Path};
+use std::{fs, net::TcpListener, path::Path};
 
 use anyhow::{Context, Result, bail};
-use lb_common::DEFAULT_GUE_PORT;
+use lb_common::{DEFAULT_GUE_PORT, VIP_F_DR, VIP_F_REFUSE, VipValue};
 use serde_json::{Map, Value, json};
 use xlb::{
     control::Balancer,
@@ -25,19 +27,17 @@ use xlb_tests::{
 };
 
 use crate::{
+    bench_flows::{self, FlowsRow},
     bench_rate::Rates,
     bench_setup::{
         CLIENT4, CLIENT6, MTU, ROUTER_MAC, TUN_REALS4, TUN_SRC4, balancer_with_services, establish,
         pin_to_one_cpu, verdict_name,
     },
+    bench_stats::{ROUND, Stats, over, stats},
 };
 
 pub const DEFAULT_CALLS: usize = 200_000;
 pub const QUICK_CALLS: usize = 20_000;
-
-/// Calls per path before moving to the next path: small enough that drift (frequency, noisy
-/// neighbours) hits every path alike, large enough to keep caches warm within a round.
-const ROUND: usize = 1_000;
 
 /// One measured path: a program, the frame it runs on every call, and what it must return.
 struct BenchPath {
@@ -48,13 +48,6 @@ struct BenchPath {
     verdict: u32,
     /// Budget for the median over the floor, in ns.
     target_ns: Option<u64>,
-}
-
-/// Median and p99 of one path's samples, in ns.
-#[derive(Clone, Copy)]
-pub struct Stats {
-    pub median: u64,
-    pub p99: u64,
 }
 
 /// One path's result.
@@ -73,10 +66,16 @@ pub struct DataPath {
     pub cpu: usize,
     pub floor: Stats,
     pub rows: Vec<Row>,
+    /// The established paths with many flows (bench_flows.rs).
+    pub flows: Vec<FlowsRow>,
+    /// The balancer program's size, translated and JIT-ed, in bytes.
+    pub prog_xlated_bytes: u32,
+    pub prog_jited_bytes: u32,
 }
 
-/// Measures every path and prints the table.
-pub fn run(calls: usize) -> Result<DataPath> {
+/// Measures every path and prints the table; then the established paths with each flow count
+/// of `flow_counts`.
+pub fn run(calls: usize, flow_counts: &[(&'static str, usize)]) -> Result<DataPath> {
     let cpu = pin_to_one_cpu()?;
     let mut progs = Programs {
         balancer: balancer_with_services()?,
@@ -85,7 +84,18 @@ pub fn run(calls: usize) -> Result<DataPath> {
     progs.decap.add_vip("198.18.0.101".parse()?)?;
     progs.decap.add_vip("198.18.0.102".parse()?)?;
     progs.decap.set_gue_port(DEFAULT_GUE_PORT)?;
-    let paths = bench_paths(&mut progs.balancer)?;
+    // A DR real of 198.18.0.100 with refusals on, and a server listening on every address.
+    let mut real_addr = [0; 16];
+    real_addr[..4].copy_from_slice(&[198, 18, 0, 11]);
+    progs.decap.add_vip_with(
+        "198.18.0.100".parse()?,
+        VipValue {
+            real_addr,
+            flags: VIP_F_REFUSE | VIP_F_DR,
+        },
+    )?;
+    let listener = TcpListener::bind("0.0.0.0:0").context("listening for the real's paths")?;
+    let paths = bench_paths(&mut progs.balancer, listener.local_addr()?.port())?;
     check_verdicts(&mut progs, &paths)?;
 
     eprintln!(
@@ -106,13 +116,27 @@ pub fn run(calls: usize) -> Result<DataPath> {
             target_ns: p.target_ns,
         })
         .collect();
-    let dp = DataPath {
+    let (prog_xlated_bytes, prog_jited_bytes) =
+        progs.balancer.dataplane().program_sizes(BALANCER_PROGRAM)?;
+    let mut dp = DataPath {
         calls,
         cpu,
         floor,
         rows,
+        flows: Vec::new(),
+        prog_xlated_bytes,
+        prog_jited_bytes,
     };
     print_table(&dp);
+    drop(listener);
+    drop(progs);
+    println!(
+        "{BALANCER_PROGRAM}: {prog_xlated_bytes} bytes translated, {prog_jited_bytes} JIT-ed\n\n\
+         established paths with many flows, each call a different flow in random order:\n\
+         {:<26} {:>8} {:>8} {:>12} {:>12}",
+        "path", "median", "p99", "median-floor", "p99-floor"
+    );
+    dp.flows = bench_flows::run(calls, flow_counts)?;
     Ok(dp)
 }
 
@@ -160,7 +184,8 @@ impl Programs {
 }
 
 /// The paths, floor first. Established paths get their flow into the connection table here.
-fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
+/// `listening`: a port with a listener, for the real's SYN path.
+fn bench_paths(b: &mut Balancer, listening: u16) -> Result<Vec<BenchPath>> {
     let pass_v4 = Frame::tcp(CLIENT4, "198.18.0.2", 40000, 22, SYN).bytes();
     let pass_v6 = Frame::tcp(CLIENT6, "fd00:18::2", 40000, 22, SYN).bytes();
     let syn_v4 = Frame::tcp(CLIENT4, "198.18.0.100", 40001, 80, SYN).bytes();
@@ -206,6 +231,14 @@ fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
         );
         encapsulate(&gue_established_v4, ROUTER_MAC, DIRECTOR_MAC, &outer)
     };
+    // What a DR real receives: a SYN to a port with a listener (looked up, passed), a packet of
+    // an established connection (passed without a lookup), a SYN to a port without one
+    // (refused: back to the director in IPIP), traffic for no VIP.
+    let real_syn_listener = Frame::tcp(CLIENT4, "198.18.0.100", 40001, listening, SYN).bytes();
+    let real_established = Frame::tcp(CLIENT4, "198.18.0.100", 40002, listening, ACK).bytes();
+    let closed = TcpListener::bind("0.0.0.0:0")?.local_addr()?.port();
+    let real_refusal = Frame::tcp(CLIENT4, "198.18.0.100", 40003, closed, SYN).bytes();
+    let real_non_vip = Frame::tcp(CLIENT4, "198.18.0.11", 40004, 22, ACK).bytes();
 
     let path = |name, program, frame, verdict, target_ns| BenchPath {
         name,
@@ -280,6 +313,28 @@ fn bench_paths(b: &mut Balancer) -> Result<Vec<BenchPath>> {
         path("echo_v4", BALANCER_PROGRAM, echo_v4, XDP_TX, None),
         path("decap_v4", DECAP_PROGRAM, decap_v4, XDP_PASS, Some(60)),
         path(
+            "real_syn_listener_v4",
+            DECAP_PROGRAM,
+            real_syn_listener,
+            XDP_PASS,
+            None,
+        ),
+        path(
+            "real_established_v4",
+            DECAP_PROGRAM,
+            real_established,
+            XDP_PASS,
+            None,
+        ),
+        path(
+            "real_non_vip_v4",
+            DECAP_PROGRAM,
+            real_non_vip,
+            XDP_PASS,
+            None,
+        ),
+        path("real_refusal_v4", DECAP_PROGRAM, real_refusal, XDP_TX, None),
+        path(
             "decap_gue_v4",
             DECAP_PROGRAM,
             decap_gue_v4,
@@ -327,28 +382,6 @@ fn measure(progs: &mut Programs, paths: &[BenchPath], calls: usize) -> Result<Ve
     Ok(samples)
 }
 
-fn stats(mut samples: Vec<u64>) -> Stats {
-    samples.sort_unstable();
-    Stats {
-        median: percentile(&samples, 0.50),
-        p99: percentile(&samples, 0.99),
-    }
-}
-
-/// Nearest-rank percentile of sorted, non-empty samples.
-fn percentile(sorted: &[u64], q: f64) -> u64 {
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// Raw minus the floor's statistic of the same rank, at least 0: the program's own cost.
-fn over(raw: Stats, floor: Stats) -> Stats {
-    Stats {
-        median: raw.median.saturating_sub(floor.median),
-        p99: raw.p99.saturating_sub(floor.p99),
-    }
-}
-
 fn print_table(dp: &DataPath) {
     println!(
         "{:<20} {:>10} {:>10} {:>12} {:>12} {:>8}  status",
@@ -370,6 +403,36 @@ fn print_table(dp: &DataPath) {
             r.name, r.raw.median, r.raw.p99, r.net.median, r.net.p99, target, status
         );
     }
+    for (path, ratio) in real_side_ratios(dp) {
+        let status = if ratio <= 0.3 { "ok" } else { "MISS" };
+        println!(
+            "{path} / dr_established_v4 (over the floor): {ratio:.2} (goal <= 0.30)  {status}"
+        );
+    }
+}
+
+/// The real server's cost on traffic it does not refuse against the director's DR established
+/// path, both over the floor, two decimals; the goal is at most 0.3 (the real's program must
+/// cost next to nothing on the traffic it serves).
+fn real_side_ratios(dp: &DataPath) -> Vec<(&'static str, f64)> {
+    let net = |name: &str| {
+        dp.rows
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.net.median)
+    };
+    let Some(dr) = net("dr_established_v4").filter(|&ns| ns > 0) else {
+        return Vec::new();
+    };
+    ["real_established_v4", "real_non_vip_v4"]
+        .into_iter()
+        .filter_map(|path| {
+            Some((
+                path,
+                (net(path)? as f64 / dr as f64 * 100.0).round() / 100.0,
+            ))
+        })
+        .collect()
 }
 
 /// The issue's tail target: p99 within twice the median (both over the floor).
@@ -395,7 +458,18 @@ fn summary_json(dp: &DataPath, rates: &Rates) -> Result<Value> {
         let ratio = (r.raw.median as f64 / dp.floor.median as f64 * 100.0).round() / 100.0;
         ratios.insert(r.name.into(), json!(ratio));
     }
+    for f in &dp.flows {
+        let mut figures = stats_json(f.net);
+        figures["floor_ns"] = json!(f.floor.median);
+        figures["hit_ratio"] = json!((f.hit_ratio * 1e4).round() / 1e4);
+        summary.insert(f.name.clone(), figures);
+    }
+    summary.insert("prog_xlated_bytes".into(), json!(dp.prog_xlated_bytes));
+    summary.insert("prog_jited_bytes".into(), json!(dp.prog_jited_bytes));
     summary.insert("ratios".into(), Value::Object(ratios));
+    for (path, ratio) in real_side_ratios(dp) {
+        summary.insert(format!("{path}_over_dr_established"), json!(ratio));
+    }
     summary.insert("raw".into(), Value::Object(raw));
     summary.insert("rate".into(), rates.to_json());
     summary.insert("calls_per_path".into(), json!(dp.calls));

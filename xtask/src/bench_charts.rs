@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Result, anyhow};
 use plotters::{
-    coord::Shift,
+    coord::{CoordTranslate, Shift},
     prelude::*,
     style::{FontStyle, register_font},
 };
@@ -16,16 +16,21 @@ use crate::{
     bench_rate::{GOAL, Rates},
 };
 
-const FONT: &str = "sans-serif";
+pub const FONT: &str = "sans-serif";
 const MEDIAN: RGBColor = RGBColor(0x2b, 0x6c, 0xb0);
 const P99: RGBColor = RGBColor(0x9e, 0xc5, 0xe8);
 const TARGET: RGBColor = RGBColor(0xc0, 0x39, 0x2b);
 const CEILING: RGBColor = RGBColor(0x7f, 0x8c, 0x8d);
 
-pub fn render(dp: &DataPath, rates: &Rates, dir: &Path) -> Result<()> {
+/// Makes the embedded font the one `FONT` names; every chart calls it first.
+pub fn register() -> Result<()> {
     // Registering twice is harmless; the font lives as long as the program.
     register_font(FONT, FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| anyhow!("the embedded DejaVu Sans font did not parse"))?;
+        .map_err(|_| anyhow!("the embedded DejaVu Sans font did not parse"))
+}
+
+pub fn render(dp: &DataPath, rates: &Rates, dir: &Path) -> Result<()> {
+    register()?;
     for (name, draw) in [
         (
             "datapath.png",
@@ -43,9 +48,32 @@ pub fn render(dp: &DataPath, rates: &Rates, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+pub type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
-fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+/// The legend of a chart's labelled series, boxed, at `position`.
+pub fn legend<'a, 'b: 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .draw()
+        .map_err(plot_err)
+}
+
+/// The label of a segmented axis: one name per segment, at its centre.
+pub fn segment_name(names: &[&str], v: &SegmentValue<u32>) -> String {
+    match v {
+        SegmentValue::CenterOf(i) => names.get(*i as usize).unwrap_or(&"").to_string(),
+        _ => String::new(),
+    }
+}
+
+pub fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing a chart: {e:?}")
 }
 
@@ -78,10 +106,7 @@ fn datapath(area: &Area, dp: &DataPath) -> Result<()> {
         .configure_mesh()
         .disable_y_mesh()
         .x_desc("ns over the floor (BPF_PROG_TEST_RUN, one call per sample)")
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => names.get(*i as usize).unwrap_or(&"").to_string(),
-            _ => String::new(),
-        })
+        .y_label_formatter(&|v| segment_name(&names, v))
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 15))
         .draw()
@@ -150,14 +175,7 @@ fn datapath(area: &Area, dp: &DataPath) -> Result<()> {
             )
         }))
         .map_err(plot_err)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font((FONT, 14))
-        .draw()
-        .map_err(plot_err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     Ok(())
 }
 
@@ -186,10 +204,7 @@ fn rate(area: &Area, rates: &Rates) -> Result<()> {
         .configure_mesh()
         .disable_y_mesh()
         .x_desc("Mpps, kernel time (bar: median of the rounds; dots: each round)")
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => names.get(*i as usize).unwrap_or(&"").to_string(),
-            _ => String::new(),
-        })
+        .y_label_formatter(&|v| segment_name(&names, v))
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 15))
         .draw()
@@ -242,13 +257,6 @@ fn rate(area: &Area, rates: &Rates) -> Result<()> {
         .legend(|(x, y)| {
             PathElement::new(vec![(x + 8, y - 7), (x + 8, y + 7)], TARGET.stroke_width(2))
         });
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font((FONT, 14))
-        .draw()
-        .map_err(plot_err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     Ok(())
 }

@@ -10,6 +10,11 @@
 //! The forwarders, in interleaved rounds: `xlb_bench_swap` (swap MACs, XDP_TX: the ceiling of
 //! this setup), the balancer on an established DR flow, and on an established TUN flow. Each
 //! path's figure is its median over the rounds; its ratio is that over the ceiling's median.
+//!
+//! The redirect path (a two-arm director): a second pair `rdr` <-> `rdrsink`, the DR reals
+//! reached through `rdr`. The balancer on `fwd` sends the DR flow's frames by XDP_REDIRECT
+//! into `rdr`, and a second sink on `rdrsink` counts them (the peer of a veth a frame is
+//! redirected into must run an XDP program for it to be delivered).
 
 use std::{
     fs::File,
@@ -31,12 +36,16 @@ use xlb::{
     dataplane::{EBPF_OBJECT, XdpModeChoice},
 };
 
+use xlb_tests::DIRECTOR_MAC;
+
 use crate::bench_setup;
 
 /// The namespace's name is this prefix and the bench's pid, so that two runs never share one.
 const NETNS_PREFIX: &str = "xlb-bench-";
 const GEN_IF: &str = "gen";
 const FWD_IF: &str = "fwd";
+const RDR_IF: &str = "rdr";
+const RDR_SINK_IF: &str = "rdrsink";
 /// Frames BPF_PROG_RUN hands the generator per batch (the kernel's default).
 const BATCH: u32 = 64;
 
@@ -50,7 +59,12 @@ pub const GOAL: f64 = 0.85;
 
 /// The measured paths, the ceiling first.
 const CEILING: &str = "ceiling";
-const PATHS: [&str; 3] = [CEILING, "dr_established_v4", "tun_established_v4"];
+const PATHS: [&str; 4] = [
+    CEILING,
+    "dr_established_v4",
+    "tun_established_v4",
+    "dr_redirect_v4",
+];
 
 /// One run of one path, in millions of frames per second.
 #[derive(Clone, Copy)]
@@ -128,7 +142,10 @@ pub fn run(quick: bool) -> Result<Rates> {
 fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
     let mut bench_progs = BenchPrograms::load()?;
     bench_progs.attach_sink(GEN_IF)?;
+    bench_progs.attach_sink(RDR_SINK_IF)?;
     let gen_ifindex = ifindex(GEN_IF)?;
+    let fwd = ifindex(FWD_IF)?;
+    let rdr = ifindex(RDR_IF)?;
 
     let mut samples: Vec<Vec<Sample>> = PATHS.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
@@ -142,9 +159,16 @@ fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
         samples[0].push(bench_progs.rate(gen_ifindex, &dr, frames, None)?);
         bench_progs.detach_swap(link)?;
 
-        balancer.dataplane().attach(FWD_IF, XdpModeChoice::Native)?;
+        bench_setup::move_reals(&mut balancer, &[(fwd, DIRECTOR_MAC)], fwd, fwd)?;
+        balancer
+            .dataplane()
+            .attach(FWD_IF, fwd, XdpModeChoice::Native)?;
         samples[1].push(bench_progs.rate(gen_ifindex, &dr, frames, Some(&mut balancer))?);
         samples[2].push(bench_progs.rate(gen_ifindex, &tun, frames, Some(&mut balancer))?);
+
+        let ifaces = [(fwd, DIRECTOR_MAC), (rdr, DIRECTOR_MAC)];
+        bench_setup::move_reals(&mut balancer, &ifaces, fwd, rdr)?;
+        samples[3].push(bench_progs.rate(gen_ifindex, &dr, frames, Some(&mut balancer))?);
     }
     let medians: Vec<f64> = samples
         .iter()
@@ -372,10 +396,10 @@ impl Netns {
                 std::fs::write(&knob, "1").with_context(|| format!("writing {knob}"))?;
             }
             // `ip` runs in this thread's namespace, now the bench's.
-            ip(&[
-                "link", "add", GEN_IF, "type", "veth", "peer", "name", FWD_IF,
-            ])?;
-            for dev in [GEN_IF, FWD_IF] {
+            for (a, b) in [(GEN_IF, FWD_IF), (RDR_IF, RDR_SINK_IF)] {
+                ip(&["link", "add", a, "type", "veth", "peer", "name", b])?;
+            }
+            for dev in [GEN_IF, FWD_IF, RDR_IF, RDR_SINK_IF] {
                 ip(&["link", "set", dev, "up"])?;
             }
             Ok(())

@@ -5,10 +5,11 @@
 use anyhow::{Result, bail, ensure};
 use xlb::{
     config::{Encap, Mode, RealConfig, ServiceAddr, ServiceConfig},
-    control::Balancer,
+    control::{Balancer, Link},
     dataplane::BALANCER_PROGRAM,
+    netlink::Mac,
 };
-use xlb_tests::{ACK, Frame, SYN, XDP_TX, real_mac};
+use xlb_tests::{ACK, Frame, SYN, XDP_TX, link, real_mac};
 
 pub const CLIENT4: &str = "198.18.1.1";
 pub const CLIENT6: &str = "fd00:18:1::1";
@@ -49,7 +50,15 @@ pub fn pin_to_one_cpu() -> Result<usize> {
 /// in DR mode, and the same in TUN mode (on other VIPs) with the MTU check on: IPIP, GUE, and
 /// 4in6.
 pub fn balancer_with_services() -> Result<Balancer> {
-    let mut b = xlb_tests::balancer();
+    services(xlb_tests::balancer())
+}
+
+/// As [`balancer_with_services`], with a connection table of `conn_capacity` flows.
+pub fn balancer_with_capacity(conn_capacity: u32) -> Result<Balancer> {
+    services(xlb_tests::balancer_with_capacity(conn_capacity))
+}
+
+fn services(mut b: Balancer) -> Result<Balancer> {
     b.set_default_tunnel_sources(Some(TUN_SRC4.parse()?), Some(TUN_SRC6.parse()?));
     b.set_mtu(MTU)?;
     for (service, reals, mode, encap, tunnel_src) in [
@@ -78,12 +87,46 @@ pub fn balancer_with_services() -> Result<Balancer> {
                 Mode::Dr => real_mac(addr),
                 Mode::Tun => ROUTER_MAC,
             };
-            b.set_mac(addr, Some(mac))?;
+            b.set_link(addr, Some(link(mac)))?;
             cfg.reals.push(RealConfig::new(addr, 100));
         }
         b.add_service(cfg)?;
     }
     Ok(b)
+}
+
+/// Points the balancer's maps at `ifaces` (ifindex, MAC) and reaches every real through
+/// `ifindex`, except the IPv4 DR service's, reached through `dr4_ifindex`. Flows established
+/// under BPF_PROG_TEST_RUN keep their reals.
+pub fn move_reals(
+    b: &mut Balancer,
+    ifaces: &[(u32, Mac)],
+    ifindex: u32,
+    dr4_ifindex: u32,
+) -> Result<()> {
+    let reals = REALS4
+        .iter()
+        .chain(&REALS6)
+        .chain(&TUN_REALS4)
+        .chain(&TUN_REALS6);
+    let mut links = Vec::new();
+    for real in reals {
+        let addr = real.parse()?;
+        let Some(link) = b.link_of(addr) else {
+            bail!("real {addr} has no link");
+        };
+        let ifindex = if REALS4.contains(real) {
+            dr4_ifindex
+        } else {
+            ifindex
+        };
+        links.push((addr, Link { ifindex, ..link }));
+    }
+    b.set_interfaces(ifaces)?;
+    for (addr, link) in links {
+        b.set_link(addr, Some(link))?;
+    }
+    Ok(())
 }
 
 /// Sends the SYN of a flow to port 80 and returns its ACK frame, after checking the SYN

@@ -3,9 +3,14 @@
 mod bench;
 mod bench_charts;
 mod bench_control;
+mod bench_flows;
 mod bench_lab;
 mod bench_rate;
 mod bench_setup;
+mod bench_stats;
+mod experiment;
+mod experiment_chart;
+mod experiment_rows;
 mod fuzz;
 mod man;
 
@@ -36,6 +41,9 @@ enum Task {
     /// Fuzz the XDP programs with random and mutated frames (needs root): the properties of
     /// tests/tests/fuzz_packets.rs, 200,000 frames, or ten million with --long.
     Fuzz(fuzz::FuzzArgs),
+    /// Run a scripted experiment in a lab under client load (needs root; what `scripts/lab
+    /// LAB experiment NAME` runs): events.csv, timeline.png and summary.txt in one directory.
+    Experiment(experiment::ExperimentArgs),
 }
 
 #[derive(Args)]
@@ -93,7 +101,13 @@ fn run(cli: Cli) -> Result<()> {
             let part = |p: BenchPart| args.only.is_none_or(|only| only == p);
             let start = std::time::Instant::now();
             if part(BenchPart::Datapath) {
-                let datapath = bench::run(calls)?;
+                // --quick: 100,000 flows only (establishing 1,000,000 per path takes a while).
+                let flow_counts = if args.quick {
+                    &bench_flows::COUNTS[..1]
+                } else {
+                    &bench_flows::COUNTS[..]
+                };
+                let datapath = bench::run(calls, flow_counts)?;
                 let rates = bench_rate::run(args.quick)?;
                 bench::write_summary(&datapath, &rates)?;
                 bench_charts::render(&datapath, &rates, &bench::out_dir())?;
@@ -117,6 +131,12 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("cargo xtask fuzz must run as root (it loads XDP programs)");
             }
             fuzz::run(args)
+        }
+        Task::Experiment(args) => {
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("cargo xtask experiment must run as root (network namespaces)");
+            }
+            experiment::run(args).map(|_| ())
         }
     }
 }

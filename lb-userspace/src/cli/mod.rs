@@ -44,9 +44,12 @@ pub struct Cli {
 enum Command {
     /// Attach to an interface and serve the control API (foreground; logs to stderr).
     Daemon {
-        /// The interface to attach the balancer to (clients' packets arrive and leave there).
-        #[arg(long)]
-        iface: String,
+        /// An interface to attach the balancer to; repeat it for a two-arm director (clients
+        /// on one network, reals on another): one data path and connection table for all, each
+        /// real reached through the interface the kernel routes it through. The first names
+        /// the pin directory (keep it first across restarts).
+        #[arg(long = "iface", required = true)]
+        ifaces: Vec<String>,
         /// The configuration, saved atomically after every change and restored at start.
         #[arg(long, default_value = state::DEFAULT_STATE)]
         state: PathBuf,
@@ -88,8 +91,10 @@ enum Command {
         no_vip_echo: bool,
     },
     /// Remove the data path a daemon left on an interface: detach the program, remove the
-    /// pinned link and maps. Stop the daemon first. Runs locally, without the daemon.
+    /// pinned links and maps. Stop the daemon first. Runs locally, without the daemon.
     Detach {
+        /// The daemon's first `--iface`: the program is detached from every interface it was
+        /// attached to.
         #[arg(long)]
         iface: String,
         #[arg(long, value_name = "DIR", default_value = dataplane::DEFAULT_PIN_ROOT)]
@@ -441,7 +446,7 @@ impl LogLevel {
 fn run(cli: Cli) -> Result<()> {
     let request = match cli.command {
         Command::Daemon {
-            iface,
+            ifaces,
             state,
             xdp_mode,
             refusals_down,
@@ -457,7 +462,7 @@ fn run(cli: Cli) -> Result<()> {
             init_logging(log_level, datapath_log);
             let rt = tokio::runtime::Runtime::new()?;
             return rt.block_on(daemon::run(DaemonOptions {
-                iface,
+                ifaces,
                 socket: cli.socket,
                 state,
                 xdp_mode,
@@ -475,6 +480,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Detach { iface, pin_root } => {
             let pins = PinDir::for_iface(&pin_root, &iface, 0)?;
+            if !pins.path.exists()
+                && let Some(dir) = pins.holding_extra(&iface)
+            {
+                bail!(
+                    "{iface} is a further interface of the data path pinned in {}: detach its first interface (`xlb detach --iface {}`)",
+                    dir.display(),
+                    dir.file_name().unwrap_or_default().to_string_lossy()
+                );
+            }
             let removed = pins.remove_all()?;
             if removed == 0 {
                 println!("nothing pinned for {iface} ({})", pins.path.display());

@@ -56,7 +56,11 @@ pub fn status(status: &StatusReport, as_json: bool) -> Result<()> {
     if as_json {
         return json(status);
     }
-    println!("interface {} (XDP {})", status.iface, status.attach_mode);
+    for i in &status.interfaces {
+        println!("interface {} (XDP {})", i.name, i.attach_mode);
+    }
+    // Which interface a real is reached through matters only when there are several.
+    let two_arm = status.interfaces.len() > 1;
     for s in &status.services {
         println!(
             "{} mode {} hash {} ring {}",
@@ -68,10 +72,13 @@ pub fn status(status: &StatusReport, as_json: bool) -> Result<()> {
         for r in &s.reals {
             let addr = r.addr.to_string();
             // A TUN real's MAC is its next hop's; say which hop when it is not the real.
-            let via = match &r.next_hop {
+            let mut via = match &r.next_hop {
                 Some(hop) if *hop != addr => format!(" via {hop}"),
                 _ => String::new(),
             };
+            if let (true, Some(iface)) = (two_arm, &r.iface) {
+                via.push_str(&format!(" on {iface}"));
+            }
             let check = match &r.check {
                 Some(c) => match &c.last {
                     Some(last) => format!(

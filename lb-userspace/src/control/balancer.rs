@@ -122,6 +122,22 @@ impl ServiceState {
     fn has(&self, addr: IpAddr) -> bool {
         self.real(addr).is_some()
     }
+
+    /// Every real's address, the fallback's included.
+    fn addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.reals
+            .keys()
+            .chain(self.fallback.iter().map(|(a, _)| a))
+            .copied()
+    }
+}
+
+/// How a real is reached on the wire: out of the attached interface `ifindex` (the one the
+/// kernel routes it through), to `mac` (the real's own for DR, its next hop's for TUN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub mac: Mac,
 }
 
 /// What `status` shows of one real.
@@ -132,6 +148,8 @@ pub struct RealStatus {
     pub effective_weight: u32,
     pub backend_id: u32,
     pub mac: Option<String>,
+    /// The attached interface the real is reached through (its ifindex), while resolved.
+    pub ifindex: Option<u32>,
     pub health: Health,
     pub draining: bool,
     /// The service's fallback (used only while no real is eligible).
@@ -180,8 +198,10 @@ pub struct Balancer {
     services: BTreeMap<ServiceAddr, ServiceState>,
     service_ids: IdPool,
     backend_ids: IdPool,
-    macs: HashMap<IpAddr, Mac>,
-    iface_mac: Mac,
+    /// How each real is reached, while known (see [`Link`]).
+    links: HashMap<IpAddr, Link>,
+    /// The attached interfaces' MACs, by ifindex: the source of frames leaving by each.
+    ifaces: BTreeMap<u32, Mac>,
     /// Egress MTU the kernel checks TUN packets against (0: no check).
     mtu: u32,
     /// Outer source of TUN services that name none (addresses of the interface).
@@ -244,8 +264,8 @@ impl Balancer {
             services: BTreeMap::new(),
             service_ids: IdPool::new(MAX_SERVICES),
             backend_ids: IdPool::new(MAX_BACKENDS),
-            macs: HashMap::new(),
-            iface_mac: [0; 6],
+            links: HashMap::new(),
+            ifaces: BTreeMap::new(),
             mtu: 0,
             tunnel_v4: None,
             tunnel_v6: None,
@@ -268,7 +288,13 @@ impl Balancer {
             self.backend_ids.reserve(id, b.generation);
             // Known a moment ago; the neighbour refresh corrects it if it changed.
             if b.flags & BACKEND_F_FORWARD != 0 {
-                self.macs.insert(addr, b.mac);
+                self.links.insert(
+                    addr,
+                    Link {
+                        ifindex: b.ifindex,
+                        mac: b.mac,
+                    },
+                );
             }
             let in_table = prior
                 .members
@@ -317,9 +343,23 @@ impl Balancer {
         &mut self.dp
     }
 
-    pub fn set_iface_mac(&mut self, mac: Mac) -> Result<()> {
-        self.iface_mac = mac;
-        self.write_kernel_config()
+    /// The interfaces the data path is attached to, (ifindex, MAC) each: frames are taken only
+    /// when sent to the MAC of the one they arrive on, and leave a real's interface from its
+    /// MAC. Reals reached through an interface no longer listed stop being forwarded to.
+    pub fn set_interfaces(&mut self, ifaces: &[(u32, Mac)]) -> Result<()> {
+        let ifindexes: Vec<u32> = ifaces.iter().map(|(i, _)| *i).collect();
+        self.dp.set_redirect_ports(&ifindexes)?;
+        self.ifaces = ifaces.iter().copied().collect();
+        self.write_kernel_config()?;
+        let services: Vec<ServiceAddr> = self.services.keys().copied().collect();
+        for s in services {
+            let reals: Vec<IpAddr> = self.services[&s].addrs().collect();
+            for addr in reals {
+                self.write_backend(&s, addr)?;
+            }
+            self.publish_table(&s)?;
+        }
+        Ok(())
     }
 
     /// The egress interface's MTU: TUN packets that would exceed it once encapsulated get an
@@ -371,7 +411,6 @@ impl Balancer {
     fn write_kernel_config(&mut self) -> Result<()> {
         let all_ports_services = self.services.keys().filter(|s| s.port == 0).count() as u32;
         self.dp.set_config(KernelConfig {
-            iface_mac: self.iface_mac,
             flags: if self.datapath_log {
                 lb_common::CONFIG_F_DATAPATH_LOG
             } else {
@@ -381,9 +420,17 @@ impl Balancer {
             } else {
                 0
             },
-            _pad: [0; 1],
+            _pad: [0; 3],
             all_ports_services,
             mtu: self.mtu,
+            ifaces: std::array::from_fn(|i| match self.ifaces.iter().nth(i) {
+                Some((&ifindex, &mac)) => lb_common::Iface {
+                    ifindex,
+                    mac,
+                    _pad: [0; 2],
+                },
+                None => lb_common::Iface::default(),
+            }),
         })
     }
 
@@ -456,8 +503,13 @@ impl Balancer {
         out
     }
 
-    pub fn mac_of(&self, addr: IpAddr) -> Option<Mac> {
-        self.macs.get(&addr).copied()
+    /// How the real is reached, while known and its interface attached: what it is
+    /// forwarded by.
+    pub fn link_of(&self, addr: IpAddr) -> Option<Link> {
+        self.links
+            .get(&addr)
+            .copied()
+            .filter(|l| self.ifaces.contains_key(&l.ifindex))
     }
 
     /// A real's health as the balancer holds it (its checks' tracker resumes from it).
@@ -479,7 +531,8 @@ impl Balancer {
                 weight: r.weight,
                 effective_weight: r.effective_weight,
                 backend_id: r.backend_id,
-                mac: self.macs.get(addr).map(format_mac),
+                mac: self.link_of(*addr).map(|l| format_mac(&l.mac)),
+                ifindex: self.link_of(*addr).map(|l| l.ifindex),
                 health: r.health,
                 draining: r.draining,
                 fallback,
@@ -704,16 +757,16 @@ impl Balancer {
         self.publish_table(s)
     }
 
-    /// Records a real's MAC (or that it is unknown) and reprograms every service using it.
-    /// Returns whether anything changed.
-    pub fn set_mac(&mut self, addr: IpAddr, mac: Option<Mac>) -> Result<bool> {
-        let old = self.macs.get(&addr).copied();
-        if old == mac {
+    /// Records how a real is reached (or that it is not) and reprograms every service using
+    /// it. Returns whether anything changed.
+    pub fn set_link(&mut self, addr: IpAddr, link: Option<Link>) -> Result<bool> {
+        let old = self.links.get(&addr).copied();
+        if old == link {
             return Ok(false);
         }
-        match mac {
-            Some(m) => self.macs.insert(addr, m),
-            None => self.macs.remove(&addr),
+        match link {
+            Some(l) => self.links.insert(addr, l),
+            None => self.links.remove(&addr),
         };
         let affected: Vec<ServiceAddr> = self
             .services
@@ -853,19 +906,24 @@ impl Balancer {
         let state = &self.services[s];
         let real = state.real(addr).expect("a real of the service");
         let (bytes, family) = addr_bytes(addr);
-        let mac = self.macs.get(&addr).copied();
+        let link = self.link_of(addr);
         // Never forward to an unknown MAC. A real that is down loses its tracked flows too
         // (they re-schedule on their next packet) unless the service keeps them (IPVS-like).
         let failed_over = real.health == Health::Down && state.config.on_down == OnDown::Move;
         let backend = Backend {
             addr: bytes,
-            mac: mac.unwrap_or_default(),
+            mac: link.map(|l| l.mac).unwrap_or_default(),
+            src_mac: link
+                .and_then(|l| self.ifaces.get(&l.ifindex).copied())
+                .unwrap_or_default(),
             family,
-            flags: if mac.is_some() && !failed_over {
+            flags: if link.is_some() && !failed_over {
                 BACKEND_F_FORWARD
             } else {
                 0
             },
+            _pad: [0; 2],
+            ifindex: link.map(|l| l.ifindex).unwrap_or_default(),
             service_id: state.id,
             generation: real.generation,
         };
@@ -883,7 +941,7 @@ impl Balancer {
         let members: Vec<maglev::Member> = state
             .reals
             .iter()
-            .filter(|(addr, r)| r.eligible() && self.macs.contains_key(addr))
+            .filter(|(addr, r)| r.eligible() && self.link_of(**addr).is_some())
             .map(|(addr, r)| member(addr, r, r.effective_weight))
             .collect();
         if !members.is_empty() {
@@ -892,7 +950,7 @@ impl Balancer {
         state
             .fallback
             .iter()
-            .filter(|(addr, _)| self.macs.contains_key(addr))
+            .filter(|(addr, _)| self.link_of(*addr).is_some())
             .map(|(addr, r)| member(addr, r, 1))
             .collect()
     }

@@ -5,5 +5,5 @@
 mod balancer;
 mod flows;
 
-pub use balancer::{Balancer, MIN_MTU, RealStatus, service_key};
+pub use balancer::{Balancer, Link, MIN_MTU, RealStatus, service_key};
 pub use flows::{ACTIVE_FLOW_IDLE_S, CLOSING_FLOW_IDLE_S, Flows, active_flows};

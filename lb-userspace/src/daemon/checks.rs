@@ -36,6 +36,9 @@ struct Running {
     latency: Option<f64>,
     /// Refusals since the real was last taken down by them (or since its check started).
     refusals: u32,
+    /// How long after the data path honoured a refusal the real was last taken down by one
+    /// (the balancer's maps updated), seconds.
+    refusal_down_delay: Option<f64>,
 }
 
 impl Drop for Running {
@@ -111,6 +114,7 @@ impl Checks {
                     last: None,
                     latency: None,
                     refusals: 0,
+                    refusal_down_delay: None,
                 },
             );
         }
@@ -158,7 +162,7 @@ impl Checks {
     /// has no socket for the service's port. After `refusals_down` of them a checked real goes
     /// down at once; its check brings it back after `rise` successes. An unchecked real stays:
     /// nothing would bring it back (its refusals are still re-scheduled, one by one).
-    pub fn refused(&mut self, b: &mut Balancer, id: u32, generation: u32) {
+    pub fn refused(&mut self, b: &mut Balancer, id: u32, generation: u32, refused_at_ns: u64) {
         if self.refusals_down == 0 {
             return;
         }
@@ -179,10 +183,14 @@ impl Checks {
         r.tracker.force_down();
         let refusals = self.refusals_down;
         match b.set_health(&service, real, Health::Down) {
-            Ok(true) => tracing::warn!(
-                %service, %real, refusals,
-                "real down: it refused connections (no socket on the port)"
-            ),
+            Ok(true) => {
+                let delay = monotonic_ns().saturating_sub(refused_at_ns) as f64 / 1e9;
+                r.refusal_down_delay = Some(delay);
+                tracing::warn!(
+                    %service, %real, refusals, after_ms = format!("{:.2}", delay * 1e3),
+                    "real down: it refused connections (no socket on the port)"
+                )
+            }
             Ok(false) => {}
             Err(e) => tracing::error!(%real, "applying a refusal: {e:#}"),
         }
@@ -217,6 +225,11 @@ impl Checks {
     }
 
     /// How long the real's last check took, seconds (for metrics); None if never checked.
+    /// How long after a refusal the real was last taken down by one, seconds.
+    pub fn refusal_down_delay(&self, service: &ServiceAddr, real: IpAddr) -> Option<f64> {
+        self.running.get(&(*service, real))?.refusal_down_delay
+    }
+
     pub fn last_latency(&self, service: &ServiceAddr, real: IpAddr) -> Option<f64> {
         let (result, _) = self.running.get(&(*service, real))?.last.as_ref()?;
         Some(result.latency.as_secs_f64())
@@ -279,6 +292,17 @@ pub fn adaptive_weight(weight: u32, latency: f64, fastest: f64) -> u32 {
     let ratio = (fastest + LATENCY_FLOOR_S) / (latency + LATENCY_FLOOR_S);
     let scaled = (weight as f64 * ratio).round() as u32;
     scaled.clamp(weight.div_ceil(4), weight)
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps refusals.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use lb_common::Global;
+use lb_common::{Counters, Global};
 use prometheus::{TextEncoder, proto::MetricFamily};
 use tokio::net::TcpListener;
 
@@ -79,8 +79,8 @@ fn answer<B>(req: &Request<B>, render: &dyn Fn() -> Result<String>) -> Response<
 
 /// What a scrape reads besides the balancer.
 pub struct Scrape<'a> {
-    pub iface: &'a str,
-    pub attach_mode: &'a str,
+    /// The attached interfaces: (name, ifindex, XDP mode).
+    pub ifaces: &'a [(&'a str, u32, &'a str)],
     /// One walk of the connection table (see `control::Flows`).
     pub flows: &'a Flows,
     pub checks: &'a Checks,
@@ -147,6 +147,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "xlb_real_check_latency_seconds",
         "How long the real's last health check took.",
     );
+    let mut refusal_down_delay = Family::gauge(
+        "xlb_real_refusal_down_seconds",
+        "How long after the data path honoured its refusal the real was last taken down.",
+    );
     let mut passed = Family::counter(
         "xlb_passed_packets_total",
         "Frames handed to the kernel untouched (not for a service, or not parseable).",
@@ -206,7 +210,11 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     );
     let mut attach = Family::gauge(
         "xlb_xdp_attach_info",
-        "The interface the balancer is attached to and its XDP mode (native or generic).",
+        "The interfaces the balancer is attached to and their XDP mode (native or generic).",
+    );
+    let mut real_iface = Family::gauge(
+        "xlb_real_interface_info",
+        "The attached interface the real is reached through (absent while unresolved).",
     );
     let mut build = Family::gauge(
         "xlb_build_info",
@@ -214,18 +222,21 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     );
 
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    let service_counters = b.dataplane().all_service_counters()?;
+    let backend_counters = b.dataplane().all_backend_counters()?;
+    let counters = |all: &[Counters], id: u32| all.get(id as usize).copied().unwrap_or_default();
     for svc in b.config().services {
         let name = svc.service.to_string();
         let service = ("service", name.as_str());
         let id = b.service_id(&svc.service).unwrap_or_default();
-        let c = b.dataplane().service_counters(id)?;
+        let c = counters(&service_counters, id);
         svc_packets.add(&[service], c.packets as f64);
         svc_bytes.add(&[service], c.bytes as f64);
         svc_flows.add(&[service], c.new_flows as f64);
         for r in b.real_status(&svc.service) {
             let addr = r.addr.to_string();
             let labels = [("real", addr.as_str()), service];
-            let c = b.dataplane().backend_counters(r.backend_id)?;
+            let c = counters(&backend_counters, r.backend_id);
             real_packets.add(&labels, c.packets as f64);
             real_bytes.add(&labels, c.bytes as f64);
             real_flows.add(&labels, c.new_flows as f64);
@@ -237,10 +248,17 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             real_up.add(&labels, flag(r.health == Health::Up));
             real_draining.add(&labels, flag(r.draining));
             real_resolved.add(&labels, flag(r.mac.is_some()));
+            let iface = scrape.ifaces.iter().find(|i| Some(i.1) == r.ifindex);
+            if let Some((name, _, _)) = iface {
+                real_iface.add(&[labels[0], labels[1], ("iface", name)], 1.0);
+            }
             let active = scrape.flows.active.get(&r.backend_id).copied().unwrap_or(0);
             real_active.add(&labels, active as f64);
             if let Some(latency) = scrape.checks.last_latency(&svc.service, r.addr) {
                 check_latency.add(&labels, latency);
+            }
+            if let Some(delay) = scrape.checks.refusal_down_delay(&svc.service, r.addr) {
+                refusal_down_delay.add(&labels, delay);
             }
         }
     }
@@ -266,10 +284,9 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     }
     conn_entries.add(&[], scrape.flows.entries as f64);
     conn_capacity.add(&[], b.dataplane().conn_capacity()?.into());
-    attach.add(
-        &[("iface", scrape.iface), ("mode", scrape.attach_mode)],
-        1.0,
-    );
+    for (name, _, mode) in scrape.ifaces {
+        attach.add(&[("iface", name), ("mode", mode)], 1.0);
+    }
     build.add(
         &[
             ("ebpf_object", &ebpf_object_digest()),
@@ -293,8 +310,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         real_up,
         real_draining,
         real_resolved,
+        real_iface,
         real_active,
         check_latency,
+        refusal_down_delay,
         passed,
         forwarded,
         dropped,

@@ -1,5 +1,7 @@
-//! `xlb daemon`: attaches the data path to an interface, restores the saved configuration,
-//! keeps reals' MACs current from the kernel's neighbour table, and serves the control API.
+//! `xlb daemon`: attaches the data path to one interface or several (one program, one set of
+//! maps, one connection table for all), restores the saved configuration, keeps reals' links
+//! (interface and MAC) current from the kernel's routes and neighbour table, and serves the
+//! control API.
 
 mod bgp;
 pub mod checks;
@@ -38,7 +40,8 @@ const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(1);
 const RESOLUTION_WAIT: Duration = Duration::from_millis(50);
 
 pub struct DaemonOptions {
-    pub iface: String,
+    /// The interfaces to attach to; the first names the pin directory.
+    pub ifaces: Vec<String>,
     pub socket: PathBuf,
     pub state: PathBuf,
     pub xdp_mode: XdpModeChoice,
@@ -57,10 +60,18 @@ pub struct DaemonOptions {
     pub vip_echo: bool,
 }
 
+/// An interface the data path is attached to.
+#[derive(Clone, Debug)]
+struct Attached {
+    name: String,
+    index: u32,
+    /// `native` or `generic`; empty until attached.
+    mode: &'static str,
+}
+
 struct Shared {
     balancer: Balancer,
-    iface: String,
-    attach_mode: &'static str,
+    ifaces: Vec<Attached>,
     state: PathBuf,
     /// Each real's next hop as last looked up (shown by `status`).
     next_hops: HashMap<IpAddr, NextHop>,
@@ -75,6 +86,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// An attached interface's name, by index.
+    fn iface_name(&self, ifindex: u32) -> Option<&str> {
+        self.ifaces
+            .iter()
+            .find(|i| i.index == ifindex)
+            .map(|i| i.name.as_str())
+    }
+
     /// Called after anything that may change which reals are in a Maglev table.
     fn announce(&self) {
         if let Some(bgp) = &self.bgp {
@@ -96,9 +115,17 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         None => None,
     };
     let neighbours = Neighbours::new()?;
-    let iface = neighbours.interface(&opts.iface).await?;
-    let ifindex = iface.index;
-    let pins = PinDir::for_iface(&opts.pin_root, &opts.iface, ifindex)?;
+    let mut ifaces = Vec::new();
+    for (i, name) in opts.ifaces.iter().enumerate() {
+        if opts.ifaces[..i].contains(name) {
+            bail!("interface {name} is given twice");
+        }
+        ifaces.push(neighbours.interface(name).await?);
+    }
+    let Some(primary) = ifaces.first().copied() else {
+        bail!("no interface to attach to (--iface)");
+    };
+    let pins = PinDir::for_iface(&opts.pin_root, &opts.ifaces[0], primary.index)?;
     let mut dp = Dataplane::load(&LoadOptions {
         conn_capacity: opts.conn_capacity,
         pins: Some(pins.clone()),
@@ -126,10 +153,19 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     balancer.inherit(inherited);
     balancer.set_datapath_log(opts.datapath_log)?;
     balancer.set_vip_echo(opts.vip_echo)?;
-    balancer.set_iface_mac(iface.mac)?;
-    // No IP packet exceeds 65535 bytes, so a larger MTU (lo's 65536) checks nothing more.
-    balancer.set_mtu(iface.mtu.min(65535))?;
-    let (v4, v6) = neighbours.primary_addresses(ifindex).await?;
+    let macs: Vec<_> = ifaces.iter().map(|i| (i.index, i.mac)).collect();
+    balancer.set_interfaces(&macs)?;
+    // The smallest: the real, and so the egress interface, is chosen after the check. No IP
+    // packet exceeds 65535 bytes, so a larger MTU (lo's 65536) checks nothing more.
+    let mtu = ifaces.iter().map(|i| i.mtu).min().unwrap_or(0);
+    balancer.set_mtu(mtu.min(65535))?;
+    // The first interface's addresses, else the next one's: what LVS-TUN uses.
+    let (mut v4, mut v6) = (None, None);
+    for i in &ifaces {
+        let (a4, a6) = neighbours.primary_addresses(i.index).await?;
+        v4 = v4.or(a4);
+        v6 = v6.or(a6);
+    }
     balancer.set_default_tunnel_sources(v4, v6);
     balancer
         .replace(&config)
@@ -149,8 +185,16 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let resolve_now = Arc::new(Notify::new());
     let shared = Arc::new(Mutex::new(Shared {
         balancer,
-        iface: opts.iface.clone(),
-        attach_mode: "",
+        ifaces: opts
+            .ifaces
+            .iter()
+            .zip(&ifaces)
+            .map(|(name, i)| Attached {
+                name: name.clone(),
+                index: i.index,
+                mode: "",
+            })
+            .collect(),
         state: opts.state.clone(),
         next_hops: HashMap::new(),
         checks,
@@ -158,35 +202,39 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         drained: Default::default(),
         resolve_now: resolve_now.clone(),
     }));
-    // MACs before attaching, so a new program's first packets find reals they may forward to.
-    neighbours::refresh(&shared, &neighbours, ifindex).await;
-    let attachment = {
-        let mut guard = shared.lock().unwrap();
-        guard
-            .balancer
-            .dataplane()
-            .attach(&opts.iface, opts.xdp_mode)?
-    };
-    let mode = match attachment {
-        Attachment::New(mode) => {
-            tracing::info!(iface = %opts.iface, mode = mode.as_str(), pins = %pins.path.display(), "XDP program attached");
-            mode
-        }
-        Attachment::Adopted => {
-            let generic = neighbours
-                .xdp_program(ifindex)
-                .await?
-                .is_some_and(|(_, generic)| generic);
-            let mode = if generic {
-                AttachMode::Generic
-            } else {
-                AttachMode::Native
-            };
-            tracing::info!(iface = %opts.iface, mode = mode.as_str(), "pinned XDP link adopted; program replaced atomically");
-            mode
-        }
-    };
-    shared.lock().unwrap().attach_mode = mode.as_str();
+    // Links before attaching, so a new program's first packets find reals they may forward to.
+    neighbours::refresh(&shared, &neighbours).await;
+    pins.drop_unlisted_links(&opts.ifaces)?;
+    for (i, name) in opts.ifaces.iter().enumerate() {
+        let ifindex = ifaces[i].index;
+        let attachment = {
+            let mut guard = shared.lock().unwrap();
+            guard
+                .balancer
+                .dataplane()
+                .attach(name, ifindex, opts.xdp_mode)?
+        };
+        let mode = match attachment {
+            Attachment::New(mode) => {
+                tracing::info!(iface = %name, mode = mode.as_str(), pins = %pins.path.display(), "XDP program attached");
+                mode
+            }
+            Attachment::Adopted => {
+                let generic = neighbours
+                    .xdp_program(ifindex)
+                    .await?
+                    .is_some_and(|(_, generic)| generic);
+                let mode = if generic {
+                    AttachMode::Generic
+                } else {
+                    AttachMode::Native
+                };
+                tracing::info!(iface = %name, mode = mode.as_str(), "pinned XDP link adopted; program replaced atomically");
+                mode
+            }
+        };
+        shared.lock().unwrap().ifaces[i].mode = mode.as_str();
+    }
     let adapter = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -234,7 +282,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                         tick.reset_after(RESOLUTION_WAIT);
                     }
                 }
-                neighbours::refresh(&shared, &neighbours, ifindex).await;
+                neighbours::refresh(&shared, &neighbours).await;
             }
         })
     };
@@ -245,15 +293,17 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             let mut guard = shared.lock().unwrap();
             let Shared {
                 balancer,
-                iface,
-                attach_mode,
+                ifaces,
                 checks,
                 ..
             } = &mut *guard;
             let flows = active_flows(balancer)?;
+            let attached: Vec<(&str, u32, &str)> = ifaces
+                .iter()
+                .map(|i| (i.name.as_str(), i.index, i.mode))
+                .collect();
             let scrape = metrics::Scrape {
-                iface,
-                attach_mode,
+                ifaces: &attached,
                 flows: &flows,
                 checks,
             };
@@ -297,7 +347,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     tracing::info!(
         pins = %pins.path.display(),
         "stopping; the data path keeps forwarding (`xlb detach --iface {}` removes it)",
-        opts.iface
+        opts.ifaces[0]
     );
     Ok(())
 }

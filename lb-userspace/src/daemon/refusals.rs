@@ -33,7 +33,7 @@ pub fn watch(
             checks, balancer, ..
         } = &mut *s;
         for e in events {
-            checks.refused(balancer, e.backend_id, e.generation);
+            checks.refused(balancer, e.backend_id, e.generation, e.refused_at_ns);
         }
         s.announce();
     })

@@ -16,8 +16,8 @@ use tokio::{
 use super::Shared;
 use crate::{
     api::{
-        Counts, MAX_REQUEST_BYTES, RealReport, RealStats, Request, Response, ServiceReport,
-        ServiceStats, StatsReport, StatusReport, decode_request,
+        Counts, InterfaceReport, MAX_REQUEST_BYTES, RealReport, RealStats, Request, Response,
+        ServiceReport, ServiceStats, StatsReport, StatusReport, decode_request,
     },
     control::active_flows,
     netlink::trigger_resolution,
@@ -205,13 +205,8 @@ fn apply(s: &mut Shared, req: Request) -> Result<serde_json::Value> {
 
 fn status(s: &mut Shared) -> Result<StatusReport> {
     let flows = active_flows(&mut s.balancer)?;
-    let mut refusals = std::collections::HashMap::new();
-    for svc in s.balancer.config().services {
-        for r in s.balancer.real_status(&svc.service) {
-            let c = s.balancer.dataplane().backend_counters(r.backend_id)?;
-            refusals.insert(r.backend_id, c.refusals);
-        }
-    }
+    let counters = s.balancer.dataplane().all_backend_counters()?;
+    let refusals = |id: u32| counters.get(id as usize).map_or(0, |c| c.refusals);
     let services = s
         .balancer
         .config()
@@ -227,6 +222,7 @@ fn status(s: &mut Shared) -> Result<StatusReport> {
                     weight: r.weight,
                     effective_weight: r.effective_weight,
                     next_hop: s.next_hops.get(&r.addr).map(|h| h.to_string()),
+                    iface: r.ifindex.and_then(|i| s.iface_name(i)).map(String::from),
                     state: r.state(),
                     health: r.health,
                     draining: r.draining,
@@ -234,7 +230,7 @@ fn status(s: &mut Shared) -> Result<StatusReport> {
                     check: s.checks.last(&svc.service, r.addr),
                     in_table: r.in_table,
                     active_flows: flows.active.get(&r.backend_id).copied().unwrap_or(0),
-                    refusals: refusals.get(&r.backend_id).copied().unwrap_or(0),
+                    refusals: refusals(r.backend_id),
                     mac: r.mac,
                 })
                 .collect();
@@ -249,8 +245,15 @@ fn status(s: &mut Shared) -> Result<StatusReport> {
         })
         .collect();
     Ok(StatusReport {
-        iface: s.iface.clone(),
-        attach_mode: s.attach_mode.into(),
+        interfaces: s
+            .ifaces
+            .iter()
+            .map(|i| InterfaceReport {
+                name: i.name.clone(),
+                ifindex: i.index,
+                attach_mode: i.mode.into(),
+            })
+            .collect(),
         services,
     })
 }
@@ -262,6 +265,12 @@ fn stats(s: &mut Shared) -> Result<StatsReport> {
         bytes: c.bytes,
         new_flows: c.new_flows,
     };
+    let (service_counters, backend_counters) = (
+        b.dataplane().all_service_counters()?,
+        b.dataplane().all_backend_counters()?,
+    );
+    let counter =
+        |all: &[lb_common::Counters], id: u32| all.get(id as usize).copied().unwrap_or_default();
     let mut services = Vec::new();
     for svc in b.config().services {
         let id = b.service_id(&svc.service).unwrap_or_default();
@@ -272,12 +281,12 @@ fn stats(s: &mut Shared) -> Result<StatsReport> {
             };
             reals.push(RealStats {
                 addr: r.addr,
-                counters: counts(b.dataplane().backend_counters(backend)?),
+                counters: counts(counter(&backend_counters, backend)),
             });
         }
         services.push(ServiceStats {
             service: svc.service,
-            counters: counts(b.dataplane().service_counters(id)?),
+            counters: counts(counter(&service_counters, id)),
             reals,
         });
     }

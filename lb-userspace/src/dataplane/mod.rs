@@ -8,7 +8,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, HashMap, MapData, ProgramArray},
     programs::{
-        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        ProgramError, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
@@ -123,9 +123,9 @@ pub struct Inherited {
 
 pub struct Dataplane {
     ebpf: Ebpf,
-    attached: Option<(XdpLinkId, Option<AttachMode>)>,
     pins: Option<PinDir>,
-    /// The pins hold a link to our interface: attaching swaps our program into it.
+    /// The pins hold a previous daemon's data path (maps, and a link on the first interface):
+    /// attaching swaps our program into the links it left.
     adopting: bool,
     /// The pin directory's lock, held while we manage it.
     _pins_lock: Option<std::fs::File>,
@@ -181,7 +181,6 @@ impl Dataplane {
         }
         Ok(Self {
             ebpf,
-            attached: None,
             pins: opts.pins.clone(),
             adopting,
             _pins_lock: pins_lock,
@@ -241,45 +240,57 @@ impl Dataplane {
             .try_into()?)
     }
 
-    /// Attaches the balancer. `Auto` tries native mode and falls back to generic, logging why.
-    /// With pins, a previous daemon's link is adopted (our program swapped in atomically), or
-    /// the new link is pinned so the data path outlives us.
-    pub fn attach(&mut self, iface: &str, choice: XdpModeChoice) -> Result<Attachment> {
-        if self.adopting {
-            let pins = self.pins.clone().expect("adopting implies pins");
-            let link = PinnedLink::from_pin(pins.link())
-                .with_context(|| format!("opening {}", pins.link().display()))?;
+    /// Attaches the balancer to one interface (called for each: one program, one set of maps).
+    /// `Auto` tries native mode and falls back to generic, logging why. With pins, a previous
+    /// daemon's link on the interface is adopted (our program swapped in atomically), or the
+    /// new link is pinned so the data path outlives us.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        choice: XdpModeChoice,
+    ) -> Result<Attachment> {
+        let link_pin = self.pins.as_ref().map(|p| p.link_of(iface));
+        if let (Some(pins), Some(path)) = (&self.pins, &link_pin)
+            && self.adopting
+            && pins.adoptable_link(path, ifindex)?
+        {
+            let link = PinnedLink::from_pin(path)
+                .with_context(|| format!("opening {}", path.display()))?;
             let link = XdpLink::try_from(FdLink::from(link))
                 .context("the pinned link is not an XDP link")?;
-            let prog = self.program(BALANCER_PROGRAM)?;
-            let id = prog
+            self.program(BALANCER_PROGRAM)?
                 .attach_to_link(link)
                 .context("swapping the program into the pinned link")?;
-            self.attached = Some((id, None));
             return Ok(Attachment::Adopted);
         }
-        let mode = match self.attach_new(iface, choice) {
-            Ok(mode) => mode,
+        let (id, mode) = match self.attach_new(iface, choice) {
+            Ok(attached) => attached,
             Err(e) => {
-                if let Some(pins) = &self.pins {
+                // A fresh data path that cannot attach leaves nothing behind; an adopted one
+                // keeps forwarding on the interfaces it had.
+                if let Some(pins) = self.pins.as_ref().filter(|_| !self.adopting) {
                     pins.discard();
                 }
                 return Err(e);
             }
         };
-        if let Some(pins) = self.pins.clone() {
-            let (id, _) = self.attached.take().expect("just attached");
+        if let Some(path) = link_pin {
             let link = self.program(BALANCER_PROGRAM)?.take_link(id)?;
             let link = FdLink::try_from(link)
                 .context("the kernel attached XDP without a bpf_link, which cannot be pinned")?;
             // The pin keeps the link (and the program) on the interface after we exit.
-            link.pin(pins.link())
-                .with_context(|| format!("pinning the XDP link at {}", pins.link().display()))?;
+            link.pin(&path)
+                .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
         }
         Ok(Attachment::New(mode))
     }
 
-    fn attach_new(&mut self, iface: &str, choice: XdpModeChoice) -> Result<AttachMode> {
+    fn attach_new(
+        &mut self,
+        iface: &str,
+        choice: XdpModeChoice,
+    ) -> Result<(XdpLinkId, AttachMode)> {
         let prog = self.program(BALANCER_PROGRAM)?;
         let attempt = |prog: &mut Xdp, mode: AttachMode| {
             let flags = match mode {
@@ -305,8 +316,7 @@ impl Dataplane {
                 }
             },
         };
-        self.attached = Some((link, Some(mode)));
-        Ok(mode)
+        Ok((link, mode))
     }
 
     /// Attaches the pass-everything program (for a veth peer that must receive XDP_TX frames).
@@ -356,18 +366,53 @@ impl Dataplane {
     }
 
     /// Runs a program once on `frame` with BPF_PROG_TEST_RUN: the verdict and the frame after.
+    /// The frame arrives on lo.
     pub fn test_run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        self.test_run_on(program, frame, None)
+    }
+
+    /// `test_run`, the frame arriving on the interface `ingress` (lo if None).
+    pub fn test_run_on(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        ingress: Option<u32>,
+    ) -> Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
+        let ctx = ingress.map(|i| xdp_md(frame, i));
         let prog = self.program(program)?;
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: ctx.as_ref().map(|c| &c[..]),
             repeat: 1,
             ..TestRunOptions::default()
         };
         let result = prog.test_run(opts)?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
+    }
+
+    /// A loaded program's size: translated (after the verifier) and JIT-ed, in bytes.
+    pub fn program_sizes(&mut self, program: &str) -> Result<(u32, u32)> {
+        let info = self.program(program)?.info()?;
+        Ok((info.size_translated().unwrap_or(0), info.size_jitted()))
+    }
+
+    /// Runs a program once on `frame`, arriving on `ingress`, in BPF_PROG_RUN's live-frames
+    /// mode: what the program sends (XDP_TX, XDP_REDIRECT) really leaves. Its verdict is not
+    /// reported.
+    pub fn send_live(&mut self, program: &str, frame: &[u8], ingress: u32) -> Result<()> {
+        let ctx = xdp_md(frame, ingress);
+        let prog = self.program(program)?;
+        prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            attrs: TestRunAttrs::new().xdp_live_frames(1),
+            ..TestRunOptions::default()
+        })?;
+        Ok(())
     }
 
     /// Runs a program once and returns the kernel-measured duration (for benchmarks).
@@ -380,6 +425,15 @@ impl Dataplane {
         };
         Ok(prog.test_run(opts)?.duration)
     }
+}
+
+/// A `struct xdp_md` for BPF_PROG_TEST_RUN: data 0, data_end the frame's length, data_meta 0,
+/// then the ingress interface (rx queue 0, egress 0).
+fn xdp_md(frame: &[u8], ingress: u32) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
+    ctx
 }
 
 /// The layouts this binary's program declares for the pinned maps (CONNS at the capacity asked).

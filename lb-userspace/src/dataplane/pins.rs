@@ -1,5 +1,6 @@
-//! Where the data path outlives the daemon: the balancer's maps and its XDP link pinned on bpffs
-//! under `/sys/fs/bpf/xlb/<iface>/`. A daemon that stops (SIGTERM, crash, `kill -9`) leaves the
+//! Where the data path outlives the daemon: the balancer's maps and its XDP links pinned on
+//! bpffs under `/sys/fs/bpf/xlb/<iface>/`, named after the daemon's first `--iface`: `link` is
+//! that interface's link, `link-<name>` each further interface's (two-arm directors). A daemon that stops (SIGTERM, crash, `kill -9`) leaves the
 //! program forwarding with its connection table; the next one adopts the pins (see
 //! `Dataplane::load`), and `xlb detach` removes them.
 
@@ -18,8 +19,10 @@ use aya::maps::MapInfo;
 use super::sys::{link_detach, link_ifindex, open_pinned};
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/xlb";
-/// The pin of the XDP link (bpf_link) that holds the program on the interface.
+/// The pin of the XDP link (bpf_link) that holds the program on the first interface...
 pub const LINK_PIN: &str = "link";
+/// ...and the prefix of the others' (`link-eth1`).
+const EXTRA_LINK_PREFIX: &str = "link-";
 /// Maps a restarted daemon keeps: configuration, tables, tracked flows and counters. The
 /// decapsulator's maps belong to another program and are not pinned here.
 pub const PINNED_MAPS: [&str; 9] = [
@@ -67,6 +70,71 @@ impl PinDir {
 
     pub fn link(&self) -> PathBuf {
         self.path.join(LINK_PIN)
+    }
+
+    /// The pin of the link on `iface`: `link` for the interface the directory is named after,
+    /// `link-<iface>` for any other.
+    pub fn link_of(&self, iface: &str) -> PathBuf {
+        if self.path.file_name().is_some_and(|n| n == iface) {
+            self.link()
+        } else {
+            self.path.join(format!("{EXTRA_LINK_PREFIX}{iface}"))
+        }
+    }
+
+    /// Whether the link pinned at `path` is attached to `ifindex` and can be adopted. One
+    /// attached elsewhere (the interface was re-created) is detached and its pin removed.
+    pub fn adoptable_link(&self, path: &Path, ifindex: u32) -> Result<bool> {
+        if !path.exists() {
+            return Ok(false);
+        }
+        let link = open_pinned(path)?;
+        let attached_to = link_ifindex(link.as_fd())?;
+        if attached_to == ifindex {
+            return Ok(true);
+        }
+        tracing::warn!(pin = %path.display(), attached_to, ifindex, "pinned link is not attached to this interface: replacing it");
+        link_detach(link.as_fd())?;
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        Ok(false)
+    }
+
+    /// Detaches the links of interfaces a previous daemon was attached to and this one is not
+    /// (`ifaces` lists this one's), and removes their pins.
+    pub fn drop_unlisted_links(&self, ifaces: &[String]) -> Result<()> {
+        for entry in std::fs::read_dir(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))?
+        {
+            let path = entry?.path();
+            let Some(iface) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(EXTRA_LINK_PREFIX))
+            else {
+                continue;
+            };
+            if ifaces.iter().any(|i| i == iface) {
+                continue;
+            }
+            link_detach(open_pinned(&path)?.as_fd())?;
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            tracing::info!(
+                iface,
+                "interface no longer listed: the data path is detached from it"
+            );
+        }
+        Ok(())
+    }
+
+    /// The pin directory of the data path `iface` is a further interface of (`link-<iface>` in
+    /// a sibling directory), if any: `xlb detach` names it.
+    pub fn holding_extra(&self, iface: &str) -> Option<PathBuf> {
+        let base = self.path.parent()?;
+        std::fs::read_dir(base)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|dir| dir.join(format!("{EXTRA_LINK_PREFIX}{iface}")).exists())
     }
 
     /// Makes sure the directory exists on a bpffs, mounting one on /sys/fs/bpf if needed.
@@ -190,17 +258,20 @@ impl PinDir {
         }
     }
 
-    /// Detaches the pinned link and removes every pin, keeping the directory (and its lock).
+    /// Detaches the pinned links and removes every pin, keeping the directory (and its lock).
     fn clear(&self) -> Result<usize> {
-        let link = self.link();
-        if link.exists() {
-            link_detach(open_pinned(&link)?.as_fd())?;
-        }
         let mut removed = 0;
         for entry in std::fs::read_dir(&self.path)
             .with_context(|| format!("reading {}", self.path.display()))?
         {
             let path = entry?.path();
+            let is_link = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == LINK_PIN || n.starts_with(EXTRA_LINK_PREFIX));
+            if is_link {
+                link_detach(open_pinned(&path)?.as_fd())?;
+            }
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             removed += 1;
         }
