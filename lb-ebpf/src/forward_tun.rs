@@ -357,17 +357,15 @@ fn write_ipv4(
     // SAFETY: ptr_at checks the 20 bytes.
     let h = unsafe { &mut *ptr_at::<[u8; IPV4_HLEN]>(ctx, l2)? };
     let total = ((inner.len + overhead) as u16).to_be_bytes();
-    {
-        // Identification 0 with DF set: an atomic datagram's id means nothing (RFC 6864).
-        h[..12].copy_from_slice(&[
-            0x45, inner.tos, total[0], total[1], 0, 0, 0x40, 0, OUTER_TTL, next, 0, 0,
-        ]);
-        h[12..16].copy_from_slice(&outer.src[..4]);
-        h[16..20].copy_from_slice(&outer.dst[..4]);
-        let check = csum::finish(csum::add(0, h));
-        h[10] = check[0];
-        h[11] = check[1];
-    }
+    // Identification 0 with DF set: an atomic datagram's id means nothing (RFC 6864).
+    h[..12].copy_from_slice(&[
+        0x45, inner.tos, total[0], total[1], 0, 0, 0x40, 0, OUTER_TTL, next, 0, 0,
+    ]);
+    h[12..16].copy_from_slice(&outer.src[..4]);
+    h[16..20].copy_from_slice(&outer.dst[..4]);
+    let check = csum::finish(csum::add(0, h));
+    h[10] = check[0];
+    h[11] = check[1];
     Some(())
 }
 
@@ -385,20 +383,18 @@ fn write_ipv6(
     let h = unsafe { &mut *ptr_at::<[u8; IPV6_HLEN]>(ctx, l2)? };
     let label = outer.label;
     let payload = ((inner.len + overhead - IPV6_HLEN as u32) as u16).to_be_bytes();
-    {
-        h[..8].copy_from_slice(&[
-            0x60 | inner.tos >> 4,
-            inner.tos << 4 | (label >> 16) as u8,
-            (label >> 8) as u8,
-            label as u8,
-            payload[0],
-            payload[1],
-            next,
-            OUTER_TTL,
-        ]);
-        h[8..24].copy_from_slice(outer.src);
-        h[24..40].copy_from_slice(outer.dst);
-    }
+    h[..8].copy_from_slice(&[
+        0x60 | inner.tos >> 4,
+        inner.tos << 4 | (label >> 16) as u8,
+        (label >> 8) as u8,
+        label as u8,
+        payload[0],
+        payload[1],
+        next,
+        OUTER_TTL,
+    ]);
+    h[8..24].copy_from_slice(outer.src);
+    h[24..40].copy_from_slice(outer.dst);
     Some(())
 }
 
