@@ -8,7 +8,7 @@
 use std::{path::Path, process::Output, time::Duration};
 
 use serde_json::Value;
-use xlb_tests::lab::{KillOnDrop, Lab, assert_spread, metric, sh, text, wait_for, xlb_bin};
+use xlb_tests::lab::{KillOnDrop, Lab, assert_spread, metric, sh, sha256, text, wait_for, xlb_bin};
 
 const LAB: Lab = Lab::new("dr2");
 /// Each upload: many full-size segments, so path MTU discovery (TUN) and reordering show.
@@ -239,11 +239,4 @@ fn random_bytes(n: usize, round: u64) -> Vec<u8> {
             (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
         })
         .collect()
-}
-
-/// The file's SHA-256 (coreutils' sha256sum), in hex.
-fn sha256(file: &str) -> String {
-    let out = sh("sha256sum", &[file]);
-    assert!(out.status.success(), "{}", text(&out));
-    text(&out).split_whitespace().next().unwrap().to_string()
 }
