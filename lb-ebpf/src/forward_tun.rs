@@ -431,18 +431,18 @@ fn inner_sum(ctx: &XdpContext, l3: usize, inner: &Inner) -> Option<u64> {
         IPPROTO_ICMP if v4 => return Some(0),
         _ => return None,
     }
-    // The pseudo-header: addresses, then the length and protocol, which sum the same as
-    // IPv4's 16-bit length and IPv6's 32-bit one.
-    // One helper call: the addresses are in both the inner IPv6 header and its pseudo-header.
-    let (addrs, ip_sum) = if v4 {
-        (csum::add(0, &read::<[u8; 8]>(ctx, l3 + 12)?), 0)
+    // The pseudo-header's length and protocol, which sum the same as IPv4's 16-bit length and
+    // IPv6's 32-bit one.
+    let len_proto = (seg_len as u16).to_be() as u64 + (proto as u16).to_be() as u64;
+    if v4 {
+        // The header sums to zero; the pseudo-header's addresses are the header's.
+        let pseudo = csum::add(0, &read::<[u8; 8]>(ctx, l3 + 12)?) + len_proto;
+        Some(u16::from_ne_bytes(csum::finish(pseudo)) as u64)
     } else {
-        let addrs = csum::packet(ptr_at::<[u8; 32]>(ctx, l3 + 8)?)?;
-        (addrs, addrs + csum::add_words(0, &h, 0, 8))
-    };
-    let pseudo = addrs + (seg_len as u16).to_be() as u64 + (proto as u16).to_be() as u64;
-    let negated = u16::from_ne_bytes(csum::finish(pseudo)) as u64;
-    Some(ip_sum + negated)
+        // The addresses are summed in the header and negated in the segment's pseudo-header:
+        // they cancel, leaving the header's first 8 bytes and the negated length and protocol.
+        Some(csum::add_words(0, &h, 0, 8) + u16::from_ne_bytes(csum::finish(len_proto)) as u64)
+    }
 }
 
 /// Writes the EtherType of an L2 header of length `l2` (14, or 18 with a tag).
