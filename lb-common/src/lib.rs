@@ -128,6 +128,24 @@ pub struct ConnValue {
     pub last_seen_s: u32,
 }
 
+/// How much longer than its last-seen second an entry whose flow was ACKed is kept, when a new
+/// flow needs an entry of a full bucket: a flood of SYNs (each seen once, never ACKed) then
+/// takes the entries of other SYNs before those of connections idle for less than this.
+pub const CONN_ACKED_KEEP_S: u32 = 8;
+
+impl ConnValue {
+    /// Of a full bucket's entries, a new flow takes the one with the lowest keep score (a free
+    /// entry scores 0): its last-seen second, later for an ACKed flow.
+    #[inline(always)]
+    pub fn keep_score(&self) -> u32 {
+        if self.flags & CONN_F_ACKED != 0 {
+            self.last_seen_s.saturating_add(CONN_ACKED_KEEP_S)
+        } else {
+            self.last_seen_s
+        }
+    }
+}
+
 /// Entries per connection-table bucket: three of 20 bytes fill one 64-byte cache line, so a
 /// lookup touches one line. (Two ways held 90 % of a million flows in a table of 2^20 buckets
 /// in the prototype, three 98 %.)

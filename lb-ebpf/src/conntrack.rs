@@ -8,7 +8,7 @@
 //! `CONN_WAYS` entries): a lookup reads one cache line, where a hash map reads a bucket, then
 //! an element elsewhere. A flow's bucket and fingerprint come from its 5-tuple hashes
 //! (`ConnKey::hashes`, whose first is Maglev's own). A new flow takes its bucket's entry that
-//! was seen least recently; a flow whose entry was taken, or whose entry is torn (two CPUs
+//! was seen least recently (an ACKed flow's counts as seen `CONN_ACKED_KEEP_S` later); a flow whose entry was taken, or whose entry is torn (two CPUs
 //! wrote it at once), misses and goes through Maglev again, which gives it the same real as
 //! long as the service's reals did not change.
 
@@ -78,23 +78,26 @@ fn find(bucket: *mut ConnBucket, hashes: [u32; 2]) -> Option<*mut ConnEntry> {
         .map(|e| e as *mut ConnEntry)
 }
 
-/// The entry a new flow takes: its own (a torn one included), else the least recently seen
-/// (a free entry has never been seen).
+/// The entry a new flow takes: its own (a torn one included), else the one with the lowest
+/// keep score (`ConnValue::keep_score`: seen least recently, ACKed flows kept longer).
 #[inline(always)]
 fn victim(bucket: *mut ConnBucket, hashes: [u32; 2]) -> *mut ConnEntry {
     // SAFETY: as in `find`.
     let entries = unsafe { &mut (*bucket).entries };
-    let mut oldest = 0;
+    let mut victim = 0;
+    let mut lowest = u32::MAX;
     for (i, e) in entries.iter().enumerate() {
         if e.fingerprint[0] == hashes[0] {
-            oldest = i;
+            victim = i;
             break;
         }
-        if e.value.last_seen_s < entries[oldest].value.last_seen_s {
-            oldest = i;
+        let score = e.value.keep_score();
+        if score < lowest {
+            lowest = score;
+            victim = i;
         }
     }
-    &mut entries[oldest % entries.len()]
+    &mut entries[victim % entries.len()]
 }
 
 /// The real a flow's entry names, if it still serves the service as it did when recorded: a

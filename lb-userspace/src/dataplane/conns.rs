@@ -118,8 +118,22 @@ impl Dataplane {
             .map(|e| e.value))
     }
 
+    /// The bucket the flow `key` hashes to, as it is: for tests that age or tear entries.
+    pub fn conn_bucket(&self, key: &ConnKey) -> Result<ConnBucket> {
+        let table = Mapping::of(self)?;
+        Ok(table.read(bucket_of(key.hashes(), table.buckets)))
+    }
+
+    /// Overwrites the bucket the flow `key` hashes to (see `conn_bucket`).
+    pub fn set_conn_bucket(&mut self, key: &ConnKey, bucket: ConnBucket) -> Result<()> {
+        let mut table = Mapping::of(self)?;
+        let i = bucket_of(key.hashes(), table.buckets);
+        table.write(i, bucket);
+        Ok(())
+    }
+
     /// Writes these flows' entries as the data path records a new flow: into the flow's own
-    /// entry, else its bucket's least recently seen one. (A bucket is rewritten whole: only
+    /// entry, else its bucket's with the lowest keep score (`ConnValue::keep_score`). (A bucket is rewritten whole: only
     /// while the data path is not using the table, as tests and benchmarks do.)
     pub fn insert_conns(&mut self, flows: &[(ConnKey, ConnValue)]) -> Result<()> {
         let mut table = Mapping::of(self)?;
@@ -133,7 +147,7 @@ impl Dataplane {
                 .position(|e| e.fingerprint[0] == hashes[0])
                 .unwrap_or_else(|| {
                     (0..CONN_WAYS)
-                        .min_by_key(|&w| bucket.entries[w].value.last_seen_s)
+                        .min_by_key(|&w| bucket.entries[w].value.keep_score())
                         .expect("a bucket has entries")
                 });
             bucket.entries[way] = ConnEntry::new(hashes, *value);
