@@ -619,4 +619,45 @@ mod tests {
 
     // MurmurHash3_x86_32 of the little-endian bytes 01 00 12 c6 with seed "xlb1".
     const GOLDEN_ONE_WORD: u32 = 0x19fd_d5de;
+
+    #[test]
+    fn conn_hashes_are_stable() {
+        // 198.18.1.1:40000 -> 198.18.0.100:80/tcp. Pinned: a change here breaks connection
+        // sync between directors of different versions, and moves every tracked flow's entry.
+        let mut key = ConnKey {
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            ..ConnKey::default()
+        };
+        key.src[..4].copy_from_slice(&[198, 18, 1, 1]);
+        key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
+        // MurmurHash3_x86_32 of the four words with seeds "xlb1" and "xlb2".
+        assert_eq!(key.hashes(), [0x9275_9aa6, 0x4563_59e6]);
+        let value = ConnValue {
+            backend_id: 7,
+            generation: 3,
+            ..ConnValue::default()
+        };
+        let entry = ConnEntry::new(key.hashes(), value);
+        assert!(entry.holds(key.hashes()));
+        let torn = ConnEntry {
+            value: ConnValue {
+                backend_id: 8,
+                ..value
+            },
+            ..entry
+        };
+        assert!(!torn.holds(key.hashes()));
+    }
+
+    #[test]
+    fn one_bucket_per_flow_asked_rounded_to_a_power_of_two() {
+        assert_eq!(conn_buckets(0), 1);
+        assert_eq!(conn_buckets(1), 1);
+        assert_eq!(conn_buckets(100_000), 131_072);
+        assert_eq!(conn_buckets(DEFAULT_CONN_CAPACITY), DEFAULT_CONN_CAPACITY);
+        assert_eq!(conn_buckets(MAX_CONN_CAPACITY), MAX_CONN_CAPACITY);
+    }
 }
