@@ -67,6 +67,19 @@ fn daemon_refuses_an_interface_given_twice_or_an_unknown_further_one() {
 }
 
 #[test]
+fn daemon_refuses_a_connection_table_capacity_out_of_range() {
+    assert!(xlb_bin().exists(), "build target/release/xlb first");
+    let too_big = (lb_common::MAX_CONN_CAPACITY + 1).to_string();
+    for bad in ["0", too_big.as_str()] {
+        let err = daemon_error(None, &["--iface", "lo", "--conn-capacity", bad]);
+        assert!(
+            err.contains("--conn-capacity") && err.contains(bad),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn daemon_that_cannot_attach_names_the_mode_it_tried() {
     assert!(xlb_bin().exists(), "build target/release/xlb first");
     // A namespace of our own: its loopback has no native XDP support.

@@ -39,8 +39,7 @@ const TARGET_SCRAPE_MS: f64 = 100.0;
 pub fn run(quick: bool) -> Result<Value> {
     let reps = if quick { 3 } else { 11 };
     println!("\ncontrol plane{}", if quick { " (quick)" } else { "" });
-    // One CPU, as the data-path part does: filling the LRU connection table to its capacity
-    // from two CPUs loses up to a per-CPU free-list batch (128 entries) to evictions.
+    // One CPU, as the data-path part does: CPU times are then one CPU's.
     crate::bench_setup::pin_to_one_cpu()?;
     // The connection table first: its memory cross-check reads /proc/meminfo, which the maps
     // of the later steps would still move while the kernel frees them.
