@@ -83,6 +83,34 @@ fn bucket_of(key: &ConnKey) -> u32 {
     key.hashes()[1] & (BUCKETS - 1)
 }
 
+/// Four source ports from `from` on whose flows share a bucket (of three entries).
+fn four_flows_of_one_bucket(from: u16) -> Vec<u16> {
+    let mut by_bucket = std::collections::HashMap::<u32, Vec<u16>>::new();
+    (from..)
+        .find_map(|sport| {
+            let members = by_bucket
+                .entry(bucket_of(&conn_key(&syn(sport))))
+                .or_default();
+            members.push(sport);
+            (members.len() == 4).then(|| members.clone())
+        })
+        .unwrap()
+}
+
+/// Makes the three flows of one full bucket (by source port) last seen `seconds_ago`.
+fn age(b: &mut Balancer, sports: &[u16], seconds_ago: [u32; 3]) {
+    let key = conn_key(&syn(sports[0]));
+    let mut bucket = b.dataplane().conn_bucket(&key).unwrap();
+    for e in &mut bucket.entries {
+        let i = sports
+            .iter()
+            .position(|&p| e.fingerprint[0] == conn_key(&syn(p)).hashes()[0])
+            .expect("the bucket holds the three flows");
+        e.value.last_seen_s -= seconds_ago[i];
+    }
+    b.dataplane().set_conn_bucket(&key, bucket).unwrap();
+}
+
 #[test]
 fn the_data_path_and_the_control_plane_hash_flows_alike() {
     for (frame, svc) in [
@@ -138,32 +166,13 @@ fn an_established_flow_hits_its_entry_and_a_flow_never_seen_misses_into_maglev()
 #[test]
 fn a_new_flow_in_a_full_bucket_takes_the_entry_seen_least_recently() {
     let mut b = balancer_with_services();
-    let mut by_bucket = std::collections::HashMap::<u32, Vec<u16>>::new();
-    let same: Vec<u16> = (40000u16..)
-        .find_map(|sport| {
-            let members = by_bucket
-                .entry(bucket_of(&conn_key(&syn(sport))))
-                .or_default();
-            members.push(sport);
-            (members.len() == 4).then(|| members.clone())
-        })
-        .unwrap();
+    let same = four_flows_of_one_bucket(40000);
     let reals: Vec<IpAddr> = same[..3]
         .iter()
         .map(|&p| sent_to(&mut b, &syn(p), &REALS4))
         .collect();
     // Ages: the first flow seen 30 s ago, the second 20 s, the third 10 s.
-    let key = conn_key(&syn(same[0]));
-    let mut bucket = b.dataplane().conn_bucket(&key).unwrap();
-    for e in &mut bucket.entries {
-        let age = [same[0], same[1], same[2]]
-            .iter()
-            .position(|&p| e.fingerprint[0] == conn_key(&syn(p)).hashes()[0])
-            .map(|i| 30 - 10 * i as u32)
-            .expect("the bucket holds the three flows");
-        e.value.last_seen_s -= age;
-    }
-    b.dataplane().set_conn_bucket(&key, bucket).unwrap();
+    age(&mut b, &same[..3], [30, 20, 10]);
 
     sent_to(&mut b, &syn(same[3]), &REALS4);
     assert!(
@@ -186,31 +195,13 @@ fn a_new_flow_in_a_full_bucket_takes_the_entry_seen_least_recently() {
 #[test]
 fn a_new_flow_takes_an_unacknowledged_entry_before_an_acked_one_seen_earlier() {
     let mut b = balancer_with_services();
-    let mut by_bucket = std::collections::HashMap::<u32, Vec<u16>>::new();
-    let same: Vec<u16> = (41000u16..)
-        .find_map(|sport| {
-            let members = by_bucket
-                .entry(bucket_of(&conn_key(&syn(sport))))
-                .or_default();
-            members.push(sport);
-            (members.len() == 4).then(|| members.clone())
-        })
-        .unwrap();
+    let same = four_flows_of_one_bucket(41000);
     for &p in &same[..3] {
         sent_to(&mut b, &syn(p), &REALS4);
     }
     sent_to(&mut b, &ack(same[0]), &REALS4);
     // The ACKed flow seen 5 s ago, the two SYNs 2 s and 1 s ago.
-    let key = conn_key(&syn(same[0]));
-    let mut bucket = b.dataplane().conn_bucket(&key).unwrap();
-    for e in &mut bucket.entries {
-        let i = same[..3]
-            .iter()
-            .position(|&p| e.fingerprint[0] == conn_key(&syn(p)).hashes()[0])
-            .unwrap();
-        e.value.last_seen_s -= [5, 2, 1][i];
-    }
-    b.dataplane().set_conn_bucket(&key, bucket).unwrap();
+    age(&mut b, &same[..3], [5, 2, 1]);
     sent_to(&mut b, &syn(same[3]), &REALS4);
     assert!(
         conn(&mut b, &syn(same[0])).is_some(),
