@@ -13,8 +13,10 @@ pub const MAX_BACKENDS: u32 = 65536;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// A Maglev slot that holds no backend (a service with no usable real).
 pub const NO_BACKEND: u32 = u32::MAX;
-/// Default capacity of the connection table (flows tracked at once).
+/// Default capacity of the connection table (flows tracked at once; see `conn_buckets`).
 pub const DEFAULT_CONN_CAPACITY: u32 = 1 << 20;
+/// Largest connection-table capacity accepted: 2^26 buckets, 4 GiB.
+pub const MAX_CONN_CAPACITY: u32 = 1 << 26;
 /// Capacity of the fragment table (datagrams whose later fragments are still expected).
 pub const FRAG_CAPACITY: u32 = 16384;
 /// Most VIPs one real server decapsulates for (the decapsulator's `DECAP_VIPS` map).
@@ -110,22 +112,136 @@ pub struct ConnKey {
     pub _pad: [u8; 2],
 }
 
-/// Where a tracked flow (or fragmented datagram) goes.
+/// Where a tracked flow goes: the state one connection-table entry holds besides its
+/// fingerprint (see `ConnEntry`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnValue {
-    /// A backend id fits 16 bits (`MAX_BACKENDS`); the 16 bytes of this value, not 20, keep a
-    /// table of 1 M flows within 128 MiB (each value is rounded up to 8 bytes in the kernel).
+    /// A backend id fits 16 bits (`MAX_BACKENDS`).
     pub backend_id: u16,
     /// `CONN_F_CLOSING` once the client sent a FIN or RST: the control plane stops counting the
     /// flow as active soon after (`xlb real wait-drained`), while packets still follow it.
     pub flags: u16,
     pub generation: u32,
-    /// Coarse monotonic clock, seconds; refreshed at most once a second per flow.
+    /// Coarse monotonic clock, seconds; refreshed at most once a second per flow. 0: a free
+    /// entry (the clock is never 0 after boot).
     pub last_seen_s: u32,
-    /// The flow's 5-tuple hash, kept so that established TUN packets get their IPv6 flow label
-    /// without hashing again (0 for a DR service hashing on the source address only).
-    pub flow_hash: u32,
+}
+
+/// How much longer than its last-seen second an entry whose flow was ACKed is kept, when a new
+/// flow needs an entry of a full bucket: a flood of SYNs (each seen once, never ACKed) then
+/// takes the entries of other SYNs before those of connections idle for less than this.
+pub const CONN_ACKED_KEEP_S: u32 = 8;
+
+impl ConnValue {
+    /// Of a full bucket's entries, a new flow takes the one with the lowest keep score (a free
+    /// entry scores 0): its last-seen second, later for an ACKed flow.
+    #[inline(always)]
+    pub fn keep_score(&self) -> u32 {
+        if self.flags & CONN_F_ACKED != 0 {
+            self.last_seen_s.saturating_add(CONN_ACKED_KEEP_S)
+        } else {
+            self.last_seen_s
+        }
+    }
+}
+
+/// Entries per connection-table bucket: three of 20 bytes fill one 64-byte cache line, so a
+/// lookup touches one line. (Two ways held 90 % of a million flows in a table of 2^20 buckets
+/// in the prototype, three 98 %.)
+pub const CONN_WAYS: usize = 3;
+
+/// One tracked flow in the connection table. The flow's key is not stored: a lookup hashes the
+/// 5-tuple (`ConnKey::hashes`, `[h1, h2]`), reads bucket `h2 & (buckets - 1)` and takes the
+/// entry whose fingerprint is `[h1, h2 ^ conn_seal(backend_id, generation)]`. The seal ties the
+/// fingerprint to the real the entry names, so an entry torn by two CPUs writing it at once
+/// (one's fingerprint, the other's real) reads as a miss, never as another flow's real.
+/// Everything in it is computable from the flow key and the real: a peer director can install
+/// it (connection sync).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnEntry {
+    pub fingerprint: [u32; 2],
+    pub value: ConnValue,
+}
+
+impl ConnEntry {
+    /// The entry recording `value` for the flow of `hashes`.
+    #[inline(always)]
+    pub fn new(hashes: [u32; 2], value: ConnValue) -> Self {
+        Self {
+            fingerprint: [
+                hashes[0],
+                hashes[1] ^ conn_seal(value.backend_id, value.generation),
+            ],
+            value,
+        }
+    }
+
+    /// Whether this entry is the flow of `hashes`, whole (not torn).
+    #[inline(always)]
+    pub fn holds(&self, hashes: [u32; 2]) -> bool {
+        self.fingerprint[0] == hashes[0]
+            && self.fingerprint[1]
+                == hashes[1] ^ conn_seal(self.value.backend_id, self.value.generation)
+    }
+}
+
+/// What binds an entry's fingerprint to its real (see `ConnEntry`).
+#[inline(always)]
+pub fn conn_seal(backend_id: u16, generation: u32) -> u32 {
+    (backend_id as u32) ^ generation.wrapping_mul(0x9e37_79b1)
+}
+
+/// One bucket of the connection table: one 64-byte cache line (the array is mmapable, so the
+/// kernel starts its elements on a page boundary).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnBucket {
+    pub entries: [ConnEntry; CONN_WAYS],
+    pub _pad: u32,
+}
+
+/// Buckets of a connection table asked to hold `capacity` flows: one per flow, rounded up to
+/// a power of two (the bucket is a mask of the hash). Flows hash into buckets at random, so
+/// some buckets get more than `CONN_WAYS`: at `capacity` flows the table holds about 98 % of
+/// them, at half of it 99.9 % (a flow that lost its entry goes through Maglev again).
+pub const fn conn_buckets(capacity: u32) -> u32 {
+    if capacity <= 1 {
+        1
+    } else {
+        capacity.next_power_of_two()
+    }
+}
+
+impl ConnKey {
+    /// The flow's two hashes `[h1, h2]`: MurmurHash3 of the 5-tuple's words (addresses as
+    /// read from the packet, in host order; ports as `sport << 16 | dport`, both in network
+    /// order; protocol) with `FLOW_HASH_SEED` (h1, also Maglev's 5-tuple hash) and
+    /// `CONN_HASH_SEED` (h2). Fixed: a peer director computes the same entry.
+    pub fn hashes(&self) -> [u32; 2] {
+        let w = |a: &[u8; 16], i: usize| {
+            u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+        };
+        let ports = (self.sport as u32) << 16 | self.dport as u32;
+        let proto = self.proto as u32;
+        if self.family == FAMILY_V4 {
+            flow_hash_pair(&[w(&self.src, 0), w(&self.dst, 0), ports, proto])
+        } else {
+            flow_hash_pair(&[
+                w(&self.src, 0),
+                w(&self.src, 1),
+                w(&self.src, 2),
+                w(&self.src, 3),
+                w(&self.dst, 0),
+                w(&self.dst, 1),
+                w(&self.dst, 2),
+                w(&self.dst, 3),
+                ports,
+                proto,
+            ])
+        }
+    }
 }
 
 /// Connection flag: the client has sent a FIN or RST.
@@ -405,12 +521,29 @@ pub struct RefusalEvent {
 /// Seed of the flow hash. Fixed: every director must pick the same slot for the same flow.
 pub const FLOW_HASH_SEED: u32 = 0x786c_6231; // "xlb1"
 
+/// Second seed, of the connection table's own hash (`ConnKey::hashes`).
+pub const CONN_HASH_SEED: u32 = 0x786c_6232; // "xlb2"
+
 /// MurmurHash3 (x86, 32-bit) over whole words: the flow hash that indexes a Maglev table.
 /// Shared so the control plane and tests can predict where a flow lands; part of the contract
 /// between directors behind one ECMP group, so changing it moves flows.
 #[inline(always)]
 pub fn flow_hash<const N: usize>(words: &[u32; N]) -> u32 {
-    let mut h = FLOW_HASH_SEED;
+    murmur3(FLOW_HASH_SEED, words)
+}
+
+/// `flow_hash` and the same hash seeded with `CONN_HASH_SEED`, in one pass over the words.
+#[inline(always)]
+pub fn flow_hash_pair<const N: usize>(words: &[u32; N]) -> [u32; 2] {
+    [
+        murmur3(FLOW_HASH_SEED, words),
+        murmur3(CONN_HASH_SEED, words),
+    ]
+}
+
+#[inline(always)]
+fn murmur3<const N: usize>(seed: u32, words: &[u32; N]) -> u32 {
+    let mut h = seed;
     let mut i = 0;
     while i < N {
         let mut k = words[i].wrapping_mul(0xcc9e_2d51);
@@ -432,7 +565,9 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 28);
     assert!(core::mem::size_of::<Backend>() == 44);
     assert!(core::mem::size_of::<ConnKey>() == 40);
-    assert!(core::mem::size_of::<ConnValue>() == 16);
+    assert!(core::mem::size_of::<ConnValue>() == 12);
+    assert!(core::mem::size_of::<ConnEntry>() == 20);
+    assert!(core::mem::size_of::<ConnBucket>() == 64);
     // Every backend id fits ConnValue's 16 bits.
     assert!(MAX_BACKENDS <= 1 << 16);
     assert!(core::mem::size_of::<FragKey>() == 40);
@@ -456,6 +591,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ConnValue {}
+    unsafe impl aya::Pod for ConnEntry {}
+    unsafe impl aya::Pod for ConnBucket {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for Counters {}
@@ -482,4 +619,45 @@ mod tests {
 
     // MurmurHash3_x86_32 of the little-endian bytes 01 00 12 c6 with seed "xlb1".
     const GOLDEN_ONE_WORD: u32 = 0x19fd_d5de;
+
+    #[test]
+    fn conn_hashes_are_stable() {
+        // 198.18.1.1:40000 -> 198.18.0.100:80/tcp. Pinned: a change here breaks connection
+        // sync between directors of different versions, and moves every tracked flow's entry.
+        let mut key = ConnKey {
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            ..ConnKey::default()
+        };
+        key.src[..4].copy_from_slice(&[198, 18, 1, 1]);
+        key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
+        // MurmurHash3_x86_32 of the four words with seeds "xlb1" and "xlb2".
+        assert_eq!(key.hashes(), [0x9275_9aa6, 0x4563_59e6]);
+        let value = ConnValue {
+            backend_id: 7,
+            generation: 3,
+            ..ConnValue::default()
+        };
+        let entry = ConnEntry::new(key.hashes(), value);
+        assert!(entry.holds(key.hashes()));
+        let torn = ConnEntry {
+            value: ConnValue {
+                backend_id: 8,
+                ..value
+            },
+            ..entry
+        };
+        assert!(!torn.holds(key.hashes()));
+    }
+
+    #[test]
+    fn one_bucket_per_flow_asked_rounded_to_a_power_of_two() {
+        assert_eq!(conn_buckets(0), 1);
+        assert_eq!(conn_buckets(1), 1);
+        assert_eq!(conn_buckets(100_000), 131_072);
+        assert_eq!(conn_buckets(DEFAULT_CONN_CAPACITY), DEFAULT_CONN_CAPACITY);
+        assert_eq!(conn_buckets(MAX_CONN_CAPACITY), MAX_CONN_CAPACITY);
+    }
 }

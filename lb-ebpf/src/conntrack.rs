@@ -1,19 +1,27 @@
 //! Connection table and fragment table.
 //!
-//! A flow is scheduled once (its SYN, or its first packet seen) through Maglev and recorded by
-//! 5-tuple, so it stays on its real when the set of reals changes. A TCP SYN always re-schedules:
-//! a new connection that reuses an old 5-tuple must not inherit a stale entry.
+//! A flow is scheduled once (its SYN, or its first packet seen) through Maglev and recorded, so
+//! it stays on its real when the set of reals changes. A TCP SYN always re-schedules: a new
+//! connection that reuses an old 5-tuple must not inherit a stale entry.
+//!
+//! The connection table is set-associative (`CONNS`, an array of 64-byte buckets of
+//! `CONN_WAYS` entries): a lookup reads one cache line, where a hash map reads a bucket, then
+//! an element elsewhere. A flow's bucket and fingerprint come from its 5-tuple hashes
+//! (`ConnKey::hashes`, whose first is Maglev's own). A new flow takes its bucket's entry that
+//! was seen least recently (an ACKed flow's counts as seen `CONN_ACKED_KEEP_S` later); a flow whose entry was taken, or whose entry is torn (two CPUs
+//! wrote it at once), misses and goes through Maglev again, which gives it the same real as
+//! long as the service's reals did not change.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING, CONN_SYN_FRAC_MASK,
-    CONN_SYN_FRAC_SHIFT, ConnKey, ConnValue, FragKey, FragValue, Global, MAX_BOUNCES, RefusalEvent,
-    SERVICE_F_HASH_SRC_IP, SERVICE_F_TUN, SYN_RETRY_MAX_16THS, SYN_RETRY_MIN_16THS, ServiceValue,
+    CONN_SYN_FRAC_SHIFT, ConnBucket, ConnEntry, ConnValue, FragKey, FragValue, Global, MAX_BOUNCES,
+    RefusalEvent, SYN_RETRY_MAX_16THS, SYN_RETRY_MIN_16THS, ServiceValue,
 };
 
 use crate::{
     counters, maglev,
-    maps::{BACKENDS, CONNS, FRAGS, REFUSALS},
+    maps::{BACKENDS, CONN_BUCKET_MASK, CONNS, FRAGS, REFUSALS},
     parse::Packet,
 };
 
@@ -22,7 +30,7 @@ pub struct Choice {
     pub backend_id: u32,
     pub backend: Backend,
     pub new_flow: bool,
-    /// The flow's 5-tuple hash (see `flow_hash`).
+    /// The flow's 5-tuple hash (Maglev's): IPv6 flow label and GUE source port of TUN.
     pub flow_hash: u32,
 }
 
@@ -50,35 +58,52 @@ fn backend(id: u32) -> Option<Backend> {
     BACKENDS.get(id).copied()
 }
 
-/// The 5-tuple hash a TUN service labels IPv6 flows with: the scheduling hash itself, unless
-/// the service schedules on the source address alone (then only TUN pays for a second hash).
+/// The flow's bucket in the connection table.
 #[inline(always)]
-fn flow_hash(pkt: &Packet, svc: &ServiceValue, sched_hash: u32, with_ports: bool) -> u32 {
-    if svc.flags & SERVICE_F_HASH_SRC_IP == 0 {
-        sched_hash
-    } else if svc.flags & SERVICE_F_TUN != 0 {
-        maglev::five_tuple_hash(pkt, with_ports)
-    } else {
-        0
-    }
+fn bucket(hashes: [u32; 2]) -> Option<*mut ConnBucket> {
+    // SAFETY: a read-only global the loader sets (a constant to the verifier).
+    let mask = unsafe { core::ptr::read_volatile(&CONN_BUCKET_MASK) };
+    CONNS.get_ptr_mut(hashes[1] & mask)
 }
 
+/// The flow's entry in its bucket, if whole.
 #[inline(always)]
-fn conn_key(pkt: &Packet) -> ConnKey {
-    ConnKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    }
+fn find(bucket: *mut ConnBucket, hashes: [u32; 2]) -> Option<*mut ConnEntry> {
+    // SAFETY: a bucket of CONNS; entries are plain data, and a concurrent writer can at worst
+    // tear one, which `holds` then refuses.
+    let entries = unsafe { &mut (*bucket).entries };
+    entries
+        .iter_mut()
+        .find(|e| e.holds(hashes))
+        .map(|e| e as *mut ConnEntry)
 }
 
-/// The real a flow's entry names, if it still serves the service as it did when recorded.
+/// The entry a new flow takes: its own (a torn one included), else the one with the lowest
+/// keep score (`ConnValue::keep_score`: seen least recently, ACKed flows kept longer).
 #[inline(always)]
-fn tracked(conn: &ConnValue, svc: &ServiceValue) -> Option<Choice> {
+fn victim(bucket: *mut ConnBucket, hashes: [u32; 2]) -> *mut ConnEntry {
+    // SAFETY: as in `find`.
+    let entries = unsafe { &mut (*bucket).entries };
+    let mut victim = 0;
+    let mut lowest = u32::MAX;
+    for (i, e) in entries.iter().enumerate() {
+        if e.fingerprint[0] == hashes[0] {
+            victim = i;
+            break;
+        }
+        let score = e.value.keep_score();
+        if score < lowest {
+            lowest = score;
+            victim = i;
+        }
+    }
+    &mut entries[victim % entries.len()]
+}
+
+/// The real a flow's entry names, if it still serves the service as it did when recorded: a
+/// fingerprint that matched by chance cannot send a flow to another service's real.
+#[inline(always)]
+fn tracked(conn: &ConnValue, svc: &ServiceValue, flow_hash: u32) -> Option<Choice> {
     let b = backend(conn.backend_id.into())?;
     if b.generation != conn.generation || !maglev::usable(&b, svc) {
         return None;
@@ -87,14 +112,13 @@ fn tracked(conn: &ConnValue, svc: &ServiceValue) -> Option<Choice> {
         backend_id: conn.backend_id.into(),
         backend: b,
         new_flow: false,
-        flow_hash: conn.flow_hash,
+        flow_hash,
     })
 }
 
-/// Maglev's real for the packet, recording nothing. `with_ports` is false for fragments.
+/// Maglev's real for scheduling hash `hash`, recording nothing.
 #[inline(always)]
-fn schedule(pkt: &Packet, svc: &ServiceValue, with_ports: bool) -> Option<Choice> {
-    let hash = maglev::hash(pkt, svc, with_ports);
+fn schedule(svc: &ServiceValue, hash: u32, flow_hash: u32) -> Option<Choice> {
     let backend_id = maglev::pick(svc.id, hash)?;
     let b = backend(backend_id)?;
     if !maglev::usable(&b, svc) {
@@ -104,22 +128,24 @@ fn schedule(pkt: &Packet, svc: &ServiceValue, with_ports: bool) -> Option<Choice
         backend_id,
         backend: b,
         new_flow: false,
-        flow_hash: flow_hash(pkt, svc, hash, with_ports),
+        flow_hash,
     })
 }
 
 /// The real for a whole (unfragmented) packet: its tracked flow's, or a fresh Maglev choice.
 #[inline(always)]
 pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
-    let key = conn_key(pkt);
+    let hashes = maglev::five_tuple_hashes(pkt, true);
+    let bucket = bucket(hashes)?;
+    let found = find(bucket, hashes);
     let now = now_ns();
     if !pkt.is_tcp_syn() {
-        match CONNS.get_ptr_mut(&key) {
+        match found {
             Some(entry) => {
-                // SAFETY: an LRU value; a concurrent writer of the same flow writes the same
-                // fields with equally valid values.
-                let conn = unsafe { &mut *entry };
-                if let Some(choice) = tracked(conn, svc) {
+                // SAFETY: an entry of CONNS; a concurrent writer of the same flow writes the
+                // same fields with equally valid values.
+                let conn = unsafe { &mut (*entry).value };
+                if let Some(choice) = tracked(conn, svc, hashes[0]) {
                     touch(conn, now);
                     // Written once per flow: a later SYN is a new connection.
                     if conn.flags & CONN_F_ACKED == 0 {
@@ -137,9 +163,12 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         }
     }
     let t16 = now / (NS_PER_S / 16);
-    let mut choice = schedule(pkt, svc, true)?;
+    let sched_hash = maglev::sched_hash(pkt, svc, hashes[0]);
+    let mut choice = schedule(svc, sched_hash, hashes[0])?;
     if pkt.is_tcp_syn()
-        && let Some(moved) = retransmitted_syn(pkt, &key, svc, &choice, t16)
+        && let Some(entry) = found
+        // SAFETY: an entry of CONNS, only read.
+        && let Some(moved) = retransmitted_syn(unsafe { &(*entry).value }, svc, &choice, sched_hash, t16)
     {
         choice = moved;
         counters::global(Global::SynRetriesMoved);
@@ -149,15 +178,16 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         backend_id: choice.backend_id as u16,
         generation: choice.backend.generation,
         last_seen_s: (t16 / 16) as u32,
-        flow_hash: choice.flow_hash,
         flags: if pkt.is_tcp_fin_or_rst() {
             CONN_F_CLOSING
         } else {
             0
         } | (((t16 & 0x0f) as u16) << CONN_SYN_FRAC_SHIFT),
     };
-    // A full LRU evicts its oldest entry; a failed insert only means this flow is not pinned.
-    let _ = CONNS.insert(&key, &value, 0);
+    let entry = found.unwrap_or_else(|| victim(bucket, hashes));
+    // SAFETY: an entry of CONNS. A packet of another flow written here at once on another CPU
+    // may tear it: `holds` then refuses it and that flow goes through Maglev again.
+    unsafe { *entry = ConnEntry::new(hashes, value) };
     choice.new_flow = true;
     Some(choice)
 }
@@ -167,14 +197,12 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
 /// dark). The flow goes to the next other real in Maglev order instead, as a refusal would.
 #[inline(always)]
 fn retransmitted_syn(
-    pkt: &Packet,
-    key: &ConnKey,
+    conn: &ConnValue,
     svc: &ServiceValue,
     fresh: &Choice,
+    sched_hash: u32,
     t16: u64,
 ) -> Option<Choice> {
-    // SAFETY: an LRU value, only read.
-    let conn = unsafe { &*CONNS.get_ptr(key)? };
     if conn.flags & CONN_F_ACKED != 0 {
         return None;
     }
@@ -190,7 +218,7 @@ fn retransmitted_syn(
     if unanswered != fresh.backend_id || b.generation != conn.generation {
         return None;
     }
-    let (id, next) = maglev::pick_other(svc, maglev::hash(pkt, svc, true), unanswered)?;
+    let (id, next) = maglev::pick_other(svc, sched_hash, unanswered)?;
     Some(Choice {
         backend_id: id,
         backend: next,
@@ -204,20 +232,22 @@ fn retransmitted_syn(
 /// Maglev's.
 #[inline(always)]
 pub fn peek(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
-    if let Some(entry) = CONNS.get_ptr(&conn_key(pkt)) {
-        // SAFETY: an LRU value, only read.
-        if let Some(choice) = tracked(unsafe { &*entry }, svc) {
+    let hashes = maglev::five_tuple_hashes(pkt, true);
+    if let Some(entry) = bucket(hashes).and_then(|b| find(b, hashes)) {
+        // SAFETY: an entry of CONNS, only read.
+        if let Some(choice) = tracked(unsafe { &(*entry).value }, svc, hashes[0]) {
             return Some(choice);
         }
     }
-    schedule(pkt, svc, true)
+    schedule(svc, maglev::sched_hash(pkt, svc, hashes[0]), hashes[0])
 }
 
 /// The real for a fragment: scheduled on addresses only (never on ports, which later fragments
 /// lack), so every fragment of a datagram reaches the same real without any shared state.
 #[inline(always)]
 pub fn select_fragment(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
-    schedule(pkt, svc, false)
+    let five_tuple = maglev::five_tuple_hash(pkt, false);
+    schedule(svc, maglev::sched_hash(pkt, svc, five_tuple), five_tuple)
 }
 
 #[inline(always)]
@@ -272,11 +302,13 @@ pub enum Refused {
 /// (every director picks the same), and the entry rewritten.
 #[inline(always)]
 pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
-    let Some(entry) = CONNS.get_ptr_mut(&conn_key(pkt)) else {
+    let hashes = maglev::five_tuple_hashes(pkt, true);
+    let Some(entry) = bucket(hashes).and_then(|b| find(b, hashes)) else {
         return Refused::Forged;
     };
-    // SAFETY: an LRU value; see `select`.
-    let conn = unsafe { &mut *entry };
+    // SAFETY: an entry of CONNS; see `select`.
+    let entry = unsafe { &mut *entry };
+    let conn = &entry.value;
     let refusing = conn.backend_id as u32;
     // The real the entry names, usable or not: it may have been taken down since it refused.
     let Some(b) = backend(refusing) else {
@@ -306,18 +338,23 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
     if bounces >= MAX_BOUNCES {
         return Refused::Bounced;
     }
-    let hash = maglev::hash(pkt, svc, true);
+    let hash = maglev::sched_hash(pkt, svc, hashes[0]);
     let Some((id, next)) = maglev::pick_other(svc, hash, refusing) else {
         return Refused::Bounced;
     };
-    conn.backend_id = id as u16;
-    conn.generation = next.generation;
-    conn.flags = (conn.flags & !CONN_BOUNCE_MASK) | ((bounces + 1) << CONN_BOUNCE_SHIFT);
-    touch(conn, now_ns());
+    let mut moved = ConnValue {
+        backend_id: id as u16,
+        generation: next.generation,
+        flags: (conn.flags & !CONN_BOUNCE_MASK) | ((bounces + 1) << CONN_BOUNCE_SHIFT),
+        last_seen_s: conn.last_seen_s,
+    };
+    touch(&mut moved, now_ns());
+    // Sealed anew: the fingerprint names the new real.
+    *entry = ConnEntry::new(hashes, moved);
     Refused::Moved(Choice {
         backend_id: id,
         backend: next,
         new_flow: true,
-        flow_hash: conn.flow_hash,
+        flow_hash: hashes[0],
     })
 }

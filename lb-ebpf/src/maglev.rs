@@ -2,7 +2,7 @@
 
 use lb_common::{
     BACKEND_F_FORWARD, Backend, FAMILY_V4, NO_BACKEND, REFUSAL_PROBES, SERVICE_F_HASH_SRC_IP,
-    ServiceValue, flow_hash,
+    ServiceValue, flow_hash, flow_hash_pair,
 };
 
 use crate::{
@@ -10,26 +10,33 @@ use crate::{
     parse::Packet,
 };
 
-/// The flow hash that picks a slot. `with_ports` is false for fragments, which must all land on
-/// the same real although only the first one carries ports. A source-IP service hashes the
-/// client address alone, so all of a client's connections share a real.
+/// The flow hash that picks a slot, given the packet's 5-tuple hash: that hash, except for a
+/// source-IP service, which hashes the client address alone, so all of a client's connections
+/// share a real.
 #[inline(always)]
-pub fn hash(pkt: &Packet, svc: &ServiceValue, with_ports: bool) -> u32 {
-    let src = words(&pkt.src);
+pub fn sched_hash(pkt: &Packet, svc: &ServiceValue, five_tuple: u32) -> u32 {
     if svc.flags & SERVICE_F_HASH_SRC_IP != 0 {
+        let src = words(&pkt.src);
         return if pkt.family == FAMILY_V4 {
             flow_hash(&[src[0]])
         } else {
             flow_hash(&src)
         };
     }
-    five_tuple_hash(pkt, with_ports)
+    five_tuple
 }
 
 /// The hash of addresses, ports (zero when `with_ports` is false) and protocol. Also the
 /// source of an IP6IP6 outer flow label, whatever the service's scheduling hash.
 #[inline(always)]
 pub fn five_tuple_hash(pkt: &Packet, with_ports: bool) -> u32 {
+    five_tuple_hashes(pkt, with_ports)[0]
+}
+
+/// `five_tuple_hash` and the connection table's second hash, in one pass: `ConnKey::hashes`
+/// of the packet's flow.
+#[inline(always)]
+pub fn five_tuple_hashes(pkt: &Packet, with_ports: bool) -> [u32; 2] {
     let src = words(&pkt.src);
     let dst = words(&pkt.dst);
     let ports = if with_ports {
@@ -39,9 +46,9 @@ pub fn five_tuple_hash(pkt: &Packet, with_ports: bool) -> u32 {
     };
     let proto = pkt.proto as u32;
     if pkt.family == FAMILY_V4 {
-        flow_hash(&[src[0], dst[0], ports, proto])
+        flow_hash_pair(&[src[0], dst[0], ports, proto])
     } else {
-        flow_hash(&[
+        flow_hash_pair(&[
             src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], ports, proto,
         ])
     }

@@ -8,9 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
+    Backend, Config, ConnBucket, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, DecapConfig, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
     MAX_IFACES, MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
+    conn_buckets,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -33,12 +34,22 @@ pub static MAGLEV: ArrayOfMaps<MaglevTable, { MAX_SERVICES as usize }> = ArrayOf
 #[btf_map]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
-/// Shared (not per-CPU) LRU: a flow stays pinned even when its packets arrive on another CPU
-/// (RSS changes, generic XDP), and the control plane can count a real's flows in one walk.
-/// Its capacity is set by the loader.
+/// The connection table (conntrack.rs): shared, not per-CPU, so a flow stays on its real
+/// even when its packets arrive on another CPU (RSS changes, generic XDP). Mmapable: the
+/// kernel then starts the elements on a page, so each bucket is one cache line, and the
+/// control plane reads (and, in tests and benchmarks, writes) it through a mapping. Its size
+/// is set by the loader, with `CONN_BUCKET_MASK`.
 #[btf_map]
-pub static CONNS: LruHashMap<ConnKey, ConnValue, { DEFAULT_CONN_CAPACITY as usize }> =
-    LruHashMap::new();
+pub static CONNS: Array<
+    ConnBucket,
+    { conn_buckets(DEFAULT_CONN_CAPACITY) as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
+
+/// `CONNS`'s buckets minus one, set by the loader. A read-only global: the verifier knows its
+/// value, so masking the hash costs no load. 0 (one bucket) unless set.
+#[unsafe(no_mangle)]
+pub static CONN_BUCKET_MASK: u32 = 0;
 
 #[btf_map]
 pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAG_CAPACITY as usize }> = LruHashMap::new();

@@ -509,6 +509,35 @@ pub fn five_tuple_hash(f: &Frame, with_ports: bool) -> u32 {
     }
 }
 
+/// The frame's flow as the connection table keys it (`ConnKey::hashes`).
+pub fn conn_key(f: &Frame) -> lb_common::ConnKey {
+    let mut key = lb_common::ConnKey {
+        sport: f.sport.to_be(),
+        dport: f.dport.to_be(),
+        proto: f.proto(),
+        ..Default::default()
+    };
+    match (f.src, f.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            key.family = lb_common::FAMILY_V4;
+            key.src[..4].copy_from_slice(&s.octets());
+            key.dst[..4].copy_from_slice(&d.octets());
+        }
+        (s, d) => {
+            key.family = lb_common::FAMILY_V6;
+            key.src = match s {
+                IpAddr::V6(a) => a.octets(),
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            };
+            key.dst = match d {
+                IpAddr::V6(a) => a.octets(),
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            };
+        }
+    }
+    key
+}
+
 /// An address written in a test.
 pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

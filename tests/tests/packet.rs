@@ -418,11 +418,8 @@ fn a_client_fin_or_rst_marks_its_flow_closing_and_a_new_syn_clears_it() {
     const RST: u8 = 0x04;
     let (mut b, _) = with_service("198.18.0.100:80/tcp", &REALS4, HashKind::FiveTuple);
     let flags_of = |b: &mut Balancer, sport: u16| {
-        let conns = b.dataplane().conns().unwrap();
-        let (_, v) = conns
-            .iter()
-            .find(|(k, _)| k.sport == sport.to_be())
-            .expect("flow tracked");
+        let key = conn_key(&Frame::tcp(CLIENT4, VIP4, sport, 80, ACK));
+        let v = b.dataplane().conn(&key).unwrap().expect("flow tracked");
         // The closing mark only (other bits: the ACK seen, the SYN's time).
         v.flags & lb_common::CONN_F_CLOSING
     };
@@ -450,11 +447,8 @@ fn an_established_flow_records_the_second_it_was_last_seen() {
     let (mut b, _) = with_service("198.18.0.100:80/tcp", &REALS4, HashKind::FiveTuple);
     let sport = 41100u16;
     let last_seen = |b: &mut Balancer| {
-        let conns = b.dataplane().conns().unwrap();
-        let (_, v) = conns
-            .iter()
-            .find(|(k, _)| k.sport == sport.to_be())
-            .expect("flow tracked");
+        let key = conn_key(&Frame::tcp(CLIENT4, VIP4, sport, 80, ACK));
+        let v = b.dataplane().conn(&key).unwrap().expect("flow tracked");
         v.last_seen_s
     };
     run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes());

@@ -93,9 +93,9 @@ fn a_flood_of_new_flows_does_not_move_established_ones() {
     let _lab = LAB.up_with(&[("XLB_LAB_CONN_CAPACITY", &CAPACITY.to_string())]);
     let web = web();
     // Busy connections (a request every 0.2 s throughout) and quiet ones (the same, but
-    // paused during the flood). The flood's flows each send a SYN and an ACK, so the LRU
-    // cannot favour the real connections for having been used twice: theirs are evicted too,
-    // and their next packet misses.
+    // paused during the flood). The flood's flows each send a SYN and an ACK, so the table
+    // cannot favour the real connections for having been ACKed: theirs are taken too, and
+    // their next packet misses.
     let busy: Vec<KeepAlive> = (0..6).map(|_| KeepAlive::start("0.2", "20")).collect();
     let quiet: Vec<KeepAlive> = (0..6).map(|_| KeepAlive::start("0.2", "20")).collect();
     std::thread::sleep(Duration::from_secs(1));

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use lb_common::{ConnKey, ConnValue, DEFAULT_CONN_CAPACITY, FAMILY_V4, PROTO_TCP};
+use lb_common::{ConnEntry, ConnKey, ConnValue, DEFAULT_CONN_CAPACITY, FAMILY_V4, PROTO_TCP};
 use serde_json::{Value, json};
 use xlb::{
     config::{Config, Proto, RealConfig, ServiceAddr, ServiceConfig},
@@ -39,8 +39,7 @@ const TARGET_SCRAPE_MS: f64 = 100.0;
 pub fn run(quick: bool) -> Result<Value> {
     let reps = if quick { 3 } else { 11 };
     println!("\ncontrol plane{}", if quick { " (quick)" } else { "" });
-    // One CPU, as the data-path part does: filling the LRU connection table to its capacity
-    // from two CPUs loses up to a per-CPU free-list batch (128 entries) to evictions.
+    // One CPU, as the data-path part does: CPU times are then one CPU's.
     crate::bench_setup::pin_to_one_cpu()?;
     // The connection table first: its memory cross-check reads /proc/meminfo, which the maps
     // of the later steps would still move while the kernel frees them.
@@ -311,9 +310,11 @@ fn restore_memory_scrape(scrapes: usize) -> Result<(Value, Value, Value)> {
                 Ok((counts, page))
             })?;
             let counted: u64 = counts.active.values().sum();
+            // A few of the flows written share a full bucket and are not held (see
+            // `lb_common::conn_buckets`).
             ensure!(
-                counted as usize == flows,
-                "the scrape counted {counted} flows, {flows} tracked"
+                counted as usize <= flows && counted as usize >= flows * 999 / 1000,
+                "the scrape counted {counted} flows, {flows} written"
             );
             bytes = page.len();
             samples.push(took);
@@ -416,15 +417,16 @@ fn conn_table_memory() -> Result<Value> {
     };
     let charged = memlock(&dp)?;
     let (tracked, walk) = timed(|| Ok(dp.conns()?.len()))?;
+    // Set-associative: buckets that draw more flows than entries keep the newest.
     ensure!(
-        tracked == CONN_FLOWS,
-        "{tracked} flows tracked after writing {CONN_FLOWS}"
+        tracked >= CONN_FLOWS * 97 / 100,
+        "{tracked} flows tracked after writing {CONN_FLOWS} (less than 97 %)"
     );
     let mib = charged as f64 / MIB;
     let out = json!({
         "flows": CONN_FLOWS,
-        "key_bytes": size_of::<ConnKey>(),
-        "value_bytes": size_of::<ConnValue>(),
+        "tracked": tracked,
+        "entry_bytes": size_of::<ConnEntry>(),
         "memlock_bytes": charged,
         "memlock_mib": (mib * 1000.0).round() / 1000.0,
         "bytes_per_flow": charged / CONN_FLOWS as u64,
@@ -435,7 +437,7 @@ fn conn_table_memory() -> Result<Value> {
         "target_mib": TARGET_CONNS_MIB,
     });
     println!(
-        "{:<34} {mib:.3} MiB charged ({} B per flow); machine: +{} MiB at load, +{} MiB filling; reading all flows {} ms CPU  target <= {TARGET_CONNS_MIB} MiB  {}",
+        "{:<34} {mib:.3} MiB charged ({} B per flow), {tracked} held; machine: +{} MiB at load, +{} MiB filling; reading all flows {} ms CPU  target <= {TARGET_CONNS_MIB} MiB  {}",
         format!("connection table, {CONN_FLOWS} flows"),
         out["bytes_per_flow"],
         out["kernel_growth_on_load_mib"],

@@ -4,10 +4,11 @@
 //! different flow, in random order, so the table's memory misses are paid as on a busy
 //! director.
 //!
-//! Each (path, flow count) gets a balancer of its own whose connection table holds twice the
-//! flows (an LRU table that is full evicts, and a test of lookups must not measure inserts),
-//! and is measured in rounds against the empty program, as bench.rs does. The data path's
-//! connection-table miss counter tells whether every call found its flow.
+//! Each (path, flow count) gets a balancer of its own whose connection table is sized for the
+//! flows (`--conn-capacity` = flows), and is measured in rounds against the empty program, as
+//! bench.rs does. The data path's connection-table miss counter tells what share of calls
+//! found their flow (a flow whose bucket overflowed misses, is scheduled again and takes the
+//! entry of another).
 
 use anyhow::{Result, bail, ensure};
 use lb_common::Global;
@@ -78,7 +79,7 @@ fn client(i: usize, v6: bool) -> (String, u16) {
 
 fn measure(name: &str, vip: &str, flows: usize, calls: usize) -> Result<FlowsRow> {
     let v6 = vip.contains(':');
-    let capacity = (2 * flows).next_power_of_two() as u32;
+    let capacity = flows as u32;
     let mut b = balancer_with_capacity(capacity)?;
     let dp = b.dataplane();
     eprintln!("{name}: establishing {flows} flows (connection table of {capacity})");

@@ -130,9 +130,13 @@ pub fn move_reals(
 }
 
 /// Sends the SYN of a flow to port 80 and returns its ACK frame, after checking the SYN
-/// added a connection-table entry (otherwise the ACK would measure the new-flow path).
+/// recorded the flow (otherwise the ACK would measure the new-flow path).
 pub fn establish(b: &mut Balancer, client: &str, vip: &str, sport: u16) -> Result<Vec<u8>> {
-    let before = b.dataplane().conns()?.len();
+    let key = xlb_tests::conn_key(&Frame::tcp(client, vip, sport, 80, SYN));
+    ensure!(
+        b.dataplane().conn(&key)?.is_none(),
+        "{client}:{sport} -> {vip}:80 is tracked already"
+    );
     let syn = Frame::tcp(client, vip, sport, 80, SYN).bytes();
     let (verdict, _) = b.dataplane().test_run(BALANCER_PROGRAM, &syn)?;
     ensure!(
@@ -141,10 +145,9 @@ pub fn establish(b: &mut Balancer, client: &str, vip: &str, sport: u16) -> Resul
         verdict_name(XDP_TX),
         verdict_name(verdict)
     );
-    let after = b.dataplane().conns()?.len();
     ensure!(
-        after == before + 1,
-        "SYN {client}:{sport} -> {vip}:80 did not add a connection ({before} -> {after} entries)"
+        b.dataplane().conn(&key)?.is_some(),
+        "SYN {client}:{sport} -> {vip}:80 did not record the flow"
     );
     Ok(Frame::tcp(client, vip, sport, 80, ACK).bytes())
 }

@@ -56,8 +56,11 @@ enum Command {
         /// How to attach the XDP program.
         #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
         xdp_mode: XdpModeChoice,
-        /// Flows the connection table tracks before evicting the least recently used.
-        #[arg(long, default_value_t = lb_common::DEFAULT_CONN_CAPACITY)]
+        /// Flows the connection table is sized for: one 64-byte bucket of 3 entries per flow,
+        /// rounded up to a power of two (about 98 % of that many flows held at once; a new flow
+        /// in a full bucket takes the entry seen least recently).
+        #[arg(long, default_value_t = lb_common::DEFAULT_CONN_CAPACITY,
+              value_parser = clap::value_parser!(u32).range(1..=lb_common::MAX_CONN_CAPACITY as i64))]
         conn_capacity: u32,
         /// Serve Prometheus metrics on ADDR:PORT (GET /metrics).
         #[arg(long, value_name = "ADDR:PORT")]

@@ -35,7 +35,7 @@ pub struct Flows {
 pub fn active_flows(b: &mut Balancer) -> Result<Flows> {
     let now = now_coarse_s();
     let mut flows = Flows::default();
-    for (_, v) in b.dataplane().conns()? {
+    for v in b.dataplane().conns()? {
         flows.entries += 1;
         let idle_limit = if v.flags & lb_common::CONN_F_CLOSING != 0 {
             CLOSING_FLOW_IDLE_S

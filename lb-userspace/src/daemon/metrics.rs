@@ -202,11 +202,11 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     );
     let mut conn_entries = Family::gauge(
         "xlb_conntrack_entries",
-        "Flows in the connection table (active or not, until evicted).",
+        "Flows in the connection table (active or not, until their entry is taken).",
     );
     let mut conn_capacity = Family::gauge(
         "xlb_conntrack_capacity",
-        "Flows the connection table holds before evicting the least recently used.",
+        "Flows the connection table is sized for (one bucket of 3 entries per flow).",
     );
     let mut attach = Family::gauge(
         "xlb_xdp_attach_info",

@@ -1,13 +1,13 @@
 //! Typed reads and writes of the program's maps: the configuration, services, backends,
-//! counters and the connection table. Layouts only; `control` decides what goes in.
+//! counters (the connection table: conns.rs). Layouts only; `control` decides what goes in.
 
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, PerCpuArray};
+use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    Backend, Config, ConnKey, ConnValue, Counters, Global, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
-    ServiceKey, ServiceValue, VipKey,
+    Backend, Config, Counters, Global, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, ServiceKey,
+    ServiceValue, VipKey,
 };
 
 use super::{Dataplane, sys};
@@ -115,50 +115,6 @@ impl Dataplane {
         let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("GLOBAL_STATS")?)?;
         Ok(map.get(&(which as u32), 0)?.iter().sum())
     }
-
-    /// The connection table's capacity, as the kernel has it.
-    pub fn conn_capacity(&self) -> Result<u32> {
-        let map: HashMap<_, ConnKey, ConnValue> = HashMap::try_from(self.map("CONNS")?)?;
-        Ok(map.map().info()?.max_entries())
-    }
-
-    /// Every tracked flow (a walk of the whole table: for status, metrics and tests, not per
-    /// packet). Read with sys::BPF_MAP_LOOKUP_BATCH, thousands of flows per syscall: a key-by-key
-    /// walk takes two syscalls a flow, about 1 us each, a second per million flows.
-    pub fn conns(&self) -> Result<Vec<(ConnKey, ConnValue)>> {
-        let fd = sys::map_fd(self.map("CONNS")?).as_raw_fd();
-        const CHUNK: usize = 8192;
-        let mut keys = vec![ConnKey::default(); CHUNK];
-        let mut values = vec![ConnValue::default(); CHUNK];
-        let mut out = Vec::new();
-        // The kernel's cursor (a bucket index for hash maps); none on the first call.
-        let mut cursor: u32 = 0;
-        let mut first = true;
-        loop {
-            let mut attr = sys::BatchAttr {
-                in_batch: if first {
-                    0
-                } else {
-                    &cursor as *const u32 as u64
-                },
-                out_batch: &mut cursor as *mut u32 as u64,
-                keys: keys.as_mut_ptr() as u64,
-                values: values.as_mut_ptr() as u64,
-                count: CHUNK as u32,
-                map_fd: fd as u32,
-                ..sys::BatchAttr::default()
-            };
-            let result = sys::bpf_batch(sys::BPF_MAP_LOOKUP_BATCH, &mut attr);
-            let n = (attr.count as usize).min(CHUNK);
-            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-            match result {
-                Ok(()) => first = false,
-                // ENOENT: the walk reached the end.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-                Err(e) => bail!("reading the connection table: {e}"),
-            }
-        }
-    }
 }
 
 /// A per-CPU array of `Counters`, whole, summed over the CPUs, with BPF_MAP_LOOKUP_BATCH.
@@ -198,8 +154,8 @@ fn all_counters(map: &aya::maps::Map, entries: usize) -> Result<Vec<Counters>> {
     Ok(totals)
 }
 
-/// Bulk access for measuring and large tables: what the kernel charges for each map, and batch
-/// updates of the connection table. Kept apart from the per-item calls above.
+/// Bulk access for measuring and large tables: what the kernel charges for each map. Kept apart
+/// from the per-item calls above.
 impl Dataplane {
     /// Kernel memory of each of the program's maps, as the kernel accounts it (`memlock` in the
     /// map fd's fdinfo), by map name. The Maglev tables are maps of their own: see
@@ -222,32 +178,5 @@ impl Dataplane {
             Err(aya::maps::MapError::KeyNotFound) => Ok(0),
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// Writes many connection-table entries with sys::BPF_MAP_UPDATE_BATCH (a few syscalls instead
-    /// of one per flow).
-    pub fn insert_conns(&mut self, flows: &[(ConnKey, ConnValue)]) -> Result<()> {
-        let fd = sys::map_fd(self.map("CONNS")?).as_raw_fd();
-        let keys: Vec<ConnKey> = flows.iter().map(|(k, _)| *k).collect();
-        let values: Vec<ConnValue> = flows.iter().map(|(_, v)| *v).collect();
-        // The kernel copies in chunks of this many; bounded so one call stays short.
-        const CHUNK: usize = 65536;
-        for start in (0..flows.len()).step_by(CHUNK) {
-            let end = (start + CHUNK).min(flows.len());
-            let mut attr = sys::BatchAttr {
-                keys: keys[start..].as_ptr() as u64,
-                values: values[start..].as_ptr() as u64,
-                count: (end - start) as u32,
-                map_fd: fd as u32,
-                ..sys::BatchAttr::default()
-            };
-            sys::bpf_batch(sys::BPF_MAP_UPDATE_BATCH, &mut attr).with_context(|| {
-                format!("writing {} flows to the connection table", end - start)
-            })?;
-            if attr.count as usize != end - start {
-                bail!("the kernel wrote {} of {} flows", attr.count, end - start);
-            }
-        }
-        Ok(())
     }
 }

@@ -13,8 +13,9 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use lb_common::{Backend, DEFAULT_CONN_CAPACITY, ServiceKey, ServiceValue};
+use lb_common::{Backend, DEFAULT_CONN_CAPACITY, ServiceKey, ServiceValue, conn_buckets};
 
+mod conns;
 mod maps;
 mod pins;
 mod sys;
@@ -85,7 +86,8 @@ pub enum XdpModeChoice {
 }
 
 pub struct LoadOptions {
-    /// Flows the connection table holds before the least recently used is evicted.
+    /// Flows the connection table holds (rounded up to whole buckets, a power of two of them;
+    /// a new flow in a full bucket takes the entry seen least recently).
     pub conn_capacity: u32,
     /// Pin the maps and the link here, adopting what a previous daemon pinned (None: the data
     /// path lives and dies with this process, as in tests and benchmarks).
@@ -136,7 +138,11 @@ impl Dataplane {
     /// Loads the balancer and the pass program into the kernel (nothing is attached yet).
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries("CONNS", opts.conn_capacity);
+        let conn_buckets = conn_buckets(opts.conn_capacity);
+        let conn_bucket_mask = conn_buckets - 1;
+        loader
+            .map_max_entries("CONNS", conn_buckets)
+            .override_global("CONN_BUCKET_MASK", &conn_bucket_mask, true);
         let mut adopting = false;
         let mut pins_lock = None;
         if let Some(pins) = &opts.pins {
@@ -452,7 +458,7 @@ fn map_layouts(conn_capacity: u32) -> Result<Vec<(&'static str, MapLayout)>> {
                     key_size: map.key_size(),
                     value_size: map.value_size(),
                     max_entries: if name == "CONNS" {
-                        conn_capacity
+                        conn_buckets(conn_capacity)
                     } else {
                         map.max_entries()
                     },

@@ -1,0 +1,158 @@
+//! The connection table, read and written through a mapping of its array (`CONNS` is
+//! mmapable): a walk of a million flows is a scan of memory, not thousands of syscalls. Layout
+//! and hashing: lb-common's `ConnBucket`, `ConnEntry` and `ConnKey::hashes`.
+
+use std::{os::fd::AsRawFd, ptr::NonNull};
+
+use anyhow::{Result, bail};
+use lb_common::{CONN_WAYS, ConnBucket, ConnEntry, ConnKey, ConnValue};
+
+use super::{Dataplane, sys};
+
+/// A shared mapping of the whole connection table, unmapped on drop.
+struct Mapping {
+    base: NonNull<ConnBucket>,
+    buckets: usize,
+}
+
+impl Mapping {
+    fn of(dp: &Dataplane) -> Result<Self> {
+        let map = dp.map("CONNS")?;
+        let buckets = dp.conn_buckets()? as usize;
+        let len = buckets * size_of::<ConnBucket>();
+        let fd = sys::map_fd(map).as_raw_fd();
+        // SAFETY: a fresh shared mapping of an mmapable array of `buckets` 64-byte elements;
+        // no memory of ours is touched.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            bail!(
+                "mmap of the connection table: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Self {
+            base: NonNull::new(addr.cast()).expect("mmap returned null"),
+            buckets,
+        })
+    }
+
+    /// Bucket `i`, copied with volatile reads (the data path writes it meanwhile).
+    fn read(&self, i: usize) -> ConnBucket {
+        assert!(i < self.buckets);
+        // SAFETY: inside the mapping; ConnBucket is plain data, any bytes are a value.
+        unsafe { self.base.as_ptr().add(i).read_volatile() }
+    }
+
+    fn write(&mut self, i: usize, bucket: ConnBucket) {
+        assert!(i < self.buckets);
+        // SAFETY: as in `read`.
+        unsafe { self.base.as_ptr().add(i).write_volatile(bucket) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `of` with this length; nothing refers to it any more.
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                self.buckets * size_of::<ConnBucket>(),
+            )
+        };
+    }
+}
+
+/// The bucket of a flow with hashes `hashes` in a table of `buckets` (a power of two).
+fn bucket_of(hashes: [u32; 2], buckets: usize) -> usize {
+    (hashes[1] as usize) & (buckets - 1)
+}
+
+impl Dataplane {
+    /// Buckets of the connection table, as the kernel has it.
+    fn conn_buckets(&self) -> Result<u32> {
+        let map: aya::maps::Array<_, ConnBucket> = aya::maps::Array::try_from(self.map("CONNS")?)?;
+        Ok(map.len())
+    }
+
+    /// Flows the connection table is sized for: its buckets (`lb_common::conn_buckets`).
+    pub fn conn_capacity(&self) -> Result<u32> {
+        self.conn_buckets()
+    }
+
+    /// Every entry in use (for status, metrics and tests, not per packet): one scan of the
+    /// mapped table.
+    pub fn conns(&self) -> Result<Vec<ConnValue>> {
+        let table = Mapping::of(self)?;
+        let mut out = Vec::new();
+        for i in 0..table.buckets {
+            let bucket = table.read(i);
+            out.extend(
+                bucket
+                    .entries
+                    .iter()
+                    .filter(|e| e.value.last_seen_s != 0)
+                    .map(|e| e.value),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The entry of the flow `key`, if the table holds it (whole).
+    pub fn conn(&self, key: &ConnKey) -> Result<Option<ConnValue>> {
+        let table = Mapping::of(self)?;
+        let hashes = key.hashes();
+        let bucket = table.read(bucket_of(hashes, table.buckets));
+        Ok(bucket
+            .entries
+            .iter()
+            .find(|e| e.holds(hashes))
+            .map(|e| e.value))
+    }
+
+    /// The bucket the flow `key` hashes to, as it is: for tests that age or tear entries.
+    pub fn conn_bucket(&self, key: &ConnKey) -> Result<ConnBucket> {
+        let table = Mapping::of(self)?;
+        Ok(table.read(bucket_of(key.hashes(), table.buckets)))
+    }
+
+    /// Overwrites the bucket the flow `key` hashes to (see `conn_bucket`).
+    pub fn set_conn_bucket(&mut self, key: &ConnKey, bucket: ConnBucket) -> Result<()> {
+        let mut table = Mapping::of(self)?;
+        let i = bucket_of(key.hashes(), table.buckets);
+        table.write(i, bucket);
+        Ok(())
+    }
+
+    /// Writes these flows' entries as the data path records a new flow: into the flow's own
+    /// entry, else its bucket's with the lowest keep score (`ConnValue::keep_score`). (A bucket is rewritten whole: only
+    /// while the data path is not using the table, as tests and benchmarks do.)
+    pub fn insert_conns(&mut self, flows: &[(ConnKey, ConnValue)]) -> Result<()> {
+        let mut table = Mapping::of(self)?;
+        for (key, value) in flows {
+            let hashes = key.hashes();
+            let i = bucket_of(hashes, table.buckets);
+            let mut bucket = table.read(i);
+            let way = bucket
+                .entries
+                .iter()
+                .position(|e| e.fingerprint[0] == hashes[0])
+                .unwrap_or_else(|| {
+                    (0..CONN_WAYS)
+                        .min_by_key(|&w| bucket.entries[w].value.keep_score())
+                        .expect("a bucket has entries")
+                });
+            bucket.entries[way] = ConnEntry::new(hashes, *value);
+            table.write(i, bucket);
+        }
+        Ok(())
+    }
+}
