@@ -53,6 +53,10 @@ pub const SERVICE_F_OUTER_V6: u32 = 1 << 3;
 /// The GUE destination port when the operator gives none: the port Katran and the kernel's
 /// FOU examples use.
 pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// Service flag: destination NAT (LVS NAT). The destination becomes the real's address and
+/// port (`Backend::port`); the reals route their replies through the director, which rewrites
+/// their source back to the VIP and port (nat.rs).
+pub const SERVICE_F_NAT: u32 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -88,7 +92,9 @@ pub struct Backend {
     pub src_mac: [u8; 6],
     pub family: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// NAT only: the real's port, network byte order; 0 keeps the destination port (the
+    /// service's, or the client's for an all-ports service).
+    pub port: u16,
     pub ifindex: u32,
     /// The service this backend belongs to; a tracked flow whose service differs re-schedules.
     pub service_id: u32,
@@ -185,6 +191,45 @@ pub struct Counters {
     pub refusals: u64,
 }
 
+/// Capacity of the NAT reply table: the flows whose replies a NAT director translates back.
+pub const NAT_CAPACITY: u32 = 1 << 18;
+
+/// A flow as one side of the director sees it: the reply table's key is a NAT flow's tuple as
+/// its real sends replies (source = the real). Ports in network byte order; an IPv4 address
+/// fills the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NatKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// How a NAT flow's replies are translated back and where they go: the source becomes
+/// `vip`:`vport`, the destination `client`:`client_port` (NAT: unchanged), and the frame leaves
+/// for `mac` from `src_mac` on `ifindex`: the neighbour the flow's first packet came from, out
+/// of the interface it came in on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatReply {
+    pub vip: [u8; 16],
+    pub client: [u8; 16],
+    pub vport: u16,
+    pub client_port: u16,
+    pub mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub ifindex: u32,
+    /// Coarse monotonic clock, seconds, of the last reply (or of the flow's first packet).
+    pub last_seen_s: u32,
+    /// `CONN_F_CLOSING` once either side sent a FIN or RST.
+    pub flags: u16,
+    pub _pad: [u8; 2],
+}
+
 /// Director-wide settings the control plane writes once at attach.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -219,6 +264,9 @@ pub const CONFIG_F_DATAPATH_LOG: u8 = 1 << 0;
 /// Config flag: answer ICMP echo requests to a VIP (the `VIPS` map) from the data path. On
 /// unless `xlb daemon --no-vip-echo`.
 pub const CONFIG_F_VIP_ECHO: u8 = 1 << 1;
+/// Config flag: some service is in NAT mode, so frames are looked up in the NAT reply table
+/// (before the service lookup). Without it, a DR/TUN director pays nothing for NAT.
+pub const CONFIG_F_NAT: u8 = 1 << 2;
 
 /// Indexes of the global per-CPU counter array.
 #[repr(u32)]
@@ -265,10 +313,12 @@ pub enum Global {
     /// ICMP echo requests to a VIP answered by the data path (`xlb daemon --no-vip-echo`
     /// turns this off: they then pass to the kernel, which answers only for local addresses).
     EchoReplied = 14,
+    /// Replies of NAT flows from their real, translated back (source = VIP) and sent on.
+    NatReplied = 15,
 }
 
 impl Global {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Global; Self::COUNT as usize] = [
         Global::Passed,
         Global::Forwarded,
@@ -285,6 +335,7 @@ impl Global {
         Global::DropRefusalForged,
         Global::SynRetriesMoved,
         Global::EchoReplied,
+        Global::NatReplied,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -304,6 +355,7 @@ impl Global {
             Global::DropRefusalForged => "drop_refusal_forged",
             Global::SynRetriesMoved => "syn_retries_moved",
             Global::EchoReplied => "echo_replied",
+            Global::NatReplied => "nat_replied",
         }
     }
 }
@@ -444,6 +496,8 @@ const _: () = {
     assert!(core::mem::size_of::<VipValue>() == 20);
     assert!(core::mem::size_of::<DecapConfig>() == 4);
     assert!(core::mem::size_of::<RefusalEvent>() == 16);
+    assert!(core::mem::size_of::<NatKey>() == 40);
+    assert!(core::mem::size_of::<NatReply>() == 60);
     assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
 };
 
@@ -465,6 +519,8 @@ mod pod {
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for DecapConfig {}
     unsafe impl aya::Pod for RefusalEvent {}
+    unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatReply {}
 }
 
 #[cfg(test)]

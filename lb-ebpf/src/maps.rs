@@ -10,7 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, DecapConfig, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
-    MAX_IFACES, MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
+    MAX_IFACES, MAX_SERVICES, NAT_CAPACITY, NatKey, NatReply, RefusalEvent, ServiceKey,
+    ServiceValue, VipKey, VipValue,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -39,6 +40,21 @@ pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map]
 pub static CONNS: LruHashMap<ConnKey, ConnValue, { DEFAULT_CONN_CAPACITY as usize }> =
     LruHashMap::new();
+
+/// NAT flows by the tuple their real replies with: how each reply is translated back and
+/// where it goes (nat.rs). Shared, as `CONNS`, so a reply on any CPU finds its flow.
+#[btf_map]
+pub static NAT_REPLIES: LruHashMap<NatKey, NatReply, { NAT_CAPACITY as usize }> = LruHashMap::new();
+
+/// Slot 0: `xlb_nat_forward`, slot 1: `xlb_nat_reply`, tail-called by the balancer (nat.rs).
+/// Pinned, unlike the other program arrays: the kernel empties a program array when no process
+/// and no pin holds it, and NAT flows must go on while the daemon restarts.
+#[btf_map]
+pub static NAT_PROGRAM: ProgramArray<2> = ProgramArray::new();
+
+/// The balancer's hand-over to the NAT programs (nat.rs).
+#[btf_map]
+pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAG_CAPACITY as usize }> = LruHashMap::new();

@@ -101,6 +101,9 @@ pub enum Mode {
     Dr,
     /// IP-in-IP tunnelling to the real.
     Tun,
+    /// Destination NAT (LVS NAT): the destination becomes the real's address and port; the
+    /// reals route their replies through the director, which rewrites them back.
+    Nat,
 }
 
 /// `--tunnel-src-prefix`: outer source addresses taken per flow from a prefix, so receivers and
@@ -213,6 +216,10 @@ pub enum HashKind {
 #[serde(deny_unknown_fields)]
 pub struct RealConfig {
     pub addr: IpAddr,
+    /// NAT only: the port the real serves the service on (`xlb real add SERVICE ADDR:PORT`);
+    /// 0: the service's port (each port itself for an all-ports service).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub port: u16,
     #[serde(default = "default_weight")]
     pub weight: u32,
     /// Drained by the operator: no new flows, tracked ones go on. Kept across restarts.
@@ -221,6 +228,10 @@ pub struct RealConfig {
     /// Overrides the service's health check for this real.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckConfig>,
+}
+
+fn is_zero(port: &u16) -> bool {
+    *port == 0
 }
 
 impl RealConfig {
@@ -233,9 +244,24 @@ impl RealConfig {
             .filter(|c| c.kind != crate::health::CheckKind::None)
     }
 
+    /// The port the real is sent to and checked on: its own, else the service's.
+    pub fn dest_port(&self, service_port: u16) -> u16 {
+        if self.port != 0 {
+            self.port
+        } else {
+            service_port
+        }
+    }
+
+    /// `ADDR`, or `ADDR:PORT` with a mapped port (IPv6 in brackets).
+    pub fn endpoint(&self) -> String {
+        endpoint(self.addr, self.port)
+    }
+
     pub fn new(addr: IpAddr, weight: u32) -> Self {
         Self {
             addr,
+            port: 0,
             weight,
             draining: false,
             check: None,
@@ -442,9 +468,61 @@ impl ServiceConfig {
     }
 }
 
+/// A real as written on the command line and shown: `ADDR`, or `ADDR:PORT` with a mapped port.
+pub fn endpoint(addr: IpAddr, port: u16) -> String {
+    match (port, addr) {
+        (0, a) => a.to_string(),
+        (p, IpAddr::V4(a)) => format!("{a}:{p}"),
+        (p, IpAddr::V6(a)) => format!("[{a}]:{p}"),
+    }
+}
+
+/// `xlb real add`'s REAL: `ADDR` or `ADDR:PORT` (`[ADDR]:PORT` for IPv6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RealEndpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl FromStr for RealEndpoint {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if let Ok(addr) = s.parse::<IpAddr>() {
+            return Ok(RealEndpoint { addr, port: 0 });
+        }
+        let sock: std::net::SocketAddr = s.parse().map_err(|_| {
+            anyhow::anyhow!("real '{s}': expected ADDR or ADDR:PORT ([fd00::1]:8080 for IPv6)")
+        })?;
+        if sock.port() == 0 {
+            bail!("real '{s}': port 0 is not a port (leave the port out to keep the service's)");
+        }
+        Ok(RealEndpoint {
+            addr: sock.ip(),
+            port: sock.port(),
+        })
+    }
+}
+
 pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
     let s = &svc.service;
     real.validate(s.port)?;
+    if real.port != 0 {
+        if svc.mode != Mode::Nat {
+            bail!(
+                "real {}: a port needs a NAT service (--mode nat); DR and TUN reals serve the \
+                 service's own port",
+                real.endpoint()
+            );
+        }
+        if s.port == 0 {
+            bail!(
+                "real {}: service {s} has every port, each mapped to itself; a real cannot map \
+                 them to one",
+                real.endpoint()
+            );
+        }
+    }
     if real.addr == s.vip {
         bail!(
             "real {}: the service's own VIP cannot be its real",
@@ -452,9 +530,10 @@ pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
         );
     }
     match svc.mode {
-        Mode::Dr if real.addr.is_ipv4() != s.vip.is_ipv4() => bail!(
-            "real {}: address family differs from service {s} (DR needs both in one family)",
-            real.addr
+        Mode::Dr | Mode::Nat if real.addr.is_ipv4() != s.vip.is_ipv4() => bail!(
+            "real {}: address family differs from service {s} ({} needs both in one family)",
+            real.addr,
+            if svc.mode == Mode::Dr { "DR" } else { "NAT" }
         ),
         Mode::Tun if real.addr.is_ipv4() != svc.tunnel_v4() => bail!(
             "real {}: service {s} tunnels over {}, so its reals must be {} (an IPv4 service \

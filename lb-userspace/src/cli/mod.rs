@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use crate::{
     api::{self, DEFAULT_SOCKET, Request, StatsReport, StatusReport},
     config::{
-        Config, DEFAULT_WEIGHT, Encap, HashKind, Mode, OnDown, RealConfig, ServiceAddr,
-        ServiceConfig, TunnelPrefix, Weights,
+        Config, DEFAULT_WEIGHT, Encap, HashKind, Mode, OnDown, RealConfig, RealEndpoint,
+        ServiceAddr, ServiceConfig, TunnelPrefix, Weights,
     },
     daemon::{self, DaemonOptions},
     dataplane::{self, Dataplane, LoadOptions, PinDir, XdpModeChoice},
@@ -341,9 +341,11 @@ enum RealserverCmd {
 
 #[derive(Subcommand)]
 enum RealCmd {
+    /// Add a real: ADDR, or ADDR:PORT in a NAT service (the port it serves the service on).
     Add {
         service: ServiceAddr,
-        real: IpAddr,
+        #[arg(value_name = "REAL")]
+        real: RealEndpoint,
         #[arg(long, default_value_t = DEFAULT_WEIGHT)]
         weight: u32,
         #[command(flatten)]
@@ -545,8 +547,9 @@ fn run(cli: Cli) -> Result<()> {
         }) => Request::RealAdd {
             service,
             real: RealConfig {
+                port: real.port,
                 check: check.config()?,
-                ..RealConfig::new(real, weight)
+                ..RealConfig::new(real.addr, weight)
             },
         },
         Command::Real(RealCmd::Remove { service, real }) => Request::RealRemove {

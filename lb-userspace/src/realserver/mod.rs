@@ -457,6 +457,7 @@ pub fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::Dr => "DR",
         Mode::Tun => "TUN",
+        Mode::Nat => "NAT",
     }
 }
 
@@ -497,6 +498,12 @@ async fn vip_value(nl: &Neighbours, ifindex: u32, opts: &Options) -> Result<VipV
 
 fn validate(opts: &Options) -> Result<()> {
     let v = opts.vip;
+    if opts.mode == Mode::Nat {
+        bail!(
+            "a NAT real needs no setup: only its route back to clients through the director \
+             (its default gateway)"
+        );
+    }
     if opts.encap == Encap::Gue && opts.mode != Mode::Tun {
         bail!("--encap gue needs --mode tun");
     }
