@@ -289,6 +289,8 @@ pub struct Service {
     pub mode: String,
     /// The port its health checks probe (only where `up` configures checks).
     pub check_port: Option<u16>,
+    /// NAT: the port the reals serve it on.
+    pub real_port: Option<u16>,
     /// TUN: ipip or gue (`scripts/lab tun up --encap`).
     pub encap: Option<String>,
     /// TUN: the family IPv4 requests are tunnelled in, ipv4 or ipv6 (`--4in6`).
