@@ -453,6 +453,29 @@ impl Lab {
         running
     }
 
+    /// Starts the lab's daemon again with `args` (its log in the state dir as NAME.log, its
+    /// state file the lab's); once it answers, it is the lab's daemon (the lab stops it by
+    /// pid). Returns its log so far.
+    pub fn restart(&self, args: &[&str], name: &str) -> String {
+        let topo = self.topology();
+        let daemon = topo.daemon(topo.director());
+        let log = topo.state_file(&format!("{name}.log"));
+        let mut all = args.to_vec();
+        all.extend(["--state", &daemon.state]);
+        let child = KillOnDrop(
+            self.daemon_command(&all)
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("the restarted daemon", Duration::from_secs(10), || {
+            self.xlb().run(&["status"]).status.success()
+        });
+        std::fs::write(&daemon.spawned.pid_file, child.0.id().to_string()).unwrap();
+        std::mem::forget(child);
+        std::fs::read_to_string(&log).unwrap()
+    }
+
     /// What a failure message needs: the lab's status and the end of its daemon's log.
     pub fn diagnostics(&self) -> String {
         let status = sh(
@@ -873,4 +896,63 @@ mod tests {
             }
         }
     }
+}
+
+/// Bounded continuous load: one request at a time on new connections from the lab's client,
+/// for at most 60 s or 2,000 requests, until stopped; counts requests and failures.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(usize, usize)>,
+}
+
+impl Load {
+    pub fn start(lab: Lab, url: String) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let start = Instant::now();
+            let (mut done, mut failed) = (0, 0);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed)
+                && done < 2000
+                && start.elapsed() < Duration::from_secs(60)
+            {
+                done += 1;
+                if lab.get(&url).is_none() {
+                    failed += 1;
+                }
+            }
+            (done, failed)
+        });
+        Load { stop, handle }
+    }
+
+    /// Stops the load: (requests, failed requests).
+    pub fn stop(self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+/// `n` bytes from xorshift64*, seeded by `round` and the clock: different on every run.
+pub fn random_bytes(n: usize, round: u64) -> Vec<u8> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut x = (nanos ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
+/// The file's SHA-256 (coreutils' sha256sum), in hex.
+pub fn sha256(file: &str) -> String {
+    let out = sh("sha256sum", &[file]);
+    assert!(out.status.success(), "{}", text(&out));
+    text(&out).split_whitespace().next().unwrap().to_string()
 }
