@@ -594,6 +594,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_real_port_needs_a_nat_service_with_a_port() {
+        let svc: ServiceAddr = "198.18.0.100:80/tcp".parse().unwrap();
+        let real = RealConfig {
+            port: 8080,
+            ..RealConfig::new("198.18.0.11".parse().unwrap(), 100)
+        };
+        let mut cfg = ServiceConfig::new(svc);
+        for mode in [Mode::Dr, Mode::Tun] {
+            cfg.mode = mode;
+            let err = validate_real(&cfg, &real).unwrap_err().to_string();
+            assert!(err.contains("needs a NAT service"), "{err}");
+            assert_eq!(err.lines().count(), 1);
+        }
+        cfg.mode = Mode::Nat;
+        validate_real(&cfg, &real).unwrap();
+        let all_ports = ServiceConfig {
+            mode: Mode::Nat,
+            ..ServiceConfig::new("198.18.0.100:0/tcp".parse().unwrap())
+        };
+        let err = validate_real(&all_ports, &real).unwrap_err().to_string();
+        assert!(err.contains("mapped to itself"), "{err}");
+        let v6 = RealConfig::new("fd00::11".parse().unwrap(), 100);
+        let err = validate_real(&cfg, &v6).unwrap_err().to_string();
+        assert!(err.contains("NAT needs both in one family"), "{err}");
+    }
+
+    #[test]
+    fn real_endpoints_parse_with_and_without_a_port() {
+        let p = |s: &str| s.parse::<RealEndpoint>();
+        assert_eq!(p("198.18.0.11").unwrap().port, 0);
+        let e = p("198.18.0.11:8080").unwrap();
+        assert_eq!((e.addr.to_string(), e.port), ("198.18.0.11".into(), 8080));
+        assert_eq!(p("[fd00::11]:8080").unwrap().port, 8080);
+        assert_eq!(p("fd00::11").unwrap().port, 0);
+        assert!(p("198.18.0.11:0").is_err());
+        assert!(p("nonsense").is_err());
+        assert_eq!(endpoint(e.addr, 8080), "198.18.0.11:8080");
+        assert_eq!(endpoint("fd00::11".parse().unwrap(), 80), "[fd00::11]:80");
+    }
+
+    #[test]
     fn service_addresses_round_trip() {
         for s in [
             "198.18.0.100:80/tcp",

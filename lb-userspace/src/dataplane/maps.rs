@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, PerCpuArray};
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, Global, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
-    ServiceKey, ServiceValue, VipKey,
+    NatKey, NatReply, ServiceKey, ServiceValue, VipKey,
 };
 
 use super::{Dataplane, sys};
@@ -126,10 +126,34 @@ impl Dataplane {
     /// packet). Read with sys::BPF_MAP_LOOKUP_BATCH, thousands of flows per syscall: a key-by-key
     /// walk takes two syscalls a flow, about 1 us each, a second per million flows.
     pub fn conns(&self) -> Result<Vec<(ConnKey, ConnValue)>> {
-        let fd = sys::map_fd(self.map("CONNS")?).as_raw_fd();
+        self.read_all("CONNS", "the connection table")
+    }
+
+    /// Every entry of the NAT reply table (`NAT_REPLIES`).
+    pub fn nat_replies(&self) -> Result<Vec<(NatKey, NatReply)>> {
+        self.read_all("NAT_REPLIES", "the NAT reply table")
+    }
+
+    /// Deletes NAT reply entries (BPF_MAP_DELETE_BATCH); keys already gone are skipped.
+    pub fn delete_nat_replies(&mut self, keys: &[NatKey]) -> Result<()> {
+        let fd = sys::map_fd(self.map("NAT_REPLIES")?);
+        for key in keys {
+            // One at a time: a batch delete stops at the first key the LRU already evicted.
+            let _ = sys::delete_elem(fd, key);
+        }
+        Ok(())
+    }
+
+    /// A whole hash map, with BPF_MAP_LOOKUP_BATCH (a few syscalls instead of two per entry).
+    fn read_all<K: Copy + Default, V: Copy + Default>(
+        &self,
+        map: &str,
+        what: &str,
+    ) -> Result<Vec<(K, V)>> {
+        let fd = sys::map_fd(self.map(map)?).as_raw_fd();
         const CHUNK: usize = 8192;
-        let mut keys = vec![ConnKey::default(); CHUNK];
-        let mut values = vec![ConnValue::default(); CHUNK];
+        let mut keys = vec![K::default(); CHUNK];
+        let mut values = vec![V::default(); CHUNK];
         let mut out = Vec::new();
         // The kernel's cursor (a bucket index for hash maps); none on the first call.
         let mut cursor: u32 = 0;
@@ -155,7 +179,7 @@ impl Dataplane {
                 Ok(()) => first = false,
                 // ENOENT: the walk reached the end.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-                Err(e) => bail!("reading the connection table: {e}"),
+                Err(e) => bail!("reading {what}: {e}"),
             }
         }
     }
