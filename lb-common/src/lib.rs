@@ -57,6 +57,41 @@ pub const DEFAULT_GUE_PORT: u16 = 6080;
 /// port (`Backend::port`); the reals route their replies through the director, which rewrites
 /// their source back to the VIP and port (nat.rs).
 pub const SERVICE_F_NAT: u32 = 1 << 4;
+/// Service flag: full NAT (with `SERVICE_F_NAT`): the source also becomes one of the service's
+/// SNAT addresses (`SNAT_ADDRS`) and a port the data path allocates, so replies come back to
+/// the director wherever the reals are.
+pub const SERVICE_F_FULLNAT: u32 = 1 << 5;
+/// Most SNAT addresses one full-NAT service has.
+pub const MAX_SNAT_ADDRS: usize = 8;
+/// SNAT ports: `SNAT_PORT_MIN` and the `SNAT_PORT_COUNT` after it (below it: the director's own
+/// well-known and registered-low ports; its own connections' ephemeral ports, 32768-60999 by
+/// default on Linux, may collide only on an address they also use, so SNAT addresses should be
+/// the director's dedicated ones).
+pub const SNAT_PORT_MIN: u16 = 1024;
+pub const SNAT_PORT_COUNT: u32 = 65536 - SNAT_PORT_MIN as u32;
+/// Ports tried, at random, for a new full-NAT flow before it is refused (`drop_snat_exhausted`).
+pub const SNAT_TRIES: u32 = 8;
+
+/// A full-NAT service's SNAT addresses (`SNAT_ADDRS`, by service id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatAddrs {
+    /// How many of `addrs` are in use (1 to `MAX_SNAT_ADDRS`).
+    pub count: u32,
+    pub _pad: u32,
+    /// IPv4 in the first four bytes.
+    pub addrs: [[u8; 16]; MAX_SNAT_ADDRS],
+}
+
+/// A full-NAT flow's source after translation (`FULLNAT_FLOWS`, by the client's tuple).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatEndpoint {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -315,10 +350,13 @@ pub enum Global {
     EchoReplied = 14,
     /// Replies of NAT flows from their real, translated back (source = VIP) and sent on.
     NatReplied = 15,
+    /// New full-NAT flows refused: no free SNAT port found in `SNAT_TRIES` random tries (or the
+    /// reply table refused the entry). Never a shared port.
+    DropSnatExhausted = 16,
 }
 
 impl Global {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Global; Self::COUNT as usize] = [
         Global::Passed,
         Global::Forwarded,
@@ -336,6 +374,7 @@ impl Global {
         Global::SynRetriesMoved,
         Global::EchoReplied,
         Global::NatReplied,
+        Global::DropSnatExhausted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -356,6 +395,7 @@ impl Global {
             Global::SynRetriesMoved => "syn_retries_moved",
             Global::EchoReplied => "echo_replied",
             Global::NatReplied => "nat_replied",
+            Global::DropSnatExhausted => "drop_snat_exhausted",
         }
     }
 }
@@ -498,6 +538,8 @@ const _: () = {
     assert!(core::mem::size_of::<RefusalEvent>() == 16);
     assert!(core::mem::size_of::<NatKey>() == 40);
     assert!(core::mem::size_of::<NatReply>() == 60);
+    assert!(core::mem::size_of::<SnatAddrs>() == 8 + 16 * MAX_SNAT_ADDRS);
+    assert!(core::mem::size_of::<SnatEndpoint>() == 20);
     assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
 };
 
@@ -521,6 +563,8 @@ mod pod {
     unsafe impl aya::Pod for RefusalEvent {}
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatReply {}
+    unsafe impl aya::Pod for SnatAddrs {}
+    unsafe impl aya::Pod for SnatEndpoint {}
 }
 
 #[cfg(test)]

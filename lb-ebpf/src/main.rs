@@ -121,7 +121,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     counters::backend(choice.backend_id, bytes, choice.new_flow);
     counters::global(Global::Forwarded);
     if svc.flags & SERVICE_F_NAT != 0 {
-        nat::hand_over_request(ctx, &choice)
+        nat::hand_over_request(ctx, &svc, &choice)
     } else if tun {
         forward_tun::forward(ctx, &pkt, &svc, &choice)
     } else {

@@ -11,7 +11,7 @@ use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, DecapConfig, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
     MAX_IFACES, MAX_SERVICES, NAT_CAPACITY, NatKey, NatReply, RefusalEvent, ServiceKey,
-    ServiceValue, VipKey, VipValue,
+    ServiceValue, SnatAddrs, SnatEndpoint, VipKey, VipValue,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -45,6 +45,16 @@ pub static CONNS: LruHashMap<ConnKey, ConnValue, { DEFAULT_CONN_CAPACITY as usiz
 /// where it goes (nat.rs). Shared, as `CONNS`, so a reply on any CPU finds its flow.
 #[btf_map]
 pub static NAT_REPLIES: LruHashMap<NatKey, NatReply, { NAT_CAPACITY as usize }> = LruHashMap::new();
+
+/// Full-NAT flows by the client's tuple: the SNAT address and port their requests leave with.
+/// An entry is trusted only while `NAT_REPLIES` holds its reply tuple for the same client.
+#[btf_map]
+pub static FULLNAT_FLOWS: LruHashMap<NatKey, SnatEndpoint, { NAT_CAPACITY as usize }> =
+    LruHashMap::new();
+
+/// Each full-NAT service's SNAT addresses, by service id.
+#[btf_map]
+pub static SNAT_ADDRS: Array<SnatAddrs, { MAX_SERVICES as usize }> = Array::new();
 
 /// Slot 0: `xlb_nat_forward`, slot 1: `xlb_nat_reply`, tail-called by the balancer (nat.rs).
 /// Pinned, unlike the other program arrays: the kernel empties a program array when no process

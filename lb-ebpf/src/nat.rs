@@ -17,16 +17,21 @@
 //! tuple overwrites its entry.
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_csum_diff, bpf_ktime_get_coarse_ns},
+    bindings::{BPF_NOEXIST, xdp_action},
+    helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
-use lb_common::{CONN_F_CLOSING, FAMILY_V4, Global, NatKey, NatReply, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    Backend, CONN_F_CLOSING, FAMILY_V4, Global, NatKey, NatReply, PROTO_TCP, PROTO_UDP,
+    SERVICE_F_FULLNAT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_TRIES, ServiceValue, SnatEndpoint,
+};
 
 use crate::{
     conntrack::{self, Choice},
-    counters, csum, egress,
-    maps::{BACKENDS, NAT_PROGRAM, NAT_REPLIES, NAT_SCRATCH},
+    counters, csum,
+    drop::{self, DropReason},
+    egress,
+    maps::{BACKENDS, FULLNAT_FLOWS, NAT_PROGRAM, NAT_REPLIES, NAT_SCRATCH, SNAT_ADDRS},
     parse::{self, Fragment, Packet, ptr_at},
 };
 
@@ -44,6 +49,9 @@ pub struct Scratch {
     /// The real chosen for a request, and whether the request started its flow.
     pub backend_id: u32,
     pub new_flow: u32,
+    /// The request's service: its id (for its SNAT addresses) and `SERVICE_F_*` flags.
+    pub service_id: u32,
+    pub service_flags: u32,
 }
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -150,12 +158,14 @@ fn now_s() -> u32 {
 /// The balancer's hand-over of a request for a NAT service: tail-calls `xlb_nat_forward`.
 /// Returns only if that fails (no program in the slot): the frame is aborted, visibly.
 #[inline(always)]
-pub fn hand_over_request(ctx: &XdpContext, choice: &Choice) -> u32 {
+pub fn hand_over_request(ctx: &XdpContext, svc: &ServiceValue, choice: &Choice) -> u32 {
     if let Some(s) = NAT_SCRATCH.get_ptr_mut(0) {
         // SAFETY: this CPU's own element.
         unsafe {
             (*s).backend_id = choice.backend_id;
             (*s).new_flow = choice.new_flow as u32;
+            (*s).service_id = svc.id;
+            (*s).service_flags = svc.flags;
         }
         // SAFETY: the context is the program's own; a failed tail call returns here.
         unsafe { NAT_PROGRAM.tail_call(ctx, FORWARD_SLOT) };
@@ -181,12 +191,29 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: bounds-checked by ptr_at.
     let old_macs = unsafe { macs.read_unaligned() };
     let dport = if b.port != 0 { b.port } else { pkt.dport };
-    set_either(ctx, pkt, End::Dst, &b.addr, dport)?;
-    // Recorded when the flow is (re)scheduled, and for each first fragment (fragments are
-    // scheduled without the connection table).
-    if scratch.new_flow != 0 || pkt.fragment == Fragment::First {
-        record_reply(ctx, pkt, b.addr, dport, &old_macs);
+    if scratch.service_flags & SERVICE_F_FULLNAT != 0 {
+        // Decided before anything is rewritten: the flow is known by the client's tuple.
+        let Some(snat) = source_for(ctx, pkt, scratch.service_id, b, dport, &old_macs) else {
+            return Some(drop::drop(ctx, DropReason::SnatExhausted));
+        };
+        set_either(ctx, pkt, End::Src, &snat.addr, snat.port)?;
+    } else if scratch.new_flow != 0 || pkt.fragment == Fragment::First {
+        // Recorded when the flow is (re)scheduled, and for each first fragment (fragments are
+        // scheduled without the connection table).
+        let key = NatKey {
+            src: b.addr,
+            dst: pkt.src,
+            sport: dport,
+            dport: pkt.sport,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+        };
+        let value = reply_value(ctx, pkt, pkt.sport, pkt.dport, &old_macs);
+        // A full LRU evicts its oldest entry; a failed insert leaves the replies untranslated.
+        let _ = NAT_REPLIES.insert(&key, &value, 0);
     }
+    set_either(ctx, pkt, End::Dst, &b.addr, dport)?;
     let mut new_macs = [0u8; 12];
     new_macs[..6].copy_from_slice(&b.mac);
     new_macs[6..].copy_from_slice(&b.src_mac);
@@ -195,27 +222,26 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
     Some(egress::send(ctx, b))
 }
 
+/// How a flow's replies are translated back, from its request (the client's tuple, with the
+/// ports the caller found) and the request's MACs: the reply goes back to whoever sent the
+/// request, from the MAC it was sent to, out of the interface it came in on.
 #[inline(always)]
-fn record_reply(ctx: &XdpContext, pkt: &Packet, real: [u8; 16], real_port: u16, macs: &[u8; 12]) {
-    let key = NatKey {
-        src: real,
-        dst: pkt.src,
-        sport: real_port,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    };
+fn reply_value(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    sport: u16,
+    dport: u16,
+    macs: &[u8; 12],
+) -> NatReply {
     let mut mac = [0u8; 6];
     let mut src_mac = [0u8; 6];
-    // The reply goes back to whoever sent the request, from the MAC it was sent to.
     mac.copy_from_slice(&macs[6..]);
     src_mac.copy_from_slice(&macs[..6]);
-    let value = NatReply {
+    NatReply {
         vip: pkt.dst,
         client: pkt.src,
-        vport: pkt.dport,
-        client_port: pkt.sport,
+        vport: dport,
+        client_port: sport,
         mac,
         src_mac,
         ifindex: ctx.ingress_ifindex() as u32,
@@ -226,9 +252,87 @@ fn record_reply(ctx: &XdpContext, pkt: &Packet, real: [u8; 16], real_port: u16, 
             0
         },
         _pad: [0; 2],
+    }
+}
+
+/// Full NAT: the source a client's flow leaves with towards real `b` (port `real_port`). The
+/// flow's own, while the reply table still holds its reply tuple for this client and real;
+/// else a fresh one: a random SNAT address and port, claimed by inserting the reply tuple only
+/// if absent (`BPF_NOEXIST`, atomic across CPUs, so two flows never share one), up to
+/// `SNAT_TRIES` times. None: no free port found (the flow is refused and counted).
+#[inline(always)]
+fn source_for(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    service_id: u32,
+    b: &Backend,
+    real_port: u16,
+    macs: &[u8; 12],
+) -> Option<SnatEndpoint> {
+    let (sport, dport) = if pkt.fragment == Fragment::Later {
+        let ports = conntrack::fragment_ports(pkt)?;
+        (ports.sport, ports.dport)
+    } else {
+        (pkt.sport, pkt.dport)
     };
-    // A full LRU evicts its oldest entry; a failed insert leaves the replies untranslated.
-    let _ = NAT_REPLIES.insert(&key, &value, 0);
+    let flow = NatKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport,
+        dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    };
+    let mut reply = NatKey {
+        src: b.addr,
+        dst: [0; 16],
+        sport: real_port,
+        dport: 0,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    };
+    if let Some(known) = FULLNAT_FLOWS.get_ptr(&flow) {
+        // SAFETY: an LRU value, copied out.
+        let known = unsafe { *known };
+        reply.dst = known.addr;
+        reply.dport = known.port;
+        if let Some(r) = NAT_REPLIES.get_ptr(&reply) {
+            // SAFETY: an LRU value, only read.
+            let r = unsafe { &*r };
+            if r.client == pkt.src && r.client_port == sport {
+                return Some(known);
+            }
+        }
+    }
+    let addrs = SNAT_ADDRS.get(service_id)?;
+    let count = addrs.count;
+    if count == 0 {
+        return None;
+    }
+    let value = reply_value(ctx, pkt, sport, dport, macs);
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: a helper without arguments.
+        let r = unsafe { bpf_get_prandom_u32() };
+        let port = ((SNAT_PORT_MIN as u32 + (r & 0xffff) % SNAT_PORT_COUNT) as u16).to_be();
+        let addr = *addrs.addrs.get(((r >> 16) % count) as usize)?;
+        reply.dst = addr;
+        reply.dport = port;
+        if NAT_REPLIES
+            .insert(&reply, &value, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            let snat = SnatEndpoint {
+                addr,
+                port,
+                _pad: [0; 2],
+            };
+            let _ = FULLNAT_FLOWS.insert(&flow, &snat, 0);
+            return Some(snat);
+        }
+    }
+    None
 }
 
 /// Whether the frame is a reply of a NAT flow (its tuple, with `sport`/`dport` as the caller
@@ -283,6 +387,10 @@ fn reply(ctx: &XdpContext) -> Option<u32> {
     let r = unsafe { &(*NAT_SCRATCH.get_ptr(0)?).reply };
     let macs = ptr_at::<[u8; 12]>(ctx, 0)?;
     set_either(ctx, pkt, End::Src, &r.vip, r.vport)?;
+    // Full NAT: the destination (an SNAT address and port) goes back to the client's.
+    if r.client != pkt.dst || r.client_port != pkt.dport {
+        set_either(ctx, pkt, End::Dst, &r.client, r.client_port)?;
+    }
     let mut new_macs = [0u8; 12];
     new_macs[..6].copy_from_slice(&r.mac);
     new_macs[6..].copy_from_slice(&r.src_mac);

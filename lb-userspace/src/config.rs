@@ -104,6 +104,16 @@ pub enum Mode {
     /// Destination NAT (LVS NAT): the destination becomes the real's address and port; the
     /// reals route their replies through the director, which rewrites them back.
     Nat,
+    /// Full NAT: NAT, and the source becomes one of the service's `--snat` addresses and a port
+    /// the director allocates, so replies come back to it wherever the reals are.
+    Fullnat,
+}
+
+impl Mode {
+    /// NAT or full NAT: the director rewrites addresses and carries the replies.
+    pub fn is_nat(self) -> bool {
+        matches!(self, Mode::Nat | Mode::Fullnat)
+    }
 }
 
 /// `--tunnel-src-prefix`: outer source addresses taken per flow from a prefix, so receivers and
@@ -362,6 +372,10 @@ pub struct ServiceConfig {
     pub check: Option<CheckConfig>,
     #[serde(default)]
     pub weights: Weights,
+    /// Full NAT only: the source addresses requests leave with (at most
+    /// `lb_common::MAX_SNAT_ADDRS`, of the VIP's family; the director's own, dedicated ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snat: Vec<IpAddr>,
 }
 
 impl ServiceConfig {
@@ -378,6 +392,7 @@ impl ServiceConfig {
             gue_port: None,
             on_down: OnDown::Move,
             fallback: None,
+            snat: Vec::new(),
             check: None,
             weights: Weights::Static,
         }
@@ -418,6 +433,30 @@ impl ServiceConfig {
             }
             if prefix.addr.is_multicast() || prefix.addr.is_loopback() {
                 bail!("service {s}: {prefix} cannot be a tunnel source prefix");
+            }
+        }
+        if self.mode == Mode::Fullnat && self.snat.is_empty() {
+            bail!("service {s}: --mode fullnat needs --snat ADDR[,ADDR...]");
+        }
+        if !self.snat.is_empty() && self.mode != Mode::Fullnat {
+            bail!("service {s}: --snat needs --mode fullnat");
+        }
+        if self.snat.len() > lb_common::MAX_SNAT_ADDRS {
+            bail!(
+                "service {s}: {} SNAT addresses exceed the limit of {}",
+                self.snat.len(),
+                lb_common::MAX_SNAT_ADDRS
+            );
+        }
+        for (i, a) in self.snat.iter().enumerate() {
+            if a.is_ipv4() != s.vip.is_ipv4() {
+                bail!("service {s}: SNAT address {a} is not of the VIP's family");
+            }
+            if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                bail!("service {s}: {a} cannot be a SNAT address");
+            }
+            if self.snat[..i].contains(a) {
+                bail!("service {s}: SNAT address {a} is listed twice");
             }
         }
         if self.encap == Encap::Gue && self.mode != Mode::Tun {
@@ -508,10 +547,10 @@ pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
     let s = &svc.service;
     real.validate(s.port)?;
     if real.port != 0 {
-        if svc.mode != Mode::Nat {
+        if !svc.mode.is_nat() {
             bail!(
-                "real {}: a port needs a NAT service (--mode nat); DR and TUN reals serve the \
-                 service's own port",
+                "real {}: a port needs a NAT service (--mode nat|fullnat); DR and TUN reals \
+                 serve the service's own port",
                 real.endpoint()
             );
         }
@@ -530,7 +569,7 @@ pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
         );
     }
     match svc.mode {
-        Mode::Dr | Mode::Nat if real.addr.is_ipv4() != s.vip.is_ipv4() => bail!(
+        Mode::Dr | Mode::Nat | Mode::Fullnat if real.addr.is_ipv4() != s.vip.is_ipv4() => bail!(
             "real {}: address family differs from service {s} ({} needs both in one family)",
             real.addr,
             if svc.mode == Mode::Dr { "DR" } else { "NAT" }

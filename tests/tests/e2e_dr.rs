@@ -338,7 +338,7 @@ fn dr_lab_end_to_end() {
     ]);
     assert!(detach.status.success(), "{}", text(&detach));
     assert!(
-        text(&detach).contains("removed 13 pins"),
+        text(&detach).contains("removed 15 pins"),
         "{}",
         text(&detach)
     );

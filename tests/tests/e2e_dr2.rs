@@ -166,7 +166,7 @@ fn two_arm_lab_end_to_end() {
     );
     let done = detach("eth0");
     assert!(done.status.success(), "{}", text(&done));
-    assert!(text(&done).contains("removed 14 pins"), "{}", text(&done));
+    assert!(text(&done).contains("removed 16 pins"), "{}", text(&done));
     assert!(!has_xdp("eth0") && !has_xdp("eth1"));
     assert!(
         LAB.get(&web).is_none(),

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use lb_common::Global;
+use lb_common::{Global, NatKey, NatReply};
 use xlb::{
     config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
     control::Balancer,
@@ -448,4 +448,178 @@ fn a_dr_director_does_not_look_for_nat_replies() {
         L4::Tcp { flags: SYN | ACK },
     ));
     assert_eq!(run(&mut b, &reply), (XDP_PASS, reply));
+}
+
+// ---------------------------------------------------------------------------------------
+// Full NAT: the source too becomes one of the service's SNAT addresses and a port the data
+// path allocates.
+
+const SNAT4: &str = "198.18.0.50";
+const SNAT4_B: &str = "198.18.0.51";
+const SNAT6: &str = "fd00:18::50";
+
+fn fullnat_service(service: &str, reals: &[&str], snat: &[&str]) -> Balancer {
+    let mut b = balancer();
+    let addr: ServiceAddr = service.parse().unwrap();
+    let mut cfg = ServiceConfig::new(addr);
+    cfg.mode = Mode::Fullnat;
+    cfg.snat = snat.iter().map(|a| ip(a)).collect();
+    for r in reals {
+        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
+        cfg.reals.push(RealConfig {
+            port: MAPPED,
+            ..RealConfig::new(ip(r), 100)
+        });
+    }
+    b.add_service(cfg).unwrap();
+    b
+}
+
+/// The source address and port of a frame the director sent (no VLAN, no IP options, no
+/// IPv6 extension headers).
+fn source_of(frame: &[u8]) -> (IpAddr, u16) {
+    let ip = wellformed::ip(frame).unwrap();
+    let l4 = 14 + if ip.src.is_ipv4() { 20 } else { 40 };
+    (ip.src, u16::from_be_bytes([frame[l4], frame[l4 + 1]]))
+}
+
+#[test]
+fn full_nat_rewrites_both_ends_and_translates_replies_back() {
+    let cases = [
+        (
+            "198.18.0.100:80/tcp",
+            VIP4,
+            &REALS4,
+            SNAT4,
+            Frame::tcp(CLIENT4, VIP4, 47000, 80, SYN),
+        ),
+        (
+            "198.18.0.100:80/udp",
+            VIP4,
+            &REALS4,
+            SNAT4,
+            Frame::udp(CLIENT4, VIP4, 47001, 80),
+        ),
+        (
+            "[fd00:18::100]:80/tcp",
+            VIP6,
+            &REALS6,
+            SNAT6,
+            Frame::tcp(CLIENT6, VIP6, 47002, 80, SYN),
+        ),
+        (
+            "[fd00:18::100]:80/udp",
+            VIP6,
+            &REALS6,
+            SNAT6,
+            Frame::udp(CLIENT6, VIP6, 47003, 80),
+        ),
+    ];
+    for (service, vip, reals, snat, request) in cases {
+        let mut b = fullnat_service(service, reals, &[snat]);
+        let real = predict(&equal_weight(reals), RING, five_tuple_hash(&request, true));
+        let (verdict, out) = run(&mut b, &request.bytes());
+        assert_eq!(verdict, XDP_TX, "{service}");
+        let (src, port) = source_of(&out);
+        assert_eq!(src, ip(snat), "{service}");
+        assert!(port >= 1024, "{service}: SNAT port {port}");
+        let translated = Frame {
+            src: ip(snat),
+            sport: port,
+            ..request.clone()
+        };
+        assert_eq!(
+            out,
+            to_real(&translated, real, MAPPED),
+            "{service}: request"
+        );
+        wellformed::l4_checksum(&out, &wellformed::ip(&out).unwrap()).unwrap();
+
+        // The real answers the SNAT address; the client gets the answer from the VIP.
+        let reply = reply_of(&translated, real, MAPPED, request.l4);
+        let (verdict, out) = run(&mut b, &reply_bytes(&reply));
+        assert_eq!(verdict, XDP_TX, "{service}: reply");
+        let back = Frame {
+            dst: request.src,
+            dport: request.sport,
+            ..reply.clone()
+        };
+        assert_eq!(out, to_client(&back, vip, 80), "{service}: reply");
+        wellformed::l4_checksum(&out, &wellformed::ip(&out).unwrap()).unwrap();
+
+        // The flow's next packets keep their SNAT port.
+        for _ in 0..3 {
+            let mut next = request.clone();
+            if let L4::Tcp { flags } = &mut next.l4 {
+                *flags = ACK;
+            }
+            let (_, out) = run(&mut b, &next.bytes());
+            assert_eq!(source_of(&out), (ip(snat), port), "{service}: next request");
+        }
+    }
+}
+
+#[test]
+fn full_nat_flows_get_distinct_sources_from_every_snat_address() {
+    let mut b = fullnat_service("198.18.0.100:80/tcp", &[REALS4[0]], &[SNAT4, SNAT4_B]);
+    let mut sources = std::collections::BTreeSet::new();
+    for sport in 48000..48040 {
+        let (_, out) = run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes());
+        assert!(sources.insert(source_of(&out)), "a source given twice");
+    }
+    let addrs: std::collections::BTreeSet<IpAddr> = sources.iter().map(|s| s.0).collect();
+    assert_eq!(addrs, [ip(SNAT4), ip(SNAT4_B)].into_iter().collect());
+}
+
+#[test]
+fn full_nat_refuses_and_counts_a_flow_when_no_snat_port_is_free() {
+    let real = REALS4[0];
+    let mut b = fullnat_service("198.18.0.100:80/tcp", &[real], &[SNAT4]);
+    // Every SNAT port towards this real's port is taken (by flows of other clients).
+    let addr16 = |a: &str| {
+        let mut out = [0u8; 16];
+        match ip(a) {
+            IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => out.copy_from_slice(&v6.octets()),
+        }
+        out
+    };
+    let taken: Vec<(NatKey, NatReply)> = (lb_common::SNAT_PORT_MIN..=u16::MAX)
+        .map(|port| {
+            let key = NatKey {
+                src: addr16(real),
+                dst: addr16(SNAT4),
+                sport: MAPPED.to_be(),
+                dport: port.to_be(),
+                proto: lb_common::PROTO_TCP,
+                family: lb_common::FAMILY_V4,
+                _pad: [0; 2],
+            };
+            let value = NatReply {
+                vip: addr16(VIP4),
+                client: addr16("198.18.9.9"),
+                vport: 80u16.to_be(),
+                client_port: port.to_be(),
+                ..NatReply::default()
+            };
+            (key, value)
+        })
+        .collect();
+    b.dataplane().insert_nat_replies(&taken).unwrap();
+    let request = Frame::tcp(CLIENT4, VIP4, 49000, 80, SYN).bytes();
+    assert_eq!(run(&mut b, &request).0, XDP_DROP);
+    assert_eq!(
+        b.dataplane()
+            .global_counter(Global::DropSnatExhausted)
+            .unwrap(),
+        1
+    );
+    // The taken entries are untouched: no flow shares a port.
+    let replies = b.dataplane().nat_replies().unwrap();
+    assert_eq!(replies.len(), taken.len());
+    assert!(
+        replies
+            .iter()
+            .all(|(_, v)| v.client == addr16("198.18.9.9"))
+    );
 }

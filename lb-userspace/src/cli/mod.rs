@@ -186,6 +186,9 @@ enum ServiceCmd {
         /// adaptive: weights follow health-check latency (slower reals get fewer new flows).
         #[arg(long, value_enum, default_value_t = Weights::Static)]
         weights: Weights,
+        /// Full NAT: the source addresses requests leave with (the director's own, dedicated).
+        #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+        snat: Vec<IpAddr>,
         #[command(flatten)]
         check: Box<CheckArgs>,
     },
@@ -520,6 +523,7 @@ fn run(cli: Cli) -> Result<()> {
             on_down,
             fallback,
             weights,
+            snat,
             check,
         }) => Request::ServiceAdd {
             config: ServiceConfig {
@@ -533,6 +537,7 @@ fn run(cli: Cli) -> Result<()> {
                 on_down,
                 fallback,
                 weights,
+                snat,
                 check: check.config()?,
                 ..ServiceConfig::new(service)
             },

@@ -9,8 +9,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use lb_common::{
     BACKEND_F_FORWARD, Backend, Config as KernelConfig, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
-    MAX_SERVICES, SERVICE_F_GUE, SERVICE_F_HASH_SRC_IP, SERVICE_F_NAT, SERVICE_F_OUTER_V6,
-    SERVICE_F_TUN, ServiceKey, ServiceValue,
+    MAX_SERVICES, SERVICE_F_FULLNAT, SERVICE_F_GUE, SERVICE_F_HASH_SRC_IP, SERVICE_F_NAT,
+    SERVICE_F_OUTER_V6, SERVICE_F_TUN, ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -423,7 +423,7 @@ impl Balancer {
                 lb_common::CONFIG_F_VIP_ECHO
             } else {
                 0
-            } | if self.services.values().any(|s| s.config.mode == Mode::Nat) {
+            } | if self.services.values().any(|s| s.config.mode.is_nat()) {
                 lb_common::CONFIG_F_NAT
             } else {
                 0
@@ -648,9 +648,21 @@ impl Balancer {
             HashKind::FiveTuple => 0,
             HashKind::SrcIp => SERVICE_F_HASH_SRC_IP,
         };
-        if config.mode == Mode::Nat {
+        if config.mode.is_nat() {
             flags |= SERVICE_F_NAT;
         }
+        if config.mode == Mode::Fullnat {
+            flags |= SERVICE_F_FULLNAT;
+        }
+        // Its SNAT addresses are in place before the service entry that makes them used.
+        self.dp.set_snat(
+            id,
+            &config
+                .snat
+                .iter()
+                .map(|a| addr_bytes(*a).0)
+                .collect::<Vec<_>>(),
+        )?;
         if config.mode == Mode::Tun {
             flags |= SERVICE_F_TUN;
             if !config.tunnel_v4() {
@@ -1026,6 +1038,7 @@ fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
         && a.tunnel_src_prefix == b.tunnel_src_prefix
         && a.encap == b.encap
         && a.gue_port == b.gue_port
+        && a.snat == b.snat
 }
 
 #[cfg(test)]

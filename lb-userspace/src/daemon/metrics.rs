@@ -283,6 +283,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             Global::NatReplied => nat_replies.add(&[], value),
             Global::DropRefusalBounced => dropped.add(&[("reason", "refusal_bounced")], value),
             Global::DropRefusalForged => dropped.add(&[("reason", "refusal_forged")], value),
+            Global::DropSnatExhausted => dropped.add(&[("reason", "snat_exhausted")], value),
             Global::ConnMiss => conn_misses.add(&[], value),
             Global::ConnStale => conn_stale.add(&[], value),
         }

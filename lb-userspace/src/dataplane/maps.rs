@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, PerCpuArray};
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, Global, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
-    NatKey, NatReply, ServiceKey, ServiceValue, VipKey,
+    MAX_SNAT_ADDRS, NatKey, NatReply, ServiceKey, ServiceValue, SnatAddrs, VipKey,
 };
 
 use super::{Dataplane, sys};
@@ -63,6 +63,20 @@ impl Dataplane {
         if map.get(key, 0).is_ok() {
             map.remove(key)?;
         }
+        Ok(())
+    }
+
+    /// A full-NAT service's SNAT addresses (none for the others), by service id.
+    pub fn set_snat(&mut self, service_id: u32, addrs: &[[u8; 16]]) -> Result<()> {
+        let mut value = SnatAddrs {
+            count: addrs.len().min(MAX_SNAT_ADDRS) as u32,
+            ..SnatAddrs::default()
+        };
+        for (slot, a) in value.addrs.iter_mut().zip(addrs) {
+            *slot = *a;
+        }
+        let mut map: Array<_, SnatAddrs> = Array::try_from(self.map_mut("SNAT_ADDRS")?)?;
+        map.set(service_id, value, 0)?;
         Ok(())
     }
 
@@ -140,6 +154,16 @@ impl Dataplane {
         for key in keys {
             // One at a time: a batch delete stops at the first key the LRU already evicted.
             let _ = sys::delete_elem(fd, key);
+        }
+        Ok(())
+    }
+
+    /// Writes NAT reply entries, as the data path records them (tests fill the table with them).
+    pub fn insert_nat_replies(&mut self, entries: &[(NatKey, NatReply)]) -> Result<()> {
+        let mut map: HashMap<_, NatKey, NatReply> =
+            HashMap::try_from(self.map_mut("NAT_REPLIES")?)?;
+        for (k, v) in entries {
+            map.insert(k, v, 0)?;
         }
         Ok(())
     }

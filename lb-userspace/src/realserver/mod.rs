@@ -458,6 +458,7 @@ pub fn mode_name(mode: Mode) -> &'static str {
         Mode::Dr => "DR",
         Mode::Tun => "TUN",
         Mode::Nat => "NAT",
+        Mode::Fullnat => "full-NAT",
     }
 }
 
@@ -498,10 +499,10 @@ async fn vip_value(nl: &Neighbours, ifindex: u32, opts: &Options) -> Result<VipV
 
 fn validate(opts: &Options) -> Result<()> {
     let v = opts.vip;
-    if opts.mode == Mode::Nat {
+    if opts.mode.is_nat() {
         bail!(
-            "a NAT real needs no setup: only its route back to clients through the director \
-             (its default gateway)"
+            "a NAT real needs no setup (NAT: only its route back to clients through the \
+             director; full NAT: nothing)"
         );
     }
     if opts.encap == Encap::Gue && opts.mode != Mode::Tun {
