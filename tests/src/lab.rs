@@ -291,6 +291,8 @@ pub struct Service {
     pub check_port: Option<u16>,
     /// NAT: the port the reals serve it on.
     pub real_port: Option<u16>,
+    /// Full NAT: the address the reals see requests come from.
+    pub snat: Option<String>,
     /// TUN: ipip or gue (`scripts/lab tun up --encap`).
     pub encap: Option<String>,
     /// TUN: the family IPv4 requests are tunnelled in, ipv4 or ipv6 (`--4in6`).
