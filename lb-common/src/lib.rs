@@ -265,6 +265,23 @@ pub struct NatReply {
     pub _pad: [u8; 2],
 }
 
+/// What the balancer hands the NAT programs it tail-calls (`NAT_SCRATCH`, per CPU: a frame is
+/// processed on one CPU from the balancer to the end of its tail calls). Kernel-only, but
+/// pinned (a restarted daemon's programs share it with the old ones), so its layout is fixed
+/// here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatScratch {
+    /// The reply's entry, copied: `xlb_nat_reply` needs no second lookup.
+    pub reply: NatReply,
+    /// The real chosen for a request, and whether the request started its flow.
+    pub backend_id: u32,
+    pub new_flow: u32,
+    /// The request's service: its id (for its SNAT addresses) and `SERVICE_F_*` flags.
+    pub service_id: u32,
+    pub service_flags: u32,
+}
+
 /// Director-wide settings the control plane writes once at attach.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -540,6 +557,7 @@ const _: () = {
     assert!(core::mem::size_of::<NatReply>() == 60);
     assert!(core::mem::size_of::<SnatAddrs>() == 8 + 16 * MAX_SNAT_ADDRS);
     assert!(core::mem::size_of::<SnatEndpoint>() == 20);
+    assert!(core::mem::size_of::<NatScratch>() == 76);
     assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
 };
 

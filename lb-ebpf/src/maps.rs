@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Config, ConnKey, ConnValue, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, DecapConfig, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
-    MAX_IFACES, MAX_SERVICES, NAT_CAPACITY, NatKey, NatReply, RefusalEvent, ServiceKey,
+    MAX_IFACES, MAX_SERVICES, NAT_CAPACITY, NatKey, NatReply, NatScratch, RefusalEvent, ServiceKey,
     ServiceValue, SnatAddrs, SnatEndpoint, VipKey, VipValue,
 };
 
@@ -64,7 +64,7 @@ pub static NAT_PROGRAM: ProgramArray<2> = ProgramArray::new();
 
 /// The balancer's hand-over to the NAT programs (nat.rs).
 #[btf_map]
-pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch, 1> = PerCpuArray::new();
+pub static NAT_SCRATCH: PerCpuArray<NatScratch, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAG_CAPACITY as usize }> = LruHashMap::new();

@@ -39,21 +39,6 @@ use crate::{
 pub const FORWARD_SLOT: u32 = 0;
 pub const REPLY_SLOT: u32 = 1;
 
-/// What the balancer hands the NAT programs (per CPU: a frame is processed on one CPU from
-/// the balancer to the end of its tail calls).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Scratch {
-    /// The reply's entry, copied: `xlb_nat_reply` needs no second lookup.
-    pub reply: NatReply,
-    /// The real chosen for a request, and whether the request started its flow.
-    pub backend_id: u32,
-    pub new_flow: u32,
-    /// The request's service: its id (for its SNAT addresses) and `SERVICE_F_*` flags.
-    pub service_id: u32,
-    pub service_flags: u32,
-}
-
 const NS_PER_S: u64 = 1_000_000_000;
 /// Where the source and destination addresses sit in the IPv4 and IPv6 headers.
 const IPV4_SRC: usize = 12;

@@ -854,52 +854,6 @@ pub fn assert_spread(per_real: &BTreeMap<String, usize>, reals: usize, total: us
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every lab's topology, as `scripts/lab LAB topology` prints what `up` writes, loads here
-    /// and holds what the tests rely on. Needs no root and brings nothing up.
-    #[test]
-    fn every_lab_topology_loads() {
-        let script = repo().join("scripts/lab");
-        let usage = text(&sh(script.to_str().unwrap(), &["help"]));
-        let labs = usage
-            .split_once("(labs: ")
-            .and_then(|(_, rest)| rest.split_once(')'))
-            .map(|(labs, _)| labs.split_whitespace().collect::<Vec<_>>())
-            .unwrap_or_else(|| panic!("no lab list in: {usage}"));
-        assert!(labs.len() >= 3, "{labs:?}");
-        for lab in labs {
-            let out = sh(script.to_str().unwrap(), &[lab, "topology"]);
-            assert!(out.status.success(), "{lab}: {}", text(&out));
-            let topo = Topology::parse(&String::from_utf8_lossy(&out.stdout))
-                .unwrap_or_else(|e| panic!("{lab}: {e:#}"));
-            assert_eq!(topo.lab, lab);
-            // Where the tests look for it.
-            assert_eq!(
-                Path::new(&topo.state_dir).join("topology.json"),
-                Lab::new(lab.to_string().leak()).topology_path()
-            );
-            for host in topo.hosts.values() {
-                assert!(host.ns.starts_with(&topo.ns_prefix), "{lab}: {host:?}");
-            }
-            assert!(!topo.reals.is_empty() && !topo.directors.is_empty());
-            for d in &topo.directors {
-                topo.daemon(d);
-            }
-            for service in topo.services.values() {
-                for r in &topo.reals {
-                    topo.server_on(r, service.port);
-                    if let Some(port) = service.check_port {
-                        topo.server_on(r, port);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Bounded continuous load: one request at a time on new connections from the lab's client,
 /// for at most 60 s or 2,000 requests, until stopped; counts requests and failures.
 pub struct Load {
@@ -957,4 +911,50 @@ pub fn sha256(file: &str) -> String {
     let out = sh("sha256sum", &[file]);
     assert!(out.status.success(), "{}", text(&out));
     text(&out).split_whitespace().next().unwrap().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every lab's topology, as `scripts/lab LAB topology` prints what `up` writes, loads here
+    /// and holds what the tests rely on. Needs no root and brings nothing up.
+    #[test]
+    fn every_lab_topology_loads() {
+        let script = repo().join("scripts/lab");
+        let usage = text(&sh(script.to_str().unwrap(), &["help"]));
+        let labs = usage
+            .split_once("(labs: ")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .map(|(labs, _)| labs.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no lab list in: {usage}"));
+        assert!(labs.len() >= 3, "{labs:?}");
+        for lab in labs {
+            let out = sh(script.to_str().unwrap(), &[lab, "topology"]);
+            assert!(out.status.success(), "{lab}: {}", text(&out));
+            let topo = Topology::parse(&String::from_utf8_lossy(&out.stdout))
+                .unwrap_or_else(|e| panic!("{lab}: {e:#}"));
+            assert_eq!(topo.lab, lab);
+            // Where the tests look for it.
+            assert_eq!(
+                Path::new(&topo.state_dir).join("topology.json"),
+                Lab::new(lab.to_string().leak()).topology_path()
+            );
+            for host in topo.hosts.values() {
+                assert!(host.ns.starts_with(&topo.ns_prefix), "{lab}: {host:?}");
+            }
+            assert!(!topo.reals.is_empty() && !topo.directors.is_empty());
+            for d in &topo.directors {
+                topo.daemon(d);
+            }
+            for service in topo.services.values() {
+                for r in &topo.reals {
+                    topo.server_on(r, service.port);
+                    if let Some(port) = service.check_port {
+                        topo.server_on(r, port);
+                    }
+                }
+            }
+        }
+    }
 }
