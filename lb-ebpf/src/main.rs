@@ -139,7 +139,11 @@ pub fn xlb_nat_forward(ctx: XdpContext) -> u32 {
 /// NAT replies: the source rewritten back to the VIP (nat.rs). Tail-called by `xlb_balancer`.
 #[xdp]
 pub fn xlb_nat_reply(ctx: XdpContext) -> u32 {
-    nat::translate_reply(&ctx)
+    let verdict = nat::translate_reply(&ctx);
+    if verdict == xdp_action::XDP_PASS {
+        counters::global(Global::Passed);
+    }
+    verdict
 }
 
 /// Echo requests go to `xlb_echo`, ICMP errors to a VIP go to the real of the flow they

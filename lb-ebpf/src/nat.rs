@@ -159,9 +159,10 @@ pub fn hand_over_request(ctx: &XdpContext, svc: &ServiceValue, choice: &Choice) 
 }
 
 /// `xlb_nat_forward`: rewrites a request for the real the balancer chose and sends it there.
+/// A frame too short for its checksum field is dropped as malformed (nothing was written).
 #[inline(always)]
 pub fn forward_request(ctx: &XdpContext) -> u32 {
-    forward(ctx).unwrap_or(xdp_action::XDP_ABORTED)
+    forward(ctx).unwrap_or_else(|| drop::drop(ctx, DropReason::Malformed))
 }
 
 /// None if the frame is too short to rewrite (nothing was changed).
@@ -175,6 +176,12 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
     let macs = ptr_at::<[u8; 12]>(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at.
     let old_macs = unsafe { macs.read_unaligned() };
+    // Whether the rewrites can be done, before any state is recorded for the flow: a frame
+    // too short for its checksum field records nothing.
+    if pkt.fragment != Fragment::Later {
+        let check_off = if pkt.proto == PROTO_TCP { 16 } else { 6 };
+        ptr_at::<[u8; 2]>(ctx, pkt.l4_off + check_off)?;
+    }
     let dport = if b.port != 0 { b.port } else { pkt.dport };
     if scratch.service_flags & SERVICE_F_FULLNAT != 0 {
         // Decided before anything is rewritten: the flow is known by the client's tuple.
@@ -358,10 +365,11 @@ pub fn hand_over_reply(ctx: &XdpContext, pkt: &Packet, sport: u16, dport: u16) -
     Some(xdp_action::XDP_ABORTED)
 }
 
-/// `xlb_nat_reply`: translates back the reply `hand_over_reply` found.
+/// `xlb_nat_reply`: translates back the reply `hand_over_reply` found. A frame too short for
+/// its checksum field passes untouched (nothing was written).
 #[inline(always)]
 pub fn translate_reply(ctx: &XdpContext) -> u32 {
-    reply(ctx).unwrap_or(xdp_action::XDP_ABORTED)
+    reply(ctx).unwrap_or(xdp_action::XDP_PASS)
 }
 
 #[inline(always)]
