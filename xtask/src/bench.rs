@@ -434,23 +434,36 @@ fn print_table(dp: &DataPath) {
             r.name, r.raw.median, r.raw.p99, r.net.median, r.net.p99, target, status
         );
     }
-    for (path, ratio) in real_side_ratios(dp) {
-        let status = if ratio <= 0.3 { "ok" } else { "MISS" };
-        println!(
-            "{path} / dr_established_v4 (over the floor): {ratio:.2} (goal <= 0.30)  {status}"
-        );
-    }
-    for (path, ratio) in nat_ratios(dp) {
-        let status = if ratio <= 1.3 { "ok" } else { "MISS" };
-        println!(
-            "{path} / dr_established_v4 (over the floor): {ratio:.2} (goal <= 1.30)  {status}"
-        );
+    for (paths, goal) in [
+        (&REAL_SIDE_PATHS[..], REAL_SIDE_GOAL),
+        (&NAT_PATHS[..], NAT_GOAL),
+    ] {
+        for (path, ratio) in over_dr_established(dp, paths) {
+            let status = if ratio <= goal { "ok" } else { "MISS" };
+            println!(
+                "{path} / dr_established_v4 (over the floor): {ratio:.2} (goal <= {goal:.2})  {status}"
+            );
+        }
     }
 }
 
-/// Each established NAT path, either direction, against the DR established path of the same
-/// run (a DR-only director's), both over the floor (the goal is at most 1.3).
-fn nat_ratios(dp: &DataPath) -> Vec<(&'static str, f64)> {
+/// The real server's paths on traffic it does not refuse, against the director's DR
+/// established path: the goal is at most 0.3 (the real's program must cost next to nothing on
+/// the traffic it serves).
+const REAL_SIDE_PATHS: [&str; 2] = ["real_established_v4", "real_non_vip_v4"];
+const REAL_SIDE_GOAL: f64 = 0.3;
+/// Each established NAT path, either direction, on a NAT director, against a DR-only
+/// director's established path of the same run: the goal is at most 1.3.
+const NAT_PATHS: [&str; 4] = [
+    "nat_established_v4",
+    "nat_reply_v4",
+    "fullnat_established_v4",
+    "fullnat_reply_v4",
+];
+const NAT_GOAL: f64 = 1.3;
+
+/// `paths` against the DR established path, both over the floor, two decimals.
+fn over_dr_established(dp: &DataPath, paths: &[&'static str]) -> Vec<(&'static str, f64)> {
     let net = |name: &str| {
         dp.rows
             .iter()
@@ -460,38 +473,9 @@ fn nat_ratios(dp: &DataPath) -> Vec<(&'static str, f64)> {
     let Some(dr) = net("dr_established_v4").filter(|&ns| ns > 0) else {
         return Vec::new();
     };
-    [
-        "nat_established_v4",
-        "nat_reply_v4",
-        "fullnat_established_v4",
-        "fullnat_reply_v4",
-    ]
-    .into_iter()
-    .filter_map(|path| {
-        Some((
-            path,
-            (net(path)? as f64 / dr as f64 * 100.0).round() / 100.0,
-        ))
-    })
-    .collect()
-}
-
-/// The real server's cost on traffic it does not refuse against the director's DR established
-/// path, both over the floor, two decimals; the goal is at most 0.3 (the real's program must
-/// cost next to nothing on the traffic it serves).
-fn real_side_ratios(dp: &DataPath) -> Vec<(&'static str, f64)> {
-    let net = |name: &str| {
-        dp.rows
-            .iter()
-            .find(|r| r.name == name)
-            .map(|r| r.net.median)
-    };
-    let Some(dr) = net("dr_established_v4").filter(|&ns| ns > 0) else {
-        return Vec::new();
-    };
-    ["real_established_v4", "real_non_vip_v4"]
-        .into_iter()
-        .filter_map(|path| {
+    paths
+        .iter()
+        .filter_map(|&path| {
             Some((
                 path,
                 (net(path)? as f64 / dr as f64 * 100.0).round() / 100.0,
@@ -532,11 +516,10 @@ fn summary_json(dp: &DataPath, rates: &Rates) -> Result<Value> {
     summary.insert("prog_xlated_bytes".into(), json!(dp.prog_xlated_bytes));
     summary.insert("prog_jited_bytes".into(), json!(dp.prog_jited_bytes));
     summary.insert("ratios".into(), Value::Object(ratios));
-    for (path, ratio) in real_side_ratios(dp) {
-        summary.insert(format!("{path}_over_dr_established"), json!(ratio));
-    }
-    for (path, ratio) in nat_ratios(dp) {
-        summary.insert(format!("{path}_over_dr_established"), json!(ratio));
+    for paths in [&REAL_SIDE_PATHS[..], &NAT_PATHS[..]] {
+        for (path, ratio) in over_dr_established(dp, paths) {
+            summary.insert(format!("{path}_over_dr_established"), json!(ratio));
+        }
     }
     summary.insert("raw".into(), Value::Object(raw));
     summary.insert("rate".into(), rates.to_json());
