@@ -260,7 +260,7 @@ pub struct NatReply {
     pub ifindex: u32,
     /// Coarse monotonic clock, seconds, of the last reply (or of the flow's first packet).
     pub last_seen_s: u32,
-    /// `CONN_F_CLOSING` once either side sent a FIN or RST.
+    /// `CONN_F_CLOSING` once the real sent a FIN or RST (or the flow's first packet was one).
     pub flags: u16,
     pub _pad: [u8; 2],
 }

@@ -13,7 +13,7 @@
 //! (`xlb_nat_forward`), or a copy of the reply's entry (`xlb_nat_reply`).
 //!
 //! Entries are refreshed by replies (once a second, as the connection table's) and marked
-//! closing on a FIN or RST from either side; the table is an LRU, and a new flow on the same
+//! closing on the real's FIN or RST; the table is an LRU, and a new flow on the same
 //! tuple overwrites its entry.
 
 use aya_ebpf::{

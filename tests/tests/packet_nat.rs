@@ -623,3 +623,48 @@ fn full_nat_refuses_and_counts_a_flow_when_no_snat_port_is_free() {
             .all(|(_, v)| v.client == addr16("198.18.9.9"))
     );
 }
+
+#[test]
+fn reply_entries_expire_by_their_timeouts() {
+    let (mut b, _) = nat_service("198.18.0.100:80/tcp", &REALS4, MAPPED);
+    for sport in [50000, 50001, 50002] {
+        run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes());
+    }
+    // The real's FIN ends its flow's entry sooner.
+    let request = Frame::tcp(CLIENT4, VIP4, 50002, 80, SYN);
+    let real = predict(
+        &equal_weight(&REALS4),
+        RING,
+        five_tuple_hash(&request, true),
+    );
+    let fin = reply_of(&request, real, MAPPED, L4::Tcp { flags: ACK | 0x01 });
+    assert_eq!(run(&mut b, &reply_bytes(&fin)).0, XDP_TX);
+    let fresh = b.dataplane().nat_replies().unwrap();
+    assert_eq!(fresh.len(), 3);
+    assert_eq!(xlb::control::expire_nat_replies(&mut b).unwrap(), 0);
+    // Age them: one idle just within the TCP timeout, one past it, and the closing one past
+    // its shorter timeout.
+    let now = fresh.iter().map(|(_, v)| v.last_seen_s).max().unwrap();
+    let aged: Vec<(NatKey, NatReply)> = fresh
+        .iter()
+        .map(|(k, v)| {
+            let idle = match u16::from_be(k.dport) {
+                50000 => xlb::control::NAT_TCP_IDLE_S - 5,
+                50001 => xlb::control::NAT_TCP_IDLE_S + 5,
+                _ => xlb::control::NAT_CLOSING_IDLE_S + 5,
+            };
+            (
+                *k,
+                NatReply {
+                    last_seen_s: now - idle,
+                    ..*v
+                },
+            )
+        })
+        .collect();
+    b.dataplane().insert_nat_replies(&aged).unwrap();
+    assert_eq!(xlb::control::expire_nat_replies(&mut b).unwrap(), 2);
+    let left = b.dataplane().nat_replies().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(u16::from_be(left[0].0.dport), 50000);
+}

@@ -54,7 +54,7 @@ pub fn active_flows(b: &mut Balancer) -> Result<Flows> {
 /// UDP)...
 pub const NAT_TCP_IDLE_S: u32 = 900;
 pub const NAT_UDP_IDLE_S: u32 = 300;
-/// ...and TCP ones this long after a FIN or RST from either side (the last ACKs are through).
+/// ...and TCP ones this long after the real's FIN or RST (the last ACKs are through).
 pub const NAT_CLOSING_IDLE_S: u32 = 10;
 
 /// Deletes the NAT reply entries past their timeout; how many. An entry is refreshed by its
