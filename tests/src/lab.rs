@@ -947,9 +947,10 @@ mod tests {
             for d in &topo.directors {
                 topo.daemon(d);
             }
-            for service in topo.services.values() {
+            // The HTTP servers' (a NAT lab's UDP service is their UDP echo, on the same host).
+            for service in topo.services.values().filter(|s| s.proto == "tcp") {
                 for r in &topo.reals {
-                    topo.server_on(r, service.port);
+                    topo.server_on(r, service.real_port.unwrap_or(service.port));
                     if let Some(port) = service.check_port {
                         topo.server_on(r, port);
                     }
