@@ -43,6 +43,15 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// A file's SHA-256 (coreutils' sha256sum), in hex: what the lab's HTTP server answers for an
+/// upload's body.
+pub fn sha256(file: impl AsRef<std::path::Path>) -> String {
+    let file = file.as_ref().to_string_lossy().into_owned();
+    let out = sh("sha256sum", &[&file]);
+    assert!(out.status.success(), "{}", text(&out));
+    text(&out).split_whitespace().next().unwrap().to_string()
+}
+
 /// Where `scripts/lab` keeps each lab's state dir (its STATE_ROOT): the one fact needed to
 /// find a lab's topology.json.
 const STATE_ROOT: &str = "/run/xlb-lab";
@@ -904,13 +913,6 @@ pub fn random_bytes(n: usize, round: u64) -> Vec<u8> {
             (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
         })
         .collect()
-}
-
-/// The file's SHA-256 (coreutils' sha256sum), in hex.
-pub fn sha256(file: &str) -> String {
-    let out = sh("sha256sum", &[file]);
-    assert!(out.status.success(), "{}", text(&out));
-    text(&out).split_whitespace().next().unwrap().to_string()
 }
 
 #[cfg(test)]

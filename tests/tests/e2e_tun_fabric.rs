@@ -13,7 +13,7 @@ use std::{
     process::Command,
 };
 
-use xlb_tests::lab::{Lab, metric, sh, text, xlb_bin};
+use xlb_tests::lab::{Lab, metric, sh, sha256, text, xlb_bin};
 
 /// The path-MTU upload: far more than one full-size segment.
 const POST_BYTES: usize = 204_800;
@@ -43,7 +43,7 @@ fn all_answer(url: &str, n: usize) {
     assert_eq!(per_real.len(), 3, "{url}: every real answers: {per_real:?}");
 }
 
-/// POSTs 200 KB to `url` from the client, checks the answer ("rN CLIENT BYTES") and that the
+/// POSTs 200 KB to `url` from the client, checks the answer ("rN CLIENT BYTES SHA256") and that the
 /// client cached the path MTU the director advertised (`mtu`).
 fn upload(url: &str, family: &str, vip: &str, client: &str, mtu: u32, file: &Path) {
     let data = format!("@{}", file.display());
@@ -56,9 +56,11 @@ fn upload(url: &str, family: &str, vip: &str, client: &str, mtu: u32, file: &Pat
             )
         });
     let words: Vec<&str> = answer.split_whitespace().collect();
+    let want = [client, &POST_BYTES.to_string(), &sha256(file)];
     assert!(
-        words.len() == 3 && words[1] == client && words[2] == POST_BYTES.to_string(),
-        "POST to {url}: answer {answer:?}, want \"rN {client} {POST_BYTES}\""
+        words.len() == 4 && words[1..] == want,
+        "POST to {url}: answer {answer:?}, want \"rN {}\"",
+        want.join(" ")
     );
     let topo = LAB.topology();
     let route = text(&sh(
