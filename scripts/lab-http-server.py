@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tiny HTTP/1.1 server for the xlb network-namespace labs (python3 stdlib only).
 
-    lab-http-server.py --name r1 [--port 80] [--bind ADDR]
+    lab-http-server.py --name r1 [--port 80] [--bind ADDR] [--udp-port PORT]
 
 Every GET answers 200 with the body "<name> <client-ip>\\n", where client-ip is the
 peer address the server saw on its socket (in DR and TUN mode that is the real client,
@@ -10,6 +10,8 @@ answers after S seconds (a slow machine, for adaptive weights). HEAD works too.
 Every POST reads its body (Content-Length; no chunked bodies) and answers 200 with
 "<name> <client-ip> <bytes-received> <sha256-of-body>\\n", so a lab can check that a
 large upload arrived whole and intact (the TUN lab's path-MTU test, the two-arm lab).
+GET /bytes?n=N answers N bytes (byte i is i % 251), for downloads of a known size and content.
+With --udp-port, every datagram to that port is answered with "<name> <client-ip>\n".
 
 One thread per connection, HTTP/1.1 keep-alive, Content-Length on every answer, a
 large accept backlog for bursts of short connections, no request logging. Without
@@ -23,6 +25,7 @@ import signal
 import socket
 import socketserver
 import sys
+import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,7 +46,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, with_body, received=None):
         path, _, query = self.path.partition("?")
-        if path == "/healthz":
+        if path == "/bytes":
+            n = int(urllib.parse.parse_qs(query).get("n", ["0"])[0])
+            body = bytes(i % 251 for i in range(min(n, 64 << 20)))
+        elif path == "/healthz":
             delay = urllib.parse.parse_qs(query).get("delay", ["0"])[0]
             time.sleep(min(float(delay), 10.0))
             body = b"ok\n"
@@ -116,13 +122,34 @@ class Server(ThreadingHTTPServer):
         print(f"{self.lab_name}: error serving {client_address[0]}: {exc!r}", file=sys.stderr)
 
 
+def udp_echo(name, port):
+    """Answers every datagram with "<name> <client-ip>\\n" (dual-stack when possible)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("0.0.0.0", port))
+    while True:
+        _, peer = sock.recvfrom(65535)
+        ip = peer[0]
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[len("::ffff:"):]
+        sock.sendto(f"{name} {ip}\n".encode(), peer)
+
+
 def main():
     ap = argparse.ArgumentParser(description="HTTP server for the xlb labs")
     ap.add_argument("--name", required=True, help="name put in every answer, e.g. r1")
     ap.add_argument("--port", type=int, default=80)
     ap.add_argument("--bind", default=None,
                     help="address to listen on (default: every IPv4 and IPv6 address)")
+    ap.add_argument("--udp-port", type=int, default=None,
+                    help="also answer UDP datagrams on this port")
     args = ap.parse_args()
+    if args.udp_port is not None:
+        threading.Thread(target=udp_echo, args=(args.name, args.udp_port), daemon=True).start()
 
     if args.bind is None:
         try:

@@ -55,6 +55,45 @@ pub const SERVICE_F_OUTER_V6: u32 = 1 << 3;
 /// The GUE destination port when the operator gives none: the port Katran and the kernel's
 /// FOU examples use.
 pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// Service flag: destination NAT (LVS NAT). The destination becomes the real's address and
+/// port (`Backend::port`); the reals route their replies through the director, which rewrites
+/// their source back to the VIP and port (nat.rs).
+pub const SERVICE_F_NAT: u32 = 1 << 4;
+/// Service flag: full NAT (with `SERVICE_F_NAT`): the source also becomes one of the service's
+/// SNAT addresses (`SNAT_ADDRS`) and a port the data path allocates, so replies come back to
+/// the director wherever the reals are.
+pub const SERVICE_F_FULLNAT: u32 = 1 << 5;
+/// Most SNAT addresses one full-NAT service has.
+pub const MAX_SNAT_ADDRS: usize = 8;
+/// SNAT ports: `SNAT_PORT_MIN` and the `SNAT_PORT_COUNT` after it (below it: the director's own
+/// well-known and registered-low ports; its own connections' ephemeral ports, 32768-60999 by
+/// default on Linux, may collide only on an address they also use, so SNAT addresses should be
+/// the director's dedicated ones).
+pub const SNAT_PORT_MIN: u16 = 1024;
+pub const SNAT_PORT_COUNT: u32 = 65536 - SNAT_PORT_MIN as u32;
+/// Ports tried, at random, for a new full-NAT flow before it is refused (`drop_snat_exhausted`).
+pub const SNAT_TRIES: u32 = 8;
+
+/// A full-NAT service's SNAT addresses (`SNAT_ADDRS`, by service id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatAddrs {
+    /// How many of `addrs` are in use (1 to `MAX_SNAT_ADDRS`).
+    pub count: u32,
+    pub _pad: u32,
+    /// IPv4 in the first four bytes.
+    pub addrs: [[u8; 16]; MAX_SNAT_ADDRS],
+}
+
+/// A full-NAT flow's source after translation (`FULLNAT_FLOWS`, by the client's tuple).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatEndpoint {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -90,7 +129,9 @@ pub struct Backend {
     pub src_mac: [u8; 6],
     pub family: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// NAT only: the real's port, network byte order; 0 keeps the destination port (the
+    /// service's, or the client's for an all-ports service).
+    pub port: u16,
     pub ifindex: u32,
     /// The service this backend belongs to; a tracked flow whose service differs re-schedules.
     pub service_id: u32,
@@ -301,6 +342,62 @@ pub struct Counters {
     pub refusals: u64,
 }
 
+/// Capacity of the NAT reply table: the flows whose replies a NAT director translates back.
+pub const NAT_CAPACITY: u32 = 1 << 18;
+
+/// A flow as one side of the director sees it: the reply table's key is a NAT flow's tuple as
+/// its real sends replies (source = the real). Ports in network byte order; an IPv4 address
+/// fills the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NatKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// How a NAT flow's replies are translated back and where they go: the source becomes
+/// `vip`:`vport`, the destination `client`:`client_port` (NAT: unchanged), and the frame leaves
+/// for `mac` from `src_mac` on `ifindex`: the neighbour the flow's first packet came from, out
+/// of the interface it came in on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatReply {
+    pub vip: [u8; 16],
+    pub client: [u8; 16],
+    pub vport: u16,
+    pub client_port: u16,
+    pub mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub ifindex: u32,
+    /// Coarse monotonic clock, seconds, of the last reply (or of the flow's first packet).
+    pub last_seen_s: u32,
+    /// `CONN_F_CLOSING` once the real sent a FIN or RST (or the flow's first packet was one).
+    pub flags: u16,
+    pub _pad: [u8; 2],
+}
+
+/// What the balancer hands the NAT programs it tail-calls (`NAT_SCRATCH`, per CPU: a frame is
+/// processed on one CPU from the balancer to the end of its tail calls). Kernel-only, but
+/// pinned (a restarted daemon's programs share it with the old ones), so its layout is fixed
+/// here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatScratch {
+    /// The reply's entry, copied: `xlb_nat_reply` needs no second lookup.
+    pub reply: NatReply,
+    /// The real chosen for a request, and whether the request started its flow.
+    pub backend_id: u32,
+    pub new_flow: u32,
+    /// The request's service: its id (for its SNAT addresses) and `SERVICE_F_*` flags.
+    pub service_id: u32,
+    pub service_flags: u32,
+}
+
 /// Director-wide settings the control plane writes once at attach.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -335,6 +432,9 @@ pub const CONFIG_F_DATAPATH_LOG: u8 = 1 << 0;
 /// Config flag: answer ICMP echo requests to a VIP (the `VIPS` map) from the data path. On
 /// unless `xlb daemon --no-vip-echo`.
 pub const CONFIG_F_VIP_ECHO: u8 = 1 << 1;
+/// Config flag: some service is in NAT mode, so frames are looked up in the NAT reply table
+/// (before the service lookup). Without it, a DR/TUN director pays nothing for NAT.
+pub const CONFIG_F_NAT: u8 = 1 << 2;
 
 /// Indexes of the global per-CPU counter array.
 #[repr(u32)]
@@ -381,10 +481,15 @@ pub enum Global {
     /// ICMP echo requests to a VIP answered by the data path (`xlb daemon --no-vip-echo`
     /// turns this off: they then pass to the kernel, which answers only for local addresses).
     EchoReplied = 14,
+    /// Replies of NAT flows from their real, translated back (source = VIP) and sent on.
+    NatReplied = 15,
+    /// New full-NAT flows refused: no free SNAT port found in `SNAT_TRIES` random tries (or the
+    /// reply table refused the entry). Never a shared port.
+    DropSnatExhausted = 16,
 }
 
 impl Global {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Global; Self::COUNT as usize] = [
         Global::Passed,
         Global::Forwarded,
@@ -401,6 +506,8 @@ impl Global {
         Global::DropRefusalForged,
         Global::SynRetriesMoved,
         Global::EchoReplied,
+        Global::NatReplied,
+        Global::DropSnatExhausted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -420,6 +527,8 @@ impl Global {
             Global::DropRefusalForged => "drop_refusal_forged",
             Global::SynRetriesMoved => "syn_retries_moved",
             Global::EchoReplied => "echo_replied",
+            Global::NatReplied => "nat_replied",
+            Global::DropSnatExhausted => "drop_snat_exhausted",
         }
     }
 }
@@ -579,6 +688,11 @@ const _: () = {
     assert!(core::mem::size_of::<VipValue>() == 20);
     assert!(core::mem::size_of::<DecapConfig>() == 4);
     assert!(core::mem::size_of::<RefusalEvent>() == 16);
+    assert!(core::mem::size_of::<NatKey>() == 40);
+    assert!(core::mem::size_of::<NatReply>() == 60);
+    assert!(core::mem::size_of::<SnatAddrs>() == 8 + 16 * MAX_SNAT_ADDRS);
+    assert!(core::mem::size_of::<SnatEndpoint>() == 20);
+    assert!(core::mem::size_of::<NatScratch>() == 76);
     assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
 };
 
@@ -602,6 +716,10 @@ mod pod {
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for DecapConfig {}
     unsafe impl aya::Pod for RefusalEvent {}
+    unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatReply {}
+    unsafe impl aya::Pod for SnatAddrs {}
+    unsafe impl aya::Pod for SnatEndpoint {}
 }
 
 #[cfg(test)]

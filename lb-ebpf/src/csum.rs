@@ -60,3 +60,11 @@ pub fn replace(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2] {
     let not = |w: [u8; 2]| (!u16::from_ne_bytes(w)) as u64;
     finish(not(check) + not(old) + u16::from_ne_bytes(new) as u64)
 }
+
+/// A checksum after the data it covers changed by `diff` (what `bpf_csum_diff` returns for the
+/// old and new bytes; RFC 1624, eqn. 3): how NAT updates IP and TCP/UDP checksums for
+/// rewritten addresses without summing the packet again.
+#[inline(always)]
+pub fn add_partial(check: [u8; 2], diff: u64) -> [u8; 2] {
+    finish((!u16::from_ne_bytes(check)) as u64 + diff)
+}

@@ -19,6 +19,8 @@ pub enum DropReason {
     RefusalBounced,
     /// Looks like a refusal, but not from the real its flow is tracked to.
     RefusalForged,
+    /// A new full-NAT flow found no free SNAT port.
+    SnatExhausted,
 }
 
 impl DropReason {
@@ -30,6 +32,7 @@ impl DropReason {
             DropReason::TooBig => Global::DropTooBig,
             DropReason::RefusalBounced => Global::DropRefusalBounced,
             DropReason::RefusalForged => Global::DropRefusalForged,
+            DropReason::SnatExhausted => Global::DropSnatExhausted,
         }
     }
 }

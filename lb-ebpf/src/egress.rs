@@ -31,12 +31,18 @@ pub fn ingress(ctx: &XdpContext) -> Option<&'static Iface> {
 /// towards the backend's interface.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, backend: &Backend) -> u32 {
-    if backend.ifindex == ctx.ingress_ifindex() as u32 {
+    send_via(ctx, backend.ifindex)
+}
+
+/// Sends the frame (its MACs already rewritten) out of the attached interface `ifindex`.
+#[inline(always)]
+pub fn send_via(ctx: &XdpContext, ifindex: u32) -> u32 {
+    if ifindex == ctx.ingress_ifindex() as u32 {
         return xdp_action::XDP_TX;
     }
     // A miss (the interface left the map) aborts: visible through the xdp_exception
     // tracepoint, as any frame the program cannot send.
-    match REDIRECT_PORTS.redirect(backend.ifindex, xdp_action::XDP_ABORTED as u64) {
+    match REDIRECT_PORTS.redirect(ifindex, xdp_action::XDP_ABORTED as u64) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }

@@ -18,15 +18,21 @@ mod icmp_too_big;
 mod log;
 mod maglev;
 mod maps;
+mod nat;
 mod parse;
 mod refuse;
 mod reschedule;
 mod service;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{Global, SERVICE_F_TUN};
+use lb_common::{CONFIG_F_NAT, Global, SERVICE_F_NAT, SERVICE_F_TUN};
 
-use crate::{drop::DropReason, forward_tun::Unfit, maps::ICMP_PROGRAM, parse::Fragment};
+use crate::{
+    drop::DropReason,
+    forward_tun::Unfit,
+    maps::{CONFIG, ICMP_PROGRAM},
+    parse::Fragment,
+};
 
 /// The balancer: packets for a service go to one real per flow; everything else passes.
 #[xdp]
@@ -48,8 +54,27 @@ fn balance(ctx: &XdpContext) -> u32 {
         unsafe { ICMP_PROGRAM.tail_call(ctx, 0) };
         return xdp_action::XDP_PASS;
     };
+    // A later fragment's ports, from its datagram's first fragment (if seen).
+    let later_ports = match pkt.fragment {
+        Fragment::Later => conntrack::fragment_ports(&pkt),
+        _ => None,
+    };
+    // NAT replies first: their source is a real, not a client, and no service matches them.
+    if CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_NAT != 0) && egress::ingress(ctx).is_some()
+    {
+        let ports = match (pkt.fragment, &later_ports) {
+            (Fragment::Later, Some(p)) => Some((p.sport, p.dport)),
+            (Fragment::Later, None) => None,
+            _ => Some((pkt.sport, pkt.dport)),
+        };
+        if let Some((sport, dport)) = ports
+            && let Some(verdict) = nat::hand_over_reply(ctx, &pkt, sport, dport)
+        {
+            return verdict;
+        }
+    }
     let svc = match pkt.fragment {
-        Fragment::Later => match conntrack::fragment_ports(&pkt) {
+        Fragment::Later => match later_ports {
             Some(ports) => service::lookup(&pkt, ports.dport),
             None => {
                 // Reordered or aged out: only an all-ports service can still claim it.
@@ -95,11 +120,30 @@ fn balance(ctx: &XdpContext) -> u32 {
     counters::service(svc.id, bytes, choice.new_flow);
     counters::backend(choice.backend_id, bytes, choice.new_flow);
     counters::global(Global::Forwarded);
-    if tun {
+    if svc.flags & SERVICE_F_NAT != 0 {
+        nat::hand_over_request(ctx, &svc, &choice)
+    } else if tun {
         forward_tun::forward(ctx, &pkt, &svc, &choice)
     } else {
         forward_dr::forward(ctx, &choice.backend)
     }
+}
+
+/// NAT requests: the destination rewritten to the real the balancer chose (nat.rs).
+/// Tail-called by `xlb_balancer`.
+#[xdp]
+pub fn xlb_nat_forward(ctx: XdpContext) -> u32 {
+    nat::forward_request(&ctx)
+}
+
+/// NAT replies: the source rewritten back to the VIP (nat.rs). Tail-called by `xlb_balancer`.
+#[xdp]
+pub fn xlb_nat_reply(ctx: XdpContext) -> u32 {
+    let verdict = nat::translate_reply(&ctx);
+    if verdict == xdp_action::XDP_PASS {
+        counters::global(Global::Passed);
+    }
+    verdict
 }
 
 /// Echo requests go to `xlb_echo`, ICMP errors to a VIP go to the real of the flow they

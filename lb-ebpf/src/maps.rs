@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Config, ConnBucket, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, DecapConfig, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
-    MAX_IFACES, MAX_SERVICES, RefusalEvent, ServiceKey, ServiceValue, VipKey, VipValue,
-    conn_buckets,
+    MAX_IFACES, MAX_SERVICES, NAT_CAPACITY, NatKey, NatReply, NatScratch, RefusalEvent, ServiceKey,
+    ServiceValue, SnatAddrs, SnatEndpoint, VipKey, VipValue, conn_buckets,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -50,6 +50,31 @@ pub static CONNS: Array<
 /// value, so masking the hash costs no load. 0 (one bucket) unless set.
 #[unsafe(no_mangle)]
 pub static CONN_BUCKET_MASK: u32 = 0;
+
+/// NAT flows by the tuple their real replies with: how each reply is translated back and
+/// where it goes (nat.rs). Shared, as `CONNS`, so a reply on any CPU finds its flow.
+#[btf_map]
+pub static NAT_REPLIES: LruHashMap<NatKey, NatReply, { NAT_CAPACITY as usize }> = LruHashMap::new();
+
+/// Full-NAT flows by the client's tuple: the SNAT address and port their requests leave with.
+/// An entry is trusted only while `NAT_REPLIES` holds its reply tuple for the same client.
+#[btf_map]
+pub static FULLNAT_FLOWS: LruHashMap<NatKey, SnatEndpoint, { NAT_CAPACITY as usize }> =
+    LruHashMap::new();
+
+/// Each full-NAT service's SNAT addresses, by service id.
+#[btf_map]
+pub static SNAT_ADDRS: Array<SnatAddrs, { MAX_SERVICES as usize }> = Array::new();
+
+/// Slot 0: `xlb_nat_forward`, slot 1: `xlb_nat_reply`, tail-called by the balancer (nat.rs).
+/// Pinned, unlike the other program arrays: the kernel empties a program array when no process
+/// and no pin holds it, and NAT flows must go on while the daemon restarts.
+#[btf_map]
+pub static NAT_PROGRAM: ProgramArray<2> = ProgramArray::new();
+
+/// The balancer's hand-over to the NAT programs (nat.rs).
+#[btf_map]
+pub static NAT_SCRATCH: PerCpuArray<NatScratch, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAG_CAPACITY as usize }> = LruHashMap::new();

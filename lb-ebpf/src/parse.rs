@@ -81,6 +81,8 @@ pub struct Packet {
     pub frag_id: u32,
     /// Offset of the IP header: the L2 header's length (14, or 18 with a VLAN tag).
     pub l3_off: usize,
+    /// Offset of the L4 header (NAT rewrites ports and checksums there).
+    pub l4_off: usize,
 }
 
 impl Packet {
@@ -98,6 +100,7 @@ impl Packet {
             fragment: Fragment::None,
             frag_id: 0,
             l3_off,
+            l4_off: 0,
         }
     }
 
@@ -160,6 +163,7 @@ pub fn parse_at(ctx: &XdpContext, ether_type: u16, l3: usize) -> Option<Packet> 
     if pkt.proto != PROTO_TCP && pkt.proto != PROTO_UDP {
         return None;
     }
+    pkt.l4_off = l4;
     if pkt.fragment != Fragment::Later {
         // Source and destination ports lead both TCP and UDP headers.
         let ports = read::<[u16; 2]>(ctx, l4)?;

@@ -183,6 +183,9 @@ pub struct ServiceReport {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RealReport {
     pub addr: IpAddr,
+    /// NAT: the port the real is sent to; 0 (left out): the service's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub port: u16,
     /// As configured.
     pub weight: u32,
     /// As used in the Maglev table (adaptive weights lower it).
@@ -208,6 +211,10 @@ pub struct RealReport {
     /// on the port; each was re-scheduled to another real (or dropped when none was left).
     #[serde(default)]
     pub refusals: u64,
+}
+
+fn is_zero(port: &u16) -> bool {
+    *port == 0
 }
 
 /// One word for a real's state, most pressing first.

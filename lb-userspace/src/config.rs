@@ -101,6 +101,19 @@ pub enum Mode {
     Dr,
     /// IP-in-IP tunnelling to the real.
     Tun,
+    /// Destination NAT (LVS NAT): the destination becomes the real's address and port; the
+    /// reals route their replies through the director, which rewrites them back.
+    Nat,
+    /// Full NAT: NAT, and the source becomes one of the service's `--snat` addresses and a port
+    /// the director allocates, so replies come back to it wherever the reals are.
+    Fullnat,
+}
+
+impl Mode {
+    /// NAT or full NAT: the director rewrites addresses and carries the replies.
+    pub fn is_nat(self) -> bool {
+        matches!(self, Mode::Nat | Mode::Fullnat)
+    }
 }
 
 /// `--tunnel-src-prefix`: outer source addresses taken per flow from a prefix, so receivers and
@@ -213,6 +226,10 @@ pub enum HashKind {
 #[serde(deny_unknown_fields)]
 pub struct RealConfig {
     pub addr: IpAddr,
+    /// NAT only: the port the real serves the service on (`xlb real add SERVICE ADDR:PORT`);
+    /// 0: the service's port (each port itself for an all-ports service).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub port: u16,
     #[serde(default = "default_weight")]
     pub weight: u32,
     /// Drained by the operator: no new flows, tracked ones go on. Kept across restarts.
@@ -221,6 +238,10 @@ pub struct RealConfig {
     /// Overrides the service's health check for this real.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckConfig>,
+}
+
+fn is_zero(port: &u16) -> bool {
+    *port == 0
 }
 
 impl RealConfig {
@@ -233,9 +254,24 @@ impl RealConfig {
             .filter(|c| c.kind != crate::health::CheckKind::None)
     }
 
+    /// The port the real is sent to and checked on: its own, else the service's.
+    pub fn dest_port(&self, service_port: u16) -> u16 {
+        if self.port != 0 {
+            self.port
+        } else {
+            service_port
+        }
+    }
+
+    /// `ADDR`, or `ADDR:PORT` with a mapped port (IPv6 in brackets).
+    pub fn endpoint(&self) -> String {
+        endpoint(self.addr, self.port)
+    }
+
     pub fn new(addr: IpAddr, weight: u32) -> Self {
         Self {
             addr,
+            port: 0,
             weight,
             draining: false,
             check: None,
@@ -336,6 +372,10 @@ pub struct ServiceConfig {
     pub check: Option<CheckConfig>,
     #[serde(default)]
     pub weights: Weights,
+    /// Full NAT only: the source addresses requests leave with (at most
+    /// `lb_common::MAX_SNAT_ADDRS`, of the VIP's family; the director's own, dedicated ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snat: Vec<IpAddr>,
 }
 
 impl ServiceConfig {
@@ -352,6 +392,7 @@ impl ServiceConfig {
             gue_port: None,
             on_down: OnDown::Move,
             fallback: None,
+            snat: Vec::new(),
             check: None,
             weights: Weights::Static,
         }
@@ -392,6 +433,30 @@ impl ServiceConfig {
             }
             if prefix.addr.is_multicast() || prefix.addr.is_loopback() {
                 bail!("service {s}: {prefix} cannot be a tunnel source prefix");
+            }
+        }
+        if self.mode == Mode::Fullnat && self.snat.is_empty() {
+            bail!("service {s}: --mode fullnat needs --snat ADDR[,ADDR...]");
+        }
+        if !self.snat.is_empty() && self.mode != Mode::Fullnat {
+            bail!("service {s}: --snat needs --mode fullnat");
+        }
+        if self.snat.len() > lb_common::MAX_SNAT_ADDRS {
+            bail!(
+                "service {s}: {} SNAT addresses exceed the limit of {}",
+                self.snat.len(),
+                lb_common::MAX_SNAT_ADDRS
+            );
+        }
+        for (i, a) in self.snat.iter().enumerate() {
+            if a.is_ipv4() != s.vip.is_ipv4() {
+                bail!("service {s}: SNAT address {a} is not of the VIP's family");
+            }
+            if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                bail!("service {s}: {a} cannot be a SNAT address");
+            }
+            if self.snat[..i].contains(a) {
+                bail!("service {s}: SNAT address {a} is listed twice");
             }
         }
         if self.encap == Encap::Gue && self.mode != Mode::Tun {
@@ -442,9 +507,61 @@ impl ServiceConfig {
     }
 }
 
+/// A real as written on the command line and shown: `ADDR`, or `ADDR:PORT` with a mapped port.
+pub fn endpoint(addr: IpAddr, port: u16) -> String {
+    match (port, addr) {
+        (0, a) => a.to_string(),
+        (p, IpAddr::V4(a)) => format!("{a}:{p}"),
+        (p, IpAddr::V6(a)) => format!("[{a}]:{p}"),
+    }
+}
+
+/// `xlb real add`'s REAL: `ADDR` or `ADDR:PORT` (`[ADDR]:PORT` for IPv6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RealEndpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl FromStr for RealEndpoint {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if let Ok(addr) = s.parse::<IpAddr>() {
+            return Ok(RealEndpoint { addr, port: 0 });
+        }
+        let sock: std::net::SocketAddr = s.parse().map_err(|_| {
+            anyhow::anyhow!("real '{s}': expected ADDR or ADDR:PORT ([fd00::1]:8080 for IPv6)")
+        })?;
+        if sock.port() == 0 {
+            bail!("real '{s}': port 0 is not a port (leave the port out to keep the service's)");
+        }
+        Ok(RealEndpoint {
+            addr: sock.ip(),
+            port: sock.port(),
+        })
+    }
+}
+
 pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
     let s = &svc.service;
     real.validate(s.port)?;
+    if real.port != 0 {
+        if !svc.mode.is_nat() {
+            bail!(
+                "real {}: a port needs a NAT service (--mode nat|fullnat); DR and TUN reals \
+                 serve the service's own port",
+                real.endpoint()
+            );
+        }
+        if s.port == 0 {
+            bail!(
+                "real {}: service {s} has every port, each mapped to itself; a real cannot map \
+                 them to one",
+                real.endpoint()
+            );
+        }
+    }
     if real.addr == s.vip {
         bail!(
             "real {}: the service's own VIP cannot be its real",
@@ -452,9 +569,10 @@ pub fn validate_real(svc: &ServiceConfig, real: &RealConfig) -> Result<()> {
         );
     }
     match svc.mode {
-        Mode::Dr if real.addr.is_ipv4() != s.vip.is_ipv4() => bail!(
-            "real {}: address family differs from service {s} (DR needs both in one family)",
-            real.addr
+        Mode::Dr | Mode::Nat | Mode::Fullnat if real.addr.is_ipv4() != s.vip.is_ipv4() => bail!(
+            "real {}: address family differs from service {s} ({} needs both in one family)",
+            real.addr,
+            if svc.mode == Mode::Dr { "DR" } else { "NAT" }
         ),
         Mode::Tun if real.addr.is_ipv4() != svc.tunnel_v4() => bail!(
             "real {}: service {s} tunnels over {}, so its reals must be {} (an IPv4 service \
@@ -513,6 +631,47 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_real_port_needs_a_nat_service_with_a_port() {
+        let svc: ServiceAddr = "198.18.0.100:80/tcp".parse().unwrap();
+        let real = RealConfig {
+            port: 8080,
+            ..RealConfig::new("198.18.0.11".parse().unwrap(), 100)
+        };
+        let mut cfg = ServiceConfig::new(svc);
+        for mode in [Mode::Dr, Mode::Tun] {
+            cfg.mode = mode;
+            let err = validate_real(&cfg, &real).unwrap_err().to_string();
+            assert!(err.contains("needs a NAT service"), "{err}");
+            assert_eq!(err.lines().count(), 1);
+        }
+        cfg.mode = Mode::Nat;
+        validate_real(&cfg, &real).unwrap();
+        let all_ports = ServiceConfig {
+            mode: Mode::Nat,
+            ..ServiceConfig::new("198.18.0.100:0/tcp".parse().unwrap())
+        };
+        let err = validate_real(&all_ports, &real).unwrap_err().to_string();
+        assert!(err.contains("mapped to itself"), "{err}");
+        let v6 = RealConfig::new("fd00::11".parse().unwrap(), 100);
+        let err = validate_real(&cfg, &v6).unwrap_err().to_string();
+        assert!(err.contains("NAT needs both in one family"), "{err}");
+    }
+
+    #[test]
+    fn real_endpoints_parse_with_and_without_a_port() {
+        let p = |s: &str| s.parse::<RealEndpoint>();
+        assert_eq!(p("198.18.0.11").unwrap().port, 0);
+        let e = p("198.18.0.11:8080").unwrap();
+        assert_eq!((e.addr.to_string(), e.port), ("198.18.0.11".into(), 8080));
+        assert_eq!(p("[fd00::11]:8080").unwrap().port, 8080);
+        assert_eq!(p("fd00::11").unwrap().port, 0);
+        assert!(p("198.18.0.11:0").is_err());
+        assert!(p("nonsense").is_err());
+        assert_eq!(endpoint(e.addr, 8080), "198.18.0.11:8080");
+        assert_eq!(endpoint("fd00::11".parse().unwrap(), 80), "[fd00::11]:80");
+    }
 
     #[test]
     fn service_addresses_round_trip() {

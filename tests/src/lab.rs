@@ -298,6 +298,10 @@ pub struct Service {
     pub mode: String,
     /// The port its health checks probe (only where `up` configures checks).
     pub check_port: Option<u16>,
+    /// NAT: the port the reals serve it on.
+    pub real_port: Option<u16>,
+    /// Full NAT: the address the reals see requests come from.
+    pub snat: Option<String>,
     /// TUN: ipip or gue (`scripts/lab tun up --encap`).
     pub encap: Option<String>,
     /// TUN: the family IPv4 requests are tunnelled in, ipv4 or ipv6 (`--4in6`).
@@ -458,6 +462,29 @@ impl Lab {
         let running = Running(self);
         self.topology();
         running
+    }
+
+    /// Starts the lab's daemon again with `args` (its log in the state dir as NAME.log, its
+    /// state file the lab's); once it answers, it is the lab's daemon (the lab stops it by
+    /// pid). Returns its log so far.
+    pub fn restart(&self, args: &[&str], name: &str) -> String {
+        let topo = self.topology();
+        let daemon = topo.daemon(topo.director());
+        let log = topo.state_file(&format!("{name}.log"));
+        let mut all = args.to_vec();
+        all.extend(["--state", &daemon.state]);
+        let child = KillOnDrop(
+            self.daemon_command(&all)
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("the restarted daemon", Duration::from_secs(10), || {
+            self.xlb().run(&["status"]).status.success()
+        });
+        std::fs::write(&daemon.spawned.pid_file, child.0.id().to_string()).unwrap();
+        std::mem::forget(child);
+        std::fs::read_to_string(&log).unwrap()
     }
 
     /// What a failure message needs: the lab's status and the end of its daemon's log.
@@ -836,6 +863,58 @@ pub fn assert_spread(per_real: &BTreeMap<String, usize>, reals: usize, total: us
     }
 }
 
+/// Bounded continuous load: one request at a time on new connections from the lab's client,
+/// for at most 60 s or 2,000 requests, until stopped; counts requests and failures.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(usize, usize)>,
+}
+
+impl Load {
+    pub fn start(lab: Lab, url: String) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let start = Instant::now();
+            let (mut done, mut failed) = (0, 0);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed)
+                && done < 2000
+                && start.elapsed() < Duration::from_secs(60)
+            {
+                done += 1;
+                if lab.get(&url).is_none() {
+                    failed += 1;
+                }
+            }
+            (done, failed)
+        });
+        Load { stop, handle }
+    }
+
+    /// Stops the load: (requests, failed requests).
+    pub fn stop(self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+/// `n` bytes from xorshift64*, seeded by `round` and the clock: different on every run.
+pub fn random_bytes(n: usize, round: u64) -> Vec<u8> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut x = (nanos ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -870,9 +949,10 @@ mod tests {
             for d in &topo.directors {
                 topo.daemon(d);
             }
-            for service in topo.services.values() {
+            // The HTTP servers' (a NAT lab's UDP service is their UDP echo, on the same host).
+            for service in topo.services.values().filter(|s| s.proto == "tcp") {
                 for r in &topo.reals {
-                    topo.server_on(r, service.port);
+                    topo.server_on(r, service.real_port.unwrap_or(service.port));
                     if let Some(port) = service.check_port {
                         topo.server_on(r, port);
                     }

@@ -216,7 +216,11 @@ impl Frame {
             _ => panic!("mixed address families"),
         }
         pseudo.extend_from_slice(&seg);
-        let sum = checksum(&pseudo);
+        let mut sum = checksum(&pseudo);
+        // A computed UDP checksum of 0 is sent as all ones: 0 means "none" (RFC 768).
+        if sum == 0 && matches!(self.l4, L4::Udp) {
+            sum = 0xffff;
+        }
         let at = if matches!(self.l4, L4::Tcp { .. }) {
             16
         } else {

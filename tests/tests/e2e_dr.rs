@@ -11,7 +11,7 @@ use std::{
 };
 
 use xlb_tests::lab::{
-    KillOnDrop, Lab, assert_spread, keepalive, metric, repo, sh, text, wait_for, xlb_bin,
+    KillOnDrop, Lab, Load, assert_spread, keepalive, metric, repo, sh, text, wait_for, xlb_bin,
 };
 
 const LAB: Lab = Lab::new("dr");
@@ -263,7 +263,7 @@ fn dr_lab_end_to_end() {
     // it (same link, its own program swapped in), and a real is changed. Then once more with a
     // different connection-table capacity: that map is recreated, and the connection still
     // reaches its real because the Maglev table did not change.
-    let load = Load::start();
+    let load = Load::start(LAB, LAB.topology().service("web").url4());
     let mut conn = KeepAlive::start();
     let (port, holder) = conn.next_answer();
     for (round, extra) in [(1, None), (2, Some("4096"))] {
@@ -338,48 +338,13 @@ fn dr_lab_end_to_end() {
     ]);
     assert!(detach.status.success(), "{}", text(&detach));
     assert!(
-        text(&detach).contains("removed 10 pins"),
+        text(&detach).contains("removed 15 pins"),
         "{}",
         text(&detach)
     );
     let link = sh("ip", &["-n", topo.ns(dir), "link", "show", &daemon.iface]);
     assert!(!text(&link).contains("xdp"), "{}", text(&link));
     assert!(get(&url).is_none(), "the VIP is still served after detach");
-}
-
-/// Bounded continuous load: one request at a time on new connections, for at most 60 s or
-/// 2,000 requests, until stopped; counts requests and failures.
-struct Load {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<(usize, usize)>,
-}
-
-impl Load {
-    fn start() -> Load {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let start = Instant::now();
-            let (mut done, mut failed) = (0, 0);
-            let url = LAB.topology().service("web").url4();
-            while !flag.load(std::sync::atomic::Ordering::Relaxed)
-                && done < 2000
-                && start.elapsed() < Duration::from_secs(60)
-            {
-                done += 1;
-                if get(&url).is_none() {
-                    failed += 1;
-                }
-            }
-            (done, failed)
-        });
-        Load { stop, handle }
-    }
-
-    fn stop(self) -> (usize, usize) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.join().unwrap()
-    }
 }
 
 /// One HTTP/1.1 connection from the client namespace, kept open with a request every 50 ms

@@ -5,18 +5,16 @@
 //!
 //! One test function runs the scenarios in order: they share one lab (fixed namespace names).
 
-use std::{path::Path, process::Output, time::Duration};
+use std::{path::Path, time::Duration};
 
 use serde_json::Value;
-use xlb_tests::lab::{KillOnDrop, Lab, assert_spread, metric, sh, sha256, text, wait_for, xlb_bin};
+use xlb_tests::lab::{
+    Lab, assert_spread, metric, random_bytes, sh, sha256, text, wait_for, xlb_bin,
+};
 
 const LAB: Lab = Lab::new("dr2");
 /// Each upload: many full-size segments, so path MTU discovery (TUN) and reordering show.
 const UPLOAD_BYTES: usize = 300_000;
-
-fn xlb(args: &[&str]) -> Output {
-    LAB.xlb().run(args)
-}
 
 fn status() -> Value {
     serde_json::from_str(&LAB.xlb().ok(&["status", "--json"])).unwrap()
@@ -115,7 +113,7 @@ fn two_arm_lab_end_to_end() {
     let web = topo.service("web").url4();
     LAB.kill_daemon("TERM");
     assert!(LAB.get(&web).is_some(), "no forwarding without the daemon");
-    let log = restart(&["--iface", "eth0", "--iface", "eth1"], "restart-both");
+    let log = LAB.restart(&["--iface", "eth0", "--iface", "eth1"], "restart-both");
     assert_eq!(
         log.matches("program replaced atomically").count(),
         2,
@@ -128,7 +126,7 @@ fn two_arm_lab_end_to_end() {
 
     // An arm left out on restart is detached, and its reals are no longer forwarded to.
     LAB.kill_daemon("TERM");
-    let log = restart(&["--iface", "eth0"], "restart-one");
+    let log = LAB.restart(&["--iface", "eth0"], "restart-one");
     assert!(log.contains("interface no longer listed"), "{log}");
     assert!(!has_xdp("eth1"));
     assert!(has_xdp("eth0"));
@@ -151,7 +149,7 @@ fn two_arm_lab_end_to_end() {
 
     // `xlb detach` names the first arm, and takes the data path off every arm.
     LAB.kill_daemon("TERM");
-    let restarted = restart(&["--iface", "eth0", "--iface", "eth1"], "restart-again");
+    let restarted = LAB.restart(&["--iface", "eth0", "--iface", "eth1"], "restart-again");
     assert!(
         restarted.contains("XDP program attached iface=eth1"),
         "{restarted}"
@@ -168,7 +166,7 @@ fn two_arm_lab_end_to_end() {
     );
     let done = detach("eth0");
     assert!(done.status.success(), "{}", text(&done));
-    assert!(text(&done).contains("removed 11 pins"), "{}", text(&done));
+    assert!(text(&done).contains("removed 16 pins"), "{}", text(&done));
     assert!(!has_xdp("eth0") && !has_xdp("eth1"));
     assert!(
         LAB.get(&web).is_none(),
@@ -200,43 +198,4 @@ fn has_xdp(arm: &str) -> bool {
     let topo = LAB.topology();
     let link = sh("ip", &["-n", topo.ns(topo.director()), "link", "show", arm]);
     text(&link).contains("xdp")
-}
-
-/// Starts the lab's daemon again with `args` (its log in the state dir as NAME.log); once it
-/// answers, it is the lab's daemon (the lab stops it by pid). Returns its log so far.
-fn restart(args: &[&str], name: &str) -> String {
-    let topo = LAB.topology();
-    let daemon = topo.daemon(topo.director());
-    let log = topo.state_file(&format!("{name}.log"));
-    let mut all = args.to_vec();
-    all.extend(["--state", &daemon.state]);
-    let child = KillOnDrop(
-        LAB.daemon_command(&all)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the restarted daemon", Duration::from_secs(10), || {
-        xlb(&["status"]).status.success()
-    });
-    std::fs::write(&daemon.spawned.pid_file, child.0.id().to_string()).unwrap();
-    std::mem::forget(child);
-    std::fs::read_to_string(&log).unwrap()
-}
-
-/// `n` bytes from xorshift64*, seeded by `round` and the clock: different on every run.
-fn random_bytes(n: usize, round: u64) -> Vec<u8> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let mut x = (nanos ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
-        })
-        .collect()
 }

@@ -13,7 +13,11 @@
 //!   packet as it came, and the decapsulator gives the frame back; an ICMP reply has exact
 //!   lengths and right IP and ICMP checksums, quoting the packet; an echo reply is the request
 //!   turned around;
-//! - a forwarded ICMP error goes to the real its flow's next packet goes to.
+//! - a forwarded ICMP error goes to the real its flow's next packet goes to;
+//! - a NAT director (NAT and full NAT services) never aborts, passes untouched every frame
+//!   that is neither for a NAT VIP nor a reply of a flow it started (a reply that matches no
+//!   flow included), and sends frames as long as they came, with right IPv4 header checksums
+//!   and right TCP/UDP checksums whenever the input's were.
 //!
 //! Cases: `XLB_FUZZ_CASES` frames in all (default 200,000), shared between the properties;
 //! `XLB_FUZZ_SEED` replays a run (each property prints its seed). A failure prints the
@@ -1990,5 +1994,219 @@ fn decapsulator_on_random_frames() {
         0.1,
         random_frame(true),
         |f| decap_case(&mut d.borrow_mut(), &f.0),
+    );
+}
+
+// --- A NAT director ------------------------------------------------------------------------
+
+/// NAT services (both families, TCP and UDP) and a full-NAT one, over the DR reals at port
+/// 8080 (they are on-link).
+const NAT_SERVICES: [(&str, Mode); 4] = [
+    ("198.18.0.110:80/tcp", Mode::Nat),
+    ("198.18.0.110:53/udp", Mode::Nat),
+    ("[fd00:18::110]:80/tcp", Mode::Nat),
+    ("198.18.0.111:80/tcp", Mode::Fullnat),
+];
+const NAT_VIPS: [&str; 3] = ["198.18.0.110", "fd00:18::110", "198.18.0.111"];
+const SNAT4: &str = "198.18.0.50";
+
+/// A NAT director with one established flow per service; the corpus: each flow's next request,
+/// its real's reply, and replies that match no flow. Also every reply tuple it knows, as
+/// (real, real port, client or SNAT address, port, protocol).
+fn nat_director() -> (Balancer, Vec<Vec<u8>>, Vec<Tuple>) {
+    let mut b = balancer();
+    for (service, mode) in NAT_SERVICES {
+        let addr: ServiceAddr = service.parse().unwrap();
+        let mut cfg = ServiceConfig::new(addr);
+        cfg.mode = mode;
+        if mode == Mode::Fullnat {
+            cfg.snat = vec![ip(SNAT4)];
+        }
+        for r in DR_REALS.iter().map(|r| ip(r)) {
+            if r.is_ipv4() == addr.vip.is_ipv4() {
+                b.set_link(r, Some(link(real_mac(r)))).unwrap();
+                cfg.reals.push(RealConfig {
+                    port: 8080,
+                    ..RealConfig::new(r, 100)
+                });
+            }
+        }
+        b.add_service(cfg).unwrap();
+    }
+    let (mut corpus, mut replies) = (Vec::new(), Vec::new());
+    for (i, (service, _)) in NAT_SERVICES.iter().enumerate() {
+        let addr: ServiceAddr = service.parse().unwrap();
+        let client = if addr.vip.is_ipv4() { CLIENT4 } else { CLIENT6 };
+        let vip = addr.vip.to_string();
+        let sport = 41000 + i as u16;
+        let request = |flags| match addr.proto {
+            xlb::config::Proto::Tcp => Frame::tcp(client, &vip, sport, addr.port, flags),
+            xlb::config::Proto::Udp => Frame {
+                payload: b"question".to_vec(),
+                ..Frame::udp(client, &vip, sport, addr.port)
+            },
+        };
+        let (verdict, sent) = run_balancer(&mut b, &request(SYN).bytes()).unwrap();
+        assert_eq!(verdict, XDP_TX, "{service}");
+        let ip = wellformed::ip(&sent).unwrap();
+        let l4 = ip.l3 + ip.header_len;
+        let (to, from) = (be16(&sent[l4 + 2..l4 + 4]), be16(&sent[l4..l4 + 2]));
+        replies.push((ip.dst, to, ip.src, from, addr.proto.number()));
+        let reply = |dport: u16| {
+            let f = Frame {
+                src: ip.dst,
+                dst: ip.src,
+                sport: to,
+                dport,
+                payload: b"answer".to_vec(),
+                ..request(ACK)
+            };
+            let mut bytes = f.bytes();
+            bytes[6..12].copy_from_slice(&real_mac(ip.dst));
+            bytes
+        };
+        corpus.push(request(ACK).bytes());
+        corpus.push(reply(from));
+        corpus.push(reply(from.wrapping_add(1)));
+    }
+    (b, corpus, replies)
+}
+
+/// A frame's (source, source port, destination, destination port, protocol), its L4 header
+/// found past IPv4 options and IPv6 extension headers; and whether it is a fragment (whose
+/// ports may not be there). None: no IP header.
+type Tuple = (IpAddr, u16, IpAddr, u16, u8);
+
+fn tuple_of(f: &[u8]) -> Option<(Tuple, bool)> {
+    let (l3, v4) = l3_of(f)?;
+    let (src, dst, mut proto, mut l4, mut fragment) = if v4 {
+        let h = f.get(l3..l3 + 20)?;
+        let frag = be16(&h[6..8]);
+        let ihl = (h[0] & 0x0f) as usize * 4;
+        (
+            addr(&h[12..16]),
+            addr(&h[16..20]),
+            h[9],
+            l3 + ihl,
+            frag & 0x3fff != 0,
+        )
+    } else {
+        let h = f.get(l3..l3 + 40)?;
+        (addr(&h[8..24]), addr(&h[24..40]), h[6], l3 + 40, false)
+    };
+    if !v4 {
+        for _ in 0..8 {
+            match proto {
+                0 | 43 | 60 => {
+                    let h = f.get(l4..l4 + 2)?;
+                    proto = h[0];
+                    l4 += (h[1] as usize + 1) * 8;
+                }
+                44 => {
+                    let h = f.get(l4..l4 + 8)?;
+                    proto = h[0];
+                    fragment = true;
+                    l4 += 8;
+                }
+                _ => break,
+            }
+        }
+    }
+    let ports = f.get(l4..l4 + 4);
+    let (sport, dport) = ports.map_or((0, 0), |p| (be16(&p[..2]), be16(&p[2..])));
+    Some(((src, sport, dst, dport, proto), fragment || ports.is_none()))
+}
+
+fn is_real(a: IpAddr) -> bool {
+    DR_REALS.iter().any(|r| ip(r) == a)
+}
+
+/// Whether the NAT director may change (or drop) the frame, by the documented rules: a frame
+/// to a NAT VIP, or a reply whose tuple is a flow's the director started (a fragment from a
+/// real may be one too). Everything else passes untouched, a reply that matches no flow
+/// included.
+fn nat_may_act(f: &[u8], replies: &[Tuple]) -> bool {
+    let Some(((src, sport, dst, dport, proto), fragment)) = tuple_of(f) else {
+        return false;
+    };
+    if NAT_VIPS.iter().any(|v| ip(v) == dst) {
+        return true;
+    }
+    if fragment {
+        return is_real(src);
+    }
+    replies.contains(&(src, sport, dst, dport, proto))
+}
+
+/// The NAT director's properties: never aborted; passed frames untouched, and every frame the
+/// rules leave alone passed; a sent frame as long as it came, with a right IPv4 header
+/// checksum, and right TCP/UDP checksums whenever the input's were. A request sent to a real
+/// starts a flow whose replies the director may translate from then on (`replies` learns it).
+fn nat_case(
+    b: &mut Balancer,
+    replies: &mut Vec<Tuple>,
+    input: &[u8],
+) -> Result<&'static str, String> {
+    let (verdict, out) = run_balancer(b, input)?;
+    let fail = |e: String| {
+        format!(
+            "{e}\n  verdict {}\n  input  {}\n  output {}",
+            verdict_name(verdict),
+            hex(input),
+            hex(&out)
+        )
+    };
+    match verdict {
+        XDP_PASS if out != input => Err(fail("passed, but changed".into())),
+        XDP_PASS => Ok("passed"),
+        _ if !nat_may_act(input, replies) => Err(fail("not for NAT, but not passed".into())),
+        XDP_DROP => Ok("dropped"),
+        XDP_TX => {
+            if out.len() != input.len() {
+                return Err(fail("sent with another length".into()));
+            }
+            // A fragment's L4 checksum covers the whole datagram: only its IP header is
+            // checked here.
+            let whole = tuple_of(input).is_some_and(|(_, fragment)| !fragment);
+            let checked = |f: &[u8]| {
+                let ip = wellformed::ip(f)?;
+                if whole {
+                    wellformed::l4_checksum(f, &ip)?;
+                }
+                Ok::<(), String>(())
+            };
+            if checked(input).is_ok() {
+                checked(&out).map_err(|e| fail(format!("sent: {e}")))?;
+            }
+            if let Some(((src, sport, dst, dport, proto), _)) = tuple_of(&out)
+                && is_real(dst)
+            {
+                replies.push((dst, dport, src, sport, proto));
+            }
+            Ok("sent")
+        }
+        v => Err(fail(format!("verdict {}", verdict_name(v)))),
+    }
+}
+
+#[test]
+fn nat_director_on_mutated_corpus_frames() {
+    let (mut b, corpus, mut replies) = nat_director();
+    // The corpus takes its paths: requests and replies sent, the stray replies passed.
+    for (i, frame) in corpus.iter().enumerate() {
+        let (verdict, _) = run_balancer(&mut b, frame).unwrap();
+        let want = if i % 3 == 2 { XDP_PASS } else { XDP_TX };
+        assert_eq!(verdict, want, "corpus frame {i}: {}", hex(frame));
+        nat_case(&mut b, &mut replies, frame).unwrap();
+    }
+    let state = RefCell::new((b, replies));
+    fuzz(
+        "nat_director_on_mutated_corpus_frames",
+        0.1,
+        mutated(corpus),
+        |m| {
+            let (b, replies) = &mut *state.borrow_mut();
+            nat_case(b, replies, &m.frame)
+        },
     );
 }

@@ -118,7 +118,7 @@ fn balancer_with(service: &str, mode: Mode, reals: &[&str]) -> (Balancer, Servic
 
 fn mac_for(mode: Mode, real: IpAddr) -> Mac {
     match mode {
-        Mode::Dr => real_mac(real),
+        Mode::Dr | Mode::Nat | Mode::Fullnat => real_mac(real),
         Mode::Tun => NEXT_HOP_MAC,
     }
 }

@@ -295,8 +295,30 @@ fn malformed_cli_and_api_inputs_change_nothing() {
             "ring size 65536",
         ),
         (
-            vec!["service", "add", "198.18.0.101:80/tcp", "--mode", "nat"],
-            "'nat'",
+            vec!["service", "add", "198.18.0.101:80/tcp", "--mode", "masq"],
+            "'masq'",
+        ),
+        (
+            vec!["service", "add", "198.18.0.101:80/tcp", "--mode", "fullnat"],
+            "needs --snat",
+        ),
+        (
+            vec![
+                "service",
+                "add",
+                "198.18.0.101:80/tcp",
+                "--snat",
+                "198.18.0.50",
+            ],
+            "--snat needs --mode fullnat",
+        ),
+        (
+            vec!["real", "add", "198.18.0.100:80/tcp", "198.18.0.13:8080"],
+            "needs a NAT service",
+        ),
+        (
+            vec!["real", "add", "198.18.0.100:80/tcp", "198.18.0.13:0"],
+            "port 0 is not a port",
         ),
         (
             vec![

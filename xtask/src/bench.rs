@@ -30,8 +30,9 @@ use crate::{
     bench_flows::{self, FlowsRow},
     bench_rate::Rates,
     bench_setup::{
-        CLIENT4, CLIENT6, MTU, ROUTER_MAC, TUN_REALS4, TUN_SRC4, balancer_with_services, establish,
-        pin_to_one_cpu, verdict_name,
+        CLIENT4, CLIENT6, FULLNAT_VIP4, MTU, NAT_VIP4, ROUTER_MAC, TUN_REALS4, TUN_SRC4,
+        balancer_with_services, establish, establish_nat, nat_balancer, pin_to_one_cpu,
+        verdict_name,
     },
     bench_stats::{ROUND, Stats, over, stats},
 };
@@ -80,6 +81,7 @@ pub fn run(calls: usize, flow_counts: &[(&'static str, usize)]) -> Result<DataPa
     let mut progs = Programs {
         balancer: balancer_with_services()?,
         decap: Decapsulator::load()?,
+        nat: nat_balancer()?,
     };
     progs.decap.add_vip("198.18.0.101".parse()?)?;
     progs.decap.add_vip("198.18.0.102".parse()?)?;
@@ -95,7 +97,8 @@ pub fn run(calls: usize, flow_counts: &[(&'static str, usize)]) -> Result<DataPa
         },
     )?;
     let listener = TcpListener::bind("0.0.0.0:0").context("listening for the real's paths")?;
-    let paths = bench_paths(&mut progs.balancer, listener.local_addr()?.port())?;
+    let mut paths = bench_paths(&mut progs.balancer, listener.local_addr()?.port())?;
+    paths.extend(nat_paths(&mut progs.nat)?);
     check_verdicts(&mut progs, &paths)?;
 
     eprintln!(
@@ -159,26 +162,31 @@ pub fn write_summary(dp: &DataPath, rates: &Rates) -> Result<()> {
     Ok(())
 }
 
-/// The two loads a run measures.
+/// The three loads a run measures.
 struct Programs {
     balancer: Balancer,
     decap: Decapsulator,
+    /// A NAT director (`NAT_DIRECTOR` paths): NAT services only.
+    nat: Balancer,
 }
+
+/// The balancer program of the NAT director's load, as a `BenchPath::program`.
+const NAT_DIRECTOR: &str = "xlb_balancer (NAT director)";
 
 impl Programs {
     fn test_run(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        if program == DECAP_PROGRAM {
-            self.decap.test_run(frame)
-        } else {
-            self.balancer.dataplane().test_run(program, frame)
+        match program {
+            DECAP_PROGRAM => self.decap.test_run(frame),
+            NAT_DIRECTOR => self.nat.dataplane().test_run(BALANCER_PROGRAM, frame),
+            _ => self.balancer.dataplane().test_run(program, frame),
         }
     }
 
     fn time_run(&mut self, program: &str, frame: &[u8]) -> Result<std::time::Duration> {
-        if program == DECAP_PROGRAM {
-            self.decap.time_run(frame)
-        } else {
-            self.balancer.dataplane().time_run(program, frame)
+        match program {
+            DECAP_PROGRAM => self.decap.time_run(frame),
+            NAT_DIRECTOR => self.nat.dataplane().time_run(BALANCER_PROGRAM, frame),
+            _ => self.balancer.dataplane().time_run(program, frame),
         }
     }
 }
@@ -344,6 +352,29 @@ fn bench_paths(b: &mut Balancer, listening: u16) -> Result<Vec<BenchPath>> {
     ])
 }
 
+/// The NAT director's paths: requests of an established NAT and full-NAT flow, their replies,
+/// and a full-NAT SYN (of a flow whose SNAT source is kept: a test run repeats one frame, so
+/// every call after the first is that flow's SYN again, not a new flow's).
+fn nat_paths(nat: &mut Balancer) -> Result<Vec<BenchPath>> {
+    let (nat_ack, nat_reply) = establish_nat(nat, NAT_VIP4, 40002)?;
+    let (fullnat_ack, fullnat_reply) = establish_nat(nat, FULLNAT_VIP4, 40002)?;
+    let fullnat_syn = Frame::tcp(CLIENT4, FULLNAT_VIP4, 40001, 80, SYN).bytes();
+    let path = |name, frame| BenchPath {
+        name,
+        program: NAT_DIRECTOR,
+        frame,
+        verdict: XDP_TX,
+        target_ns: None,
+    };
+    Ok(vec![
+        path("nat_established_v4", nat_ack),
+        path("nat_reply_v4", nat_reply),
+        path("fullnat_syn_v4", fullnat_syn),
+        path("fullnat_established_v4", fullnat_ack),
+        path("fullnat_reply_v4", fullnat_reply),
+    ])
+}
+
 fn check_verdicts(progs: &mut Programs, paths: &[BenchPath]) -> Result<()> {
     for p in paths {
         let (verdict, _) = progs.test_run(p.program, &p.frame)?;
@@ -403,18 +434,36 @@ fn print_table(dp: &DataPath) {
             r.name, r.raw.median, r.raw.p99, r.net.median, r.net.p99, target, status
         );
     }
-    for (path, ratio) in real_side_ratios(dp) {
-        let status = if ratio <= 0.3 { "ok" } else { "MISS" };
-        println!(
-            "{path} / dr_established_v4 (over the floor): {ratio:.2} (goal <= 0.30)  {status}"
-        );
+    for (paths, goal) in [
+        (&REAL_SIDE_PATHS[..], REAL_SIDE_GOAL),
+        (&NAT_PATHS[..], NAT_GOAL),
+    ] {
+        for (path, ratio) in over_dr_established(dp, paths) {
+            let status = if ratio <= goal { "ok" } else { "MISS" };
+            println!(
+                "{path} / dr_established_v4 (over the floor): {ratio:.2} (goal <= {goal:.2})  {status}"
+            );
+        }
     }
 }
 
-/// The real server's cost on traffic it does not refuse against the director's DR established
-/// path, both over the floor, two decimals; the goal is at most 0.3 (the real's program must
-/// cost next to nothing on the traffic it serves).
-fn real_side_ratios(dp: &DataPath) -> Vec<(&'static str, f64)> {
+/// The real server's paths on traffic it does not refuse, against the director's DR
+/// established path: the goal is at most 0.3 (the real's program must cost next to nothing on
+/// the traffic it serves).
+const REAL_SIDE_PATHS: [&str; 2] = ["real_established_v4", "real_non_vip_v4"];
+const REAL_SIDE_GOAL: f64 = 0.3;
+/// Each established NAT path, either direction, on a NAT director, against a DR-only
+/// director's established path of the same run: the goal is at most 1.3.
+const NAT_PATHS: [&str; 4] = [
+    "nat_established_v4",
+    "nat_reply_v4",
+    "fullnat_established_v4",
+    "fullnat_reply_v4",
+];
+const NAT_GOAL: f64 = 1.3;
+
+/// `paths` against the DR established path, both over the floor, two decimals.
+fn over_dr_established(dp: &DataPath, paths: &[&'static str]) -> Vec<(&'static str, f64)> {
     let net = |name: &str| {
         dp.rows
             .iter()
@@ -424,9 +473,9 @@ fn real_side_ratios(dp: &DataPath) -> Vec<(&'static str, f64)> {
     let Some(dr) = net("dr_established_v4").filter(|&ns| ns > 0) else {
         return Vec::new();
     };
-    ["real_established_v4", "real_non_vip_v4"]
-        .into_iter()
-        .filter_map(|path| {
+    paths
+        .iter()
+        .filter_map(|&path| {
             Some((
                 path,
                 (net(path)? as f64 / dr as f64 * 100.0).round() / 100.0,
@@ -467,8 +516,10 @@ fn summary_json(dp: &DataPath, rates: &Rates) -> Result<Value> {
     summary.insert("prog_xlated_bytes".into(), json!(dp.prog_xlated_bytes));
     summary.insert("prog_jited_bytes".into(), json!(dp.prog_jited_bytes));
     summary.insert("ratios".into(), Value::Object(ratios));
-    for (path, ratio) in real_side_ratios(dp) {
-        summary.insert(format!("{path}_over_dr_established"), json!(ratio));
+    for paths in [&REAL_SIDE_PATHS[..], &NAT_PATHS[..]] {
+        for (path, ratio) in over_dr_established(dp, paths) {
+            summary.insert(format!("{path}_over_dr_established"), json!(ratio));
+        }
     }
     summary.insert("raw".into(), Value::Object(raw));
     summary.insert("rate".into(), rates.to_json());

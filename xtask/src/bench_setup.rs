@@ -29,6 +29,13 @@ const GUE_SERVICE4: &str = "198.18.0.102:80/tcp";
 const GUE_SERVICE6: &str = "[fd00:18::102]:80/tcp";
 const TUN4IN6_SERVICE: &str = "198.18.0.103:80/tcp";
 pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+/// The NAT director's services (`nat_balancer`).
+pub const NAT_VIP4: &str = "198.18.0.110";
+pub const FULLNAT_VIP4: &str = "198.18.0.111";
+const NAT_SERVICE4: &str = "198.18.0.110:80/tcp";
+const FULLNAT_SERVICE4: &str = "198.18.0.111:80/tcp";
+const SNAT4: &str = "198.18.0.50";
+const NAT_REAL_PORT: u16 = 8080;
 pub const MTU: u32 = 1500;
 
 /// Pins this thread to CPU 1 (CPU 0 takes most interrupts) or CPU 0 on a single-CPU machine:
@@ -84,8 +91,8 @@ fn services(mut b: Balancer) -> Result<Balancer> {
         for real in reals {
             let addr = real.parse()?;
             let mac = match mode {
-                Mode::Dr => real_mac(addr),
                 Mode::Tun => ROUTER_MAC,
+                Mode::Dr | Mode::Nat | Mode::Fullnat => real_mac(addr),
             };
             b.set_link(addr, Some(link(mac)))?;
             cfg.reals.push(RealConfig::new(addr, 100));
@@ -93,6 +100,49 @@ fn services(mut b: Balancer) -> Result<Balancer> {
         b.add_service(cfg)?;
     }
     Ok(b)
+}
+
+/// A NAT director's balancer (its own load: with a NAT service, every frame is first looked
+/// up as a possible NAT reply, which a DR-only director never pays): a NAT service and a
+/// full-NAT service over the DR reals, each real at port 8080.
+pub fn nat_balancer() -> Result<Balancer> {
+    let mut b = xlb_tests::balancer();
+    for (service, mode) in [(NAT_SERVICE4, Mode::Nat), (FULLNAT_SERVICE4, Mode::Fullnat)] {
+        let mut cfg = ServiceConfig::new(service.parse()?);
+        cfg.mode = mode;
+        if mode == Mode::Fullnat {
+            cfg.snat = vec![SNAT4.parse()?];
+        }
+        for real in REALS4 {
+            let addr = real.parse()?;
+            b.set_link(addr, Some(link(real_mac(addr))))?;
+            cfg.reals.push(RealConfig {
+                port: NAT_REAL_PORT,
+                ..RealConfig::new(addr, 100)
+            });
+        }
+        b.add_service(cfg)?;
+    }
+    Ok(b)
+}
+
+/// A NAT flow's request path and reply path, once established on `b`: the client's ACK, and
+/// the real's answer to it as it reaches the director (what the SYN's rewrite says: the real,
+/// and for full NAT the SNAT address and port).
+pub fn establish_nat(b: &mut Balancer, vip: &str, sport: u16) -> Result<(Vec<u8>, Vec<u8>)> {
+    let ack = establish(b, CLIENT4, vip, sport)?;
+    let (_, sent) = b.dataplane().test_run(
+        BALANCER_PROGRAM,
+        &Frame::tcp(CLIENT4, vip, sport, 80, ACK).bytes(),
+    )?;
+    // IPv4 without options: addresses at 26..34, ports at 34..38.
+    let addr =
+        |at: usize| std::net::Ipv4Addr::new(sent[at], sent[at + 1], sent[at + 2], sent[at + 3]);
+    let port = |at: usize| u16::from_be_bytes([sent[at], sent[at + 1]]);
+    let (src, dst, sport, dport) = (addr(26), addr(30), port(34), port(36));
+    let mut reply = Frame::tcp(&dst.to_string(), &src.to_string(), dport, sport, ACK).bytes();
+    reply[6..12].copy_from_slice(&real_mac(dst.into()));
+    Ok((ack, reply))
 }
 
 /// Points the balancer's maps at `ifaces` (ifindex, MAC) and reaches every real through

@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use crate::{
     api::{self, DEFAULT_SOCKET, Request, StatsReport, StatusReport},
     config::{
-        Config, DEFAULT_WEIGHT, Encap, HashKind, Mode, OnDown, RealConfig, ServiceAddr,
-        ServiceConfig, TunnelPrefix, Weights,
+        Config, DEFAULT_WEIGHT, Encap, HashKind, Mode, OnDown, RealConfig, RealEndpoint,
+        ServiceAddr, ServiceConfig, TunnelPrefix, Weights,
     },
     daemon::{self, DaemonOptions},
     dataplane::{self, Dataplane, LoadOptions, PinDir, XdpModeChoice},
@@ -189,6 +189,9 @@ enum ServiceCmd {
         /// adaptive: weights follow health-check latency (slower reals get fewer new flows).
         #[arg(long, value_enum, default_value_t = Weights::Static)]
         weights: Weights,
+        /// Full NAT: the source addresses requests leave with (the director's own, dedicated).
+        #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+        snat: Vec<IpAddr>,
         #[command(flatten)]
         check: Box<CheckArgs>,
     },
@@ -344,9 +347,11 @@ enum RealserverCmd {
 
 #[derive(Subcommand)]
 enum RealCmd {
+    /// Add a real: ADDR, or ADDR:PORT in a NAT service (the port it serves the service on).
     Add {
         service: ServiceAddr,
-        real: IpAddr,
+        #[arg(value_name = "REAL")]
+        real: RealEndpoint,
         #[arg(long, default_value_t = DEFAULT_WEIGHT)]
         weight: u32,
         #[command(flatten)]
@@ -521,6 +526,7 @@ fn run(cli: Cli) -> Result<()> {
             on_down,
             fallback,
             weights,
+            snat,
             check,
         }) => Request::ServiceAdd {
             config: ServiceConfig {
@@ -534,6 +540,7 @@ fn run(cli: Cli) -> Result<()> {
                 on_down,
                 fallback,
                 weights,
+                snat,
                 check: check.config()?,
                 ..ServiceConfig::new(service)
             },
@@ -548,8 +555,9 @@ fn run(cli: Cli) -> Result<()> {
         }) => Request::RealAdd {
             service,
             real: RealConfig {
+                port: real.port,
                 check: check.config()?,
-                ..RealConfig::new(real, weight)
+                ..RealConfig::new(real.addr, weight)
             },
         },
         Command::Real(RealCmd::Remove { service, real }) => Request::RealRemove {

@@ -46,7 +46,7 @@ pub fn reals(reals: &[RealConfig], as_json: bool) -> Result<()> {
         return json(&reals);
     }
     for r in reals {
-        println!("{} weight {}", r.addr, r.weight);
+        println!("{} weight {}", r.endpoint(), r.weight);
     }
     Ok(())
 }
@@ -70,10 +70,10 @@ pub fn status(status: &StatusReport, as_json: bool) -> Result<()> {
             s.ring_size
         );
         for r in &s.reals {
-            let addr = r.addr.to_string();
+            let addr = crate::config::endpoint(r.addr, r.port);
             // A TUN real's MAC is its next hop's; say which hop when it is not the real.
             let mut via = match &r.next_hop {
-                Some(hop) if *hop != addr => format!(" via {hop}"),
+                Some(hop) if *hop != r.addr.to_string() => format!(" via {hop}"),
                 _ => String::new(),
             };
             if let (true, Some(iface)) = (two_arm, &r.iface) {

@@ -9,8 +9,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use lb_common::{
     BACKEND_F_FORWARD, Backend, Config as KernelConfig, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
-    MAX_SERVICES, SERVICE_F_GUE, SERVICE_F_HASH_SRC_IP, SERVICE_F_OUTER_V6, SERVICE_F_TUN,
-    ServiceKey, ServiceValue,
+    MAX_SERVICES, SERVICE_F_FULLNAT, SERVICE_F_GUE, SERVICE_F_HASH_SRC_IP, SERVICE_F_NAT,
+    SERVICE_F_OUTER_V6, SERVICE_F_TUN, ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -83,6 +83,8 @@ impl IdPool {
 }
 
 struct RealState {
+    /// NAT: the real's port (0: the service's).
+    port: u16,
     weight: u32,
     /// The weight the table uses: `weight`, or what adaptive weighting made of it.
     effective_weight: u32,
@@ -144,6 +146,8 @@ pub struct Link {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RealStatus {
     pub addr: IpAddr,
+    /// NAT: the real's port (0: the service's).
+    pub port: u16,
     pub weight: u32,
     pub effective_weight: u32,
     pub backend_id: u32,
@@ -380,9 +384,9 @@ impl Balancer {
     }
 
     /// The service's own tunnel source, else the default of its family.
-    /// The outer source of a TUN service's packets (zero for DR).
+    /// The outer source of a TUN service's packets (zero for DR and NAT).
     fn tunnel_src(&self, config: &ServiceConfig) -> Result<[u8; 16]> {
-        if config.mode == Mode::Dr {
+        if config.mode != Mode::Tun {
             return Ok([0; 16]);
         }
         let src = match (config.tunnel_src, config.service.vip) {
@@ -419,6 +423,10 @@ impl Balancer {
                 lb_common::CONFIG_F_VIP_ECHO
             } else {
                 0
+            } | if self.services.values().any(|s| s.config.mode.is_nat()) {
+                lb_common::CONFIG_F_NAT
+            } else {
+                0
             },
             _pad: [0; 3],
             all_ports_services,
@@ -446,6 +454,7 @@ impl Balancer {
                         .reals
                         .iter()
                         .map(|(addr, r)| RealConfig {
+                            port: r.port,
                             draining: r.draining,
                             check: r.check.clone(),
                             ..RealConfig::new(*addr, r.weight)
@@ -528,6 +537,7 @@ impl Balancer {
             .chain(fallback)
             .map(|(addr, r, fallback)| RealStatus {
                 addr: *addr,
+                port: r.port,
                 weight: r.weight,
                 effective_weight: r.effective_weight,
                 backend_id: r.backend_id,
@@ -638,6 +648,21 @@ impl Balancer {
             HashKind::FiveTuple => 0,
             HashKind::SrcIp => SERVICE_F_HASH_SRC_IP,
         };
+        if config.mode.is_nat() {
+            flags |= SERVICE_F_NAT;
+        }
+        if config.mode == Mode::Fullnat {
+            flags |= SERVICE_F_FULLNAT;
+        }
+        // Its SNAT addresses are in place before the service entry that makes them used.
+        self.dp.set_snat(
+            id,
+            &config
+                .snat
+                .iter()
+                .map(|a| addr_bytes(*a).0)
+                .collect::<Vec<_>>(),
+        )?;
         if config.mode == Mode::Tun {
             flags |= SERVICE_F_TUN;
             if !config.tunnel_v4() {
@@ -825,14 +850,14 @@ impl Balancer {
                 self.add_service(new.clone())?;
                 continue;
             };
-            // A real whose own check changed starts over (health unknown) as a new real.
+            // A real whose own check or port changed starts over (health unknown) as a new real.
             let have: Vec<(IpAddr, u32, bool)> = st
                 .reals
                 .iter()
                 .filter(|(a, r)| {
                     new.reals
                         .iter()
-                        .any(|n| n.addr == **a && n.check == r.check)
+                        .any(|n| n.addr == **a && n.port == r.port && n.check == r.check)
                 })
                 .map(|(a, r)| (*a, r.weight, r.draining))
                 .collect();
@@ -892,6 +917,7 @@ impl Balancer {
                 }
             };
         Ok(RealState {
+            port: real.port,
             weight: real.weight,
             effective_weight: real.weight,
             backend_id,
@@ -922,7 +948,7 @@ impl Balancer {
             } else {
                 0
             },
-            _pad: [0; 2],
+            port: real.port.to_be(),
             ifindex: link.map(|l| l.ifindex).unwrap_or_default(),
             service_id: state.id,
             generation: real.generation,
@@ -1012,6 +1038,7 @@ fn same_service_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
         && a.tunnel_src_prefix == b.tunnel_src_prefix
         && a.encap == b.encap
         && a.gue_port == b.gue_port
+        && a.snat == b.snat
 }
 
 #[cfg(test)]

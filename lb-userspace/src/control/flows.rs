@@ -1,5 +1,6 @@
 //! Flow accounting: one walk of the connection table, counting each real's active flows (for
-//! `status`, `wait-drained`, metrics and the "drain finished" log).
+//! `status`, `wait-drained`, metrics and the "drain finished" log); and the NAT reply table's
+//! timeouts.
 
 use std::collections::HashMap;
 
@@ -47,4 +48,36 @@ pub fn active_flows(b: &mut Balancer) -> Result<Flows> {
         }
     }
     Ok(flows)
+}
+
+/// NAT reply entries idle this long are deleted (IPVS's defaults for established TCP and for
+/// UDP)...
+pub const NAT_TCP_IDLE_S: u32 = 900;
+pub const NAT_UDP_IDLE_S: u32 = 300;
+/// ...and TCP ones this long after the real's FIN or RST (the last ACKs are through).
+pub const NAT_CLOSING_IDLE_S: u32 = 10;
+
+/// Deletes the NAT reply entries past their timeout; how many. An entry is refreshed by its
+/// flow's replies (once a second); a flow that is idle in both directions beyond its timeout
+/// loses its translation, as it would lose its IPVS connection entry.
+pub fn expire_nat_replies(b: &mut Balancer) -> Result<usize> {
+    let now = now_coarse_s();
+    let expired: Vec<lb_common::NatKey> = b
+        .dataplane()
+        .nat_replies()?
+        .into_iter()
+        .filter(|(k, v)| {
+            let limit = if k.proto == lb_common::PROTO_UDP {
+                NAT_UDP_IDLE_S
+            } else if v.flags & lb_common::CONN_F_CLOSING != 0 {
+                NAT_CLOSING_IDLE_S
+            } else {
+                NAT_TCP_IDLE_S
+            };
+            now.saturating_sub(v.last_seen_s) > limit
+        })
+        .map(|(k, _)| k)
+        .collect();
+    b.dataplane().delete_nat_replies(&expired)?;
+    Ok(expired.len())
 }

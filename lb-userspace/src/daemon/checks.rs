@@ -78,7 +78,12 @@ impl Checks {
         for svc in b.config().services {
             for real in &svc.reals {
                 if let Some(check) = real.effective_check(&svc) {
-                    wanted.insert((svc.service, real.addr), check.clone());
+                    let mut check = check.clone();
+                    // A NAT real is checked on the port it is sent to.
+                    if check.port.is_none() && real.port != 0 {
+                        check.port = Some(real.port);
+                    }
+                    wanted.insert((svc.service, real.addr), check);
                 }
             }
         }

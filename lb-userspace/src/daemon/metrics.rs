@@ -186,6 +186,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "xlb_echo_replies_total",
         "ICMP echo requests to a VIP answered by the data path.",
     );
+    let mut nat_replies = Family::counter(
+        "xlb_nat_replies_total",
+        "Replies of NAT flows from their real, translated back to the VIP and sent on.",
+    );
     let mut refusals_rescheduled = Family::counter(
         "xlb_refusals_rescheduled_total",
         "Refusals (a real sent a SYN or datagram back: no socket on that port) re-scheduled to \
@@ -276,8 +280,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             Global::RefusalRescheduled => refusals_rescheduled.add(&[], value),
             Global::SynRetriesMoved => syn_retries_moved.add(&[], value),
             Global::EchoReplied => echo_replies.add(&[], value),
+            Global::NatReplied => nat_replies.add(&[], value),
             Global::DropRefusalBounced => dropped.add(&[("reason", "refusal_bounced")], value),
             Global::DropRefusalForged => dropped.add(&[("reason", "refusal_forged")], value),
+            Global::DropSnatExhausted => dropped.add(&[("reason", "snat_exhausted")], value),
             Global::ConnMiss => conn_misses.add(&[], value),
             Global::ConnStale => conn_stale.add(&[], value),
         }
@@ -323,6 +329,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         refusals_rescheduled,
         syn_retries_moved,
         echo_replies,
+        nat_replies,
         conn_misses,
         conn_stale,
         conn_entries,

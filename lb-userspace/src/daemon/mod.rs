@@ -102,6 +102,9 @@ impl Shared {
     }
 }
 
+/// How often the NAT reply table's timeouts are applied.
+const NAT_EXPIRY_EVERY_S: u64 = 5;
+
 pub async fn run(opts: DaemonOptions) -> Result<()> {
     let config = state::load(&opts.state)?;
     if std::os::unix::net::UnixStream::connect(&opts.socket).is_ok() {
@@ -239,13 +242,21 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut seconds = 0u64;
             loop {
                 tick.tick().await;
+                seconds += 1;
                 let mut guard = shared.lock().unwrap();
                 let Shared {
                     checks, balancer, ..
                 } = &mut *guard;
                 checks.adapt_weights(balancer);
+                // Every few seconds: timeouts are seconds to minutes long.
+                if seconds.is_multiple_of(NAT_EXPIRY_EVERY_S)
+                    && let Err(e) = crate::control::expire_nat_replies(balancer)
+                {
+                    tracing::warn!("expiring NAT reply entries: {e:#}");
+                }
                 guard.announce();
                 if let Err(e) = watch_drains(&mut guard) {
                     tracing::warn!("counting the flows of draining reals: {e:#}");

@@ -219,6 +219,7 @@ fn status(s: &mut Shared) -> Result<StatusReport> {
                 .into_iter()
                 .map(|r| RealReport {
                     addr: r.addr,
+                    port: r.port,
                     weight: r.weight,
                     effective_weight: r.effective_weight,
                     next_hop: s.next_hops.get(&r.addr).map(|h| h.to_string()),

@@ -6,8 +6,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    Backend, Config, Counters, Global, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, ServiceKey,
-    ServiceValue, VipKey,
+    Backend, Config, Counters, Global, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
+    NatKey, NatReply, ServiceKey, ServiceValue, SnatAddrs, VipKey,
 };
 
 use super::{Dataplane, sys};
@@ -66,6 +66,20 @@ impl Dataplane {
         Ok(())
     }
 
+    /// A full-NAT service's SNAT addresses (none for the others), by service id.
+    pub fn set_snat(&mut self, service_id: u32, addrs: &[[u8; 16]]) -> Result<()> {
+        let mut value = SnatAddrs {
+            count: addrs.len().min(MAX_SNAT_ADDRS) as u32,
+            ..SnatAddrs::default()
+        };
+        for (slot, a) in value.addrs.iter_mut().zip(addrs) {
+            *slot = *a;
+        }
+        let mut map: Array<_, SnatAddrs> = Array::try_from(self.map_mut("SNAT_ADDRS")?)?;
+        map.set(service_id, value, 0)?;
+        Ok(())
+    }
+
     /// Makes `key` a VIP the data path answers pings for, or no longer.
     pub fn set_vip(&mut self, key: VipKey, present: bool) -> Result<()> {
         let mut map: HashMap<_, VipKey, u32> = HashMap::try_from(self.map_mut("VIPS")?)?;
@@ -114,6 +128,71 @@ impl Dataplane {
     pub fn global_counter(&self, which: Global) -> Result<u64> {
         let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("GLOBAL_STATS")?)?;
         Ok(map.get(&(which as u32), 0)?.iter().sum())
+    }
+
+    /// Every entry of the NAT reply table (`NAT_REPLIES`).
+    pub fn nat_replies(&self) -> Result<Vec<(NatKey, NatReply)>> {
+        self.read_all("NAT_REPLIES", "the NAT reply table")
+    }
+
+    /// Deletes NAT reply entries (BPF_MAP_DELETE_BATCH); keys already gone are skipped.
+    pub fn delete_nat_replies(&mut self, keys: &[NatKey]) -> Result<()> {
+        let fd = sys::map_fd(self.map("NAT_REPLIES")?);
+        for key in keys {
+            // One at a time: a batch delete stops at the first key the LRU already evicted.
+            let _ = sys::delete_elem(fd, key);
+        }
+        Ok(())
+    }
+
+    /// Writes NAT reply entries, as the data path records them (tests fill the table with them).
+    pub fn insert_nat_replies(&mut self, entries: &[(NatKey, NatReply)]) -> Result<()> {
+        let mut map: HashMap<_, NatKey, NatReply> =
+            HashMap::try_from(self.map_mut("NAT_REPLIES")?)?;
+        for (k, v) in entries {
+            map.insert(k, v, 0)?;
+        }
+        Ok(())
+    }
+
+    /// A whole hash map, with BPF_MAP_LOOKUP_BATCH (a few syscalls instead of two per entry).
+    fn read_all<K: Copy + Default, V: Copy + Default>(
+        &self,
+        map: &str,
+        what: &str,
+    ) -> Result<Vec<(K, V)>> {
+        let fd = sys::map_fd(self.map(map)?).as_raw_fd();
+        const CHUNK: usize = 8192;
+        let mut keys = vec![K::default(); CHUNK];
+        let mut values = vec![V::default(); CHUNK];
+        let mut out = Vec::new();
+        // The kernel's cursor (a bucket index for hash maps); none on the first call.
+        let mut cursor: u32 = 0;
+        let mut first = true;
+        loop {
+            let mut attr = sys::BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    &cursor as *const u32 as u64
+                },
+                out_batch: &mut cursor as *mut u32 as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: CHUNK as u32,
+                map_fd: fd as u32,
+                ..sys::BatchAttr::default()
+            };
+            let result = sys::bpf_batch(sys::BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let n = (attr.count as usize).min(CHUNK);
+            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+            match result {
+                Ok(()) => first = false,
+                // ENOENT: the walk reached the end.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+                Err(e) => bail!("reading {what}: {e}"),
+            }
+        }
     }
 }
 

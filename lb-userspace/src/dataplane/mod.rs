@@ -56,6 +56,9 @@ pub const PASS_PROGRAM: &str = "xlb_pass";
 pub const ICMP_PROGRAM: &str = "xlb_icmp";
 /// Echo replies for VIPs, tail-called by `xlb_icmp` through `ICMP_PROGRAM` slot 1.
 pub const ECHO_PROGRAM: &str = "xlb_echo";
+/// NAT requests and replies, tail-called by the balancer through `NAT_PROGRAM` slots 0 and 1.
+pub const NAT_FORWARD_PROGRAM: &str = "xlb_nat_forward";
+pub const NAT_REPLY_PROGRAM: &str = "xlb_nat_reply";
 /// Tail-called by the balancer to log a drop (`--datapath-log`).
 pub const DROP_LOG_PROGRAM: &str = "xlb_drop_log";
 
@@ -157,7 +160,14 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        for name in [BALANCER_PROGRAM, PASS_PROGRAM, ICMP_PROGRAM, ECHO_PROGRAM] {
+        for name in [
+            BALANCER_PROGRAM,
+            PASS_PROGRAM,
+            ICMP_PROGRAM,
+            ECHO_PROGRAM,
+            NAT_FORWARD_PROGRAM,
+            NAT_REPLY_PROGRAM,
+        ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -168,23 +178,12 @@ impl Dataplane {
         }
         // The map stays open with `ebpf`: the kernel empties a program array once no process
         // holds it (ICMP errors then pass to the kernel until the next daemon loads).
-        let mut fds = Vec::new();
-        for name in [ICMP_PROGRAM, ECHO_PROGRAM] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
-            fds.push(prog.fd()?.try_clone()?);
-        }
-        let slots = ebpf
-            .map_mut("ICMP_PROGRAM")
-            .ok_or_else(|| anyhow!("map ICMP_PROGRAM missing from the object"))?;
-        let mut slots = ProgramArray::try_from(slots)?;
-        for (slot, fd) in fds.iter().enumerate() {
-            slots
-                .set(slot as u32, fd, 0)
-                .context("installing the ICMP and echo programs")?;
-        }
+        install_tail_calls(&mut ebpf, "ICMP_PROGRAM", &[ICMP_PROGRAM, ECHO_PROGRAM])?;
+        install_tail_calls(
+            &mut ebpf,
+            "NAT_PROGRAM",
+            &[NAT_FORWARD_PROGRAM, NAT_REPLY_PROGRAM],
+        )?;
         Ok(Self {
             ebpf,
             pins: opts.pins.clone(),
@@ -431,6 +430,28 @@ impl Dataplane {
         };
         Ok(prog.test_run(opts)?.duration)
     }
+}
+
+/// Puts `programs` in the program array `map`, slot by slot.
+fn install_tail_calls(ebpf: &mut aya::Ebpf, map: &str, programs: &[&str]) -> Result<()> {
+    let mut fds = Vec::new();
+    for name in programs {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        fds.push(prog.fd()?.try_clone()?);
+    }
+    let slots = ebpf
+        .map_mut(map)
+        .ok_or_else(|| anyhow!("map {map} missing from the object"))?;
+    let mut slots = ProgramArray::try_from(slots)?;
+    for (slot, fd) in fds.iter().enumerate() {
+        slots
+            .set(slot as u32, fd, 0)
+            .with_context(|| format!("installing {} in {map}", programs[slot]))?;
+    }
+    Ok(())
 }
 
 /// A `struct xdp_md` for BPF_PROG_TEST_RUN: data 0, data_end the frame's length, data_meta 0,

@@ -25,7 +25,10 @@ pub const LINK_PIN: &str = "link";
 const EXTRA_LINK_PREFIX: &str = "link-";
 /// Maps a restarted daemon keeps: configuration, tables, tracked flows and counters. The
 /// decapsulator's maps belong to another program and are not pinned here.
-pub const PINNED_MAPS: [&str; 9] = [
+/// The NAT program array and its hand-over are pinned too: a program array that no process
+/// holds is emptied by the kernel, and while a new daemon replaces the programs, the old
+/// balancer and the new NAT programs (or the reverse) must share the hand-over.
+pub const PINNED_MAPS: [&str; 14] = [
     "SERVICES",
     "MAGLEV",
     "BACKENDS",
@@ -35,6 +38,11 @@ pub const PINNED_MAPS: [&str; 9] = [
     "SERVICE_STATS",
     "BACKEND_STATS",
     "GLOBAL_STATS",
+    "NAT_REPLIES",
+    "FULLNAT_FLOWS",
+    "SNAT_ADDRS",
+    "NAT_PROGRAM",
+    "NAT_SCRATCH",
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

@@ -50,8 +50,8 @@ pub(super) fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Res
     bpf(cmd, attr).map(drop)
 }
 
-/// BPF_MAP_DELETE_ELEM of a u32 key (aya has no delete for arrays of maps).
-pub(super) fn delete_elem(map: BorrowedFd<'_>, key: &u32) -> std::io::Result<()> {
+/// BPF_MAP_DELETE_ELEM (aya has no delete for arrays of maps, and its hash maps want `&mut`).
+pub(super) fn delete_elem<K>(map: BorrowedFd<'_>, key: &K) -> std::io::Result<()> {
     #[repr(C)]
     struct DeleteAttr {
         map_fd: u32,
@@ -63,7 +63,7 @@ pub(super) fn delete_elem(map: BorrowedFd<'_>, key: &u32) -> std::io::Result<()>
     let mut attr = DeleteAttr {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
-        key: key as *const u32 as u64,
+        key: key as *const K as u64,
         value: 0,
         flags: 0,
     };

@@ -457,6 +457,8 @@ pub fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::Dr => "DR",
         Mode::Tun => "TUN",
+        Mode::Nat => "NAT",
+        Mode::Fullnat => "full-NAT",
     }
 }
 
@@ -497,6 +499,12 @@ async fn vip_value(nl: &Neighbours, ifindex: u32, opts: &Options) -> Result<VipV
 
 fn validate(opts: &Options) -> Result<()> {
     let v = opts.vip;
+    if opts.mode.is_nat() {
+        bail!(
+            "a NAT real needs no setup (NAT: only its route back to clients through the \
+             director; full NAT: nothing)"
+        );
+    }
     if opts.encap == Encap::Gue && opts.mode != Mode::Tun {
         bail!("--encap gue needs --mode tun");
     }

@@ -1,0 +1,670 @@
+//! NAT packet tests: the compiled balancer (and its NAT programs, tail-called) runs under
+//! BPF_PROG_TEST_RUN. Every expected frame is built from scratch by the test's frame builder,
+//! whose IP and TCP/UDP checksums are summed over the whole packet (tests/src/lib.rs): an
+//! implementation independent of the data path's incremental updates.
+
+use std::net::IpAddr;
+
+use lb_common::{Global, NatKey, NatReply};
+use xlb::{
+    config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
+    control::Balancer,
+    dataplane::BALANCER_PROGRAM,
+    netlink::Mac,
+};
+use xlb_tests::*;
+
+const VIP4: &str = "198.18.0.100";
+const VIP6: &str = "fd00:18::100";
+const CLIENT4: &str = "198.18.1.1";
+const CLIENT6: &str = "fd00:18:1::1";
+const RING: u32 = 65537;
+const REALS4: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
+const REALS6: [&str; 3] = ["fd00:18::11", "fd00:18::12", "fd00:18::13"];
+/// The port the reals serve the service on.
+const MAPPED: u16 = 8080;
+
+/// A balancer with one NAT service whose reals (MACs known) serve it on `port` (0: unmapped).
+fn nat_service(service: &str, reals: &[&str], port: u16) -> (Balancer, ServiceAddr) {
+    let mut b = balancer();
+    let addr: ServiceAddr = service.parse().unwrap();
+    let mut cfg = ServiceConfig::new(addr);
+    cfg.mode = Mode::Nat;
+    for r in reals {
+        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
+        cfg.reals.push(RealConfig {
+            port,
+            ..RealConfig::new(ip(r), 100)
+        });
+    }
+    b.add_service(cfg).unwrap();
+    (b, addr)
+}
+
+fn run(b: &mut Balancer, frame: &[u8]) -> (u32, Vec<u8>) {
+    b.dataplane().test_run(BALANCER_PROGRAM, frame).unwrap()
+}
+
+fn with_macs(mut frame: Vec<u8>, dst: Mac, src: Mac) -> Vec<u8> {
+    frame[..6].copy_from_slice(&dst);
+    frame[6..12].copy_from_slice(&src);
+    frame
+}
+
+/// What the director must send the real: the request with the real's address and port, every
+/// checksum summed afresh, from the director's MAC to the real's.
+fn to_real(request: &Frame, real: IpAddr, port: u16) -> Vec<u8> {
+    let f = Frame {
+        dst: real,
+        dport: port,
+        ..request.clone()
+    };
+    with_macs(f.bytes(), real_mac(real), DIRECTOR_MAC)
+}
+
+/// The real's reply to `request` as it reaches the director (its gateway).
+fn reply_of(request: &Frame, real: IpAddr, port: u16, l4: L4) -> Frame {
+    Frame {
+        src: real,
+        dst: request.src,
+        sport: port,
+        dport: request.sport,
+        l4,
+        ..request.clone()
+    }
+}
+
+fn reply_bytes(reply: &Frame) -> Vec<u8> {
+    with_macs(reply.bytes(), DIRECTOR_MAC, real_mac(reply.src))
+}
+
+/// What the director must send back to the client: the reply from the VIP and service port,
+/// to the MAC the request came from.
+fn to_client(reply: &Frame, vip: &str, port: u16) -> Vec<u8> {
+    let f = Frame {
+        src: ip(vip),
+        sport: port,
+        ..reply.clone()
+    };
+    with_macs(f.bytes(), CLIENT_MAC, DIRECTOR_MAC)
+}
+
+struct Case {
+    name: &'static str,
+    service: &'static str,
+    vip: &'static str,
+    reals: &'static [&'static str],
+    request: Frame,
+    reply: L4,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "tcp v4",
+            service: "198.18.0.100:80/tcp",
+            vip: VIP4,
+            reals: &REALS4,
+            request: Frame::tcp(CLIENT4, VIP4, 40000, 80, SYN),
+            reply: L4::Tcp { flags: SYN | ACK },
+        },
+        Case {
+            name: "udp v4",
+            service: "198.18.0.100:80/udp",
+            vip: VIP4,
+            reals: &REALS4,
+            request: Frame {
+                payload: b"question".to_vec(),
+                ..Frame::udp(CLIENT4, VIP4, 40001, 80)
+            },
+            reply: L4::Udp,
+        },
+        Case {
+            name: "tcp v6",
+            service: "[fd00:18::100]:80/tcp",
+            vip: VIP6,
+            reals: &REALS6,
+            request: Frame::tcp(CLIENT6, VIP6, 40002, 80, SYN),
+            reply: L4::Tcp { flags: SYN | ACK },
+        },
+        Case {
+            name: "udp v6",
+            service: "[fd00:18::100]:80/udp",
+            vip: VIP6,
+            reals: &REALS6,
+            request: Frame {
+                payload: b"question?".to_vec(),
+                ..Frame::udp(CLIENT6, VIP6, 40003, 80)
+            },
+            reply: L4::Udp,
+        },
+        Case {
+            name: "vlan tagged v4",
+            service: "198.18.0.100:80/tcp",
+            vip: VIP4,
+            reals: &REALS4,
+            request: Frame {
+                vlan: Some(42),
+                ..Frame::tcp(CLIENT4, VIP4, 40004, 80, SYN)
+            },
+            reply: L4::Tcp { flags: SYN | ACK },
+        },
+        Case {
+            name: "ipv4 options",
+            service: "198.18.0.100:80/tcp",
+            vip: VIP4,
+            reals: &REALS4,
+            request: Frame {
+                ipv4_options: vec![7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                payload: vec![0xab; 333],
+                ..Frame::tcp(CLIENT4, VIP4, 40005, 80, SYN)
+            },
+            reply: L4::Tcp { flags: SYN | ACK },
+        },
+        Case {
+            name: "ipv6 extension headers",
+            service: "[fd00:18::100]:80/tcp",
+            vip: VIP6,
+            reals: &REALS6,
+            request: Frame {
+                ipv6_ext: vec![0, 60],
+                ..Frame::tcp(CLIENT6, VIP6, 40006, 80, SYN)
+            },
+            reply: L4::Tcp { flags: SYN | ACK },
+        },
+    ]
+}
+
+/// The RFC validators (tests/src/wellformed.rs) agree, where they parse the frame (they do
+/// not walk IPv6 extension headers).
+fn valid_checksums(case: &Case, frame: &[u8]) {
+    if case.request.ipv6_ext.is_empty() {
+        let ip = wellformed::ip(frame).unwrap();
+        wellformed::l4_checksum(frame, &ip).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    }
+}
+
+#[test]
+fn requests_go_to_the_mapped_port_and_replies_come_back_from_the_vip() {
+    for case in cases() {
+        let (mut b, _) = nat_service(case.service, case.reals, MAPPED);
+        let real = predict(
+            &equal_weight(case.reals),
+            RING,
+            five_tuple_hash(&case.request, true),
+        );
+        let (verdict, out) = run(&mut b, &case.request.bytes());
+        assert_eq!(verdict, XDP_TX, "{}: request verdict", case.name);
+        assert_eq!(
+            out,
+            to_real(&case.request, real, MAPPED),
+            "{}: request",
+            case.name
+        );
+        valid_checksums(&case, &out);
+
+        let reply = reply_of(&case.request, real, MAPPED, case.reply);
+        let (verdict, out) = run(&mut b, &reply_bytes(&reply));
+        assert_eq!(verdict, XDP_TX, "{}: reply verdict", case.name);
+        assert_eq!(out, to_client(&reply, case.vip, 80), "{}: reply", case.name);
+        valid_checksums(&case, &out);
+
+        // The flow's next packet, and the reply to it, take the same ways.
+        let mut ack = case.request.clone();
+        if let L4::Tcp { flags } = &mut ack.l4 {
+            *flags = ACK;
+        }
+        ack.payload = b"more data".to_vec();
+        let (verdict, out) = run(&mut b, &ack.bytes());
+        assert_eq!(verdict, XDP_TX, "{}: next request verdict", case.name);
+        assert_eq!(
+            out,
+            to_real(&ack, real, MAPPED),
+            "{}: next request",
+            case.name
+        );
+        let reply = Frame {
+            payload: b"answer".to_vec(),
+            ..reply_of(&ack, real, MAPPED, ack.l4)
+        };
+        let (_, out) = run(&mut b, &reply_bytes(&reply));
+        assert_eq!(
+            out,
+            to_client(&reply, case.vip, 80),
+            "{}: next reply",
+            case.name
+        );
+        assert_eq!(
+            b.dataplane().global_counter(Global::NatReplied).unwrap(),
+            2,
+            "{}",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn an_unmapped_real_keeps_the_port_and_an_all_ports_service_maps_each_port_to_itself() {
+    for (service, dport) in [("198.18.0.100:80/tcp", 80), ("198.18.0.100:0/tcp", 4433)] {
+        let (mut b, _) = nat_service(service, &REALS4, 0);
+        let request = Frame::tcp(CLIENT4, VIP4, 41000, dport, SYN);
+        let real = predict(
+            &equal_weight(&REALS4),
+            RING,
+            five_tuple_hash(&request, true),
+        );
+        let (verdict, out) = run(&mut b, &request.bytes());
+        assert_eq!(verdict, XDP_TX, "{service}");
+        assert_eq!(out, to_real(&request, real, dport), "{service}");
+        let reply = reply_of(&request, real, dport, L4::Tcp { flags: SYN | ACK });
+        let (_, out) = run(&mut b, &reply_bytes(&reply));
+        assert_eq!(out, to_client(&reply, VIP4, dport), "{service}: reply");
+    }
+}
+
+#[test]
+fn udp_without_a_checksum_stays_without_one() {
+    let (mut b, _) = nat_service("198.18.0.100:53/udp", &REALS4, 5353);
+    let request = Frame::udp(CLIENT4, VIP4, 42000, 53);
+    let real = predict(
+        &equal_weight(&REALS4),
+        RING,
+        five_tuple_hash(&request, true),
+    );
+    let without_checksum = |mut f: Vec<u8>| {
+        f[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        f
+    };
+    let (verdict, out) = run(&mut b, &without_checksum(request.bytes()));
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out, without_checksum(to_real(&request, real, 5353)));
+    let reply = reply_of(&request, real, 5353, L4::Udp);
+    let (_, out) = run(&mut b, &without_checksum(reply_bytes(&reply)));
+    assert_eq!(out, without_checksum(to_client(&reply, VIP4, 53)));
+}
+
+#[test]
+fn a_udp_checksum_that_sums_to_zero_is_sent_as_all_ones() {
+    // Find a request whose rewritten datagram's checksum is 0xffff, which RFC 768 sends for a
+    // computed 0: the builder writes it so, and the incremental update must too.
+    let (mut b, _) = nat_service("198.18.0.100:53/udp", &REALS4, 5353);
+    let base = Frame::udp(CLIENT4, VIP4, 43000, 53);
+    let real = predict(&equal_weight(&REALS4), RING, five_tuple_hash(&base, true));
+    let mut found = false;
+    for payload in 0..=u16::MAX {
+        let request = Frame {
+            payload: payload.to_be_bytes().to_vec(),
+            ..base.clone()
+        };
+        let expected = to_real(&request, real, 5353);
+        if expected[14 + 20 + 6..14 + 20 + 8] != [0xff, 0xff] {
+            continue;
+        }
+        let (_, out) = run(&mut b, &request.bytes());
+        assert_eq!(out, expected);
+        found = true;
+        break;
+    }
+    assert!(found, "no payload gives a checksum of all ones");
+}
+
+#[test]
+fn replies_that_match_no_flow_pass_untouched() {
+    let (mut b, _) = nat_service("198.18.0.100:80/tcp", &REALS4, MAPPED);
+    let request = Frame::tcp(CLIENT4, VIP4, 44000, 80, SYN);
+    let real = predict(
+        &equal_weight(&REALS4),
+        RING,
+        five_tuple_hash(&request, true),
+    );
+    run(&mut b, &request.bytes());
+    let reply = reply_of(&request, real, MAPPED, L4::Tcp { flags: SYN | ACK });
+    let other_real = REALS4.iter().map(|r| ip(r)).find(|r| *r != real).unwrap();
+    let strangers = [
+        (
+            "another client port",
+            Frame {
+                dport: 44001,
+                ..reply.clone()
+            },
+        ),
+        (
+            "another real port",
+            Frame {
+                sport: 8081,
+                ..reply.clone()
+            },
+        ),
+        (
+            "another real",
+            Frame {
+                src: other_real,
+                ..reply.clone()
+            },
+        ),
+        (
+            "udp",
+            Frame {
+                l4: L4::Udp,
+                ..reply.clone()
+            },
+        ),
+    ];
+    for (name, frame) in strangers {
+        let input = reply_bytes(&frame);
+        let (verdict, out) = run(&mut b, &input);
+        assert_eq!(verdict, XDP_PASS, "{name}");
+        assert_eq!(out, input, "{name}");
+    }
+    // The flow's reply, sent to another host's MAC, is not ours to translate.
+    let input = with_macs(reply.bytes(), [0x02, 0, 0, 0, 0, 0x77], real_mac(real));
+    let (verdict, out) = run(&mut b, &input);
+    assert_eq!((verdict, out), (XDP_PASS, input));
+    assert_eq!(b.dataplane().global_counter(Global::NatReplied).unwrap(), 0);
+}
+
+#[test]
+fn fragments_of_a_reply_are_translated_with_their_first() {
+    let (mut b, _) = nat_service("198.18.0.100:53/udp", &REALS4, 5353);
+    let request = Frame::udp(CLIENT4, VIP4, 45000, 53);
+    let real = predict(
+        &equal_weight(&REALS4),
+        RING,
+        five_tuple_hash(&request, true),
+    );
+    run(&mut b, &request.bytes());
+    // A reply in two fragments: the first carries the UDP header (and the checksum over the
+    // whole datagram), the second only data.
+    let whole = Frame {
+        payload: vec![0x5a; 40],
+        ..reply_of(&request, real, 5353, L4::Udp)
+    };
+    let datagram = whole.bytes()[14 + 20..].to_vec();
+    let fragment = |offset: usize, data: &[u8], more: bool, src: &str| {
+        let mut f = Frame {
+            src: ip(src),
+            fragment: Some((0x77, (offset / 8) as u16, more)),
+            ..whole.clone()
+        }
+        .bytes();
+        // Replace the builder's L4 segment by the raw slice of the datagram, fixing the length
+        // and the header checksum as the builder does.
+        f.truncate(14 + 20);
+        f.extend_from_slice(data);
+        let total = (20 + data.len()) as u16;
+        f[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+        f[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let sum = checksum(&f[14..14 + 20]);
+        f[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+        f
+    };
+    let translated = to_client(&whole, VIP4, 53)[14 + 20..].to_vec();
+    let first_in = with_macs(
+        fragment(0, &datagram[..24], true, &real.to_string()),
+        DIRECTOR_MAC,
+        real_mac(real),
+    );
+    let (verdict, out) = run(&mut b, &first_in);
+    assert_eq!(verdict, XDP_TX);
+    let first_out = with_macs(
+        fragment(0, &translated[..24], true, VIP4),
+        CLIENT_MAC,
+        DIRECTOR_MAC,
+    );
+    assert_eq!(out, first_out, "first fragment");
+    let second_in = with_macs(
+        fragment(24, &datagram[24..], false, &real.to_string()),
+        DIRECTOR_MAC,
+        real_mac(real),
+    );
+    let (verdict, out) = run(&mut b, &second_in);
+    assert_eq!(verdict, XDP_TX);
+    let second_out = with_macs(
+        fragment(24, &translated[24..], false, VIP4),
+        CLIENT_MAC,
+        DIRECTOR_MAC,
+    );
+    assert_eq!(out, second_out, "second fragment");
+}
+
+#[test]
+fn a_dr_director_does_not_look_for_nat_replies() {
+    // The same reply with a DR service only: nothing is translated, nothing looked up.
+    let mut b = balancer();
+    let addr: ServiceAddr = "198.18.0.100:80/tcp".parse().unwrap();
+    let mut cfg = ServiceConfig::new(addr);
+    for r in REALS4 {
+        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
+        cfg.reals.push(RealConfig::new(ip(r), 100));
+    }
+    b.add_service(cfg).unwrap();
+    let request = Frame::tcp(CLIENT4, VIP4, 46000, 80, SYN);
+    let (verdict, _) = run(&mut b, &request.bytes());
+    assert_eq!(verdict, XDP_TX);
+    let reply = reply_bytes(&reply_of(
+        &request,
+        ip(REALS4[0]),
+        80,
+        L4::Tcp { flags: SYN | ACK },
+    ));
+    assert_eq!(run(&mut b, &reply), (XDP_PASS, reply));
+}
+
+// ---------------------------------------------------------------------------------------
+// Full NAT: the source too becomes one of the service's SNAT addresses and a port the data
+// path allocates.
+
+const SNAT4: &str = "198.18.0.50";
+const SNAT4_B: &str = "198.18.0.51";
+const SNAT6: &str = "fd00:18::50";
+
+fn fullnat_service(service: &str, reals: &[&str], snat: &[&str]) -> Balancer {
+    let mut b = balancer();
+    let addr: ServiceAddr = service.parse().unwrap();
+    let mut cfg = ServiceConfig::new(addr);
+    cfg.mode = Mode::Fullnat;
+    cfg.snat = snat.iter().map(|a| ip(a)).collect();
+    for r in reals {
+        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
+        cfg.reals.push(RealConfig {
+            port: MAPPED,
+            ..RealConfig::new(ip(r), 100)
+        });
+    }
+    b.add_service(cfg).unwrap();
+    b
+}
+
+/// The source address and port of a frame the director sent (no VLAN, no IP options, no
+/// IPv6 extension headers).
+fn source_of(frame: &[u8]) -> (IpAddr, u16) {
+    let ip = wellformed::ip(frame).unwrap();
+    let l4 = 14 + if ip.src.is_ipv4() { 20 } else { 40 };
+    (ip.src, u16::from_be_bytes([frame[l4], frame[l4 + 1]]))
+}
+
+#[test]
+fn full_nat_rewrites_both_ends_and_translates_replies_back() {
+    let cases = [
+        (
+            "198.18.0.100:80/tcp",
+            VIP4,
+            &REALS4,
+            SNAT4,
+            Frame::tcp(CLIENT4, VIP4, 47000, 80, SYN),
+        ),
+        (
+            "198.18.0.100:80/udp",
+            VIP4,
+            &REALS4,
+            SNAT4,
+            Frame::udp(CLIENT4, VIP4, 47001, 80),
+        ),
+        (
+            "[fd00:18::100]:80/tcp",
+            VIP6,
+            &REALS6,
+            SNAT6,
+            Frame::tcp(CLIENT6, VIP6, 47002, 80, SYN),
+        ),
+        (
+            "[fd00:18::100]:80/udp",
+            VIP6,
+            &REALS6,
+            SNAT6,
+            Frame::udp(CLIENT6, VIP6, 47003, 80),
+        ),
+    ];
+    for (service, vip, reals, snat, request) in cases {
+        let mut b = fullnat_service(service, reals, &[snat]);
+        let real = predict(&equal_weight(reals), RING, five_tuple_hash(&request, true));
+        let (verdict, out) = run(&mut b, &request.bytes());
+        assert_eq!(verdict, XDP_TX, "{service}");
+        let (src, port) = source_of(&out);
+        assert_eq!(src, ip(snat), "{service}");
+        assert!(port >= 1024, "{service}: SNAT port {port}");
+        let translated = Frame {
+            src: ip(snat),
+            sport: port,
+            ..request.clone()
+        };
+        assert_eq!(
+            out,
+            to_real(&translated, real, MAPPED),
+            "{service}: request"
+        );
+        wellformed::l4_checksum(&out, &wellformed::ip(&out).unwrap()).unwrap();
+
+        // The real answers the SNAT address; the client gets the answer from the VIP.
+        let reply = reply_of(&translated, real, MAPPED, request.l4);
+        let (verdict, out) = run(&mut b, &reply_bytes(&reply));
+        assert_eq!(verdict, XDP_TX, "{service}: reply");
+        let back = Frame {
+            dst: request.src,
+            dport: request.sport,
+            ..reply.clone()
+        };
+        assert_eq!(out, to_client(&back, vip, 80), "{service}: reply");
+        wellformed::l4_checksum(&out, &wellformed::ip(&out).unwrap()).unwrap();
+
+        // The flow's next packets keep their SNAT port.
+        for _ in 0..3 {
+            let mut next = request.clone();
+            if let L4::Tcp { flags } = &mut next.l4 {
+                *flags = ACK;
+            }
+            let (_, out) = run(&mut b, &next.bytes());
+            assert_eq!(source_of(&out), (ip(snat), port), "{service}: next request");
+        }
+    }
+}
+
+#[test]
+fn full_nat_flows_get_distinct_sources_from_every_snat_address() {
+    let mut b = fullnat_service("198.18.0.100:80/tcp", &[REALS4[0]], &[SNAT4, SNAT4_B]);
+    let mut sources = std::collections::BTreeSet::new();
+    for sport in 48000..48040 {
+        let (_, out) = run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes());
+        assert!(sources.insert(source_of(&out)), "a source given twice");
+    }
+    let addrs: std::collections::BTreeSet<IpAddr> = sources.iter().map(|s| s.0).collect();
+    assert_eq!(addrs, [ip(SNAT4), ip(SNAT4_B)].into_iter().collect());
+}
+
+#[test]
+fn full_nat_refuses_and_counts_a_flow_when_no_snat_port_is_free() {
+    let real = REALS4[0];
+    let mut b = fullnat_service("198.18.0.100:80/tcp", &[real], &[SNAT4]);
+    // Every SNAT port towards this real's port is taken (by flows of other clients).
+    let addr16 = |a: &str| {
+        let mut out = [0u8; 16];
+        match ip(a) {
+            IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => out.copy_from_slice(&v6.octets()),
+        }
+        out
+    };
+    let taken: Vec<(NatKey, NatReply)> = (lb_common::SNAT_PORT_MIN..=u16::MAX)
+        .map(|port| {
+            let key = NatKey {
+                src: addr16(real),
+                dst: addr16(SNAT4),
+                sport: MAPPED.to_be(),
+                dport: port.to_be(),
+                proto: lb_common::PROTO_TCP,
+                family: lb_common::FAMILY_V4,
+                _pad: [0; 2],
+            };
+            let value = NatReply {
+                vip: addr16(VIP4),
+                client: addr16("198.18.9.9"),
+                vport: 80u16.to_be(),
+                client_port: port.to_be(),
+                ..NatReply::default()
+            };
+            (key, value)
+        })
+        .collect();
+    b.dataplane().insert_nat_replies(&taken).unwrap();
+    let request = Frame::tcp(CLIENT4, VIP4, 49000, 80, SYN).bytes();
+    assert_eq!(run(&mut b, &request).0, XDP_DROP);
+    assert_eq!(
+        b.dataplane()
+            .global_counter(Global::DropSnatExhausted)
+            .unwrap(),
+        1
+    );
+    // The taken entries are untouched: no flow shares a port.
+    let replies = b.dataplane().nat_replies().unwrap();
+    assert_eq!(replies.len(), taken.len());
+    assert!(
+        replies
+            .iter()
+            .all(|(_, v)| v.client == addr16("198.18.9.9"))
+    );
+}
+
+#[test]
+fn reply_entries_expire_by_their_timeouts() {
+    let (mut b, _) = nat_service("198.18.0.100:80/tcp", &REALS4, MAPPED);
+    for sport in [50000, 50001, 50002] {
+        run(&mut b, &Frame::tcp(CLIENT4, VIP4, sport, 80, SYN).bytes());
+    }
+    // The real's FIN ends its flow's entry sooner.
+    let request = Frame::tcp(CLIENT4, VIP4, 50002, 80, SYN);
+    let real = predict(
+        &equal_weight(&REALS4),
+        RING,
+        five_tuple_hash(&request, true),
+    );
+    let fin = reply_of(&request, real, MAPPED, L4::Tcp { flags: ACK | 0x01 });
+    assert_eq!(run(&mut b, &reply_bytes(&fin)).0, XDP_TX);
+    let fresh = b.dataplane().nat_replies().unwrap();
+    assert_eq!(fresh.len(), 3);
+    assert_eq!(xlb::control::expire_nat_replies(&mut b).unwrap(), 0);
+    // Age them: one idle just within the TCP timeout, one past it, and the closing one past
+    // its shorter timeout.
+    let now = fresh.iter().map(|(_, v)| v.last_seen_s).max().unwrap();
+    let aged: Vec<(NatKey, NatReply)> = fresh
+        .iter()
+        .map(|(k, v)| {
+            let idle = match u16::from_be(k.dport) {
+                50000 => xlb::control::NAT_TCP_IDLE_S - 5,
+                50001 => xlb::control::NAT_TCP_IDLE_S + 5,
+                _ => xlb::control::NAT_CLOSING_IDLE_S + 5,
+            };
+            (
+                *k,
+                NatReply {
+                    last_seen_s: now - idle,
+                    ..*v
+                },
+            )
+        })
+        .collect();
+    b.dataplane().insert_nat_replies(&aged).unwrap();
+    assert_eq!(xlb::control::expire_nat_replies(&mut b).unwrap(), 2);
+    let left = b.dataplane().nat_replies().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(u16::from_be(left[0].0.dport), 50000);
+}
