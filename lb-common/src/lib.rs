@@ -345,20 +345,9 @@ pub struct Counters {
 /// Capacity of the NAT reply table: the flows whose replies a NAT director translates back.
 pub const NAT_CAPACITY: u32 = 1 << 18;
 
-/// A flow as one side of the director sees it: the reply table's key is a NAT flow's tuple as
-/// its real sends replies (source = the real). Ports in network byte order; an IPv4 address
-/// fills the first four bytes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct NatKey {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub family: u8,
-    pub _pad: [u8; 2],
-}
+/// A flow as one side of the director sees it, in the connection table's 5-tuple layout: the
+/// reply table's key is a NAT flow's tuple as its real sends replies (source = the real).
+pub type NatKey = ConnKey;
 
 /// How a NAT flow's replies are translated back and where they go: the source becomes
 /// `vip`:`vport`, the destination `client`:`client_port` (NAT: unchanged), and the frame leaves
@@ -688,7 +677,6 @@ const _: () = {
     assert!(core::mem::size_of::<VipValue>() == 20);
     assert!(core::mem::size_of::<DecapConfig>() == 4);
     assert!(core::mem::size_of::<RefusalEvent>() == 16);
-    assert!(core::mem::size_of::<NatKey>() == 40);
     assert!(core::mem::size_of::<NatReply>() == 60);
     assert!(core::mem::size_of::<SnatAddrs>() == 8 + 16 * MAX_SNAT_ADDRS);
     assert!(core::mem::size_of::<SnatEndpoint>() == 20);
@@ -716,7 +704,6 @@ mod pod {
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for DecapConfig {}
     unsafe impl aya::Pod for RefusalEvent {}
-    unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatReply {}
     unsafe impl aya::Pod for SnatAddrs {}
     unsafe impl aya::Pod for SnatEndpoint {}

@@ -192,15 +192,7 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
     } else if scratch.new_flow != 0 || pkt.fragment == Fragment::First {
         // Recorded when the flow is (re)scheduled, and for each first fragment (fragments are
         // scheduled without the connection table).
-        let key = NatKey {
-            src: b.addr,
-            dst: pkt.src,
-            sport: dport,
-            dport: pkt.sport,
-            proto: pkt.proto,
-            family: pkt.family,
-            _pad: [0; 2],
-        };
+        let key = tuple(pkt, b.addr, pkt.src, dport, pkt.sport);
         let value = reply_value(ctx, pkt, pkt.sport, pkt.dport, &old_macs);
         // A full LRU evicts its oldest entry; a failed insert leaves the replies untranslated.
         let _ = NAT_REPLIES.insert(&key, &value, 0);
@@ -267,24 +259,9 @@ fn source_for(
     } else {
         (pkt.sport, pkt.dport)
     };
-    let flow = NatKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport,
-        dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    };
-    let mut reply = NatKey {
-        src: b.addr,
-        dst: [0; 16],
-        sport: real_port,
-        dport: 0,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    };
+    let flow = tuple(pkt, pkt.src, pkt.dst, sport, dport);
+    // Its destination (the SNAT address and port) filled in below.
+    let mut reply = tuple(pkt, b.addr, [0; 16], real_port, 0);
     if let Some(known) = FULLNAT_FLOWS.get_ptr(&flow) {
         // SAFETY: an LRU value, copied out.
         let known = unsafe { *known };
@@ -327,21 +304,28 @@ fn source_for(
     None
 }
 
+/// A tuple of the packet's flow (protocol and family) with the given ends; ports in network
+/// byte order.
+#[inline(always)]
+fn tuple(pkt: &Packet, src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> NatKey {
+    NatKey {
+        src,
+        dst,
+        sport,
+        dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    }
+}
+
 /// Whether the frame is a reply of a NAT flow (its tuple, with `sport`/`dport` as the caller
 /// found them for a later fragment); if it is, its entry is refreshed and `xlb_nat_reply`
 /// tail-called, which translates it back and sends it to the client's side. Returns the
 /// verdict if the tail call fails; None: not a NAT reply, untouched.
 #[inline(always)]
 pub fn hand_over_reply(ctx: &XdpContext, pkt: &Packet, sport: u16, dport: u16) -> Option<u32> {
-    let key = NatKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport,
-        dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    };
+    let key = tuple(pkt, pkt.src, pkt.dst, sport, dport);
     let entry = NAT_REPLIES.get_ptr_mut(&key)?;
     // SAFETY: an LRU value; concurrent writers of one flow write equally valid values.
     let r = unsafe { &mut *entry };

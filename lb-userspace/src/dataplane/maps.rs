@@ -135,7 +135,7 @@ impl Dataplane {
         self.read_all("NAT_REPLIES", "the NAT reply table")
     }
 
-    /// Deletes NAT reply entries (BPF_MAP_DELETE_BATCH); keys already gone are skipped.
+    /// Deletes NAT reply entries; keys already gone are skipped.
     pub fn delete_nat_replies(&mut self, keys: &[NatKey]) -> Result<()> {
         let fd = sys::map_fd(self.map("NAT_REPLIES")?);
         for key in keys {
