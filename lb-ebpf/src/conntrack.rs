@@ -37,19 +37,26 @@ pub struct Choice {
 const NS_PER_S: u64 = 1_000_000_000;
 
 #[inline(always)]
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     // SAFETY: a helper without arguments; the coarse clock costs no clock-source read.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// The coarse clock in whole seconds, as tables record it (once per flow: see `touch`).
+#[inline(always)]
+pub fn now_s() -> u32 {
+    (now_ns() / NS_PER_S) as u32
+}
+
 /// Records that a tracked flow was seen at `now_ns`, in whole seconds. The division runs once
 /// per flow and second: a 64-bit divide costs more than the rest of this function, and most
-/// packets of a flow fall in the second already recorded (a multiply tells).
+/// packets of a flow fall in the second already recorded (a multiply tells). Written at most
+/// once a second, so the entry's cache line stays shared otherwise.
 #[inline(always)]
-fn touch(conn: &mut ConnValue, now_ns: u64) {
-    let seen_ns = conn.last_seen_s as u64 * NS_PER_S;
+pub fn touch(last_seen_s: &mut u32, now_ns: u64) {
+    let seen_ns = *last_seen_s as u64 * NS_PER_S;
     if now_ns < seen_ns || now_ns >= seen_ns + NS_PER_S {
-        conn.last_seen_s = (now_ns / NS_PER_S) as u32;
+        *last_seen_s = (now_ns / NS_PER_S) as u32;
     }
 }
 
@@ -146,7 +153,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
                 // same fields with equally valid values.
                 let conn = unsafe { &mut (*entry).value };
                 if let Some(choice) = tracked(conn, svc, hashes[0]) {
-                    touch(conn, now);
+                    touch(&mut conn.last_seen_s, now);
                     // Written once per flow: a later SYN is a new connection.
                     if conn.flags & CONN_F_ACKED == 0 {
                         conn.flags |= CONN_F_ACKED;
@@ -348,7 +355,7 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
         flags: (conn.flags & !CONN_BOUNCE_MASK) | ((bounces + 1) << CONN_BOUNCE_SHIFT),
         last_seen_s: conn.last_seen_s,
     };
-    touch(&mut moved, now_ns());
+    touch(&mut moved.last_seen_s, now_ns());
     // Sealed anew: the fingerprint names the new real.
     *entry = ConnEntry::new(hashes, moved);
     Refused::Moved(Choice {

@@ -18,7 +18,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_csum_diff, bpf_get_prandom_u32},
     programs::XdpContext,
 };
 use lb_common::{
@@ -39,7 +39,6 @@ use crate::{
 pub const FORWARD_SLOT: u32 = 0;
 pub const REPLY_SLOT: u32 = 1;
 
-const NS_PER_S: u64 = 1_000_000_000;
 /// Where the source and destination addresses sit in the IPv4 and IPv6 headers.
 const IPV4_SRC: usize = 12;
 const IPV4_DST: usize = 16;
@@ -134,12 +133,6 @@ fn set_either(ctx: &XdpContext, pkt: &Packet, end: End, addr: &[u8; 16], port: u
     }
 }
 
-#[inline(always)]
-fn now_s() -> u32 {
-    // SAFETY: a helper without arguments.
-    (unsafe { bpf_ktime_get_coarse_ns() } / NS_PER_S) as u32
-}
-
 /// The balancer's hand-over of a request for a NAT service: tail-calls `xlb_nat_forward`.
 /// Returns only if that fails (no program in the slot): the frame is aborted, visibly.
 #[inline(always)]
@@ -229,7 +222,7 @@ fn reply_value(
         mac,
         src_mac,
         ifindex: ctx.ingress_ifindex() as u32,
-        last_seen_s: now_s(),
+        last_seen_s: conntrack::now_s(),
         flags: if pkt.is_tcp_fin_or_rst() {
             CONN_F_CLOSING
         } else {
@@ -329,11 +322,7 @@ pub fn hand_over_reply(ctx: &XdpContext, pkt: &Packet, sport: u16, dport: u16) -
     let entry = NAT_REPLIES.get_ptr_mut(&key)?;
     // SAFETY: an LRU value; concurrent writers of one flow write equally valid values.
     let r = unsafe { &mut *entry };
-    let now = now_s();
-    // Written at most once a second, so the cache line stays shared otherwise.
-    if r.last_seen_s != now {
-        r.last_seen_s = now;
-    }
+    conntrack::touch(&mut r.last_seen_s, conntrack::now_ns());
     if pkt.is_tcp_fin_or_rst() && r.flags & CONN_F_CLOSING == 0 {
         r.flags |= CONN_F_CLOSING;
     }
