@@ -8,7 +8,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, HashMap, MapData, ProgramArray},
     programs::{
-        ProgramError, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode,
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
@@ -402,22 +402,6 @@ impl Dataplane {
     pub fn program_sizes(&mut self, program: &str) -> Result<(u32, u32)> {
         let info = self.program(program)?.info()?;
         Ok((info.size_translated().unwrap_or(0), info.size_jitted()))
-    }
-
-    /// Runs a program once on `frame`, arriving on `ingress`, in BPF_PROG_RUN's live-frames
-    /// mode: what the program sends (XDP_TX, XDP_REDIRECT) really leaves. Its verdict is not
-    /// reported.
-    pub fn send_live(&mut self, program: &str, frame: &[u8], ingress: u32) -> Result<()> {
-        let ctx = xdp_md(frame, ingress);
-        let prog = self.program(program)?;
-        prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            repeat: 1,
-            attrs: TestRunAttrs::new().xdp_live_frames(1),
-            ..TestRunOptions::default()
-        })?;
-        Ok(())
     }
 
     /// Runs a program once and returns the kernel-measured duration (for benchmarks).
