@@ -377,8 +377,6 @@ pub struct NatReply {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatScratch {
-    /// The reply's entry, copied: `xlb_nat_reply` needs no second lookup.
-    pub reply: NatReply,
     /// The real chosen for a request, and whether the request started its flow.
     pub backend_id: u32,
     pub new_flow: u32,
@@ -453,7 +451,8 @@ pub enum Global {
     /// forward through the tunnel (never answered: no ICMP about ICMP).
     DropTooBig = 8,
     /// ICMP errors to a VIP (unreachable, too big, time exceeded) quoting a service's flow,
-    /// forwarded to that flow's real so its path MTU discovery works.
+    /// forwarded to that flow's real so its path MTU discovery works; and errors about NAT
+    /// flows, translated and sent to the other side.
     IcmpErrorForwarded = 9,
     /// Refusals (a real sent a SYN or datagram back: no socket on that port) re-scheduled to
     /// another real of the service.
@@ -680,7 +679,7 @@ const _: () = {
     assert!(core::mem::size_of::<NatReply>() == 60);
     assert!(core::mem::size_of::<SnatAddrs>() == 8 + 16 * MAX_SNAT_ADDRS);
     assert!(core::mem::size_of::<SnatEndpoint>() == 20);
-    assert!(core::mem::size_of::<NatScratch>() == 76);
+    assert!(core::mem::size_of::<NatScratch>() == 16);
     assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
 };
 

@@ -57,8 +57,13 @@ pub fn packet<const N: usize>(bytes: *mut [u8; N]) -> Option<u64> {
 /// eqn. 3): HC' = ~(~HC + ~m + m').
 #[inline(always)]
 pub fn replace(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2] {
-    let not = |w: [u8; 2]| (!u16::from_ne_bytes(w)) as u64;
-    finish(not(check) + not(old) + u16::from_ne_bytes(new) as u64)
+    add_partial(check, change(old, new))
+}
+
+/// How a sum changes when one 16-bit word changes from `old` to `new`: ~m + m' (RFC 1624).
+#[inline(always)]
+pub fn change(old: [u8; 2], new: [u8; 2]) -> u64 {
+    (!u16::from_ne_bytes(old)) as u64 + u16::from_ne_bytes(new) as u64
 }
 
 /// A checksum after the data it covers changed by `diff` (what `bpf_csum_diff` returns for the

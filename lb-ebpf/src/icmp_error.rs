@@ -1,16 +1,18 @@
 //! ICMP errors to a VIP: a router between a real and its client answers the real's packet
 //! (from the VIP) with an ICMP error to the VIP, which reaches the director. It goes to the real
 //! that serves the quoted flow, as that flow's packets do (Katran does the same), so the real's
-//! path MTU discovery works for established connections.
+//! path MTU discovery works for established connections. Errors about NAT flows, in either
+//! direction, are translated instead (nat_icmp.rs).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FAMILY_V4, Global, PROTO_TCP, PROTO_UDP, SERVICE_F_TUN};
+use lb_common::{FAMILY_V4, Global, PROTO_TCP, PROTO_UDP, SERVICE_F_NAT, SERVICE_F_TUN};
 
 use crate::{
     conntrack, counters,
     drop::{self, DropReason},
     egress, forward_dr,
     forward_tun::{self, Unfit},
+    nat,
     parse::{ICMP_DEST_UNREACH, ICMP_HLEN, ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN, Packet, read},
     service,
 };
@@ -20,19 +22,25 @@ const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;
 
 /// An unfragmented ICMP message whose header is at `icmp_off`: an error quoting a service's
-/// flow goes to that flow's real (DR or TUN, as the service forwards); anything else (echo,
-/// errors about other traffic) passes to the kernel untouched.
+/// flow goes to that flow's real (DR or TUN, as the service forwards); one that may be about a
+/// NAT flow goes to `xlb_nat_icmp`; anything else (echo, errors about other traffic) passes to
+/// the kernel untouched.
 #[inline(always)]
 pub fn forward_error(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usize) -> u32 {
     let Some(flow) = quoted_flow(ctx, family, l3_off, icmp_off) else {
         return xdp_action::XDP_PASS;
     };
-    let Some(svc) = service::lookup(&flow, flow.dport) else {
-        return xdp_action::XDP_PASS;
-    };
     // As for flows: a frame flooded to us but sent to another director's MAC is its business.
     if egress::ingress(ctx).is_none() {
         return xdp_action::XDP_PASS;
+    }
+    let Some(svc) = service::lookup(&flow, flow.dport) else {
+        // Perhaps about a NAT flow's request, from the real's side: translated (nat_icmp.rs).
+        return nat::hand_over_error(ctx, false);
+    };
+    if svc.flags & SERVICE_F_NAT != 0 {
+        // About a NAT flow's reply, from the client's side: translated (nat_icmp.rs).
+        return nat::hand_over_error(ctx, true);
     }
     let Some(choice) = conntrack::peek(&flow, &svc) else {
         return drop::drop(ctx, DropReason::NoBackend);
@@ -59,9 +67,10 @@ pub fn forward_error(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usiz
 /// The client's 5-tuple of the flow an error quotes, or None if the message is not an error
 /// about a TCP/UDP packet sent from the address it is addressed to. The quote is the real's
 /// packet, VIP:port -> client:port, so addresses and ports are swapped back. A quoted first
-/// fragment still carries its ports; a later one does not and is refused.
+/// fragment still carries its ports; a later one does not and is refused. The tuple's
+/// `l3_off` is the error's own; its `l4_off` is the quoted packet's L4 header.
 #[inline(always)]
-fn quoted_flow(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usize) -> Option<Packet> {
+pub fn quoted_flow(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usize) -> Option<Packet> {
     // Type and code: a one-byte read's bounds check compiles to a form the verifier rejects.
     let [icmp_type, _code] = read::<[u8; 2]>(ctx, icmp_off)?;
     let quote = icmp_off + ICMP_HLEN;
@@ -109,6 +118,7 @@ fn quoted_flow(ctx: &XdpContext, family: u8, l3_off: usize, icmp_off: usize) -> 
     let ports = read::<[u16; 2]>(ctx, l4)?;
     flow.sport = ports[1];
     flow.dport = ports[0];
+    flow.l4_off = l4;
     Some(flow)
 }
 

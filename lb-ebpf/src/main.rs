@@ -19,20 +19,16 @@ mod log;
 mod maglev;
 mod maps;
 mod nat;
+mod nat_icmp;
 mod parse;
 mod refuse;
 mod reschedule;
 mod service;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{CONFIG_F_NAT, Global, SERVICE_F_NAT, SERVICE_F_TUN};
+use lb_common::{Global, SERVICE_F_NAT, SERVICE_F_TUN};
 
-use crate::{
-    drop::DropReason,
-    forward_tun::Unfit,
-    maps::{CONFIG, ICMP_PROGRAM},
-    parse::Fragment,
-};
+use crate::{drop::DropReason, forward_tun::Unfit, maps::ICMP_PROGRAM, parse::Fragment};
 
 /// The balancer: packets for a service go to one real per flow; everything else passes.
 #[xdp]
@@ -59,20 +55,6 @@ fn balance(ctx: &XdpContext) -> u32 {
         Fragment::Later => conntrack::fragment_ports(&pkt),
         _ => None,
     };
-    // NAT replies first: their source is a real, not a client, and no service matches them.
-    if CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_NAT != 0) && egress::ingress(ctx).is_some()
-    {
-        let ports = match (pkt.fragment, &later_ports) {
-            (Fragment::Later, Some(p)) => Some((p.sport, p.dport)),
-            (Fragment::Later, None) => None,
-            _ => Some((pkt.sport, pkt.dport)),
-        };
-        if let Some((sport, dport)) = ports
-            && let Some(verdict) = nat::hand_over_reply(ctx, &pkt, sport, dport)
-        {
-            return verdict;
-        }
-    }
     let svc = match pkt.fragment {
         Fragment::Later => match later_ports {
             Some(ports) => service::lookup(&pkt, ports.dport),
@@ -88,7 +70,9 @@ fn balance(ctx: &XdpContext) -> u32 {
         _ => service::lookup(&pkt, pkt.dport),
     };
     let Some(svc) = svc else {
-        return xdp_action::XDP_PASS;
+        // Perhaps a NAT reply: its destination is a client or a SNAT address, never a VIP (the
+        // control plane refuses a SNAT address that is one), so requests never look for it.
+        return nat::hand_over_reply(ctx);
     };
     let Some(ingress) = egress::ingress(ctx) else {
         return xdp_action::XDP_PASS;
@@ -136,10 +120,22 @@ pub fn xlb_nat_forward(ctx: XdpContext) -> u32 {
     nat::forward_request(&ctx)
 }
 
-/// NAT replies: the source rewritten back to the VIP (nat.rs). Tail-called by `xlb_balancer`.
+/// NAT replies: the source rewritten back to the VIP (nat.rs). Tail-called by `xlb_balancer`
+/// for the frames no service claims.
 #[xdp]
 pub fn xlb_nat_reply(ctx: XdpContext) -> u32 {
     let verdict = nat::translate_reply(&ctx);
+    if verdict == xdp_action::XDP_PASS {
+        counters::global(Global::Passed);
+    }
+    verdict
+}
+
+/// ICMP errors about NAT flows, translated for the other side (nat_icmp.rs). Tail-called by
+/// `xlb_icmp`.
+#[xdp]
+pub fn xlb_nat_icmp(ctx: XdpContext) -> u32 {
+    let verdict = nat_icmp::translate_error(&ctx);
     if verdict == xdp_action::XDP_PASS {
         counters::global(Global::Passed);
     }

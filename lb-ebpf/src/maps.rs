@@ -57,7 +57,8 @@ pub static CONN_BUCKET_MASK: u32 = 0;
 pub static NAT_REPLIES: LruHashMap<NatKey, NatReply, { NAT_CAPACITY as usize }> = LruHashMap::new();
 
 /// Full-NAT flows by the client's tuple: the SNAT address and port their requests leave with.
-/// An entry is trusted only while `NAT_REPLIES` holds its reply tuple for the same client.
+/// A flow the connection table holds trusts its entry; a (re)scheduled one only while
+/// `NAT_REPLIES` holds its reply tuple for the same client (nat.rs).
 #[btf_map]
 pub static FULLNAT_FLOWS: LruHashMap<NatKey, SnatEndpoint, { NAT_CAPACITY as usize }> =
     LruHashMap::new();
@@ -66,11 +67,12 @@ pub static FULLNAT_FLOWS: LruHashMap<NatKey, SnatEndpoint, { NAT_CAPACITY as usi
 #[btf_map]
 pub static SNAT_ADDRS: Array<SnatAddrs, { MAX_SERVICES as usize }> = Array::new();
 
-/// Slot 0: `xlb_nat_forward`, slot 1: `xlb_nat_reply`, tail-called by the balancer (nat.rs).
+/// Slot 0: `xlb_nat_forward`, slot 1: `xlb_nat_reply`, tail-called by the balancer (nat.rs);
+/// slot 2: `xlb_nat_icmp`, tail-called by `xlb_icmp` (nat_icmp.rs).
 /// Pinned, unlike the other program arrays: the kernel empties a program array when no process
 /// and no pin holds it, and NAT flows must go on while the daemon restarts.
 #[btf_map]
-pub static NAT_PROGRAM: ProgramArray<2> = ProgramArray::new();
+pub static NAT_PROGRAM: ProgramArray<3> = ProgramArray::new();
 
 /// The balancer's hand-over to the NAT programs (nat.rs).
 #[btf_map]

@@ -5,12 +5,15 @@
 //! recorded in `NAT_REPLIES` when the flow is scheduled. Replies: the reals route them through
 //! the director; a frame whose tuple is in `NAT_REPLIES` gets its source rewritten back to the
 //! VIP and port and leaves for the neighbour the flow's first packet came from, out of the
-//! interface it came in on. This lookup runs before the service lookup, and only while some
-//! service is in NAT mode (`CONFIG_F_NAT`); a frame matching no entry goes on untouched.
+//! interface it came in on. This lookup runs after the service lookup missed (a reply's
+//! destination is a client or SNAT address, never a VIP: the control plane refuses a SNAT
+//! address that is one), and only while some service is in NAT mode (`CONFIG_F_NAT`); a frame
+//! matching no entry passes untouched.
 //!
 //! The balancer's stack is full, so the rewrites run in programs of their own, tail-called
-//! through `NAT_PROGRAM` with what the balancer decided in the per-CPU `NAT_SCRATCH`: the real
-//! (`xlb_nat_forward`), or a copy of the reply's entry (`xlb_nat_reply`).
+//! through `NAT_PROGRAM`: `xlb_nat_forward` with the real the balancer chose in the per-CPU
+//! `NAT_SCRATCH`, and `xlb_nat_reply` for every frame no service claims, which looks the
+//! reply table up itself.
 //!
 //! Entries are refreshed by replies (once a second, as the connection table's) and marked
 //! closing on the real's FIN or RST; the table is an LRU, and a new flow on the same
@@ -22,8 +25,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, CONN_F_CLOSING, FAMILY_V4, Global, NatKey, NatReply, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_FULLNAT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_TRIES, ServiceValue, SnatEndpoint,
+    Backend, CONFIG_F_NAT, CONN_F_CLOSING, FAMILY_V4, Global, NatKey, NatReply, PROTO_TCP,
+    PROTO_UDP, SERVICE_F_FULLNAT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_TRIES, ServiceValue,
+    SnatEndpoint,
 };
 
 use crate::{
@@ -31,13 +35,14 @@ use crate::{
     counters, csum,
     drop::{self, DropReason},
     egress,
-    maps::{BACKENDS, FULLNAT_FLOWS, NAT_PROGRAM, NAT_REPLIES, NAT_SCRATCH, SNAT_ADDRS},
+    maps::{BACKENDS, CONFIG, FULLNAT_FLOWS, NAT_PROGRAM, NAT_REPLIES, NAT_SCRATCH, SNAT_ADDRS},
     parse::{self, Fragment, Packet, ptr_at},
 };
 
 /// `NAT_PROGRAM` slots.
 pub const FORWARD_SLOT: u32 = 0;
 pub const REPLY_SLOT: u32 = 1;
+pub const ICMP_SLOT: u32 = 2;
 
 /// Where the source and destination addresses sit in the IPv4 and IPv6 headers.
 const IPV4_SRC: usize = 12;
@@ -51,9 +56,77 @@ const L4_DPORT: usize = 2;
 
 /// Which end of the packet a rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum End {
+pub enum End {
     Src,
     Dst,
+}
+
+/// A bounds-checked packet pointer, kept as it is: LLVM may otherwise compute it again from
+/// the frame's start and a spilled offset where it is used, a pointer the verifier has not
+/// seen checked (a quoted header's, at offsets that vary with two headers' lengths).
+#[inline(always)]
+fn checked<T>(p: *mut T) -> *mut T {
+    core::hint::black_box(p)
+}
+
+/// Where an end's address lies in an IP header of the family (`A`: 4 or 16 bytes).
+#[inline(always)]
+const fn addr_off<const A: usize>(end: End) -> usize {
+    match (A == 4, end) {
+        (true, End::Src) => IPV4_SRC,
+        (true, End::Dst) => IPV4_DST,
+        (false, End::Src) => IPV6_SRC,
+        (false, End::Dst) => IPV6_DST,
+    }
+}
+
+/// Writes `addr` over the address at `ip_addr` and, for IPv4, updates the header checksum at
+/// `ip_check`. Returns the changes to a one's complement sum: of the address (what a
+/// pseudo-header sees) and of the IPv4 checksum field (0 for IPv6).
+///
+/// # Safety
+/// Both pointers must have been bounds-checked (`ip_check` is not used for IPv6).
+#[inline(always)]
+unsafe fn write_addr<const A: usize>(
+    ip_addr: *mut [u8; A],
+    ip_check: *mut [u8; 2],
+    addr: &[u8; 16],
+) -> Option<(u64, u64)> {
+    let new_addr = addr.as_ptr() as *mut u32;
+    // SAFETY: both ranges are A bytes (a multiple of 4) of packet or map memory, only read.
+    let diff = unsafe { bpf_csum_diff(ip_addr as *mut u32, A as u32, new_addr, A as u32, 0) };
+    if diff < 0 {
+        return None;
+    }
+    let diff = diff as u32 as u64;
+    let mut check_change = 0;
+    // SAFETY: the caller bounds-checked both pointers.
+    unsafe {
+        if A == 4 {
+            let old = ip_check.read_unaligned();
+            let new = csum::add_partial(old, diff);
+            ip_check.write_unaligned(new);
+            check_change = csum::change(old, new);
+        }
+        core::ptr::copy_nonoverlapping(addr.as_ptr(), ip_addr as *mut u8, A);
+    }
+    Some((diff, check_change))
+}
+
+/// Sets one address of the IP header at `l3_off` (`A`: 4 or 16 bytes; an IPv4 header's
+/// checksum updated); returns the address's change to a one's complement sum (an ICMPv6
+/// checksum's pseudo-header).
+#[inline(always)]
+pub fn set_addr<const A: usize>(
+    ctx: &XdpContext,
+    l3_off: usize,
+    end: End,
+    addr: &[u8; 16],
+) -> Option<u64> {
+    let ip_addr = checked(ptr_at::<[u8; A]>(ctx, l3_off + addr_off::<A>(end))?);
+    let ip_check = checked(ptr_at::<[u8; 2]>(ctx, l3_off + IPV4_CHECK)?);
+    // SAFETY: both bounds-checked.
+    unsafe { write_addr(ip_addr, ip_check, addr) }.map(|(diff, _)| diff)
 }
 
 /// Sets one end (address and port) of the packet, with both checksums updated incrementally.
@@ -62,56 +135,51 @@ enum End {
 /// little of. Every pointer is bounds-checked before anything is written: a frame too short
 /// for its TCP checksum is left whole (None). A later fragment has no L4 header: only its
 /// address changes (the first fragment's checksum already covers the new pseudo-header).
+///
+/// `l4_check` false leaves the TCP/UDP checksum alone (a packet quoted in an ICMP error may
+/// end before it). Returns how much the one's complement sum of the header bytes changed:
+/// what the checksum of an ICMP error that quotes the packet needs.
 #[inline(always)]
-fn set_end<const A: usize>(
+pub fn set_end<const A: usize>(
     ctx: &XdpContext,
     pkt: &Packet,
     end: End,
     addr: &[u8; 16],
     port: u16,
-) -> Option<()> {
-    let v4 = A == 4;
-    let addr_off = match (v4, end) {
-        (true, End::Src) => IPV4_SRC,
-        (true, End::Dst) => IPV4_DST,
-        (false, End::Src) => IPV6_SRC,
-        (false, End::Dst) => IPV6_DST,
-    };
-    let ip_addr = ptr_at::<[u8; A]>(ctx, pkt.l3_off + addr_off)?;
-    let ip_check = ptr_at::<[u8; 2]>(ctx, pkt.l3_off + IPV4_CHECK)?;
+    l4_check: bool,
+) -> Option<u64> {
+    let ip_addr = checked(ptr_at::<[u8; A]>(ctx, pkt.l3_off + addr_off::<A>(end))?);
+    let ip_check = checked(ptr_at::<[u8; 2]>(ctx, pkt.l3_off + IPV4_CHECK)?);
     let with_l4 = pkt.fragment != Fragment::Later;
-    let (l4_port, l4_check) = if with_l4 {
+    let l4_port = if with_l4 {
         let port_off = if end == End::Src { L4_SPORT } else { L4_DPORT };
-        let check_off = if pkt.proto == PROTO_TCP { 16 } else { 6 };
-        (
-            ptr_at::<u16>(ctx, pkt.l4_off + port_off)?,
-            ptr_at::<[u8; 2]>(ctx, pkt.l4_off + check_off)?,
-        )
+        checked(ptr_at::<u16>(ctx, pkt.l4_off + port_off)?)
     } else {
-        (core::ptr::null_mut(), core::ptr::null_mut())
+        core::ptr::null_mut()
     };
-    let new_addr = addr.as_ptr() as *mut u32;
-    // SAFETY: both ranges are A bytes (a multiple of 4) of packet or map memory, only read.
-    let diff = unsafe { bpf_csum_diff(ip_addr as *mut u32, A as u32, new_addr, A as u32, 0) };
-    if diff < 0 {
-        return None;
-    }
-    let diff = diff as u32 as u64;
+    let check_at = if with_l4 && l4_check {
+        let check_off = if pkt.proto == PROTO_TCP { 16 } else { 6 };
+        checked(ptr_at::<[u8; 2]>(ctx, pkt.l4_off + check_off)?)
+    } else {
+        core::ptr::null_mut()
+    };
     // SAFETY: every pointer was bounds-checked by ptr_at above.
     unsafe {
-        if v4 {
-            ip_check.write_unaligned(csum::add_partial(ip_check.read_unaligned(), diff));
-        }
-        core::ptr::copy_nonoverlapping(addr.as_ptr(), ip_addr as *mut u8, A);
+        let (diff, check_change) = write_addr(ip_addr, ip_check, addr)?;
+        let mut change = diff + check_change;
         if !with_l4 {
-            return Some(());
+            return Some(change);
         }
         let old_port = l4_port.read_unaligned();
         l4_port.write_unaligned(port);
-        let check = l4_check.read_unaligned();
+        change += csum::change(old_port.to_ne_bytes(), port.to_ne_bytes());
+        if check_at.is_null() {
+            return Some(change);
+        }
+        let check = check_at.read_unaligned();
         // UDP over IPv4 without a checksum stays without one.
         if pkt.proto == PROTO_UDP && check == [0, 0] {
-            return Some(());
+            return Some(change);
         }
         let mut new = csum::add_partial(check, diff);
         new = csum::replace(new, old_port.to_ne_bytes(), port.to_ne_bytes());
@@ -119,18 +187,36 @@ fn set_end<const A: usize>(
         if pkt.proto == PROTO_UDP && new == [0, 0] {
             new = [0xff, 0xff];
         }
-        l4_check.write_unaligned(new);
+        check_at.write_unaligned(new);
+        Some(change + csum::change(check, new))
     }
-    Some(())
 }
 
+/// `set_end` for the packet's family; see there.
 #[inline(always)]
-fn set_either(ctx: &XdpContext, pkt: &Packet, end: End, addr: &[u8; 16], port: u16) -> Option<()> {
+pub fn set_either(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    end: End,
+    addr: &[u8; 16],
+    port: u16,
+    l4_check: bool,
+) -> Option<u64> {
     if pkt.family == FAMILY_V4 {
-        set_end::<4>(ctx, pkt, end, addr, port)
+        set_end::<4>(ctx, pkt, end, addr, port, l4_check)
     } else {
-        set_end::<16>(ctx, pkt, end, addr, port)
+        set_end::<16>(ctx, pkt, end, addr, port, l4_check)
     }
+}
+
+/// Writes the frame's destination and source MACs (bounds-checked by the caller).
+#[inline(always)]
+pub fn write_macs(macs: *mut [u8; 12], dst: &[u8; 6], src: &[u8; 6]) {
+    let mut new_macs = [0u8; 12];
+    new_macs[..6].copy_from_slice(dst);
+    new_macs[6..].copy_from_slice(src);
+    // SAFETY: the caller bounds-checked the 12 bytes.
+    unsafe { macs.write_unaligned(new_macs) };
 }
 
 /// The balancer's hand-over of a request for a NAT service: tail-calls `xlb_nat_forward`.
@@ -178,10 +264,19 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
     let dport = if b.port != 0 { b.port } else { pkt.dport };
     if scratch.service_flags & SERVICE_F_FULLNAT != 0 {
         // Decided before anything is rewritten: the flow is known by the client's tuple.
-        let Some(snat) = source_for(ctx, pkt, scratch.service_id, b, dport, &old_macs) else {
+        let known_flow = scratch.new_flow == 0;
+        let Some(snat) = source_for(
+            ctx,
+            pkt,
+            scratch.service_id,
+            b,
+            dport,
+            &old_macs,
+            known_flow,
+        ) else {
             return Some(drop::drop(ctx, DropReason::SnatExhausted));
         };
-        set_either(ctx, pkt, End::Src, &snat.addr, snat.port)?;
+        set_either(ctx, pkt, End::Src, &snat.addr, snat.port, true)?;
     } else if scratch.new_flow != 0 || pkt.fragment == Fragment::First {
         // Recorded when the flow is (re)scheduled, and for each first fragment (fragments are
         // scheduled without the connection table).
@@ -190,12 +285,8 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
         // A full LRU evicts its oldest entry; a failed insert leaves the replies untranslated.
         let _ = NAT_REPLIES.insert(&key, &value, 0);
     }
-    set_either(ctx, pkt, End::Dst, &b.addr, dport)?;
-    let mut new_macs = [0u8; 12];
-    new_macs[..6].copy_from_slice(&b.mac);
-    new_macs[6..].copy_from_slice(&b.src_mac);
-    // SAFETY: bounds-checked by ptr_at.
-    unsafe { macs.write_unaligned(new_macs) };
+    set_either(ctx, pkt, End::Dst, &b.addr, dport, true)?;
+    write_macs(macs, &b.mac, &b.src_mac);
     Some(egress::send(ctx, b))
 }
 
@@ -233,7 +324,8 @@ fn reply_value(
 }
 
 /// Full NAT: the source a client's flow leaves with towards real `b` (port `real_port`). The
-/// flow's own, while the reply table still holds its reply tuple for this client and real;
+/// flow's own, while the reply table still holds its reply tuple for this client and real
+/// (`known_flow`, a flow the connection table holds, takes that for granted);
 /// else a fresh one: a random SNAT address and port, claimed by inserting the reply tuple only
 /// if absent (`BPF_NOEXIST`, atomic across CPUs, so two flows never share one), up to
 /// `SNAT_TRIES` times. None: no free port found (the flow is refused and counted).
@@ -245,6 +337,7 @@ fn source_for(
     b: &Backend,
     real_port: u16,
     macs: &[u8; 12],
+    known_flow: bool,
 ) -> Option<SnatEndpoint> {
     let (sport, dport) = if pkt.fragment == Fragment::Later {
         let ports = conntrack::fragment_ports(pkt)?;
@@ -258,6 +351,12 @@ fn source_for(
     if let Some(known) = FULLNAT_FLOWS.get_ptr(&flow) {
         // SAFETY: an LRU value, copied out.
         let known = unsafe { *known };
+        // A flow the connection table knows (on the real it had) trusts its entry: the control
+        // plane deletes it with the flow's reply entry. A flow (re)scheduled, a SYN included (a
+        // new connection may reuse an old tuple), checks that the reply entry is still its own.
+        if known_flow {
+            return Some(known);
+        }
         reply.dst = known.addr;
         reply.dport = known.port;
         if let Some(r) = NAT_REPLIES.get_ptr(&reply) {
@@ -300,7 +399,7 @@ fn source_for(
 /// A tuple of the packet's flow (protocol and family) with the given ends; ports in network
 /// byte order.
 #[inline(always)]
-fn tuple(pkt: &Packet, src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> NatKey {
+pub fn tuple(pkt: &Packet, src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> NatKey {
     NatKey {
         src,
         dst,
@@ -312,34 +411,34 @@ fn tuple(pkt: &Packet, src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> 
     }
 }
 
-/// Whether the frame is a reply of a NAT flow (its tuple, with `sport`/`dport` as the caller
-/// found them for a later fragment); if it is, its entry is refreshed and `xlb_nat_reply`
-/// tail-called, which translates it back and sends it to the client's side. Returns the
-/// verdict if the tail call fails; None: not a NAT reply, untouched.
+/// `xlb_icmp`'s hand-over of an ICMP error NAT may concern: it quotes a NAT service's flow
+/// (`nat_service`), or no service's flow while some service is in NAT mode. Tail-calls
+/// `xlb_nat_icmp` (nat_icmp.rs); passes the error otherwise, or if the tail call fails.
 #[inline(always)]
-pub fn hand_over_reply(ctx: &XdpContext, pkt: &Packet, sport: u16, dport: u16) -> Option<u32> {
-    let key = tuple(pkt, pkt.src, pkt.dst, sport, dport);
-    let entry = NAT_REPLIES.get_ptr_mut(&key)?;
-    // SAFETY: an LRU value; concurrent writers of one flow write equally valid values.
-    let r = unsafe { &mut *entry };
-    conntrack::touch(&mut r.last_seen_s, conntrack::now_ns());
-    if pkt.is_tcp_fin_or_rst() && r.flags & CONN_F_CLOSING == 0 {
-        r.flags |= CONN_F_CLOSING;
+pub fn hand_over_error(ctx: &XdpContext, nat_service: bool) -> u32 {
+    if nat_service || CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_NAT != 0) {
+        // SAFETY: the context is the program's own; a failed tail call returns here.
+        unsafe { NAT_PROGRAM.tail_call(ctx, ICMP_SLOT) };
     }
-    let s = NAT_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's own element; the entry is a valid map value.
-    unsafe { (*s).reply = *r };
-    if pkt.fragment == Fragment::First {
-        // Its later fragments carry no ports: they find this entry through the ports kept here.
-        conntrack::remember_fragment_ports(pkt);
-    }
-    // SAFETY: the context is the program's own; a failed tail call returns here.
-    unsafe { NAT_PROGRAM.tail_call(ctx, REPLY_SLOT) };
-    Some(xdp_action::XDP_ABORTED)
+    xdp_action::XDP_PASS
 }
 
-/// `xlb_nat_reply`: translates back the reply `hand_over_reply` found. A frame too short for
-/// its checksum field passes untouched (nothing was written).
+/// The balancer's hand-over of a frame no service claims, while some service is in NAT mode:
+/// tail-calls `xlb_nat_reply`, which translates it if it is a NAT flow's reply. Returns only
+/// if the tail call fails (no program in the slot): the frame passes, as before NAT.
+#[inline(always)]
+pub fn hand_over_reply(ctx: &XdpContext) -> u32 {
+    if CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_NAT != 0) {
+        // SAFETY: the context is the program's own; a failed tail call returns here.
+        unsafe { NAT_PROGRAM.tail_call(ctx, REPLY_SLOT) };
+    }
+    xdp_action::XDP_PASS
+}
+
+/// `xlb_nat_reply`: a frame whose tuple (a later fragment's ports from its first fragment) is
+/// in `NAT_REPLIES` is a NAT flow's reply: its entry is refreshed and the frame translated
+/// back and sent to the client's side. Anything else, and a frame too short for its checksum
+/// field, passes untouched.
 #[inline(always)]
 pub fn translate_reply(ctx: &XdpContext) -> u32 {
     reply(ctx).unwrap_or(xdp_action::XDP_PASS)
@@ -349,19 +448,33 @@ pub fn translate_reply(ctx: &XdpContext) -> u32 {
 fn reply(ctx: &XdpContext) -> Option<u32> {
     let pkt = parse::parse(ctx)?;
     let pkt = &pkt;
-    // SAFETY: this CPU's own element, written by the balancer for this frame.
-    let r = unsafe { &(*NAT_SCRATCH.get_ptr(0)?).reply };
+    // As for flows: a frame flooded to us but sent to another host's MAC is its business.
+    egress::ingress(ctx)?;
+    let (sport, dport) = if pkt.fragment == Fragment::Later {
+        let ports = conntrack::fragment_ports(pkt)?;
+        (ports.sport, ports.dport)
+    } else {
+        (pkt.sport, pkt.dport)
+    };
+    let key = tuple(pkt, pkt.src, pkt.dst, sport, dport);
+    // SAFETY: an LRU value; concurrent writers of one flow write equally valid values.
+    let r = unsafe { &mut *NAT_REPLIES.get_ptr_mut(&key)? };
+    // Whether the rewrites can be done, before the entry is touched.
     let macs = ptr_at::<[u8; 12]>(ctx, 0)?;
-    set_either(ctx, pkt, End::Src, &r.vip, r.vport)?;
-    // Full NAT: the destination (an SNAT address and port) goes back to the client's.
-    if r.client != pkt.dst || r.client_port != pkt.dport {
-        set_either(ctx, pkt, End::Dst, &r.client, r.client_port)?;
+    conntrack::touch(&mut r.last_seen_s, conntrack::now_ns());
+    if pkt.is_tcp_fin_or_rst() && r.flags & CONN_F_CLOSING == 0 {
+        r.flags |= CONN_F_CLOSING;
     }
-    let mut new_macs = [0u8; 12];
-    new_macs[..6].copy_from_slice(&r.mac);
-    new_macs[6..].copy_from_slice(&r.src_mac);
-    // SAFETY: bounds-checked by ptr_at.
-    unsafe { macs.write_unaligned(new_macs) };
+    if pkt.fragment == Fragment::First {
+        // Its later fragments carry no ports: they find this entry through the ports kept here.
+        conntrack::remember_fragment_ports(pkt);
+    }
+    set_either(ctx, pkt, End::Src, &r.vip, r.vport, true)?;
+    // Full NAT: the destination (an SNAT address and port) goes back to the client's.
+    if r.client != pkt.dst || r.client_port != dport {
+        set_either(ctx, pkt, End::Dst, &r.client, r.client_port, true)?;
+    }
+    write_macs(macs, &r.mac, &r.src_mac);
     counters::global(Global::NatReplied);
     Some(egress::send_via(ctx, r.ifindex))
 }

@@ -458,6 +458,9 @@ impl ServiceConfig {
             if self.snat[..i].contains(a) {
                 bail!("service {s}: SNAT address {a} is listed twice");
             }
+            if *a == s.vip {
+                bail!("service {s}: a SNAT address cannot be a VIP");
+            }
         }
         if self.encap == Encap::Gue && self.mode != Mode::Tun {
             bail!("service {s}: --encap gue needs --mode tun");

@@ -39,8 +39,11 @@ pub fn link(mac: Mac) -> Link {
 
 /// A balancer on a freshly loaded program with a small connection table.
 pub fn balancer() -> Balancer {
-    balancer_with_capacity(4096)
+    balancer_with_capacity(BALANCER_CONN_CAPACITY)
 }
+
+/// The connection table's capacity in [`balancer`].
+pub const BALANCER_CONN_CAPACITY: u32 = 4096;
 
 /// As [`balancer`], with a connection table of `conn_capacity` flows.
 pub fn balancer_with_capacity(conn_capacity: u32) -> Balancer {

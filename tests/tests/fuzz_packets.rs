@@ -15,9 +15,10 @@
 //!   turned around;
 //! - a forwarded ICMP error goes to the real its flow's next packet goes to;
 //! - a NAT director (NAT and full NAT services) never aborts, passes untouched every frame
-//!   that is neither for a NAT VIP nor a reply of a flow it started (a reply that matches no
-//!   flow included), and sends frames as long as they came, with right IPv4 header checksums
-//!   and right TCP/UDP checksums whenever the input's were.
+//!   that is neither for a NAT VIP nor a reply of a flow it started nor an ICMP error about
+//!   one of its requests (a reply that matches no flow included), and sends frames as long as
+//!   they came, with right IPv4 header checksums and right TCP/UDP/ICMP checksums whenever
+//!   the input's were.
 //!
 //! Cases: `XLB_FUZZ_CASES` frames in all (default 200,000), shared between the properties;
 //! `XLB_FUZZ_SEED` replays a run (each property prints its seed). A failure prints the
@@ -2068,6 +2069,45 @@ fn nat_director() -> (Balancer, Vec<Vec<u8>>, Vec<Tuple>) {
         corpus.push(request(ACK).bytes());
         corpus.push(reply(from));
         corpus.push(reply(from.wrapping_add(1)));
+        // ICMP errors about the flow: from the real's side about the request as the real got
+        // it, and from the client's side about a reply as the client got it.
+        let router = if addr.vip.is_ipv4() { ROUTER4 } else { ROUTER6 };
+        let (kind, rest) = if addr.vip.is_ipv4() {
+            (3, [0, 0, 0x05, 0x78])
+        } else {
+            (2, [0, 0, 0x05, 0x00])
+        };
+        let mut from_real = Frame::icmp(
+            router,
+            &ip.src.to_string(),
+            kind,
+            if addr.vip.is_ipv4() { 4 } else { 0 },
+            rest,
+            &sent[ip.l3..ip.l3 + ip.len],
+        )
+        .bytes();
+        from_real[6..12].copy_from_slice(&real_mac(ip.dst));
+        corpus.push(from_real);
+        let seen_by_client = Frame {
+            src: addr.vip,
+            sport: addr.port,
+            dst: request(ACK).src,
+            dport: sport,
+            ..request(ACK)
+        }
+        .bytes();
+        let l3 = l2_len(&seen_by_client);
+        corpus.push(
+            Frame::icmp(
+                router,
+                &vip,
+                kind,
+                if addr.vip.is_ipv4() { 4 } else { 0 },
+                rest,
+                &seen_by_client[l3..],
+            )
+            .bytes(),
+        );
     }
     (b, corpus, replies)
 }
@@ -2078,6 +2118,34 @@ fn nat_director() -> (Balancer, Vec<Vec<u8>>, Vec<Tuple>) {
 type Tuple = (IpAddr, u16, IpAddr, u16, u8);
 
 fn tuple_of(f: &[u8]) -> Option<(Tuple, bool)> {
+    let (src, dst, proto, l4, fragment) = headers(f)?;
+    let ports = f.get(l4..l4 + 4);
+    let (sport, dport) = ports.map_or((0, 0), |p| (be16(&p[..2]), be16(&p[2..])));
+    Some(((src, sport, dst, dport, proto), fragment || ports.is_none()))
+}
+
+/// The tuple of the packet an ICMP error quotes (None: not an unfragmented ICMP message, or
+/// its quote has no whole header and ports).
+fn quoted_tuple(f: &[u8]) -> Option<Tuple> {
+    let (_, _, proto, l4, fragment) = headers(f)?;
+    if fragment || (proto != 1 && proto != 58) {
+        return None;
+    }
+    // The quote as a frame of its own, behind the error's L2 header (one family). A quoted
+    // first fragment holds its ports as a whole datagram does: its MF flag is cleared.
+    let (l3, v4) = l3_of(f)?;
+    let mut quote = f[..l3].to_vec();
+    quote.extend_from_slice(f.get(l4 + 8..)?);
+    if v4 && quote.len() > l3 + 6 {
+        quote[l3 + 6] &= !0x20;
+    }
+    tuple_of(&quote)
+        .filter(|(_, fragment)| !fragment)
+        .map(|(t, _)| t)
+}
+
+/// A frame's addresses, protocol, L4 offset and whether it is a fragment.
+fn headers(f: &[u8]) -> Option<(IpAddr, IpAddr, u8, usize, bool)> {
     let (l3, v4) = l3_of(f)?;
     let (src, dst, mut proto, mut l4, mut fragment) = if v4 {
         let h = f.get(l3..l3 + 20)?;
@@ -2105,16 +2173,15 @@ fn tuple_of(f: &[u8]) -> Option<(Tuple, bool)> {
                 44 => {
                     let h = f.get(l4..l4 + 8)?;
                     proto = h[0];
-                    fragment = true;
+                    // An atomic fragment (offset 0, no more) is a whole datagram (RFC 6946).
+                    fragment = be16(&h[2..4]) >> 3 != 0 || h[3] & 1 != 0;
                     l4 += 8;
                 }
                 _ => break,
             }
         }
     }
-    let ports = f.get(l4..l4 + 4);
-    let (sport, dport) = ports.map_or((0, 0), |p| (be16(&p[..2]), be16(&p[2..])));
-    Some(((src, sport, dst, dport, proto), fragment || ports.is_none()))
+    Some((src, dst, proto, l4, fragment))
 }
 
 fn is_real(a: IpAddr) -> bool {
@@ -2122,14 +2189,19 @@ fn is_real(a: IpAddr) -> bool {
 }
 
 /// Whether the NAT director may change (or drop) the frame, by the documented rules: a frame
-/// to a NAT VIP, or a reply whose tuple is a flow's the director started (a fragment from a
-/// real may be one too). Everything else passes untouched, a reply that matches no flow
-/// included.
+/// to a NAT VIP, a reply whose tuple is a flow's the director started (a fragment from a real
+/// may be one too), or an ICMP error about a request of such a flow. Everything else passes
+/// untouched, a reply that matches no flow included.
 fn nat_may_act(f: &[u8], replies: &[Tuple]) -> bool {
     let Some(((src, sport, dst, dport, proto), fragment)) = tuple_of(f) else {
         return false;
     };
     if NAT_VIPS.iter().any(|v| ip(v) == dst) {
+        return true;
+    }
+    if let Some((qsrc, qsport, qdst, qdport, qproto)) = quoted_tuple(f)
+        && replies.contains(&(qdst, qdport, qsrc, qsport, qproto))
+    {
         return true;
     }
     if fragment {
@@ -2192,10 +2264,11 @@ fn nat_case(
 #[test]
 fn nat_director_on_mutated_corpus_frames() {
     let (mut b, corpus, mut replies) = nat_director();
-    // The corpus takes its paths: requests and replies sent, the stray replies passed.
+    // The corpus takes its paths: requests, replies and errors about them sent, the stray
+    // replies passed.
     for (i, frame) in corpus.iter().enumerate() {
         let (verdict, _) = run_balancer(&mut b, frame).unwrap();
-        let want = if i % 3 == 2 { XDP_PASS } else { XDP_TX };
+        let want = if i % 5 == 2 { XDP_PASS } else { XDP_TX };
         assert_eq!(verdict, want, "corpus frame {i}: {}", hex(frame));
         nat_case(&mut b, &mut replies, frame).unwrap();
     }

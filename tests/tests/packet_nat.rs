@@ -668,3 +668,367 @@ fn reply_entries_expire_by_their_timeouts() {
     assert_eq!(left.len(), 1);
     assert_eq!(u16::from_be(left[0].0.dport), 50000);
 }
+
+// ---------------------------------------------------------------------------------------
+// ICMP errors about NAT flows: translated for the other side, so that path MTU discovery works
+// through the director. Expected errors are built whole by the frame builder (every checksum
+// summed afresh: ICMP, the quoted IPv4 header, the quoted TCP/UDP segment).
+
+/// A router between the director and the reals, and one between the director and the clients.
+const REAL_SIDE4: &str = "198.18.0.1";
+const REAL_SIDE6: &str = "fd00:18::1";
+const CLIENT_SIDE4: &str = "198.18.2.1";
+const CLIENT_SIDE6: &str = "fd00:18:2::1";
+
+/// (type, code, last four header bytes) of the errors tested, per family: "fragmentation
+/// needed" / "packet too big" with an MTU, port unreachable, time exceeded.
+const ERRORS4: [(u8, u8, [u8; 4]); 3] =
+    [(3, 4, [0, 0, 0x05, 0x78]), (3, 3, [0; 4]), (11, 0, [0; 4])];
+const ERRORS6: [(u8, u8, [u8; 4]); 3] =
+    [(2, 0, [0, 0, 0x05, 0x00]), (1, 4, [0; 4]), (3, 0, [0; 4])];
+
+/// An error from `from` to the source of `quoted`, quoting `quote_len` bytes of its IP packet
+/// (all of it when shorter).
+fn error_about(from: IpAddr, quoted: &Frame, kind: (u8, u8, [u8; 4]), quote_len: usize) -> Frame {
+    error_to(from, quoted.src, quoted, kind, quote_len)
+}
+
+fn error_to(
+    from: IpAddr,
+    to: IpAddr,
+    quoted: &Frame,
+    (icmp_type, code, rest): (u8, u8, [u8; 4]),
+    quote_len: usize,
+) -> Frame {
+    let bytes = quoted.bytes();
+    let packet = &bytes[l2_len(&bytes)..];
+    let quote = &packet[..quote_len.min(packet.len())];
+    Frame::icmp(
+        &from.to_string(),
+        &to.to_string(),
+        icmp_type,
+        code,
+        rest,
+        quote,
+    )
+}
+
+/// The RFC validators agree on a translated error: its IP header and ICMP checksum, and the
+/// quoted IPv4 header's checksum.
+fn valid_error(frame: &[u8], name: &str) {
+    let ip = wellformed::ip(frame).unwrap_or_else(|e| panic!("{name}: {e}"));
+    wellformed::l4_checksum(frame, &ip).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let quote = &ip.payload(frame)[8..];
+    if ip.version == 4 {
+        assert_eq!(
+            checksum(&quote[..20]),
+            0,
+            "{name}: quoted IPv4 header checksum"
+        );
+    }
+}
+
+/// One NAT flow set up in the director: the client's request, the packet the real got for it,
+/// the real's reply to that, and the reply as the client got it.
+struct NatFlow {
+    b: Balancer,
+    real: IpAddr,
+    request: Frame,
+    at_real: Frame,
+    reply: Frame,
+    at_client: Frame,
+}
+
+/// A flow of `request` through a NAT (`snat` None) or full-NAT service, request and reply.
+fn nat_flow(service: &str, reals: &[&str], snat: Option<&str>, request: Frame) -> NatFlow {
+    let vip = request.dst;
+    let mut b = match snat {
+        None => nat_service(service, reals, MAPPED).0,
+        Some(snat) => fullnat_service(service, reals, &[snat]),
+    };
+    let real = predict(&equal_weight(reals), RING, five_tuple_hash(&request, true));
+    let (verdict, out) = run(&mut b, &request.bytes());
+    assert_eq!(verdict, XDP_TX, "{service}: request");
+    let (src, sport) = source_of(&out);
+    let at_real = Frame {
+        src,
+        sport,
+        dst: real,
+        dport: MAPPED,
+        ..request.clone()
+    };
+    assert_eq!(out, to_real(&at_real, real, MAPPED), "{service}: request");
+    let reply = Frame {
+        payload: vec![0x5a; 300],
+        ..reply_of(&at_real, real, MAPPED, request.l4)
+    };
+    let (verdict, out) = run(&mut b, &reply_bytes(&reply));
+    assert_eq!(verdict, XDP_TX, "{service}: reply");
+    let at_client = Frame {
+        src: vip,
+        sport: request.dport,
+        dst: request.src,
+        dport: request.sport,
+        ..reply.clone()
+    };
+    assert_eq!(
+        out,
+        with_macs(at_client.bytes(), CLIENT_MAC, DIRECTOR_MAC),
+        "{service}: reply"
+    );
+    NatFlow {
+        b,
+        real,
+        request,
+        at_real,
+        reply,
+        at_client,
+    }
+}
+
+/// A flow the ICMP tests run, with the routers on either side and the errors of its family.
+struct IcmpCase {
+    name: &'static str,
+    flow: NatFlow,
+    real_side: IpAddr,
+    client_side: IpAddr,
+    errors: [(u8, u8, [u8; 4]); 3],
+    fullnat: bool,
+}
+
+/// NAT and full NAT, both families, TCP and UDP.
+fn icmp_cases() -> Vec<IcmpCase> {
+    let mut cases = Vec::new();
+    for (name, service, snat, tcp) in [
+        ("nat tcp v4", "198.18.0.100:80/tcp", None, true),
+        ("nat udp v4", "198.18.0.100:80/udp", None, false),
+        ("nat tcp v6", "[fd00:18::100]:80/tcp", None, true),
+        ("nat udp v6", "[fd00:18::100]:80/udp", None, false),
+        ("fullnat tcp v4", "198.18.0.100:80/tcp", Some(SNAT4), true),
+        ("fullnat udp v4", "198.18.0.100:80/udp", Some(SNAT4), false),
+        ("fullnat tcp v6", "[fd00:18::100]:80/tcp", Some(SNAT6), true),
+        (
+            "fullnat udp v6",
+            "[fd00:18::100]:80/udp",
+            Some(SNAT6),
+            false,
+        ),
+    ] {
+        let v4 = name.ends_with("v4");
+        let (client, vip) = if v4 { (CLIENT4, VIP4) } else { (CLIENT6, VIP6) };
+        let request = Frame {
+            payload: vec![0xa5; 400],
+            df: true,
+            ..if tcp {
+                Frame::tcp(client, vip, 51000, 80, ACK)
+            } else {
+                Frame::udp(client, vip, 51000, 80)
+            }
+        };
+        let reals: &[&str] = if v4 { &REALS4 } else { &REALS6 };
+        cases.push(IcmpCase {
+            name,
+            flow: nat_flow(service, reals, snat, request),
+            real_side: ip(if v4 { REAL_SIDE4 } else { REAL_SIDE6 }),
+            client_side: ip(if v4 { CLIENT_SIDE4 } else { CLIENT_SIDE6 }),
+            errors: if v4 { ERRORS4 } else { ERRORS6 },
+            fullnat: snat.is_some(),
+        });
+    }
+    cases
+}
+
+/// Quote lengths tried: the whole packet, and RFC 792's minimum, the IP header and 8 bytes (no
+/// TCP checksum in it; the UDP one is).
+fn quote_lens(f: &Frame) -> [usize; 2] {
+    [usize::MAX, if f.src.is_ipv4() { 28 } else { 48 }]
+}
+
+#[test]
+fn errors_from_the_reals_side_reach_the_client_about_its_own_request() {
+    for IcmpCase {
+        name,
+        mut flow,
+        real_side,
+        errors,
+        ..
+    } in icmp_cases()
+    {
+        let mut sent = 0;
+        // From a router between the director and the real, and from the real itself.
+        for from in [real_side, flow.real] {
+            for kind in errors {
+                for len in quote_lens(&flow.request) {
+                    let error = error_about(from, &flow.at_real, kind, len);
+                    let input = with_macs(error.bytes(), DIRECTOR_MAC, real_mac(flow.real));
+                    let want =
+                        error_to(flow.request.dst, flow.request.src, &flow.request, kind, len);
+                    let (verdict, out) = run(&mut flow.b, &input);
+                    let case = format!("{name}: from {from}, {kind:?}, quote {len}");
+                    assert_eq!(verdict, XDP_TX, "{case}");
+                    assert_eq!(
+                        out,
+                        with_macs(want.bytes(), CLIENT_MAC, DIRECTOR_MAC),
+                        "{case}"
+                    );
+                    valid_error(&out, &case);
+                    sent += 1;
+                }
+            }
+        }
+        assert_eq!(
+            flow.b
+                .dataplane()
+                .global_counter(Global::IcmpErrorForwarded)
+                .unwrap(),
+            sent,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn errors_from_the_clients_side_reach_the_real_about_its_own_reply() {
+    for IcmpCase {
+        name,
+        mut flow,
+        client_side,
+        errors,
+        fullnat,
+        ..
+    } in icmp_cases()
+    {
+        for kind in errors {
+            for len in quote_lens(&flow.request) {
+                let error = error_about(client_side, &flow.at_client, kind, len);
+                let input = with_macs(error.bytes(), DIRECTOR_MAC, CLIENT_MAC);
+                // In full NAT the real hears from the SNAT address, as with the flow's requests.
+                let from = if fullnat {
+                    flow.at_real.src
+                } else {
+                    client_side
+                };
+                let want = error_to(from, flow.real, &flow.reply, kind, len);
+                let (verdict, out) = run(&mut flow.b, &input);
+                let case = format!("{name}: {kind:?}, quote {len}");
+                assert_eq!(verdict, XDP_TX, "{case}");
+                assert_eq!(
+                    out,
+                    with_macs(want.bytes(), real_mac(flow.real), DIRECTOR_MAC),
+                    "{case}"
+                );
+                valid_error(&out, &case);
+            }
+        }
+    }
+}
+
+#[test]
+fn errors_about_no_nat_flow_pass_untouched() {
+    for IcmpCase {
+        name,
+        mut flow,
+        real_side,
+        client_side,
+        errors,
+        fullnat,
+    } in icmp_cases()
+    {
+        let strangers = [
+            // About a request of another client port: no such flow.
+            error_about(
+                real_side,
+                &Frame {
+                    sport: flow.at_real.sport.wrapping_add(1),
+                    ..flow.at_real.clone()
+                },
+                errors[0],
+                usize::MAX,
+            ),
+            // About a packet from another real port.
+            error_about(
+                real_side,
+                &Frame {
+                    dport: MAPPED + 1,
+                    ..flow.at_real.clone()
+                },
+                errors[0],
+                usize::MAX,
+            ),
+        ];
+        for (i, error) in strangers.iter().enumerate() {
+            let input = with_macs(error.bytes(), DIRECTOR_MAC, real_mac(flow.real));
+            assert_eq!(
+                run(&mut flow.b, &input),
+                (XDP_PASS, input.clone()),
+                "{name}: stranger {i}"
+            );
+        }
+        if fullnat {
+            // About a reply to a client port whose flow never got an SNAT port.
+            let error = error_about(
+                client_side,
+                &Frame {
+                    dport: flow.at_client.dport.wrapping_add(1),
+                    ..flow.at_client.clone()
+                },
+                errors[0],
+                usize::MAX,
+            );
+            let input = with_macs(error.bytes(), DIRECTOR_MAC, CLIENT_MAC);
+            assert_eq!(run(&mut flow.b, &input), (XDP_PASS, input), "{name}");
+        }
+        // The flow's own error, sent to another host's MAC, is not ours to translate.
+        let error = error_about(real_side, &flow.at_real, errors[0], usize::MAX);
+        let input = with_macs(error.bytes(), [0x02, 0, 0, 0, 0, 0x77], real_mac(flow.real));
+        assert_eq!(
+            run(&mut flow.b, &input),
+            (XDP_PASS, input),
+            "{name}: not ours"
+        );
+        assert_eq!(
+            flow.b
+                .dataplane()
+                .global_counter(Global::IcmpErrorForwarded)
+                .unwrap(),
+            0,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn full_nat_ports_never_collide_when_two_cpus_allocate_at_once() {
+    // Two CPUs each start 5,000 flows of distinct clients to one real, at the same time, from
+    // one SNAT address: random ports meet hundreds of times (the birthday bound), and only
+    // the atomic claim keeps two flows from sharing one. A 15 % full port range: no flow is
+    // refused.
+    const FLOWS: u16 = 5000;
+    let mut b = fullnat_service("198.18.0.100:80/tcp", &[REALS4[0]], &[SNAT4]);
+    let frames: Vec<Vec<Vec<u8>>> = (0..2u16)
+        .map(|cpu| {
+            (0..FLOWS)
+                .map(|i| {
+                    let client = format!("198.18.{}.{}", 4 + cpu * 64 + i / 250, 1 + i % 250);
+                    Frame::tcp(&client, VIP4, 40000 + i, 80, SYN).bytes()
+                })
+                .collect()
+        })
+        .collect();
+    let runs = b
+        .dataplane()
+        .test_run_on_cpus(BALANCER_PROGRAM, &frames)
+        .unwrap();
+    let mut sources = std::collections::HashSet::new();
+    for (verdict, out) in runs.iter().flatten() {
+        assert_eq!(*verdict, XDP_TX);
+        let source = source_of(out);
+        assert_eq!(source.0, ip(SNAT4));
+        assert!(sources.insert(source), "SNAT source {source:?} given twice");
+    }
+    assert_eq!(sources.len(), 2 * FLOWS as usize);
+    assert_eq!(
+        b.dataplane().nat_replies().unwrap().len(),
+        2 * FLOWS as usize
+    );
+}

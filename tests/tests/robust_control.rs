@@ -313,6 +313,18 @@ fn malformed_cli_and_api_inputs_change_nothing() {
             "--snat needs --mode fullnat",
         ),
         (
+            vec![
+                "service",
+                "add",
+                "198.18.0.101:80/tcp",
+                "--mode",
+                "fullnat",
+                "--snat",
+                "198.18.0.100",
+            ],
+            "a SNAT address cannot be a VIP",
+        ),
+        (
             vec!["real", "add", "198.18.0.100:80/tcp", "198.18.0.13:8080"],
             "needs a NAT service",
         ),

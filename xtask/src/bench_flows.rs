@@ -9,6 +9,10 @@
 //! bench.rs does. The data path's connection-table miss counter tells what share of calls
 //! found their flow (a flow whose bucket overflowed misses, is scheduled again and takes the
 //! entry of another).
+//!
+//! The NAT paths (100,000 flows only) run on the NAT director of bench.rs, sized likewise:
+//! requests of NAT and full-NAT flows, and their reals' replies (a reply found its flow unless
+//! it passed untranslated).
 
 use anyhow::{Result, bail, ensure};
 use lb_common::Global;
@@ -16,20 +20,42 @@ use xlb::dataplane::{BALANCER_PROGRAM, PASS_PROGRAM};
 use xlb_tests::{ACK, Frame, SYN, XDP_TX};
 
 use crate::{
-    bench_setup::{balancer_with_capacity, verdict_name},
+    bench_setup::{
+        FULLNAT_VIP4, NAT_VIP4, balancer_with_capacity, nat_balancer_with_capacity, reply_to,
+        verdict_name,
+    },
     bench_stats::{ROUND, Stats, over, stats},
 };
 
 /// The flow counts, as they appear in `summary.json` keys.
 pub const COUNTS: [(&str, usize); 2] = [("100k", 100_000), ("1m", 1_000_000)];
 
-/// The established paths of bench.rs: (name, VIP).
-const PATHS: [(&str, &str); 4] = [
-    ("dr_established_v4", "198.18.0.100"),
-    ("dr_established_v6", "fd00:18::100"),
-    ("tun_established_v4", "198.18.0.101"),
-    ("tun_established_v6", "fd00:18::101"),
+/// Which director a path runs on, and what its calls send.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The data-path bench's DR/TUN director: each flow's next request.
+    Request,
+    /// The NAT director: each flow's next request...
+    NatRequest,
+    /// ...or its real's reply.
+    NatReply,
+}
+
+/// The established paths of bench.rs: (name, VIP, kind).
+const PATHS: [(&str, &str, Kind); 8] = [
+    ("dr_established_v4", "198.18.0.100", Kind::Request),
+    ("dr_established_v6", "fd00:18::100", Kind::Request),
+    ("tun_established_v4", "198.18.0.101", Kind::Request),
+    ("tun_established_v6", "fd00:18::101", Kind::Request),
+    ("nat_established_v4", NAT_VIP4, Kind::NatRequest),
+    ("nat_reply_v4", NAT_VIP4, Kind::NatReply),
+    ("fullnat_established_v4", FULLNAT_VIP4, Kind::NatRequest),
+    ("fullnat_reply_v4", FULLNAT_VIP4, Kind::NatReply),
 ];
+
+/// The NAT paths run at this many flows at most: the NAT reply table holds 262,144 (an LRU
+/// beyond that evicts flows, which is not what these paths measure).
+const NAT_MAX_FLOWS: usize = 100_000;
 
 /// Source ports per client address.
 const PORTS: usize = 60_000;
@@ -49,8 +75,11 @@ pub struct FlowsRow {
 pub fn run(calls: usize, counts: &[(&'static str, usize)]) -> Result<Vec<FlowsRow>> {
     let mut rows = Vec::new();
     for &(label, flows) in counts {
-        for (path, vip) in PATHS {
-            let row = measure(&format!("{path}_{label}"), vip, flows, calls)?;
+        for (path, vip, kind) in PATHS {
+            if kind != Kind::Request && flows > NAT_MAX_FLOWS {
+                continue;
+            }
+            let row = measure(&format!("{path}_{label}"), vip, kind, flows, calls)?;
             println!(
                 "{:<26} {:>8} {:>8} {:>12} {:>12}   {:.4} of calls hit their flow",
                 row.name,
@@ -77,21 +106,27 @@ fn client(i: usize, v6: bool) -> (String, u16) {
     }
 }
 
-fn measure(name: &str, vip: &str, flows: usize, calls: usize) -> Result<FlowsRow> {
+fn measure(name: &str, vip: &str, kind: Kind, flows: usize, calls: usize) -> Result<FlowsRow> {
     let v6 = vip.contains(':');
     let capacity = flows as u32;
-    let mut b = balancer_with_capacity(capacity)?;
+    let mut b = match kind {
+        Kind::Request => balancer_with_capacity(capacity)?,
+        Kind::NatRequest | Kind::NatReply => nat_balancer_with_capacity(capacity)?,
+    };
     let dp = b.dataplane();
     eprintln!("{name}: establishing {flows} flows (connection table of {capacity})");
     let mut acks = Vec::with_capacity(flows);
     for i in 0..flows {
         let (addr, port) = client(i, v6);
         let syn = Frame::tcp(&addr, vip, port, 80, SYN).bytes();
-        let (verdict, _) = dp.test_run(BALANCER_PROGRAM, &syn)?;
+        let (verdict, sent) = dp.test_run(BALANCER_PROGRAM, &syn)?;
         if verdict != XDP_TX {
             bail!("{name}: SYN {i} returned {}", verdict_name(verdict));
         }
-        acks.push(Frame::tcp(&addr, vip, port, 80, ACK).bytes());
+        acks.push(match kind {
+            Kind::NatReply => reply_to(&sent),
+            _ => Frame::tcp(&addr, vip, port, 80, ACK).bytes(),
+        });
     }
     shuffle(&mut acks);
     let floor_frame = acks[0].clone();
@@ -101,7 +136,14 @@ fn measure(name: &str, vip: &str, flows: usize, calls: usize) -> Result<FlowsRow
         dp.time_run(PASS_PROGRAM, &floor_frame)?;
         dp.time_run(BALANCER_PROGRAM, ack)?;
     }
-    let misses_before = dp.global_counter(Global::ConnMiss)?;
+    // A reply does not use the connection table: it misses when it finds no translation (and
+    // passes).
+    let miss = if kind == Kind::NatReply {
+        Global::Passed
+    } else {
+        Global::ConnMiss
+    };
+    let misses_before = dp.global_counter(miss)?;
     let (mut floor, mut path) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
     let mut next = ROUND % flows;
     while path.len() < calls {
@@ -114,7 +156,7 @@ fn measure(name: &str, vip: &str, flows: usize, calls: usize) -> Result<FlowsRow
             next = (next + 1) % flows;
         }
     }
-    let misses = dp.global_counter(Global::ConnMiss)? - misses_before;
+    let misses = dp.global_counter(miss)? - misses_before;
     ensure!(misses as usize <= calls, "{name}: more misses than calls");
     let (floor, raw) = (stats(floor), stats(path));
     Ok(FlowsRow {

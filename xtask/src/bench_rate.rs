@@ -11,6 +11,9 @@
 //! this setup), the balancer on an established DR flow, and on an established TUN flow. Each
 //! path's figure is its median over the rounds; its ratio is that over the ceiling's median.
 //!
+//! The NAT paths: the NAT director of bench.rs on `fwd`, on an established NAT and full-NAT
+//! flow's requests and on their reals' replies (each translated back and sent out of `fwd`).
+//!
 //! The redirect path (a two-arm director): a second pair `rdr` <-> `rdrsink`, the DR reals
 //! reached through `rdr`. The balancer on `fwd` sends the DR flow's frames by XDP_REDIRECT
 //! into `rdr`, and a second sink on `rdrsink` counts them (the peer of a veth a frame is
@@ -30,6 +33,7 @@ use aya::{
     maps::PerCpuArray,
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
+use lb_common::Global;
 use serde_json::{Map, Value, json};
 use xlb::{
     control::Balancer,
@@ -59,11 +63,15 @@ pub const GOAL: f64 = 0.85;
 
 /// The measured paths, the ceiling first.
 const CEILING: &str = "ceiling";
-const PATHS: [&str; 4] = [
+const PATHS: [&str; 8] = [
     CEILING,
     "dr_established_v4",
     "tun_established_v4",
     "dr_redirect_v4",
+    "nat_established_v4",
+    "nat_reply_v4",
+    "fullnat_established_v4",
+    "fullnat_reply_v4",
 ];
 
 /// One run of one path, in millions of frames per second.
@@ -169,6 +177,31 @@ fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
         let ifaces = [(fwd, DIRECTOR_MAC), (rdr, DIRECTOR_MAC)];
         bench_setup::move_reals(&mut balancer, &ifaces, fwd, rdr)?;
         samples[3].push(bench_progs.rate(gen_ifindex, &dr, frames, Some(&mut balancer))?);
+        drop(balancer);
+
+        // The NAT director (bench.rs's), its flows started on `fwd` so that their replies
+        // leave there too: each flow's requests, then its real's replies.
+        let mut nat = bench_setup::nat_balancer()?;
+        bench_setup::move_reals(&mut nat, &[(fwd, DIRECTOR_MAC)], fwd, fwd)?;
+        let flows = [
+            bench_setup::establish_nat(&mut nat, bench_setup::NAT_VIP4, 40002, Some(fwd))?,
+            bench_setup::establish_nat(&mut nat, bench_setup::FULLNAT_VIP4, 40002, Some(fwd))?,
+        ];
+        nat.dataplane().attach(FWD_IF, fwd, XdpModeChoice::Native)?;
+        for (i, (request, reply)) in flows.iter().enumerate() {
+            samples[4 + 2 * i].push(bench_progs.rate(
+                gen_ifindex,
+                request,
+                frames,
+                Some(&mut nat),
+            )?);
+            samples[5 + 2 * i].push(bench_progs.rate_replies(
+                gen_ifindex,
+                reply,
+                frames,
+                &mut nat,
+            )?);
+        }
     }
     let medians: Vec<f64> = samples
         .iter()
@@ -215,7 +248,8 @@ fn print_table(rates: &Rates) {
     );
     for r in &rates.rows {
         let rounds: Vec<String> = r.rounds.iter().map(|x| format!("{x:.2}")).collect();
-        let status = if r.name == CEILING {
+        // The goal is DR's and TUN's; NAT's is in ns (bench.rs).
+        let status = if r.name == CEILING || r.name.contains("nat") {
             ""
         } else if r.ratio >= GOAL {
             "ok"
@@ -289,14 +323,46 @@ impl BenchPrograms {
         frames: u32,
         balancer: Option<&mut Balancer>,
     ) -> Result<Sample> {
+        self.rate_counted(
+            gen_ifindex,
+            frame,
+            frames,
+            balancer.map(|b| (b, Global::Forwarded)),
+        )
+    }
+
+    /// `rate` for NAT replies: the balancer must have translated every one.
+    fn rate_replies(
+        &mut self,
+        gen_ifindex: u32,
+        frame: &[u8],
+        frames: u32,
+        balancer: &mut Balancer,
+    ) -> Result<Sample> {
+        self.rate_counted(
+            gen_ifindex,
+            frame,
+            frames,
+            Some((balancer, Global::NatReplied)),
+        )
+    }
+
+    /// `rate`, checking that the balancer's counter `sent` (if any) counted every frame.
+    fn rate_counted(
+        &mut self,
+        gen_ifindex: u32,
+        frame: &[u8],
+        frames: u32,
+        balancer: Option<(&mut Balancer, Global)>,
+    ) -> Result<Sample> {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex. Live frames enter as if received on `gen`.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&gen_ifindex.to_ne_bytes());
         let mut balancer = balancer;
-        let forwarded_before = match balancer.as_deref_mut() {
-            Some(b) => Some(forwarded(b)?),
+        let counted_before = match &mut balancer {
+            Some((b, counter)) => Some(b.dataplane().global_counter(*counter)?),
             None => None,
         };
         let before = self.received()?;
@@ -322,11 +388,12 @@ impl BenchPrograms {
             received == frames as u64,
             "the sink received {received} of {frames} frames"
         );
-        if let (Some(b), Some(before)) = (balancer, forwarded_before) {
-            let n = forwarded(b)? - before;
+        if let (Some((b, counter)), Some(before)) = (balancer, counted_before) {
+            let n = b.dataplane().global_counter(counter)? - before;
             ensure!(
                 n == frames as u64,
-                "the balancer forwarded {n} of {frames} frames"
+                "the balancer counted {n} of {frames} frames in {}",
+                counter.name()
             );
         }
         // The kernel's figure is its time in the loop per frame: on this CPU, the frames'
@@ -353,10 +420,6 @@ impl BenchPrograms {
         }
         Ok(last - before)
     }
-}
-
-fn forwarded(b: &mut Balancer) -> Result<u64> {
-    b.dataplane().global_counter(lb_common::Global::Forwarded)
 }
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {

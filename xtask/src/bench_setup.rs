@@ -2,7 +2,7 @@
 //! BPF_PROG_TEST_RUN, `bench_rate`: forwarding rate over a veth pair), its flows, and the CPU
 //! pinning they share. Synthetic addresses, as in the packet tests: no lab is involved.
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use xlb::{
     config::{Encap, Mode, RealConfig, ServiceAddr, ServiceConfig},
     control::{Balancer, Link},
@@ -34,7 +34,9 @@ pub const NAT_VIP4: &str = "198.18.0.110";
 pub const FULLNAT_VIP4: &str = "198.18.0.111";
 const NAT_SERVICE4: &str = "198.18.0.110:80/tcp";
 const FULLNAT_SERVICE4: &str = "198.18.0.111:80/tcp";
-const SNAT4: &str = "198.18.0.50";
+/// Four SNAT addresses: room for the 100,000 full-NAT flows of bench_flows.rs (64,512 ports
+/// per real and address) with few taken ports met on the way.
+const SNAT4: [&str; 4] = ["198.18.0.50", "198.18.0.51", "198.18.0.52", "198.18.0.53"];
 const NAT_REAL_PORT: u16 = 8080;
 pub const MTU: u32 = 1500;
 
@@ -43,13 +45,7 @@ pub const MTU: u32 = 1500;
 pub fn pin_to_one_cpu() -> Result<usize> {
     let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     let cpu = if online >= 2 { 1 } else { 0 };
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
-        }
-    }
+    xlb::dataplane::pin_to_cpu(cpu)?;
     Ok(cpu)
 }
 
@@ -106,12 +102,17 @@ fn services(mut b: Balancer) -> Result<Balancer> {
 /// up as a possible NAT reply, which a DR-only director never pays): a NAT service and a
 /// full-NAT service over the DR reals, each real at port 8080.
 pub fn nat_balancer() -> Result<Balancer> {
-    let mut b = xlb_tests::balancer();
+    nat_balancer_with_capacity(xlb_tests::BALANCER_CONN_CAPACITY)
+}
+
+/// As [`nat_balancer`], with a connection table of `conn_capacity` flows.
+pub fn nat_balancer_with_capacity(conn_capacity: u32) -> Result<Balancer> {
+    let mut b = xlb_tests::balancer_with_capacity(conn_capacity);
     for (service, mode) in [(NAT_SERVICE4, Mode::Nat), (FULLNAT_SERVICE4, Mode::Fullnat)] {
         let mut cfg = ServiceConfig::new(service.parse()?);
         cfg.mode = mode;
         if mode == Mode::Fullnat {
-            cfg.snat = vec![SNAT4.parse()?];
+            cfg.snat = SNAT4.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
         }
         for real in REALS4 {
             let addr = real.parse()?;
@@ -129,20 +130,30 @@ pub fn nat_balancer() -> Result<Balancer> {
 /// A NAT flow's request path and reply path, once established on `b`: the client's ACK, and
 /// the real's answer to it as it reaches the director (what the SYN's rewrite says: the real,
 /// and for full NAT the SNAT address and port).
-pub fn establish_nat(b: &mut Balancer, vip: &str, sport: u16) -> Result<(Vec<u8>, Vec<u8>)> {
-    let ack = establish(b, CLIENT4, vip, sport)?;
-    let (_, sent) = b.dataplane().test_run(
-        BALANCER_PROGRAM,
-        &Frame::tcp(CLIENT4, vip, sport, 80, ACK).bytes(),
-    )?;
-    // IPv4 without options: addresses at 26..34, ports at 34..38.
+/// `ingress`: the interface the flow's first packets arrive on (lo if None), where its
+/// replies then leave.
+pub fn establish_nat(
+    b: &mut Balancer,
+    vip: &str,
+    sport: u16,
+    ingress: Option<u32>,
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    let ack = establish_on(b, CLIENT4, vip, sport, ingress)?;
+    let (_, sent) = b.dataplane().test_run_on(BALANCER_PROGRAM, &ack, ingress)?;
+    Ok((ack, reply_to(&sent)))
+}
+
+/// The real's answer (an ACK) to a NAT request as the director sent it (`sent`: IPv4 without
+/// options), as it reaches the director: from the real to the request's source, ports swapped.
+pub fn reply_to(sent: &[u8]) -> Vec<u8> {
+    // Addresses at 26..34, ports at 34..38.
     let addr =
         |at: usize| std::net::Ipv4Addr::new(sent[at], sent[at + 1], sent[at + 2], sent[at + 3]);
     let port = |at: usize| u16::from_be_bytes([sent[at], sent[at + 1]]);
     let (src, dst, sport, dport) = (addr(26), addr(30), port(34), port(36));
     let mut reply = Frame::tcp(&dst.to_string(), &src.to_string(), dport, sport, ACK).bytes();
     reply[6..12].copy_from_slice(&real_mac(dst.into()));
-    Ok((ack, reply))
+    reply
 }
 
 /// Points the balancer's maps at `ifaces` (ifindex, MAC) and reaches every real through
@@ -162,8 +173,9 @@ pub fn move_reals(
     let mut links = Vec::new();
     for real in reals {
         let addr = real.parse()?;
+        // The NAT director has the IPv4 DR reals only.
         let Some(link) = b.link_of(addr) else {
-            bail!("real {addr} has no link");
+            continue;
         };
         let ifindex = if REALS4.contains(real) {
             dr4_ifindex
@@ -182,13 +194,24 @@ pub fn move_reals(
 /// Sends the SYN of a flow to port 80 and returns its ACK frame, after checking the SYN
 /// recorded the flow (otherwise the ACK would measure the new-flow path).
 pub fn establish(b: &mut Balancer, client: &str, vip: &str, sport: u16) -> Result<Vec<u8>> {
+    establish_on(b, client, vip, sport, None)
+}
+
+/// `establish`, the SYN arriving on the interface `ingress` (lo if None).
+pub fn establish_on(
+    b: &mut Balancer,
+    client: &str,
+    vip: &str,
+    sport: u16,
+    ingress: Option<u32>,
+) -> Result<Vec<u8>> {
     let key = xlb_tests::conn_key(&Frame::tcp(client, vip, sport, 80, SYN));
     ensure!(
         b.dataplane().conn(&key)?.is_none(),
         "{client}:{sport} -> {vip}:80 is tracked already"
     );
     let syn = Frame::tcp(client, vip, sport, 80, SYN).bytes();
-    let (verdict, _) = b.dataplane().test_run(BALANCER_PROGRAM, &syn)?;
+    let (verdict, _) = b.dataplane().test_run_on(BALANCER_PROGRAM, &syn, ingress)?;
     ensure!(
         verdict == XDP_TX,
         "SYN {client}:{sport} -> {vip}:80: expected {}, got {}",

@@ -556,6 +556,16 @@ impl Balancer {
         if self.services.contains_key(&config.service) {
             bail!("service {} already exists", config.service);
         }
+        // A SNAT address is never a VIP: the data path looks for NAT replies only among the
+        // frames no service claims.
+        for (other, st) in &self.services {
+            if config.snat.contains(&other.vip) || st.config.snat.contains(&config.service.vip) {
+                bail!(
+                    "service {}: a SNAT address cannot be a VIP (service {other})",
+                    config.service
+                );
+            }
+        }
         // Checked before anything is allocated: a TUN service needs a tunnel source.
         let tunnel_src = self.tunnel_src(&config)?;
         if self.backend_ids.available() < config.reals.len() + config.fallback.is_some() as usize {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
+use lb_common::{NatKey, NatReply, SnatEndpoint};
 
 use super::Balancer;
 
@@ -62,7 +63,7 @@ pub const NAT_CLOSING_IDLE_S: u32 = 10;
 /// loses its translation, as it would lose its IPVS connection entry.
 pub fn expire_nat_replies(b: &mut Balancer) -> Result<usize> {
     let now = now_coarse_s();
-    let expired: Vec<lb_common::NatKey> = b
+    let expired: Vec<(NatKey, NatReply)> = b
         .dataplane()
         .nat_replies()?
         .into_iter()
@@ -76,8 +77,32 @@ pub fn expire_nat_replies(b: &mut Balancer) -> Result<usize> {
             };
             now.saturating_sub(v.last_seen_s) > limit
         })
-        .map(|(k, _)| k)
         .collect();
-    b.dataplane().delete_nat_replies(&expired)?;
+    let keys: Vec<NatKey> = expired.iter().map(|(k, _)| *k).collect();
+    b.dataplane().delete_nat_replies(&keys)?;
+    // A full-NAT flow's SNAT port goes with its reply entry: its established packets trust
+    // `FULLNAT_FLOWS` (lb-ebpf's nat.rs), which must not keep naming a port another flow may
+    // now take. Full NAT's entries are those whose reply goes to another address or port than
+    // the client's.
+    let fullnat: Vec<(NatKey, SnatEndpoint)> = expired
+        .iter()
+        .filter(|(k, v)| k.dst != v.client || k.dport != v.client_port)
+        .map(|(k, v)| {
+            let flow = NatKey {
+                src: v.client,
+                dst: v.vip,
+                sport: v.client_port,
+                dport: v.vport,
+                ..*k
+            };
+            let snat = SnatEndpoint {
+                addr: k.dst,
+                port: k.dport,
+                _pad: [0; 2],
+            };
+            (flow, snat)
+        })
+        .collect();
+    b.dataplane().delete_fullnat_flows(&fullnat)?;
     Ok(expired.len())
 }

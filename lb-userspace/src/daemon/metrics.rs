@@ -176,7 +176,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
     let mut icmp_errors_forwarded = Family::counter(
         "xlb_icmp_errors_forwarded_total",
         "ICMP errors to a VIP (unreachable, too big, time exceeded) forwarded to the real of the \
-         flow they quote.",
+         flow they quote, and errors about NAT flows translated and sent on.",
     );
     let mut syn_retries_moved = Family::counter(
         "xlb_syn_retries_moved_total",

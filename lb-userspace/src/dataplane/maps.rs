@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, PerCpuArray};
 use lb_common::{
     Backend, Config, Counters, Global, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
-    NatKey, NatReply, ServiceKey, ServiceValue, SnatAddrs, VipKey,
+    NatKey, NatReply, ServiceKey, ServiceValue, SnatAddrs, SnatEndpoint, VipKey,
 };
 
 use super::{Dataplane, sys};
@@ -141,6 +141,20 @@ impl Dataplane {
         for key in keys {
             // One at a time: a batch delete stops at the first key the LRU already evicted.
             let _ = sys::delete_elem(fd, key);
+        }
+        Ok(())
+    }
+
+    /// Deletes full-NAT flows (client tuple, SNAT endpoint), each only while it still holds
+    /// that endpoint (a new flow on the tuple may have taken another since).
+    pub fn delete_fullnat_flows(&mut self, flows: &[(NatKey, SnatEndpoint)]) -> Result<()> {
+        let mut map: HashMap<_, NatKey, SnatEndpoint> =
+            HashMap::try_from(self.map_mut("FULLNAT_FLOWS")?)?;
+        for (k, v) in flows {
+            if map.get(k, 0).is_ok_and(|now| now == *v) {
+                // Gone already (the LRU evicted it) is as good.
+                let _ = map.remove(k);
+            }
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! `maps` (typed map access), `tables` (the live Maglev tables), `pins` (what outlives the
 //! daemon on bpffs), `sys` (the raw bpf(2) calls).
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, HashMap, MapData, ProgramArray},
@@ -56,9 +56,11 @@ pub const PASS_PROGRAM: &str = "xlb_pass";
 pub const ICMP_PROGRAM: &str = "xlb_icmp";
 /// Echo replies for VIPs, tail-called by `xlb_icmp` through `ICMP_PROGRAM` slot 1.
 pub const ECHO_PROGRAM: &str = "xlb_echo";
-/// NAT requests and replies, tail-called by the balancer through `NAT_PROGRAM` slots 0 and 1.
+/// NAT requests and replies, tail-called by the balancer through `NAT_PROGRAM` slots 0 and 1;
+/// ICMP errors about NAT flows, tail-called by `xlb_icmp` through slot 2.
 pub const NAT_FORWARD_PROGRAM: &str = "xlb_nat_forward";
 pub const NAT_REPLY_PROGRAM: &str = "xlb_nat_reply";
+pub const NAT_ICMP_PROGRAM: &str = "xlb_nat_icmp";
 /// Tail-called by the balancer to log a drop (`--datapath-log`).
 pub const DROP_LOG_PROGRAM: &str = "xlb_drop_log";
 
@@ -167,6 +169,7 @@ impl Dataplane {
             ECHO_PROGRAM,
             NAT_FORWARD_PROGRAM,
             NAT_REPLY_PROGRAM,
+            NAT_ICMP_PROGRAM,
         ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -182,7 +185,7 @@ impl Dataplane {
         install_tail_calls(
             &mut ebpf,
             "NAT_PROGRAM",
-            &[NAT_FORWARD_PROGRAM, NAT_REPLY_PROGRAM],
+            &[NAT_FORWARD_PROGRAM, NAT_REPLY_PROGRAM, NAT_ICMP_PROGRAM],
         )?;
         Ok(Self {
             ebpf,
@@ -383,19 +386,40 @@ impl Dataplane {
         frame: &[u8],
         ingress: Option<u32>,
     ) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let ctx = ingress.map(|i| xdp_md(frame, i));
-        let prog = self.program(program)?;
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: ctx.as_ref().map(|c| &c[..]),
-            repeat: 1,
-            ..TestRunOptions::default()
-        };
-        let result = prog.test_run(opts)?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        run_once(self.program(program)?, frame, ingress)
+    }
+
+    /// Runs `program` on CPU i over `frames[i]`, every CPU at once, one thread each
+    /// (BPF_PROG_TEST_RUN runs an XDP program on the calling thread's CPU): how tests make
+    /// CPUs race for shared state. Verdicts and output frames, by CPU.
+    pub fn test_run_on_cpus(
+        &mut self,
+        program: &str,
+        frames: &[Vec<Vec<u8>>],
+    ) -> Result<Vec<Vec<TestRunOutput>>> {
+        let prog: &Xdp = self.program(program)?;
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = frames
+                .iter()
+                .enumerate()
+                .map(|(cpu, frames)| {
+                    scope.spawn(move || {
+                        pin_to_cpu(cpu)?;
+                        frames
+                            .iter()
+                            .map(|f| run_once(prog, f, None))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .map_err(|_| anyhow!("a test-run thread panicked"))?
+                })
+                .collect()
+        })
     }
 
     /// A loaded program's size: translated (after the verifier) and JIT-ed, in bytes.
@@ -414,6 +438,41 @@ impl Dataplane {
         };
         Ok(prog.test_run(opts)?.duration)
     }
+}
+
+/// A test run's verdict and output frame.
+pub type TestRunOutput = (u32, Vec<u8>);
+
+/// Runs `prog` once on `frame`, arriving on the interface `ingress` (lo if None).
+fn run_once(prog: &Xdp, frame: &[u8], ingress: Option<u32>) -> Result<TestRunOutput> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let ctx = ingress.map(|i| xdp_md(frame, i));
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: ctx.as_ref().map(|c| &c[..]),
+        repeat: 1,
+        ..TestRunOptions::default()
+    };
+    let result = prog.test_run(opts)?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "pinning a thread to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Puts `programs` in the program array `map`, slot by slot.
