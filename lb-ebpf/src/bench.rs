@@ -59,8 +59,8 @@ pub fn xlb_bench_bounce(ctx: XdpContext) -> u32 {
     }
     // To the original length at the front (a tunnel header added or removed there), then the
     // original bytes over it.
-    let now = ctx.data_end() - ctx.data();
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, now as i32 - len as i32) } != 0
+    let came_back = ctx.data_end() - ctx.data();
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, came_back as i32 - len as i32) } != 0
         || ctx.data_end() - ctx.data() != len
     {
         return xdp_action::XDP_DROP;
