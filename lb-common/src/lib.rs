@@ -561,6 +561,34 @@ pub struct DecapConfig {
     pub _pad: [u8; 2],
 }
 
+/// The longest frame the forwarding-rate bench's bounce program restores.
+pub const BENCH_FRAME_MAX: usize = 128;
+/// The bounce program reads the clock every this many frames.
+pub const BENCH_SAMPLE: u64 = 64;
+/// A gap between two readings longer than this had the CPU taken away (64 frames at 0.25 Mpps):
+/// not counted as the ping-pong's time.
+pub const BENCH_GAP_MAX_NS: u64 = 250_000;
+
+/// The forwarding-rate bench's bounce program's run (`BENCH_BOUNCE`, one element): set by the
+/// bench before a run, counted down and time-stamped by the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchBounce {
+    /// Frames still to send back; at 0 every arriving frame is dropped (a counting sink).
+    pub budget: u64,
+    /// The time the ping-pong ran: `bpf_ktime_get_ns` every `BENCH_SAMPLE` frames, the last
+    /// reading, and the sum of the gaps between readings (and the frames they cover) short
+    /// enough that nothing else had the CPU between them.
+    pub last_ns: u64,
+    pub busy_ns: u64,
+    pub busy_frames: u64,
+    /// Where the frames are sent back out of (XDP_REDIRECT).
+    pub out_ifindex: u32,
+    /// The frame restored before each send: `frame[..len]`.
+    pub len: u32,
+    pub frame: [u8; BENCH_FRAME_MAX],
+}
+
 /// Indexes of the decapsulator's per-CPU counter array (`DECAP_STATS`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -675,6 +703,7 @@ const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipValue>() == 20);
     assert!(core::mem::size_of::<DecapConfig>() == 4);
+    assert!(core::mem::size_of::<BenchBounce>() == 40 + BENCH_FRAME_MAX);
     assert!(core::mem::size_of::<RefusalEvent>() == 16);
     assert!(core::mem::size_of::<NatReply>() == 60);
     assert!(core::mem::size_of::<SnatAddrs>() == 8 + 16 * MAX_SNAT_ADDRS);
@@ -702,6 +731,7 @@ mod pod {
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for DecapConfig {}
+    unsafe impl aya::Pod for BenchBounce {}
     unsafe impl aya::Pod for RefusalEvent {}
     unsafe impl aya::Pod for NatReply {}
     unsafe impl aya::Pod for SnatAddrs {}

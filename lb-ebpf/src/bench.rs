@@ -1,51 +1,80 @@
 //! Programs of the forwarding-rate benchmark (`cargo xtask bench`), never attached by the
-//! daemon. A generator feeds frames into a veth pair with BPF_PROG_RUN's live-frames mode, the
-//! program under test forwards them back with XDP_TX, and a sink drops and counts them. The
-//! ceiling is `xlb_bench_swap`: the least a program that sends every frame back can do.
+//! daemon. Frames ping-pong over a veth pair: the program under test forwards each frame back
+//! with XDP_TX (or redirects it to a second pair), and `xlb_bench_bounce` counts it, restores
+//! the original frame and sends it back in, until its budget runs out. The ceiling is
+//! `xlb_bench_swap`: the least a program that sends every frame back can do.
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::PerCpuArray,
+    btf_maps::{Array, PerCpuArray},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_store_bytes},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
+use lb_common::{BENCH_FRAME_MAX, BENCH_GAP_MAX_NS, BENCH_SAMPLE, BenchBounce};
 
-use crate::parse::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, ptr_at};
+use crate::parse::ptr_at;
 
-/// Frames the sink received, per CPU.
+/// Frames the bounce program received, per CPU.
 #[btf_map]
 pub static BENCH_RECEIVED: PerCpuArray<u64, 1> = PerCpuArray::new();
 
-/// The generator: sends each frame out of the interface the run names. The live-frames mode
-/// recycles pages without copying the frame again, so a frame may come back as the forwarder
-/// left it (a TUN frame's Ethernet header lies under its outer IP header): the Ethernet header
-/// is rewritten every time, the IP packet behind it is never touched by the forwarders.
+/// The bounce program's run: budget, timestamps, the frame to restore.
+#[btf_map]
+pub static BENCH_BOUNCE: Array<BenchBounce, 1> = Array::new();
+
+/// The generator's end of the ping-pong: counts each frame and, while the budget lasts,
+/// restores the original frame (the forwarders rewrite MACs, add tunnel headers) and sends it
+/// out of `out_ifindex`, always by XDP_REDIRECT so that every path's loop pays the same here.
+/// With no budget left (or never set) it is a counting sink.
 #[xdp]
-pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
-    let (Some(eth), Some(version)) = (
-        ptr_at::<[u8; ETH_HLEN]>(&ctx, 0),
-        ptr_at::<u8>(&ctx, ETH_HLEN),
-    ) else {
+pub fn xlb_bench_bounce(ctx: XdpContext) -> u32 {
+    if let Some(n) = BENCH_RECEIVED.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot; nothing else writes it while this program runs on this CPU.
+        unsafe { *n += 1 };
+    }
+    let Some(run) = BENCH_BOUNCE.get_ptr_mut(0) else {
         return xdp_action::XDP_DROP;
     };
-    // SAFETY: ptr_at checked both ranges.
-    let ether_type = match unsafe { *version } >> 4 {
-        4 => ETH_P_IPV4,
-        6 => ETH_P_IPV6,
-        _ => return xdp_action::XDP_DROP,
-    };
-    let mut hdr = [0u8; ETH_HLEN];
-    hdr[..6].copy_from_slice(&GEN_DST_MAC);
-    hdr[6..12].copy_from_slice(&GEN_SRC_MAC);
-    hdr[12..].copy_from_slice(&ether_type.to_be_bytes());
-    // SAFETY: as above.
-    unsafe { eth.write_unaligned(hdr) };
-    xdp_action::XDP_TX
+    // SAFETY: the map's one element. The ping-pong runs on one CPU (the veth schedules its
+    // peer's NAPI on the sending CPU), so the plain read-modify-write does not race.
+    let run = unsafe { &mut *run };
+    if run.budget == 0 {
+        return xdp_action::XDP_DROP;
+    }
+    run.budget -= 1;
+    // The clock now and then only: read on every frame, it would weigh on every path.
+    if run.budget % BENCH_SAMPLE == 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let gap = now.wrapping_sub(run.last_ns);
+        if run.last_ns != 0 && gap < BENCH_GAP_MAX_NS {
+            run.busy_ns += gap;
+            run.busy_frames += BENCH_SAMPLE;
+        }
+        run.last_ns = now;
+    }
+    let len = run.len as usize;
+    if len == 0 || len > BENCH_FRAME_MAX {
+        return xdp_action::XDP_DROP;
+    }
+    // To the original length at the front (a tunnel header added or removed there), then the
+    // original bytes over it.
+    let came_back = ctx.data_end() - ctx.data();
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, came_back as i32 - len as i32) } != 0
+        || ctx.data_end() - ctx.data() != len
+    {
+        return xdp_action::XDP_DROP;
+    }
+    // `len` again, in a form whose bounds (1 to BENCH_FRAME_MAX) the verifier can see.
+    let len = ((len - 1) & (BENCH_FRAME_MAX - 1)) + 1;
+    // SAFETY: `len` is the frame's length and within `run.frame`.
+    let stored =
+        unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, run.frame.as_mut_ptr().cast(), len as u32) };
+    if stored != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    unsafe { bpf_redirect(run.out_ifindex, 0) as u32 }
 }
-
-/// The generated frames' MACs: the director's and a client's (the forwarders ignore them).
-const GEN_DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const GEN_SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
 /// The ceiling: swaps the MACs and sends the frame back.
 #[xdp]
@@ -60,14 +89,4 @@ pub fn xlb_bench_swap(ctx: XdpContext) -> u32 {
     new[6..].copy_from_slice(&old[..6]);
     unsafe { macs.write_unaligned(new) };
     xdp_action::XDP_TX
-}
-
-/// The sink on the generator's side: counts and drops what the forwarder sent back.
-#[xdp]
-pub fn xlb_bench_sink(_ctx: XdpContext) -> u32 {
-    if let Some(n) = BENCH_RECEIVED.get_ptr_mut(0) {
-        // SAFETY: a per-CPU slot; nothing else writes it while this program runs on this CPU.
-        unsafe { *n += 1 };
-    }
-    xdp_action::XDP_DROP
 }

@@ -29,6 +29,42 @@ pub const XDP_REDIRECT: u32 = 4;
 /// The interface BPF_PROG_TEST_RUN runs a program on: lo, ifindex 1 in every namespace.
 pub const TEST_IFINDEX: u32 = 1;
 
+/// Sends `count` copies of `frame` out of interface `ifindex` (of this thread's network
+/// namespace) through a packet socket: they arrive on a veth's peer as frames from the wire
+/// would.
+pub fn inject(ifindex: u32, frame: &[u8], count: u32) -> std::io::Result<()> {
+    // SAFETY: plain socket calls on a socket this function owns and closes; `addr` outlives
+    // the sendto calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let mut result = Ok(());
+        for _ in 0..count {
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            if sent != frame.len() as isize {
+                result = Err(std::io::Error::last_os_error());
+                break;
+            }
+        }
+        libc::close(fd);
+        result
+    }
+}
+
 /// A real reached out of the interface its frames come in on (XDP_TX), at `mac`.
 pub fn link(mac: Mac) -> Link {
     Link {

@@ -61,37 +61,6 @@ fn with_arms(test: impl FnOnce([u32; 3]) + Send + 'static) {
     .expect("the test thread");
 }
 
-/// Sends `frame` out of `dev` through a packet socket (of this thread's namespace): it arrives
-/// on `dev`'s veth peer as any frame from the wire would.
-fn inject(dev: &str, frame: &[u8]) {
-    // SAFETY: plain socket calls on a socket this function owns and closes; `addr` outlives
-    // the sendto.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(
-            fd >= 0,
-            "packet socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex(dev) as i32;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-        let sent = libc::sendto(
-            fd,
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        assert_eq!(sent, frame.len() as isize, "sendto on {dev}: {err}");
-    }
-}
-
 /// unshare(2) of this thread's network namespace.
 unsafe fn unshare_netns() -> i32 {
     const CLONE_NEWNET: i32 = 0x4000_0000;
@@ -214,7 +183,7 @@ fn each_frame_is_delivered_out_of_its_reals_arm_only() {
         for arm in [1, 2, 0, 2] {
             let (frame, _) = dr_flow(sport_to(arm));
             let before: Vec<u64> = sinks.iter().map(Sink::received).collect();
-            inject("arm0p", &frame.bytes());
+            inject(ifindex("arm0p"), &frame.bytes(), 1).expect("sendto on arm0p");
             // Delivery goes through the veths' NAPI, perhaps on the other CPU: allow a moment.
             let delivered = || -> Vec<u64> {
                 sinks
@@ -324,8 +293,9 @@ fn reals_on_an_interface_no_longer_attached_get_no_new_flows() {
     });
 }
 
-/// `xlb_bench_sink` on a pair's far end: what a veth delivers a redirected or transmitted
-/// frame to (its peer must run an XDP program), counting what arrives. One load each, so each
+/// `xlb_bench_bounce` on a pair's far end, with no budget (a counting sink): what a veth
+/// delivers a redirected or transmitted frame to (its peer must run an XDP program), counting
+/// what arrives. One load each, so each
 /// has its own counter.
 struct Sink {
     ebpf: Ebpf,
@@ -338,7 +308,7 @@ impl Sink {
             .load(EBPF_OBJECT)
             .expect("load the eBPF object");
         let prog: &mut Xdp = ebpf
-            .program_mut("xlb_bench_sink")
+            .program_mut("xlb_bench_bounce")
             .unwrap()
             .try_into()
             .unwrap();
