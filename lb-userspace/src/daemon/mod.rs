@@ -9,6 +9,7 @@ pub mod metrics;
 mod neighbours;
 mod refusals;
 mod server;
+mod uplink;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -119,11 +120,17 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     };
     let neighbours = Neighbours::new()?;
     let mut ifaces = Vec::new();
+    let mut plans = Vec::new();
     for (i, name) in opts.ifaces.iter().enumerate() {
         if opts.ifaces[..i].contains(name) {
             bail!("interface {name} is given twice");
         }
         ifaces.push(neighbours.interface(name).await?);
+        plans.push(uplink::plan(
+            name,
+            &neighbours.link_kind(name).await?,
+            opts.xdp_mode,
+        )?);
     }
     let Some(primary) = ifaces.first().copied() else {
         bail!("no interface to attach to (--iface)");
@@ -156,7 +163,16 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     balancer.inherit(inherited);
     balancer.set_datapath_log(opts.datapath_log)?;
     balancer.set_vip_echo(opts.vip_echo)?;
-    let macs: Vec<_> = ifaces.iter().map(|i| (i.index, i.mac)).collect();
+    // A bond's members carry its MAC: frames arrive on them when the bond runs XDP natively.
+    let macs: Vec<_> = ifaces
+        .iter()
+        .zip(&plans)
+        .flat_map(|(i, plan)| {
+            std::iter::once(i.index)
+                .chain(plan.members.iter().copied())
+                .map(|index| (index, i.mac))
+        })
+        .collect();
     balancer.set_interfaces(&macs)?;
     // The smallest: the real, and so the egress interface, is chosen after the check. No IP
     // packet exceeds 65535 bytes, so a larger MTU (lo's 65536) checks nothing more.
@@ -210,12 +226,15 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     pins.drop_unlisted_links(&opts.ifaces)?;
     for (i, name) in opts.ifaces.iter().enumerate() {
         let ifindex = ifaces[i].index;
+        if let Some(note) = &plans[i].note {
+            tracing::info!(iface = %name, "{note}");
+        }
         let attachment = {
             let mut guard = shared.lock().unwrap();
             guard
                 .balancer
                 .dataplane()
-                .attach(name, ifindex, opts.xdp_mode)?
+                .attach(name, ifindex, plans[i].mode)?
         };
         let mode = match attachment {
             Attachment::New(mode) => {
