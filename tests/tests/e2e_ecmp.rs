@@ -10,9 +10,7 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    path::Path,
     process::{Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -20,13 +18,13 @@ use aya::maps::MapData;
 use lb_common::{Backend, FAMILY_V4, ServiceKey, ServiceValue};
 use serde_json::Value;
 use xlb::control::service_key;
-use xlb_tests::lab::{KillOnDrop, Lab, Topology, Xlb, keepalive, repo, sh, text, wait_for};
+use xlb_tests::lab::{
+    Connections, KillOnDrop, Lab, Topology, Xlb, repo, service_new_flows, sh, text, wait_for,
+};
 
 const LAB: Lab = Lab::new("ecmp");
 /// Long-lived connections held across a director's loss.
 const CONNECTIONS: usize = 24;
-/// A long-lived connection silent for longer than this (it asks every 50 ms) was cut off.
-const STALL: Duration = Duration::from_millis(150);
 /// Short connections, each from a new client port, for the spread over the directors.
 const SPREAD_REQUESTS: usize = 200;
 
@@ -175,16 +173,6 @@ fn stats(d: Director) -> Value {
     serde_json::from_str(&director(d).ok(&["--json", "stats"])).unwrap()
 }
 
-fn service_new_flows(stats: &Value, service: &str) -> u64 {
-    stats["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["service"] == service)
-        .map(|s| s["new_flows"].as_u64().unwrap())
-        .unwrap_or(0)
-}
-
 fn include_file(d: Director) -> String {
     let topo = LAB.topology();
     let file = topo.daemon(d.0).bgp_config.clone().unwrap();
@@ -203,11 +191,6 @@ fn pid(pid_file: &str) -> String {
 }
 
 fn diagnostics() -> String {
-    let status = sh(
-        repo().join("scripts/lab").to_str().unwrap(),
-        &["ecmp", "status"],
-    );
-    let mut out = format!("--- scripts/lab ecmp status ---\n{}", text(&status));
     let topo = LAB.topology();
     let bgp = topo.bgp.as_ref().unwrap();
     let logs = topo
@@ -215,17 +198,7 @@ fn diagnostics() -> String {
         .iter()
         .map(|d| &topo.daemon(d).spawned.log)
         .chain([&bgp.birds[topo.router()].spawned.log]);
-    for log in logs {
-        let body = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = body.lines().rev().take(10).collect();
-        let name = Path::new(log).file_name().unwrap().to_string_lossy();
-        out += &format!("--- {name} (end) ---\n");
-        for line in tail.into_iter().rev() {
-            out += line;
-            out.push('\n');
-        }
-    }
-    out
+    LAB.status_and_logs(logs)
 }
 
 /// `n` GETs, each on a new connection (a new client port): answers per real, failures.
@@ -234,121 +207,16 @@ fn requests(vip: &str, n: usize) -> (BTreeMap<String, usize>, usize) {
     (per_real, failed)
 }
 
-/// One answer on a long-lived connection, stamped when the test read it.
-struct Answer {
-    at: Instant,
-    real: String,
-}
-
-/// Long-lived HTTP/1.1 connections from the client (scripts/lab-http-keepalive.py, a request
-/// every 50 ms, never reconnecting, waiting up to 10 s for each answer so TCP can retransmit
-/// while routes converge); every answer is timestamped as it arrives.
-struct Connections {
-    children: Vec<KillOnDrop>,
-    ports: Vec<String>,
-    answers: Vec<Vec<Answer>>,
-    errors: Vec<String>,
-    rx: mpsc::Receiver<(usize, Instant, String)>,
-}
-
-impl Connections {
-    fn open(vip: &str, n: usize, seconds: u32) -> Connections {
-        let (tx, rx) = mpsc::channel();
-        let mut children = Vec::new();
-        let topo = LAB.topology();
-        let port = topo.service("web").port.to_string();
-        for i in 0..n {
-            let tx = tx.clone();
-            let seconds = seconds.to_string();
-            children.push(keepalive(
-                topo.ns(&topo.client),
-                &[vip, &port, "--interval", "0.05", "--timeout", "10"]
-                    .into_iter()
-                    .chain(["--max-seconds", &seconds])
-                    .collect::<Vec<_>>(),
-                move |line| tx.send((i, Instant::now(), line)).is_ok(),
-            ));
-        }
-        let mut c = Connections {
-            children,
-            ports: vec![String::new(); n],
-            answers: (0..n).map(|_| Vec::new()).collect(),
-            errors: Vec::new(),
-            rx,
-        };
-        wait_for(
-            "every long-lived connection to answer 3 times",
-            Duration::from_secs(10),
-            || {
-                c.collect();
-                c.answers.iter().all(|a| a.len() >= 3)
-            },
-        );
-        assert!(c.errors.is_empty(), "{:?}", c.errors);
-        c
-    }
-
-    /// Takes in what arrived so far.
-    fn collect(&mut self) {
-        while let Ok((i, at, line)) = self.rx.try_recv() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if words.len() == 3 && words[0] != "error:" {
-                self.ports[i] = words[0].to_string();
-                self.answers[i].push(Answer {
-                    at,
-                    real: words[1].to_string(),
-                });
-            } else {
-                self.errors.push(format!("connection {i}: {line}"));
-            }
-        }
-    }
-
-    /// Collects for `d`.
-    fn run_for(&mut self, d: Duration) {
-        let end = Instant::now() + d;
-        while Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(20));
-            self.collect();
-        }
-    }
-
-    /// Connections that answered after `t`, always from the real they started on, with the
-    /// client still running: the survivors.
-    fn survivors_after(&mut self, t: Instant) -> Vec<usize> {
-        self.collect();
-        let mut alive = Vec::new();
-        for (i, answers) in self.answers.iter().enumerate() {
-            let Some(first) = answers.first() else {
-                continue;
-            };
-            let same_real = answers.iter().all(|a| a.real == first.real);
-            let answered = answers.iter().any(|a| a.at > t);
-            let running = self.children[i].0.try_wait().unwrap().is_none();
-            if same_real && answered && running {
-                alive.push(i);
-            }
-        }
-        alive
-    }
-
-    /// Connections that stalled after `t` (no answer for longer than STALL while asking every
-    /// 50 ms): those whose director was lost. With each, when it answered again, as time since
-    /// `t`. (Asking the router with `ip route get ... sport ... dport` does not tell: over veth
-    /// the client socket's own flow hash reaches the router, which uses it for ECMP.)
-    fn stalled_after(&self, t: Instant) -> Vec<(usize, Duration)> {
-        let mut out = Vec::new();
-        for (i, answers) in self.answers.iter().enumerate() {
-            let longest = answers
-                .windows(2)
-                .filter(|w| w[1].at > t)
-                .max_by_key(|w| w[1].at - w[0].at);
-            if let Some(w) = longest.filter(|w| w[1].at - w[0].at > STALL) {
-                out.push((i, w[1].at - t));
-            }
-        }
-        out
-    }
+/// CONNECTIONS long-lived connections to the web service's port on `vip`, for `seconds`.
+fn open_connections(vip: &str, seconds: u32) -> Connections {
+    let topo = LAB.topology();
+    Connections::open(
+        topo.ns(&topo.client),
+        vip,
+        topo.service("web").port,
+        CONNECTIONS,
+        seconds,
+    )
 }
 
 fn ms(d: Duration) -> u128 {
@@ -450,7 +318,7 @@ fn ecmp_directors() {
     // NOTIFICATION, no TCP FIN; the router learns it only from BFD). Long-lived connections
     // through it move to d2 and reach the same real: identical Maglev tables, no shared
     // connection state. ---
-    let mut conns = Connections::open(web_vip, CONNECTIONS, 40);
+    let mut conns = open_connections(web_vip, 40);
     lose_director(
         &mut conns,
         dir1,
@@ -497,7 +365,7 @@ fn ecmp_directors() {
                 == 0
     });
     wait_hops(web_vip, &[dir1.1, dir2.1], Duration::from_secs(20));
-    let mut conns = Connections::open(web_vip, CONNECTIONS, 40);
+    let mut conns = open_connections(web_vip, 40);
     lose_director(
         &mut conns,
         dir2,
@@ -573,7 +441,7 @@ fn ecmp_directors() {
 
     // --- A clean stop (SIGTERM) of d2's daemon: it withdraws every VIP before it exits;
     // connections through d2 move to d1 and keep their real. ---
-    let mut conns = Connections::open(web_vip, CONNECTIONS, 30);
+    let mut conns = open_connections(web_vip, 30);
     let stopped = Instant::now();
     let out = sh(
         "kill",
