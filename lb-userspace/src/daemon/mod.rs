@@ -9,6 +9,7 @@ pub mod metrics;
 mod neighbours;
 mod refusals;
 mod server;
+pub mod sync;
 mod uplink;
 
 use std::{
@@ -59,6 +60,8 @@ pub struct DaemonOptions {
     pub refusals_down: u32,
     /// Answer pings to VIPs from the data path (`CONFIG_F_VIP_ECHO`).
     pub vip_echo: bool,
+    /// Connection sync with peer directors (`--sync-peer`), if any.
+    pub sync: Option<sync::SyncOptions>,
 }
 
 /// An interface the data path is attached to.
@@ -84,6 +87,8 @@ struct Shared {
     /// Wakes the neighbour refresh after a change: a new real's MAC is often known already,
     /// and it should not wait for the next tick.
     resolve_now: Arc<Notify>,
+    /// Connection sync's counters, while it is on.
+    sync: Option<Arc<sync::SyncStats>>,
 }
 
 impl Shared {
@@ -116,6 +121,11 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     }
     let metrics_listener = match opts.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    // Bound before anything is attached, as the metrics address: a bad one changes nothing.
+    let sync_socket = match &opts.sync {
+        Some(o) => Some(sync::bind(o.listen)?),
         None => None,
     };
     let neighbours = Neighbours::new()?;
@@ -159,9 +169,11 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         false => None,
     };
     let refusal_events = dp.take_refusals()?;
+    let sync_events = dp.take_sync_events()?;
     let mut balancer = Balancer::new(dp);
     balancer.inherit(inherited);
     balancer.set_datapath_log(opts.datapath_log)?;
+    balancer.set_sync(opts.sync.is_some())?;
     balancer.set_vip_echo(opts.vip_echo)?;
     // A bond's members carry its MAC: frames arrive on them when the bond runs XDP natively.
     let macs: Vec<_> = ifaces
@@ -220,6 +232,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         bgp,
         drained: Default::default(),
         resolve_now: resolve_now.clone(),
+        sync: None,
     }));
     // Links before attaching, so a new program's first packets find reals they may forward to.
     neighbours::refresh(&shared, &neighbours).await;
@@ -297,6 +310,29 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         })
     };
     let refusals = refusals::watch(refusal_events, shared.clone())?;
+    let mut sync_tasks = Vec::new();
+    if let (Some(o), Some(socket)) = (&opts.sync, sync_socket) {
+        let stats = Arc::new(sync::SyncStats::default());
+        shared.lock().unwrap().sync = Some(stats.clone());
+        let sender = Arc::new(Mutex::new(sync::Sender::new(
+            socket.try_clone()?,
+            o,
+            stats.clone(),
+        )?));
+        let receiver = sync::Receiver::new(o, stats);
+        sync_tasks.push(sync::watch_events(
+            sync_events,
+            shared.clone(),
+            sender.clone(),
+        )?);
+        sync_tasks.push(sync::send_loop(shared.clone(), sender));
+        sync_tasks.push(sync::receive_loop(socket, shared.clone(), receiver)?);
+        tracing::info!(
+            listen = %o.listen,
+            peers = ?o.peers,
+            "connection sync on"
+        );
+    }
     let listener = bind_socket(&opts.socket)?;
     tracing::info!(socket = %opts.socket.display(), "control API listening");
     let resolver = {
@@ -325,6 +361,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                 balancer,
                 ifaces,
                 checks,
+                sync,
                 ..
             } = &mut *guard;
             let flows = active_flows(balancer)?;
@@ -336,6 +373,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                 ifaces: &attached,
                 flows: &flows,
                 checks,
+                sync: sync.as_deref(),
             };
             metrics::render(balancer, &scrape)
         });
@@ -359,6 +397,9 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     }
     resolver.abort();
     refusals.abort();
+    for task in sync_tasks {
+        task.abort();
+    }
     checker.abort();
     adapter.abort();
     if let Some(server) = metrics_server {
