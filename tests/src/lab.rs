@@ -605,8 +605,12 @@ impl Lab {
 
     /// The lab's only director's `/metrics` page, fetched in its namespace.
     pub fn metrics_page(&self) -> String {
+        self.metrics_page_of(self.topology().director())
+    }
+
+    /// Director `dir`'s `/metrics` page, fetched in its namespace.
+    pub fn metrics_page_of(&self, dir: &str) -> String {
         let topo = self.topology();
-        let dir = topo.director();
         let url = topo.daemon(dir).metrics_url();
         let args = [
             "netns",

@@ -9,169 +9,15 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use aya::maps::MapData;
-use lb_common::{Backend, FAMILY_V4, ServiceKey, ServiceValue};
 use serde_json::Value;
-use xlb::control::service_key;
-use xlb_tests::lab::{
-    Connections, KillOnDrop, Lab, Topology, Xlb, repo, service_new_flows, sh, text, wait_for,
+use xlb_tests::{
+    ecmp::*,
+    lab::{KillOnDrop, repo, sh, text, wait_for},
 };
-
-const LAB: Lab = Lab::new("ecmp");
-/// Long-lived connections held across a director's loss.
-const CONNECTIONS: usize = 24;
-/// Short connections, each from a new client port, for the spread over the directors.
-const SPREAD_REQUESTS: usize = 200;
-
-/// (name, address) of a director.
-type Director<'a> = (&'a str, &'a str);
-
-/// The lab's two directors, (name, address) each.
-fn directors(topo: &Topology) -> (Director<'_>, Director<'_>) {
-    let [d1, d2] = &topo.directors[..] else {
-        panic!("the ecmp lab has two directors: {:?}", topo.directors)
-    };
-    ((d1, topo.ipv4(d1)), (d2, topo.ipv4(d2)))
-}
-
-fn director(d: Director) -> Xlb {
-    LAB.topology().xlb(d.0)
-}
-
-fn url(vip: &str) -> String {
-    format!("http://{vip}/")
-}
-
-/// The router's next hops for `vip` (its kernel's FIB, as `ip -j route` reports it), sorted.
-fn router_hops(vip: &str) -> Vec<String> {
-    let topo = LAB.topology();
-    let out = sh(
-        "ip",
-        &[
-            "-j",
-            "-n",
-            topo.ns(topo.router()),
-            "route",
-            "show",
-            &format!("{vip}/32"),
-        ],
-    );
-    assert!(out.status.success(), "ip route: {}", text(&out));
-    let routes: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut hops = Vec::new();
-    for route in routes.as_array().unwrap() {
-        if let Some(gw) = route["gateway"].as_str() {
-            hops.push(gw.to_string());
-        }
-        for nh in route["nexthops"].as_array().into_iter().flatten() {
-            hops.push(nh["gateway"].as_str().unwrap().to_string());
-        }
-    }
-    hops.sort();
-    hops
-}
-
-/// Waits (polling every 10 ms) until the router routes `vip` over exactly `want`; returns
-/// how long that took.
-fn wait_hops(vip: &str, want: &[&str], timeout: Duration) -> Duration {
-    let start = Instant::now();
-    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    loop {
-        let hops = router_hops(vip);
-        if hops == want {
-            return start.elapsed();
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "after {timeout:?} the router routes {vip} via {hops:?}, not {want:?}\n{}",
-                diagnostics()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// The Maglev table the kernel uses for `service` on director `d`, slot by slot as real
-/// addresses: read from the maps of the XDP program attached to the director's eth0 (its id as
-/// netlink reports it), not from anything the daemon says. SERVICES gives the service's id,
-/// MAGLEV its table (an inner array: `[size, 0]`, then the slots' backend ids), BACKENDS each
-/// backend's address.
-fn kernel_table(d: Director, service: &str) -> Vec<IpAddr> {
-    let topo = LAB.topology();
-    let out = sh(
-        "ip",
-        &[
-            "-j",
-            "-d",
-            "-n",
-            topo.ns(d.0),
-            "link",
-            "show",
-            "dev",
-            &topo.daemon(d.0).iface,
-        ],
-    );
-    assert!(out.status.success(), "ip link: {}", text(&out));
-    let link: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let prog_id = link[0]["xdp"]["prog"]["id"].as_u64().unwrap_or_else(|| {
-        panic!(
-            "no XDP program on {}'s {}: {link}",
-            d.0,
-            topo.daemon(d.0).iface
-        )
-    }) as u32;
-    let prog = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == prog_id)
-        .expect("the attached program among the loaded ones");
-    let mut maps = std::collections::HashMap::new();
-    for id in prog.map_ids().unwrap().unwrap() {
-        let info = aya::maps::MapInfo::from_id(id).unwrap();
-        let name = String::from_utf8_lossy(info.name()).to_string();
-        maps.insert(name, id);
-    }
-    let map = |name: &str| {
-        let data = MapData::from_id(maps[name]).unwrap();
-        aya::maps::Map::from_map_data(data).unwrap()
-    };
-    let services: aya::maps::HashMap<_, ServiceKey, ServiceValue> =
-        aya::maps::HashMap::try_from(map("SERVICES")).unwrap();
-    let key = service_key(&service.parse().unwrap());
-    let id = services.get(&key, 0).unwrap().id;
-    let outer: aya::maps::ArrayOfMaps<_, MapData> =
-        aya::maps::ArrayOfMaps::try_from(map("MAGLEV")).unwrap();
-    let inner = aya::maps::Map::from_map_data(outer.get(&id, 0).unwrap()).unwrap();
-    let inner: aya::maps::Array<_, [u32; 2]> = aya::maps::Array::try_from(inner).unwrap();
-    let slots: Vec<u32> = (0..inner.len())
-        .flat_map(|i| inner.get(&i, 0).unwrap())
-        .collect();
-    let size = slots[0] as usize;
-    let backends: aya::maps::Array<_, Backend> =
-        aya::maps::Array::try_from(map("BACKENDS")).unwrap();
-    let mut addr_of = std::collections::HashMap::new();
-    slots[2..2 + size]
-        .iter()
-        .map(|&bid| {
-            *addr_of.entry(bid).or_insert_with(|| {
-                let b = backends.get(&bid, 0).unwrap();
-                match b.family {
-                    FAMILY_V4 => IpAddr::from(<[u8; 4]>::try_from(&b.addr[..4]).unwrap()),
-                    _ => IpAddr::from(b.addr),
-                }
-            })
-        })
-        .collect()
-}
-
-fn stats(d: Director) -> Value {
-    serde_json::from_str(&director(d).ok(&["--json", "stats"])).unwrap()
-}
 
 fn include_file(d: Director) -> String {
     let topo = LAB.topology();
@@ -190,43 +36,10 @@ fn pid(pid_file: &str) -> String {
         .to_string()
 }
 
-fn diagnostics() -> String {
-    let topo = LAB.topology();
-    let bgp = topo.bgp.as_ref().unwrap();
-    let logs = topo
-        .directors
-        .iter()
-        .map(|d| &topo.daemon(d).spawned.log)
-        .chain([&bgp.birds[topo.router()].spawned.log]);
-    LAB.status_and_logs(logs)
-}
-
 /// `n` GETs, each on a new connection (a new client port): answers per real, failures.
 fn requests(vip: &str, n: usize) -> (BTreeMap<String, usize>, usize) {
     let (per_real, failed, _) = LAB.spread(&url(vip), n, diagnostics);
     (per_real, failed)
-}
-
-/// CONNECTIONS long-lived connections to the web service's port on `vip`, for `seconds`.
-fn open_connections(vip: &str, seconds: u32) -> Connections {
-    let topo = LAB.topology();
-    Connections::open(
-        topo.ns(&topo.client),
-        vip,
-        topo.service("web").port,
-        CONNECTIONS,
-        seconds,
-    )
-}
-
-fn ms(d: Duration) -> u128 {
-    d.as_millis()
-}
-
-fn median_of(d: &[Duration]) -> Duration {
-    let mut sorted = d.to_vec();
-    sorted.sort();
-    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
 }
 
 /// A command to one of the lab's BIRDs (rt, d1, d2) over its own control socket; its output.
@@ -318,7 +131,7 @@ fn ecmp_directors() {
     // NOTIFICATION, no TCP FIN; the router learns it only from BFD). Long-lived connections
     // through it move to d2 and reach the same real: identical Maglev tables, no shared
     // connection state. ---
-    let mut conns = open_connections(web_vip, 40);
+    let mut conns = open_connections(web_vip, CONNECTIONS, 40);
     lose_director(
         &mut conns,
         dir1,
@@ -365,7 +178,7 @@ fn ecmp_directors() {
                 == 0
     });
     wait_hops(web_vip, &[dir1.1, dir2.1], Duration::from_secs(20));
-    let mut conns = open_connections(web_vip, 40);
+    let mut conns = open_connections(web_vip, CONNECTIONS, 40);
     lose_director(
         &mut conns,
         dir2,
@@ -441,7 +254,7 @@ fn ecmp_directors() {
 
     // --- A clean stop (SIGTERM) of d2's daemon: it withdraws every VIP before it exits;
     // connections through d2 move to d1 and keep their real. ---
-    let mut conns = open_connections(web_vip, 30);
+    let mut conns = open_connections(web_vip, CONNECTIONS, 30);
     let stopped = Instant::now();
     let out = sh(
         "kill",
@@ -471,15 +284,6 @@ fn ecmp_directors() {
     );
     assert!(conns.errors.is_empty(), "{:?}", conns.errors);
     assert_eq!(alive.len(), CONNECTIONS, "{}", diagnostics());
-}
-
-/// Takes a director's switch port down or up: down, the director is dark (as after a crash
-/// or a power loss), its processes still running but cut off.
-fn link(d: Director, state: &str) {
-    let topo = LAB.topology();
-    let (switch, port) = topo.switch_port(d.0, &topo.daemon(d.0).iface);
-    let out = sh("ip", &["-n", switch, "link", "set", port, state]);
-    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// Takes director `lost` dark under the long-lived connections, waits for the router to

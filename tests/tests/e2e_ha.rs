@@ -3,7 +3,7 @@
 //! DR reals. Real HTTP traffic from the client namespace.
 //!
 //! One test function runs the scenarios in order (they share fixed namespace names): the lab
-//! with connection sync, then the lab without it (`XLB_LAB_NO_SYNC=1`), to count what sync
+//! with connection sync, then the lab without it (`XLB_LAB_SYNC=0`), to count what sync
 //! saves. Run it under the shared lab lock (`flock /tmp/xlb-netns.lock cargo test --release -p
 //! xlb-tests --test e2e_ha`): the figures it prints mean little while other labs load the CPUs.
 
@@ -204,17 +204,8 @@ fn takeover(topo: &Topology) -> Takeover {
     }
 }
 
-fn sync_available() -> bool {
-    let out = sh(
-        xlb_tests::lab::xlb_bin().to_str().unwrap(),
-        &["daemon", "--help"],
-    );
-    text(&out).contains("--sync-peer")
-}
-
 #[test]
 fn vrrp_pair() {
-    let sync = sync_available();
     let with_sync = {
         let _lab = LAB.up();
         let topo = LAB.topology();
@@ -254,19 +245,12 @@ fn vrrp_pair() {
     };
 
     let without_sync = {
-        let _lab = LAB.up_with(&[("XLB_LAB_NO_SYNC", "1")]);
+        let _lab = LAB.up_with(&[("XLB_LAB_SYNC", "0")]);
         takeover(&LAB.topology())
     };
 
     let figures: BTreeMap<&str, String> = [
-        (
-            if sync {
-                "with sync"
-            } else {
-                "first run (this binary has no --sync-peer)"
-            },
-            &with_sync,
-        ),
+        ("with sync", &with_sync),
         ("without sync", &without_sync),
     ]
     .into_iter()
@@ -286,12 +270,10 @@ fn vrrp_pair() {
     })
     .collect();
     println!("{figures:#?}");
-    if sync {
-        assert_eq!(
-            with_sync.kept, CONNECTIONS,
-            "with sync, every connection keeps its real"
-        );
-    }
+    assert_eq!(
+        with_sync.kept, CONNECTIONS,
+        "with sync, every long-lived connection keeps its real"
+    );
     // Without sync, the new master places the flows it never saw by its table, which changed
     // since they were made (a real added, one drained): some move and break.
     assert!(
