@@ -856,7 +856,7 @@ impl Connections {
         };
         wait_for(
             "every long-lived connection to answer 3 times",
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || {
                 c.collect();
                 c.answers.iter().all(|a| a.len() >= 3)
