@@ -99,11 +99,11 @@ enum Command {
         sync_peers: Vec<SocketAddr>,
         /// Connection sync: receive (and send) batches on ADDR[:PORT] (default: every address,
         /// port 8848); only datagrams from a --sync-peer address are looked at.
-        #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_sync_addr, requires = "sync_peers")]
+        #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_sync_addr)]
         sync_listen: Option<SocketAddr>,
         /// Connection sync: the key shared by the peers (at least 16 bytes; trailing
         /// whitespace ignored): every batch carries its HMAC-SHA256, and one without is refused.
-        #[arg(long, value_name = "FILE", requires = "sync_peers")]
+        #[arg(long, value_name = "FILE")]
         sync_key_file: Option<PathBuf>,
     },
     /// Remove the data path a daemon left on an interface: detach the program, remove the
@@ -776,6 +776,9 @@ fn sync_options(
     key_file: Option<&Path>,
 ) -> Result<Option<crate::daemon::sync::SyncOptions>> {
     if peers.is_empty() {
+        if listen.is_some() || key_file.is_some() {
+            bail!("--sync-listen and --sync-key-file need --sync-peer");
+        }
         return Ok(None);
     }
     let Some(key_file) = key_file else {
