@@ -422,6 +422,10 @@ pub const CONFIG_F_VIP_ECHO: u8 = 1 << 1;
 /// Config flag: some service is in NAT mode, so frames are looked up in the NAT reply table
 /// (before the service lookup). Without it, a DR/TUN director pays nothing for NAT.
 pub const CONFIG_F_NAT: u8 = 1 << 2;
+/// Config flag: connection sync is on (`xlb daemon --sync-peer`): each new flow's entry is
+/// also written to the `SYNC_EVENTS` ring buffer (`SyncEvent`) for the daemon to send to its
+/// peers. Read only when a flow's entry is written, never on an established flow's packets.
+pub const CONFIG_F_SYNC: u8 = 1 << 3;
 
 /// Indexes of the global per-CPU counter array.
 #[repr(u32)]
@@ -474,10 +478,14 @@ pub enum Global {
     /// New full-NAT flows refused: no free SNAT port found in `SNAT_TRIES` random tries (or the
     /// reply table refused the entry). Never a shared port.
     DropSnatExhausted = 16,
+    /// New flows whose `SyncEvent` did not fit in the `SYNC_EVENTS` ring buffer (the daemon
+    /// fell behind): not sent to the peers at once (a refresh sends them later, if still
+    /// active).
+    SyncEventsLost = 17,
 }
 
 impl Global {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Global; Self::COUNT as usize] = [
         Global::Passed,
         Global::Forwarded,
@@ -496,6 +504,7 @@ impl Global {
         Global::EchoReplied,
         Global::NatReplied,
         Global::DropSnatExhausted,
+        Global::SyncEventsLost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -517,6 +526,7 @@ impl Global {
             Global::EchoReplied => "echo_replied",
             Global::NatReplied => "nat_replied",
             Global::DropSnatExhausted => "drop_snat_exhausted",
+            Global::SyncEventsLost => "sync_events_lost",
         }
     }
 }
@@ -643,6 +653,25 @@ pub struct RefusalEvent {
     pub refused_at_ns: u64,
 }
 
+/// One flow whose connection-table entry the data path has just written (a new flow, or one
+/// moved to another real), sent to the daemon through the `SYNC_EVENTS` ring buffer while
+/// `CONFIG_F_SYNC` is on, for connection sync between directors (daemon/sync.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SyncEvent {
+    /// The flow as the client sent it.
+    pub key: ConnKey,
+    /// The entry's real (local to this director: the daemon names it by address on the wire).
+    pub backend_id: u32,
+    pub generation: u32,
+    /// The entry's `ConnValue::flags`.
+    pub flags: u16,
+    pub _pad: [u8; 6],
+    /// When the entry was written: `bpf_ktime_get_ns`, CLOCK_MONOTONIC (for the bench's
+    /// first-packet-to-peer delay).
+    pub at_ns: u64,
+}
+
 /// Seed of the flow hash. Fixed: every director must pick the same slot for the same flow.
 pub const FLOW_HASH_SEED: u32 = 0x786c_6231; // "xlb1"
 
@@ -705,6 +734,7 @@ const _: () = {
     assert!(core::mem::size_of::<DecapConfig>() == 4);
     assert!(core::mem::size_of::<BenchBounce>() == 40 + BENCH_FRAME_MAX);
     assert!(core::mem::size_of::<RefusalEvent>() == 16);
+    assert!(core::mem::size_of::<SyncEvent>() == 64);
     assert!(core::mem::size_of::<NatReply>() == 60);
     assert!(core::mem::size_of::<SnatAddrs>() == 8 + 16 * MAX_SNAT_ADDRS);
     assert!(core::mem::size_of::<SnatEndpoint>() == 20);
@@ -733,6 +763,7 @@ mod pod {
     unsafe impl aya::Pod for DecapConfig {}
     unsafe impl aya::Pod for BenchBounce {}
     unsafe impl aya::Pod for RefusalEvent {}
+    unsafe impl aya::Pod for SyncEvent {}
     unsafe impl aya::Pod for NatReply {}
     unsafe impl aya::Pod for SnatAddrs {}
     unsafe impl aya::Pod for SnatEndpoint {}

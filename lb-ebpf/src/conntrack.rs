@@ -14,14 +14,15 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Backend, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING, CONN_SYN_FRAC_MASK,
-    CONN_SYN_FRAC_SHIFT, ConnBucket, ConnEntry, ConnValue, FragKey, FragValue, Global, MAX_BOUNCES,
-    RefusalEvent, SYN_RETRY_MAX_16THS, SYN_RETRY_MIN_16THS, ServiceValue,
+    Backend, CONFIG_F_SYNC, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING,
+    CONN_SYN_FRAC_MASK, CONN_SYN_FRAC_SHIFT, ConnBucket, ConnEntry, ConnKey, ConnValue, FragKey,
+    FragValue, Global, MAX_BOUNCES, RefusalEvent, SYN_RETRY_MAX_16THS, SYN_RETRY_MIN_16THS,
+    ServiceValue, SyncEvent,
 };
 
 use crate::{
     counters, maglev,
-    maps::{BACKENDS, CONN_BUCKET_MASK, CONNS, FRAGS, REFUSALS},
+    maps::{BACKENDS, CONFIG, CONN_BUCKET_MASK, CONNS, FRAGS, REFUSALS, SYNC_EVENTS},
     parse::Packet,
 };
 
@@ -195,8 +196,42 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
     // SAFETY: an entry of CONNS. A packet of another flow written here at once on another CPU
     // may tear it: `holds` then refuses it and that flow goes through Maglev again.
     unsafe { *entry = ConnEntry::new(hashes, value) };
+    announce(pkt, &value);
     choice.new_flow = true;
     Some(choice)
+}
+
+/// Connection sync: hands the entry just written for `pkt`'s flow to the daemon, which sends
+/// it to the peer directors (`SyncEvent`). Only where an entry is written (never on an
+/// established flow's packets), and only while sync is on.
+#[inline(always)]
+fn announce(pkt: &Packet, value: &ConnValue) {
+    if !CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_SYNC != 0) {
+        return;
+    }
+    // Reserved and written in place: no copy on the stack (`xlb_icmp`'s is full).
+    let Some(mut event) = SYNC_EVENTS.reserve(0) else {
+        counters::global(Global::SyncEventsLost);
+        return;
+    };
+    event.write(SyncEvent {
+        key: ConnKey {
+            src: pkt.src,
+            dst: pkt.dst,
+            sport: pkt.sport,
+            dport: pkt.dport,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+        },
+        backend_id: value.backend_id as u32,
+        generation: value.generation,
+        flags: value.flags,
+        _pad: [0; 6],
+        // SAFETY: a helper without arguments.
+        at_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+    });
+    event.submit(0);
 }
 
 /// A SYN whose flow's entry holds an unanswered SYN (no ACK since) sent to the real Maglev
@@ -358,6 +393,7 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
     touch(&mut moved.last_seen_s, now_ns());
     // Sealed anew: the fingerprint names the new real.
     *entry = ConnEntry::new(hashes, moved);
+    announce(pkt, &moved);
     Refused::Moved(Choice {
         backend_id: id,
         backend: next,

@@ -11,7 +11,7 @@ use lb_common::{
     Backend, Config, ConnBucket, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, DecapConfig, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
     MAX_IFACES, MAX_SERVICES, NAT_CAPACITY, NatKey, NatReply, NatScratch, RefusalEvent, ServiceKey,
-    ServiceValue, SnatAddrs, SnatEndpoint, VipKey, VipValue, conn_buckets,
+    ServiceValue, SnatAddrs, SnatEndpoint, SyncEvent, VipKey, VipValue, conn_buckets,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -135,3 +135,10 @@ pub static DROP_REASON: PerCpuArray<u32, 1> = PerCpuArray::new();
 /// milliseconds (daemon/refusals.rs). 64 KiB: thousands of records before the reader wakes.
 #[btf_map]
 pub static REFUSALS: RingBuf<RefusalEvent, { 64 * 1024 }> = RingBuf::new();
+
+/// One record per connection-table entry written for a new flow while connection sync is on
+/// (`CONFIG_F_SYNC`), for the daemon to send to its peer directors (daemon/sync.rs). 256 KiB:
+/// 4,096 records before the reader wakes; a record that does not fit is counted
+/// (`sync_events_lost`) and left to the daemon's refreshes.
+#[btf_map]
+pub static SYNC_EVENTS: RingBuf<SyncEvent, { 256 * 1024 }> = RingBuf::new();

@@ -12,7 +12,7 @@
 //! - `api` (the control socket's requests and typed answers), `config` (what operators
 //!   configure), `state` (the state file), `health` (checks, probes, rise/fall), `maglev`
 //!   (the table, a contract between directors), `metrics` (Prometheus page building blocks),
-//!   `netlink` (interfaces, routes, neighbours).
+//!   `netlink` (interfaces, routes, neighbours), `sync` (connection sync's wire format).
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -25,3 +25,4 @@ pub mod metrics;
 pub mod netlink;
 pub mod realserver;
 pub mod state;
+pub mod sync;

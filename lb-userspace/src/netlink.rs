@@ -14,7 +14,10 @@ use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
+        link::{
+            BondMode, BondXmitHashPolicy, InfoBond, InfoData, InfoKind, LinkAttribute, LinkInfo,
+            LinkMessage, LinkXdp, XdpAttached,
+        },
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute},
     },
@@ -41,6 +44,22 @@ pub struct Interface {
     pub index: u32,
     pub mac: Mac,
     pub mtu: u32,
+}
+
+/// What kind of device an interface is, as far as attaching XDP to it goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// A bond: its mode, whether it hashes transmits by VLAN and source MAC (which has no
+    /// native XDP), and its members (index, name).
+    Bond {
+        mode: BondMode,
+        vlan_srcmac: bool,
+        members: Vec<(u32, String)>,
+    },
+    /// A VLAN device on `parent`.
+    Vlan { parent: String },
+    /// Anything else (a NIC, a veth): attached as it is.
+    Other,
 }
 
 impl Neighbours {
@@ -122,6 +141,96 @@ impl Neighbours {
             mac,
             mtu,
         })
+    }
+
+    /// Whether `name` is a bond (with its members), a VLAN device or anything else.
+    pub async fn link_kind(&self, name: &str) -> Result<LinkKind> {
+        let link = self.link(name).await?;
+        let infos = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos),
+            _ => None,
+        });
+        let kind = infos.and_then(|i| {
+            i.iter().find_map(|i| match i {
+                LinkInfo::Kind(kind) => Some(kind.clone()),
+                _ => None,
+            })
+        });
+        match kind {
+            Some(InfoKind::Bond) => {
+                let bond = infos.into_iter().flatten().find_map(|i| match i {
+                    LinkInfo::Data(InfoData::Bond(bond)) => Some(bond),
+                    _ => None,
+                });
+                let (mut mode, mut vlan_srcmac) = (BondMode::BalanceRr, false);
+                for attr in bond.into_iter().flatten() {
+                    match attr {
+                        InfoBond::Mode(m) => mode = *m,
+                        InfoBond::XmitHashPolicy(p) => {
+                            vlan_srcmac = *p == BondXmitHashPolicy::VlanSrcMac
+                        }
+                        _ => {}
+                    }
+                }
+                let members = self.members(link.header.index).await?;
+                Ok(LinkKind::Bond {
+                    mode,
+                    vlan_srcmac,
+                    members,
+                })
+            }
+            Some(InfoKind::Vlan) => {
+                let parent = link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Link(index) => Some(*index),
+                    _ => None,
+                });
+                let parent = match parent {
+                    Some(index) => self.link_name(index).await?,
+                    None => "its parent".to_string(),
+                };
+                Ok(LinkKind::Vlan { parent })
+            }
+            _ => Ok(LinkKind::Other),
+        }
+    }
+
+    /// The interfaces enslaved to `master` (index, name).
+    async fn members(&self, master: u32) -> Result<Vec<(u32, String)>> {
+        let mut links = self.handle.link().get().execute();
+        let mut members = Vec::new();
+        while let Some(link) = links.try_next().await.context("dumping links")? {
+            let mut controller = None;
+            let mut name = None;
+            for attr in &link.attributes {
+                match attr {
+                    LinkAttribute::Controller(c) => controller = Some(*c),
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    _ => {}
+                }
+            }
+            if controller == Some(master) {
+                members.push((link.header.index, name.unwrap_or_default()));
+            }
+        }
+        Ok(members)
+    }
+
+    async fn link_name(&self, index: u32) -> Result<String> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let link = links
+            .try_next()
+            .await
+            .ok()
+            .flatten()
+            .with_context(|| format!("no interface with index {index}"))?;
+        Ok(link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| format!("interface {index}")))
     }
 
     /// The interface's first IPv4 address and first global IPv6 address: the default tunnel

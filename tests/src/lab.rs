@@ -74,6 +74,9 @@ pub struct Topology {
     pub router: Option<String>,
     pub directors: Vec<String>,
     pub reals: Vec<String>,
+    /// Reals running an HTTP server but in no service: for a test to add (ha).
+    #[serde(default)]
+    pub spares: Vec<String>,
     /// The services `up` configures, each with every real.
     pub services: BTreeMap<String, Service>,
     /// The xlb daemon of each director, by director.
@@ -83,6 +86,8 @@ pub struct Topology {
     /// The configuration one director saved and the others restored (ecmp).
     pub saved_config: Option<String>,
     pub bgp: Option<Bgp>,
+    /// The directors' VRRP (keepalived) pair (ha).
+    pub vrrp: Option<Vrrp>,
 }
 
 impl Topology {
@@ -106,6 +111,7 @@ impl Topology {
             .chain(&topo.router)
             .chain(&topo.directors)
             .chain(&topo.reals)
+            .chain(&topo.spares)
             .chain(topo.daemons.keys())
             .chain(topo.servers.values().map(|s| &s.host))
         {
@@ -405,6 +411,23 @@ pub struct Bird {
     pub spawned: Spawned,
 }
 
+/// A VRRP pair of directors (keepalived), holding one VIP.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Vrrp {
+    pub vip: String,
+    /// Each director's keepalived, by director.
+    pub keepalived: BTreeMap<String, Keepalived>,
+}
+
+/// One keepalived instance: its configuration (from packaging/keepalived) and priority.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Keepalived {
+    pub config: String,
+    pub priority: u32,
+    #[serde(flatten)]
+    pub spawned: Spawned,
+}
+
 /// One of `scripts/lab`'s labs, by name (`dr`, `tun`, `ecmp`).
 #[derive(Clone, Copy)]
 pub struct Lab {
@@ -489,21 +512,32 @@ impl Lab {
 
     /// What a failure message needs: the lab's status and the end of its daemon's log.
     pub fn diagnostics(&self) -> String {
+        let topo = self.topology();
+        self.status_and_logs([&topo.daemon(topo.director()).spawned.log])
+    }
+
+    /// The lab's status and the last 10 lines of each of `logs`.
+    pub fn status_and_logs<'a>(&self, logs: impl IntoIterator<Item = &'a String>) -> String {
         let status = sh(
             repo().join("scripts/lab").to_str().unwrap(),
             &[self.name, "status"],
         );
-        let topo = self.topology();
-        let log =
-            std::fs::read_to_string(&topo.daemon(topo.director()).spawned.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "--- scripts/lab {} status ---\n{}--- xlb.log (end) ---\n{}",
+        let mut out = format!(
+            "--- scripts/lab {} status ---\n{}",
             self.name,
-            text(&status),
-            tail.join("\n")
-        )
+            text(&status)
+        );
+        for log in logs {
+            let body = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = body.lines().rev().take(10).collect();
+            let name = Path::new(log).file_name().unwrap().to_string_lossy();
+            out += &format!("--- {name} (end) ---\n");
+            for line in tail.into_iter().rev() {
+                out += line;
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Captures up to `count` packets matching `filter` on the router's real-facing interface
@@ -571,8 +605,12 @@ impl Lab {
 
     /// The lab's only director's `/metrics` page, fetched in its namespace.
     pub fn metrics_page(&self) -> String {
+        self.metrics_page_of(self.topology().director())
+    }
+
+    /// Director `dir`'s `/metrics` page, fetched in its namespace.
+    pub fn metrics_page_of(&self, dir: &str) -> String {
         let topo = self.topology();
-        let dir = topo.director();
         let url = topo.daemon(dir).metrics_url();
         let args = [
             "netns",
@@ -768,6 +806,129 @@ pub fn keepalive(
     KillOnDrop(child)
 }
 
+/// A long-lived connection silent for longer than this (it asks every 50 ms) was cut off.
+pub const STALL: Duration = Duration::from_millis(150);
+
+/// One answer on a long-lived connection, stamped when the test read it.
+pub struct Answer {
+    pub at: Instant,
+    pub real: String,
+}
+
+/// Long-lived HTTP/1.1 connections from the client (scripts/lab-http-keepalive.py, a request
+/// every 50 ms, never reconnecting, waiting up to 10 s for each answer so TCP can retransmit
+/// while routes converge); every answer is timestamped as it arrives.
+pub struct Connections {
+    pub children: Vec<KillOnDrop>,
+    /// Each connection's client port (once it answered).
+    pub ports: Vec<String>,
+    pub answers: Vec<Vec<Answer>>,
+    /// Lines other than answers ("error: ..."), as "connection I: LINE".
+    pub errors: Vec<String>,
+    rx: mpsc::Receiver<(usize, Instant, String)>,
+}
+
+impl Connections {
+    /// `n` connections from namespace `ns` to `vip`:`port`, each for at most `seconds`; returns
+    /// once each answered 3 times.
+    pub fn open(ns: &str, vip: &str, port: u16, n: usize, seconds: u32) -> Connections {
+        let (tx, rx) = mpsc::channel();
+        let mut children = Vec::new();
+        let port = port.to_string();
+        for i in 0..n {
+            let tx = tx.clone();
+            let seconds = seconds.to_string();
+            children.push(keepalive(
+                ns,
+                &[vip, &port, "--interval", "0.05", "--timeout", "10"]
+                    .into_iter()
+                    .chain(["--max-seconds", &seconds])
+                    .collect::<Vec<_>>(),
+                move |line| tx.send((i, Instant::now(), line)).is_ok(),
+            ));
+        }
+        let mut c = Connections {
+            children,
+            ports: vec![String::new(); n],
+            answers: (0..n).map(|_| Vec::new()).collect(),
+            errors: Vec::new(),
+            rx,
+        };
+        wait_for(
+            "every long-lived connection to answer 3 times",
+            Duration::from_secs(30),
+            || {
+                c.collect();
+                c.answers.iter().all(|a| a.len() >= 3)
+            },
+        );
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        c
+    }
+
+    /// Takes in what arrived so far.
+    pub fn collect(&mut self) {
+        while let Ok((i, at, line)) = self.rx.try_recv() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.len() == 3 && words[0] != "error:" {
+                self.ports[i] = words[0].to_string();
+                self.answers[i].push(Answer {
+                    at,
+                    real: words[1].to_string(),
+                });
+            } else {
+                self.errors.push(format!("connection {i}: {line}"));
+            }
+        }
+    }
+
+    /// Collects for `d`.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+            self.collect();
+        }
+    }
+
+    /// Connections that answered after `t`, always from the real they started on, with the
+    /// client still running: the survivors.
+    pub fn survivors_after(&mut self, t: Instant) -> Vec<usize> {
+        self.collect();
+        let mut alive = Vec::new();
+        for (i, answers) in self.answers.iter().enumerate() {
+            let Some(first) = answers.first() else {
+                continue;
+            };
+            let same_real = answers.iter().all(|a| a.real == first.real);
+            let answered = answers.iter().any(|a| a.at > t);
+            let running = self.children[i].0.try_wait().unwrap().is_none();
+            if same_real && answered && running {
+                alive.push(i);
+            }
+        }
+        alive
+    }
+
+    /// Connections that stalled after `t` (no answer for longer than STALL while asking every
+    /// 50 ms): those whose director was lost. With each, when it answered again, as time since
+    /// `t`. (Asking the router with `ip route get ... sport ... dport` does not tell: over veth
+    /// the client socket's own flow hash reaches the router, which uses it for ECMP.)
+    pub fn stalled_after(&self, t: Instant) -> Vec<(usize, Duration)> {
+        let mut out = Vec::new();
+        for (i, answers) in self.answers.iter().enumerate() {
+            let longest = answers
+                .windows(2)
+                .filter(|w| w[1].at > t)
+                .max_by_key(|w| w[1].at - w[0].at);
+            if let Some(w) = longest.filter(|w| w[1].at - w[0].at > STALL) {
+                out.push((i, w[1].at - t));
+            }
+        }
+        out
+    }
+}
+
 /// A process of the test's own, killed (and reaped) when dropped.
 pub struct KillOnDrop(pub Child);
 
@@ -818,6 +979,17 @@ pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) 
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// The new flows a service took, from `xlb --json stats` (0 for a service it does not list).
+pub fn service_new_flows(stats: &serde_json::Value, service: &str) -> u64 {
+    stats["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == service)
+        .map(|s| s["new_flows"].as_u64().unwrap())
+        .unwrap_or(0)
 }
 
 /// The value of one sample line of a Prometheus text page.

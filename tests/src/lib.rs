@@ -3,6 +3,7 @@
 //! encapsulator written independently of the XDP program, and a balancer (or decapsulator)
 //! loaded into the kernel for BPF_PROG_TEST_RUN.
 
+pub mod ecmp;
 pub mod lab;
 pub mod wellformed;
 
@@ -10,6 +11,7 @@ use std::net::IpAddr;
 
 use lb_common::flow_hash;
 use xlb::{
+    config::{RealConfig, ServiceAddr, ServiceConfig},
     control::{Balancer, Link},
     dataplane::{Dataplane, LoadOptions},
     maglev,
@@ -91,6 +93,18 @@ pub fn balancer_with_capacity(conn_capacity: u32) -> Balancer {
     let mut b = Balancer::new(dp);
     b.set_interfaces(&[(TEST_IFINDEX, DIRECTOR_MAC)]).unwrap();
     b
+}
+
+/// Adds a DR service of `reals` (weight 100 each, each reached at its `real_mac`).
+pub fn add_dr_service(b: &mut Balancer, service: &str, reals: &[&str]) -> ServiceAddr {
+    let addr: ServiceAddr = service.parse().unwrap();
+    let mut cfg = ServiceConfig::new(addr);
+    for r in reals {
+        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
+        cfg.reals.push(RealConfig::new(ip(r), 100));
+    }
+    b.add_service(cfg).unwrap();
+    addr
 }
 
 /// A freshly loaded decapsulator with no VIPs.

@@ -80,6 +80,29 @@ fn daemon_refuses_a_connection_table_capacity_out_of_range() {
 }
 
 #[test]
+fn daemon_refuses_connection_sync_without_a_good_key_or_peer() {
+    assert!(xlb_bin().exists(), "build target/release/xlb first");
+    let key = std::env::temp_dir().join(format!("xlb-control-sync-key-{}", std::process::id()));
+    std::fs::write(&key, "too short\n").unwrap();
+    let key = key.to_str().unwrap();
+    let peer = ["--iface", "lo", "--sync-peer", "198.18.11.2"];
+    let err = daemon_error(None, &peer);
+    assert!(err.contains("--sync-peer needs --sync-key-file"), "{err}");
+    let err = daemon_error(None, &[&peer[..], &["--sync-key-file", key]].concat());
+    assert!(err.contains("fewer than 16"), "{err}");
+    let err = daemon_error(
+        None,
+        &[&peer[..], &["--sync-key-file", "/nonexistent/xlb.key"]].concat(),
+    );
+    assert!(err.contains("/nonexistent/xlb.key"), "{err}");
+    let err = daemon_error(None, &["--iface", "lo", "--sync-peer", "director-2"]);
+    assert!(err.contains("director-2"), "{err}");
+    let err = daemon_error(None, &["--iface", "lo", "--sync-key-file", key]);
+    assert!(err.contains("--sync-peer"), "{err}");
+    std::fs::remove_file(key).unwrap();
+}
+
+#[test]
 fn daemon_that_cannot_attach_names_the_mode_it_tried() {
     assert!(xlb_bin().exists(), "build target/release/xlb first");
     // A namespace of our own: its loopback has no native XDP support.

@@ -9,181 +9,15 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
-    path::Path,
     process::{Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
-use aya::maps::MapData;
-use lb_common::{Backend, FAMILY_V4, ServiceKey, ServiceValue};
 use serde_json::Value;
-use xlb::control::service_key;
-use xlb_tests::lab::{KillOnDrop, Lab, Topology, Xlb, keepalive, repo, sh, text, wait_for};
-
-const LAB: Lab = Lab::new("ecmp");
-/// Long-lived connections held across a director's loss.
-const CONNECTIONS: usize = 24;
-/// A long-lived connection silent for longer than this (it asks every 50 ms) was cut off.
-const STALL: Duration = Duration::from_millis(150);
-/// Short connections, each from a new client port, for the spread over the directors.
-const SPREAD_REQUESTS: usize = 200;
-
-/// (name, address) of a director.
-type Director<'a> = (&'a str, &'a str);
-
-/// The lab's two directors, (name, address) each.
-fn directors(topo: &Topology) -> (Director<'_>, Director<'_>) {
-    let [d1, d2] = &topo.directors[..] else {
-        panic!("the ecmp lab has two directors: {:?}", topo.directors)
-    };
-    ((d1, topo.ipv4(d1)), (d2, topo.ipv4(d2)))
-}
-
-fn director(d: Director) -> Xlb {
-    LAB.topology().xlb(d.0)
-}
-
-fn url(vip: &str) -> String {
-    format!("http://{vip}/")
-}
-
-/// The router's next hops for `vip` (its kernel's FIB, as `ip -j route` reports it), sorted.
-fn router_hops(vip: &str) -> Vec<String> {
-    let topo = LAB.topology();
-    let out = sh(
-        "ip",
-        &[
-            "-j",
-            "-n",
-            topo.ns(topo.router()),
-            "route",
-            "show",
-            &format!("{vip}/32"),
-        ],
-    );
-    assert!(out.status.success(), "ip route: {}", text(&out));
-    let routes: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut hops = Vec::new();
-    for route in routes.as_array().unwrap() {
-        if let Some(gw) = route["gateway"].as_str() {
-            hops.push(gw.to_string());
-        }
-        for nh in route["nexthops"].as_array().into_iter().flatten() {
-            hops.push(nh["gateway"].as_str().unwrap().to_string());
-        }
-    }
-    hops.sort();
-    hops
-}
-
-/// Waits (polling every 10 ms) until the router routes `vip` over exactly `want`; returns
-/// how long that took.
-fn wait_hops(vip: &str, want: &[&str], timeout: Duration) -> Duration {
-    let start = Instant::now();
-    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    loop {
-        let hops = router_hops(vip);
-        if hops == want {
-            return start.elapsed();
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "after {timeout:?} the router routes {vip} via {hops:?}, not {want:?}\n{}",
-                diagnostics()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// The Maglev table the kernel uses for `service` on director `d`, slot by slot as real
-/// addresses: read from the maps of the XDP program attached to the director's eth0 (its id as
-/// netlink reports it), not from anything the daemon says. SERVICES gives the service's id,
-/// MAGLEV its table (an inner array: `[size, 0]`, then the slots' backend ids), BACKENDS each
-/// backend's address.
-fn kernel_table(d: Director, service: &str) -> Vec<IpAddr> {
-    let topo = LAB.topology();
-    let out = sh(
-        "ip",
-        &[
-            "-j",
-            "-d",
-            "-n",
-            topo.ns(d.0),
-            "link",
-            "show",
-            "dev",
-            &topo.daemon(d.0).iface,
-        ],
-    );
-    assert!(out.status.success(), "ip link: {}", text(&out));
-    let link: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let prog_id = link[0]["xdp"]["prog"]["id"].as_u64().unwrap_or_else(|| {
-        panic!(
-            "no XDP program on {}'s {}: {link}",
-            d.0,
-            topo.daemon(d.0).iface
-        )
-    }) as u32;
-    let prog = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == prog_id)
-        .expect("the attached program among the loaded ones");
-    let mut maps = std::collections::HashMap::new();
-    for id in prog.map_ids().unwrap().unwrap() {
-        let info = aya::maps::MapInfo::from_id(id).unwrap();
-        let name = String::from_utf8_lossy(info.name()).to_string();
-        maps.insert(name, id);
-    }
-    let map = |name: &str| {
-        let data = MapData::from_id(maps[name]).unwrap();
-        aya::maps::Map::from_map_data(data).unwrap()
-    };
-    let services: aya::maps::HashMap<_, ServiceKey, ServiceValue> =
-        aya::maps::HashMap::try_from(map("SERVICES")).unwrap();
-    let key = service_key(&service.parse().unwrap());
-    let id = services.get(&key, 0).unwrap().id;
-    let outer: aya::maps::ArrayOfMaps<_, MapData> =
-        aya::maps::ArrayOfMaps::try_from(map("MAGLEV")).unwrap();
-    let inner = aya::maps::Map::from_map_data(outer.get(&id, 0).unwrap()).unwrap();
-    let inner: aya::maps::Array<_, [u32; 2]> = aya::maps::Array::try_from(inner).unwrap();
-    let slots: Vec<u32> = (0..inner.len())
-        .flat_map(|i| inner.get(&i, 0).unwrap())
-        .collect();
-    let size = slots[0] as usize;
-    let backends: aya::maps::Array<_, Backend> =
-        aya::maps::Array::try_from(map("BACKENDS")).unwrap();
-    let mut addr_of = std::collections::HashMap::new();
-    slots[2..2 + size]
-        .iter()
-        .map(|&bid| {
-            *addr_of.entry(bid).or_insert_with(|| {
-                let b = backends.get(&bid, 0).unwrap();
-                match b.family {
-                    FAMILY_V4 => IpAddr::from(<[u8; 4]>::try_from(&b.addr[..4]).unwrap()),
-                    _ => IpAddr::from(b.addr),
-                }
-            })
-        })
-        .collect()
-}
-
-fn stats(d: Director) -> Value {
-    serde_json::from_str(&director(d).ok(&["--json", "stats"])).unwrap()
-}
-
-fn service_new_flows(stats: &Value, service: &str) -> u64 {
-    stats["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["service"] == service)
-        .map(|s| s["new_flows"].as_u64().unwrap())
-        .unwrap_or(0)
-}
+use xlb_tests::{
+    ecmp::*,
+    lab::{KillOnDrop, repo, sh, text, wait_for},
+};
 
 fn include_file(d: Director) -> String {
     let topo = LAB.topology();
@@ -202,163 +36,10 @@ fn pid(pid_file: &str) -> String {
         .to_string()
 }
 
-fn diagnostics() -> String {
-    let status = sh(
-        repo().join("scripts/lab").to_str().unwrap(),
-        &["ecmp", "status"],
-    );
-    let mut out = format!("--- scripts/lab ecmp status ---\n{}", text(&status));
-    let topo = LAB.topology();
-    let bgp = topo.bgp.as_ref().unwrap();
-    let logs = topo
-        .directors
-        .iter()
-        .map(|d| &topo.daemon(d).spawned.log)
-        .chain([&bgp.birds[topo.router()].spawned.log]);
-    for log in logs {
-        let body = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = body.lines().rev().take(10).collect();
-        let name = Path::new(log).file_name().unwrap().to_string_lossy();
-        out += &format!("--- {name} (end) ---\n");
-        for line in tail.into_iter().rev() {
-            out += line;
-            out.push('\n');
-        }
-    }
-    out
-}
-
 /// `n` GETs, each on a new connection (a new client port): answers per real, failures.
 fn requests(vip: &str, n: usize) -> (BTreeMap<String, usize>, usize) {
     let (per_real, failed, _) = LAB.spread(&url(vip), n, diagnostics);
     (per_real, failed)
-}
-
-/// One answer on a long-lived connection, stamped when the test read it.
-struct Answer {
-    at: Instant,
-    real: String,
-}
-
-/// Long-lived HTTP/1.1 connections from the client (scripts/lab-http-keepalive.py, a request
-/// every 50 ms, never reconnecting, waiting up to 10 s for each answer so TCP can retransmit
-/// while routes converge); every answer is timestamped as it arrives.
-struct Connections {
-    children: Vec<KillOnDrop>,
-    ports: Vec<String>,
-    answers: Vec<Vec<Answer>>,
-    errors: Vec<String>,
-    rx: mpsc::Receiver<(usize, Instant, String)>,
-}
-
-impl Connections {
-    fn open(vip: &str, n: usize, seconds: u32) -> Connections {
-        let (tx, rx) = mpsc::channel();
-        let mut children = Vec::new();
-        let topo = LAB.topology();
-        let port = topo.service("web").port.to_string();
-        for i in 0..n {
-            let tx = tx.clone();
-            let seconds = seconds.to_string();
-            children.push(keepalive(
-                topo.ns(&topo.client),
-                &[vip, &port, "--interval", "0.05", "--timeout", "10"]
-                    .into_iter()
-                    .chain(["--max-seconds", &seconds])
-                    .collect::<Vec<_>>(),
-                move |line| tx.send((i, Instant::now(), line)).is_ok(),
-            ));
-        }
-        let mut c = Connections {
-            children,
-            ports: vec![String::new(); n],
-            answers: (0..n).map(|_| Vec::new()).collect(),
-            errors: Vec::new(),
-            rx,
-        };
-        wait_for(
-            "every long-lived connection to answer 3 times",
-            Duration::from_secs(10),
-            || {
-                c.collect();
-                c.answers.iter().all(|a| a.len() >= 3)
-            },
-        );
-        assert!(c.errors.is_empty(), "{:?}", c.errors);
-        c
-    }
-
-    /// Takes in what arrived so far.
-    fn collect(&mut self) {
-        while let Ok((i, at, line)) = self.rx.try_recv() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if words.len() == 3 && words[0] != "error:" {
-                self.ports[i] = words[0].to_string();
-                self.answers[i].push(Answer {
-                    at,
-                    real: words[1].to_string(),
-                });
-            } else {
-                self.errors.push(format!("connection {i}: {line}"));
-            }
-        }
-    }
-
-    /// Collects for `d`.
-    fn run_for(&mut self, d: Duration) {
-        let end = Instant::now() + d;
-        while Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(20));
-            self.collect();
-        }
-    }
-
-    /// Connections that answered after `t`, always from the real they started on, with the
-    /// client still running: the survivors.
-    fn survivors_after(&mut self, t: Instant) -> Vec<usize> {
-        self.collect();
-        let mut alive = Vec::new();
-        for (i, answers) in self.answers.iter().enumerate() {
-            let Some(first) = answers.first() else {
-                continue;
-            };
-            let same_real = answers.iter().all(|a| a.real == first.real);
-            let answered = answers.iter().any(|a| a.at > t);
-            let running = self.children[i].0.try_wait().unwrap().is_none();
-            if same_real && answered && running {
-                alive.push(i);
-            }
-        }
-        alive
-    }
-
-    /// Connections that stalled after `t` (no answer for longer than STALL while asking every
-    /// 50 ms): those whose director was lost. With each, when it answered again, as time since
-    /// `t`. (Asking the router with `ip route get ... sport ... dport` does not tell: over veth
-    /// the client socket's own flow hash reaches the router, which uses it for ECMP.)
-    fn stalled_after(&self, t: Instant) -> Vec<(usize, Duration)> {
-        let mut out = Vec::new();
-        for (i, answers) in self.answers.iter().enumerate() {
-            let longest = answers
-                .windows(2)
-                .filter(|w| w[1].at > t)
-                .max_by_key(|w| w[1].at - w[0].at);
-            if let Some(w) = longest.filter(|w| w[1].at - w[0].at > STALL) {
-                out.push((i, w[1].at - t));
-            }
-        }
-        out
-    }
-}
-
-fn ms(d: Duration) -> u128 {
-    d.as_millis()
-}
-
-fn median_of(d: &[Duration]) -> Duration {
-    let mut sorted = d.to_vec();
-    sorted.sort();
-    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
 }
 
 /// A command to one of the lab's BIRDs (rt, d1, d2) over its own control socket; its output.
@@ -450,7 +131,7 @@ fn ecmp_directors() {
     // NOTIFICATION, no TCP FIN; the router learns it only from BFD). Long-lived connections
     // through it move to d2 and reach the same real: identical Maglev tables, no shared
     // connection state. ---
-    let mut conns = Connections::open(web_vip, CONNECTIONS, 40);
+    let mut conns = open_connections(web_vip, CONNECTIONS, 40);
     lose_director(
         &mut conns,
         dir1,
@@ -497,7 +178,7 @@ fn ecmp_directors() {
                 == 0
     });
     wait_hops(web_vip, &[dir1.1, dir2.1], Duration::from_secs(20));
-    let mut conns = Connections::open(web_vip, CONNECTIONS, 40);
+    let mut conns = open_connections(web_vip, CONNECTIONS, 40);
     lose_director(
         &mut conns,
         dir2,
@@ -573,7 +254,7 @@ fn ecmp_directors() {
 
     // --- A clean stop (SIGTERM) of d2's daemon: it withdraws every VIP before it exits;
     // connections through d2 move to d1 and keep their real. ---
-    let mut conns = Connections::open(web_vip, CONNECTIONS, 30);
+    let mut conns = open_connections(web_vip, CONNECTIONS, 30);
     let stopped = Instant::now();
     let out = sh(
         "kill",
@@ -603,15 +284,6 @@ fn ecmp_directors() {
     );
     assert!(conns.errors.is_empty(), "{:?}", conns.errors);
     assert_eq!(alive.len(), CONNECTIONS, "{}", diagnostics());
-}
-
-/// Takes a director's switch port down or up: down, the director is dark (as after a crash
-/// or a power loss), its processes still running but cut off.
-fn link(d: Director, state: &str) {
-    let topo = LAB.topology();
-    let (switch, port) = topo.switch_port(d.0, &topo.daemon(d.0).iface);
-    let out = sh("ip", &["-n", switch, "link", "set", port, state]);
-    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// Takes director `lost` dark under the long-lived connections, waits for the router to

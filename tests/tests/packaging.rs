@@ -95,3 +95,51 @@ fn systemd_unit_verifies() {
         );
     }
 }
+
+/// keepalived's own parser accepts the VRRP pair's sample (`keepalived --config-test`, Debian
+/// package keepalived) once its track script points at the binary just built, and rejects it
+/// while the script cannot be found: the director gives up mastership when `xlb status` fails.
+#[test]
+fn keepalived_sample_passes_keepalived_config_test() {
+    let sample =
+        std::fs::read_to_string(repo().join("packaging/keepalived/keepalived.conf")).unwrap();
+    let script = "\"/usr/local/bin/xlb --socket /run/xlb/xlb.sock status\"";
+    assert!(
+        sample.contains(script),
+        "the track script is not `xlb status`"
+    );
+    for must in [
+        "track_script",
+        "nopreempt",
+        "state BACKUP",
+        "virtual_ipaddress",
+    ] {
+        assert!(sample.contains(must), "the sample lacks {must}");
+    }
+    let dir = std::env::temp_dir().join(format!("xlb-keepalived-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        Command::new("keepalived")
+            .args(["--config-test", "--use-file"])
+            .arg(&path)
+            .output()
+            .expect("keepalived (Debian package keepalived; scripts/setup installs it)")
+    };
+    let good = check(
+        "keepalived.conf",
+        &sample.replace("/usr/local/bin/xlb", xlb_bin().to_str().unwrap()),
+    );
+    let missing = check(
+        "missing.conf",
+        &sample.replace("/usr/local/bin/xlb", "/nonexistent/xlb"),
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        good.status.success() && text(&good).trim().is_empty(),
+        "keepalived --config-test: {}",
+        text(&good)
+    );
+    assert!(!missing.status.success(), "{}", text(&missing));
+}

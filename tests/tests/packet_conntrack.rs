@@ -7,11 +7,7 @@
 use std::net::IpAddr;
 
 use lb_common::{ConnKey, ConnValue, Global, conn_seal};
-use xlb::{
-    config::{RealConfig, ServiceAddr, ServiceConfig},
-    control::Balancer,
-    dataplane::BALANCER_PROGRAM,
-};
+use xlb::{config::ServiceAddr, control::Balancer, dataplane::BALANCER_PROGRAM};
 use xlb_tests::*;
 
 const VIP4: &str = "198.18.0.100";
@@ -26,22 +22,11 @@ const OTHER_REALS4: [&str; 2] = ["198.18.0.21", "198.18.0.22"];
 /// Buckets of the small table the tests use, so that flows sharing a bucket are easy to find.
 const BUCKETS: u32 = 16;
 
-fn add_service(b: &mut Balancer, service: &str, reals: &[&str]) -> ServiceAddr {
-    let addr: ServiceAddr = service.parse().unwrap();
-    let mut cfg = ServiceConfig::new(addr);
-    for r in reals {
-        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
-        cfg.reals.push(RealConfig::new(ip(r), 100));
-    }
-    b.add_service(cfg).unwrap();
-    addr
-}
-
 fn balancer_with_services() -> Balancer {
     let mut b = balancer_with_capacity(BUCKETS);
-    add_service(&mut b, "198.18.0.100:80/tcp", &REALS4);
-    add_service(&mut b, "[fd00:18::100]:80/tcp", &REALS6);
-    add_service(&mut b, "198.18.0.110:80/tcp", &OTHER_REALS4);
+    add_dr_service(&mut b, "198.18.0.100:80/tcp", &REALS4);
+    add_dr_service(&mut b, "[fd00:18::100]:80/tcp", &REALS6);
+    add_dr_service(&mut b, "198.18.0.110:80/tcp", &OTHER_REALS4);
     b
 }
 

@@ -305,6 +305,7 @@ fn restore_memory_scrape(scrapes: usize) -> Result<(Value, Value, Value)> {
                     ifaces: &[("bench", 0, "none")],
                     flows: &counts,
                     checks: &checks,
+                    sync: None,
                 };
                 let page = metrics::render(b, &scrape)?;
                 Ok((counts, page))

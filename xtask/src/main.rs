@@ -8,6 +8,7 @@ mod bench_lab;
 mod bench_rate;
 mod bench_setup;
 mod bench_stats;
+mod bench_sync;
 mod experiment;
 mod experiment_chart;
 mod experiment_rows;
@@ -70,6 +71,8 @@ enum BenchPart {
     Control,
     /// HTTP through the VIP vs. direct, health-check detection window (DR lab).
     Lab,
+    /// Connection sync: bytes per new flow, first-packet-to-peer delay, data-path cost on/off.
+    Sync,
 }
 
 fn main() -> ExitCode {
@@ -114,6 +117,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if part(BenchPart::Control) {
                 add_to_summary("control", bench_control::run(args.quick)?)?;
+            }
+            if part(BenchPart::Sync) {
+                add_to_summary("sync", bench_sync::run(args.quick)?)?;
             }
             if part(BenchPart::Lab) && !args.skip_lab {
                 add_to_summary("lab", bench_lab::run(args.quick)?)?;

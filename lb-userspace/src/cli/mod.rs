@@ -3,7 +3,7 @@
 mod output;
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -92,6 +92,19 @@ enum Command {
         /// holds) instead of answering them from the data path.
         #[arg(long)]
         no_vip_echo: bool,
+        /// Connection sync: send this director's new flows to the peer director at ADDR[:PORT]
+        /// (port 8848 unless given) and install the flows it sends; repeat it for each peer.
+        /// Needs --sync-key-file.
+        #[arg(long = "sync-peer", value_name = "ADDR[:PORT]", value_parser = parse_sync_addr)]
+        sync_peers: Vec<SocketAddr>,
+        /// Connection sync: receive (and send) batches on ADDR[:PORT] (default: every address,
+        /// port 8848); only datagrams from a --sync-peer address are looked at.
+        #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_sync_addr)]
+        sync_listen: Option<SocketAddr>,
+        /// Connection sync: the key shared by the peers (at least 16 bytes; trailing
+        /// whitespace ignored): every batch carries its HMAC-SHA256, and one without is refused.
+        #[arg(long, value_name = "FILE")]
+        sync_key_file: Option<PathBuf>,
     },
     /// Remove the data path a daemon left on an interface: detach the program, remove the
     /// pinned links and maps. Stop the daemon first. Runs locally, without the daemon.
@@ -466,7 +479,11 @@ fn run(cli: Cli) -> Result<()> {
             log_level,
             datapath_log,
             no_vip_echo,
+            sync_peers,
+            sync_listen,
+            sync_key_file,
         } => {
+            let sync = sync_options(sync_peers, sync_listen, sync_key_file.as_deref())?;
             init_logging(log_level, datapath_log);
             let rt = tokio::runtime::Runtime::new()?;
             return rt.block_on(daemon::run(DaemonOptions {
@@ -484,6 +501,7 @@ fn run(cli: Cli) -> Result<()> {
                 datapath_log,
                 refusals_down,
                 vip_echo: !no_vip_echo,
+                sync,
             }));
         }
         Command::Detach { iface, pin_root } => {
@@ -735,4 +753,48 @@ fn xdp_pass(iface: &str) -> Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// `ADDR[:PORT]` (an IPv6 address with a port in brackets), port `DEFAULT_SYNC_PORT` if none.
+fn parse_sync_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .map(|ip| SocketAddr::new(ip, crate::sync::DEFAULT_SYNC_PORT))
+        })
+        .map_err(|_| format!("{s:?} is not an address, with or without a port"))
+}
+
+/// Connection sync's options, checked: peers need the key (a stranger must not be able to
+/// write flows into the connection table), and the default listen address is of the peers'
+/// family.
+fn sync_options(
+    peers: Vec<SocketAddr>,
+    listen: Option<SocketAddr>,
+    key_file: Option<&Path>,
+) -> Result<Option<crate::daemon::sync::SyncOptions>> {
+    if peers.is_empty() {
+        if listen.is_some() || key_file.is_some() {
+            bail!("--sync-listen and --sync-key-file need --sync-peer");
+        }
+        return Ok(None);
+    }
+    let Some(key_file) = key_file else {
+        bail!(
+            "--sync-peer needs --sync-key-file: sync batches are authenticated with a shared key"
+        );
+    };
+    let key = crate::sync::load_key(key_file)?;
+    let any: IpAddr = if peers.iter().all(|p| p.is_ipv4()) {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    Ok(Some(crate::daemon::sync::SyncOptions {
+        peers,
+        listen: listen.unwrap_or(SocketAddr::new(any, crate::sync::DEFAULT_SYNC_PORT)),
+        key,
+    }))
 }

@@ -214,13 +214,16 @@ pub struct Balancer {
     /// The data path logs its rare events (`xlb daemon --datapath-log`).
     datapath_log: bool,
     vip_echo: bool,
+    /// Connection sync is on: the data path reports new flows (`CONFIG_F_SYNC`).
+    sync: bool,
 }
 
 /// The smallest MTU `set_mtu` accepts: every IPv4 host takes 576-byte datagrams (RFC 791), and
 /// above it a packet too big to tunnel is always long enough to be quoted in the ICMP reply.
 pub const MIN_MTU: u32 = 576;
 
-fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+/// An address as the maps hold it (IPv4 in the first four bytes) and its family.
+pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
     let mut out = [0u8; 16];
     match addr {
         IpAddr::V4(a) => {
@@ -243,9 +246,14 @@ fn vip_key(vip: IpAddr) -> lb_common::VipKey {
 
 /// A backend entry's address (None for an unused entry).
 fn backend_addr(b: &Backend) -> Option<IpAddr> {
-    match b.family {
-        FAMILY_V4 => Some(IpAddr::from(<[u8; 4]>::try_from(&b.addr[..4]).ok()?)),
-        FAMILY_V6 => Some(IpAddr::from(b.addr)),
+    addr_of(&b.addr, b.family)
+}
+
+/// The address of `addr_bytes`'s output (None for an unknown family).
+pub fn addr_of(bytes: &[u8; 16], family: u8) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).ok()?)),
+        FAMILY_V6 => Some(IpAddr::from(*bytes)),
         _ => None,
     }
 }
@@ -275,6 +283,7 @@ impl Balancer {
             tunnel_v6: None,
             datapath_log: false,
             vip_echo: true,
+            sync: false,
         }
     }
 
@@ -335,6 +344,12 @@ impl Balancer {
     /// Whether the data path answers pings to VIPs (on by default).
     pub fn set_vip_echo(&mut self, on: bool) -> Result<()> {
         self.vip_echo = on;
+        self.write_kernel_config()
+    }
+
+    /// Turns the data path's reports of new flows on or off (connection sync, `CONFIG_F_SYNC`).
+    pub fn set_sync(&mut self, on: bool) -> Result<()> {
+        self.sync = on;
         self.write_kernel_config()
     }
 
@@ -427,6 +442,10 @@ impl Balancer {
                 lb_common::CONFIG_F_NAT
             } else {
                 0
+            } | if self.sync {
+                lb_common::CONFIG_F_SYNC
+            } else {
+                0
             },
             _pad: [0; 3],
             all_ports_services,
@@ -482,13 +501,30 @@ impl Balancer {
     /// The (service, real) a backend id and generation name, if it still does (a refusal
     /// reported for an id since given to another real is not that real's).
     pub fn real_of_backend(&self, id: u32, generation: u32) -> Option<(ServiceAddr, IpAddr)> {
+        self.synced_real(id, generation)
+            .map(|(svc, addr, _)| (svc, addr))
+    }
+
+    /// Connection sync: the (service, real address, real's NAT port) a backend id and
+    /// generation name here, as a peer director knows them (ids are local to a director).
+    pub fn synced_real(&self, id: u32, generation: u32) -> Option<(ServiceAddr, IpAddr, u16)> {
         self.services.iter().find_map(|(svc, st)| {
             st.reals
                 .iter()
                 .chain(st.fallback.iter().map(|(a, r)| (a, r)))
                 .find(|(_, r)| r.backend_id == id && r.generation == generation)
-                .map(|(addr, _)| (*svc, *addr))
+                .map(|(addr, r)| (*svc, *addr, r.port))
         })
+    }
+
+    /// Connection sync: this director's backend id and generation for a peer's (service, real
+    /// address, real's NAT port), if it has that real with that port.
+    pub fn synced_backend(&self, s: &ServiceAddr, real: IpAddr, port: u16) -> Option<(u32, u32)> {
+        self.services
+            .get(s)?
+            .real(real)
+            .filter(|r| r.port == port)
+            .map(|r| (r.backend_id, r.generation))
     }
 
     pub fn real_backend_id(&self, s: &ServiceAddr, real: IpAddr) -> Option<u32> {

@@ -16,7 +16,7 @@ pub const ACTIVE_FLOW_IDLE_S: u32 = 60;
 pub const CLOSING_FLOW_IDLE_S: u32 = 2;
 
 /// Monotonic coarse seconds: the clock the data path stamps flows with.
-fn now_coarse_s() -> u32 {
+pub fn now_coarse_s() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -39,16 +39,22 @@ pub fn active_flows(b: &mut Balancer) -> Result<Flows> {
     let mut flows = Flows::default();
     for v in b.dataplane().conns()? {
         flows.entries += 1;
-        let idle_limit = if v.flags & lb_common::CONN_F_CLOSING != 0 {
-            CLOSING_FLOW_IDLE_S
-        } else {
-            ACTIVE_FLOW_IDLE_S
-        };
-        if now.saturating_sub(v.last_seen_s) <= idle_limit {
+        if is_active(&v, now) {
             *flows.active.entry(u32::from(v.backend_id)).or_insert(0u64) += 1;
         }
     }
     Ok(flows)
+}
+
+/// Whether a tracked flow sent a packet recently at `now` (`now_coarse_s`): see
+/// `ACTIVE_FLOW_IDLE_S` and `CLOSING_FLOW_IDLE_S`.
+pub fn is_active(v: &lb_common::ConnValue, now: u32) -> bool {
+    let idle_limit = if v.flags & lb_common::CONN_F_CLOSING != 0 {
+        CLOSING_FLOW_IDLE_S
+    } else {
+        ACTIVE_FLOW_IDLE_S
+    };
+    now.saturating_sub(v.last_seen_s) <= idle_limit
 }
 
 /// NAT reply entries idle this long are deleted (IPVS's defaults for established TCP and for

@@ -299,8 +299,9 @@ pub fn adaptive_weight(weight: u32, latency: f64, fastest: f64) -> u32 {
     scaled.clamp(weight.div_ceil(4), weight)
 }
 
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps refusals.
-fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which stamps refusals (and sync
+/// events).
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

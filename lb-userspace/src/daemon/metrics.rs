@@ -12,7 +12,7 @@ use lb_common::{Counters, Global};
 use prometheus::{TextEncoder, proto::MetricFamily};
 use tokio::net::TcpListener;
 
-use super::checks::Checks;
+use super::{checks::Checks, sync::SyncStats};
 use crate::{
     control::{Balancer, Flows},
     dataplane::ebpf_object_digest,
@@ -84,6 +84,8 @@ pub struct Scrape<'a> {
     /// One walk of the connection table (see `control::Flows`).
     pub flows: &'a Flows,
     pub checks: &'a Checks,
+    /// Connection sync's counters, while it is on.
+    pub sync: Option<&'a SyncStats>,
 }
 
 /// The metrics page for the balancer's current state. Names follow Prometheus conventions:
@@ -220,6 +222,42 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "xlb_real_interface_info",
         "The attached interface the real is reached through (absent while unresolved).",
     );
+    let mut sync_entries_sent = Family::counter(
+        "xlb_sync_entries_sent_total",
+        "Connection sync: flow entries sent to peer directors (new flows and refreshes, once \
+         per peer).",
+    );
+    let mut sync_batches_sent = Family::counter(
+        "xlb_sync_batches_sent_total",
+        "Connection sync: datagrams sent to peer directors.",
+    );
+    let mut sync_send_errors = Family::counter(
+        "xlb_sync_send_errors_total",
+        "Connection sync: datagrams the kernel would not send (buffer full, no route).",
+    );
+    let mut sync_batches_received = Family::counter(
+        "xlb_sync_batches_received_total",
+        "Connection sync: datagrams taken from peers (from a peer, MAC right, sequence fresh).",
+    );
+    let mut sync_entries_received = Family::counter(
+        "xlb_sync_entries_received_total",
+        "Connection sync: flow entries in the datagrams taken.",
+    );
+    let mut sync_entries_installed = Family::counter(
+        "xlb_sync_entries_installed_total",
+        "Connection sync: flow entries written into the connection table.",
+    );
+    let mut sync_refused = Family::counter(
+        "xlb_sync_refused_total",
+        "Connection sync: datagrams refused whole, by reason: not_peer (source is no \
+         --sync-peer), bad_mac, replay (sequence not fresh), malformed; and entries refused, \
+         reason unknown (a service or real this director does not have).",
+    );
+    let mut sync_events_lost = Family::counter(
+        "xlb_sync_events_lost_total",
+        "Connection sync: new flows the data path could not report (its buffer full); sent \
+         with the next refresh instead, if still active.",
+    );
     let mut build = Family::gauge(
         "xlb_build_info",
         "The xlb version and a digest of its embedded eBPF object.",
@@ -286,7 +324,26 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             Global::DropSnatExhausted => dropped.add(&[("reason", "snat_exhausted")], value),
             Global::ConnMiss => conn_misses.add(&[], value),
             Global::ConnStale => conn_stale.add(&[], value),
+            Global::SyncEventsLost => {
+                if scrape.sync.is_some() {
+                    sync_events_lost.add(&[], value)
+                }
+            }
         }
+    }
+    if let Some(s) = scrape.sync {
+        let get =
+            |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        sync_entries_sent.add(&[], get(&s.entries_sent));
+        sync_batches_sent.add(&[], get(&s.batches_sent));
+        sync_send_errors.add(&[], get(&s.send_errors));
+        sync_batches_received.add(&[], get(&s.batches_received));
+        sync_entries_received.add(&[], get(&s.entries_received));
+        sync_entries_installed.add(&[], get(&s.entries_installed));
+        for (why, count) in crate::sync::Refusal::ALL.iter().zip(&s.refused) {
+            sync_refused.add(&[("reason", why.name())], get(count));
+        }
+        sync_refused.add(&[("reason", "unknown")], get(&s.entries_unknown));
     }
     conn_entries.add(&[], scrape.flows.entries as f64);
     conn_capacity.add(&[], b.dataplane().conn_capacity()?.into());
@@ -334,6 +391,14 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         conn_stale,
         conn_entries,
         conn_capacity,
+        sync_entries_sent,
+        sync_batches_sent,
+        sync_send_errors,
+        sync_batches_received,
+        sync_entries_received,
+        sync_entries_installed,
+        sync_refused,
+        sync_events_lost,
         attach,
         build,
     ]

@@ -9,6 +9,8 @@ pub mod metrics;
 mod neighbours;
 mod refusals;
 mod server;
+pub mod sync;
+mod uplink;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -58,6 +60,8 @@ pub struct DaemonOptions {
     pub refusals_down: u32,
     /// Answer pings to VIPs from the data path (`CONFIG_F_VIP_ECHO`).
     pub vip_echo: bool,
+    /// Connection sync with peer directors (`--sync-peer`), if any.
+    pub sync: Option<sync::SyncOptions>,
 }
 
 /// An interface the data path is attached to.
@@ -83,6 +87,8 @@ struct Shared {
     /// Wakes the neighbour refresh after a change: a new real's MAC is often known already,
     /// and it should not wait for the next tick.
     resolve_now: Arc<Notify>,
+    /// Connection sync's counters, while it is on.
+    sync: Option<Arc<sync::SyncStats>>,
 }
 
 impl Shared {
@@ -117,13 +123,24 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
+    // Bound before anything is attached, as the metrics address: a bad one changes nothing.
+    let sync_socket = match &opts.sync {
+        Some(o) => Some(sync::bind(o.listen)?),
+        None => None,
+    };
     let neighbours = Neighbours::new()?;
     let mut ifaces = Vec::new();
+    let mut plans = Vec::new();
     for (i, name) in opts.ifaces.iter().enumerate() {
         if opts.ifaces[..i].contains(name) {
             bail!("interface {name} is given twice");
         }
         ifaces.push(neighbours.interface(name).await?);
+        plans.push(uplink::plan(
+            name,
+            &neighbours.link_kind(name).await?,
+            opts.xdp_mode,
+        )?);
     }
     let Some(primary) = ifaces.first().copied() else {
         bail!("no interface to attach to (--iface)");
@@ -152,11 +169,22 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         false => None,
     };
     let refusal_events = dp.take_refusals()?;
+    let sync_events = dp.take_sync_events()?;
     let mut balancer = Balancer::new(dp);
     balancer.inherit(inherited);
     balancer.set_datapath_log(opts.datapath_log)?;
+    balancer.set_sync(opts.sync.is_some())?;
     balancer.set_vip_echo(opts.vip_echo)?;
-    let macs: Vec<_> = ifaces.iter().map(|i| (i.index, i.mac)).collect();
+    // A bond's members carry its MAC: frames arrive on them when the bond runs XDP natively.
+    let macs: Vec<_> = ifaces
+        .iter()
+        .zip(&plans)
+        .flat_map(|(i, plan)| {
+            std::iter::once(i.index)
+                .chain(plan.members.iter().copied())
+                .map(|index| (index, i.mac))
+        })
+        .collect();
     balancer.set_interfaces(&macs)?;
     // The smallest: the real, and so the egress interface, is chosen after the check. No IP
     // packet exceeds 65535 bytes, so a larger MTU (lo's 65536) checks nothing more.
@@ -204,18 +232,22 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         bgp,
         drained: Default::default(),
         resolve_now: resolve_now.clone(),
+        sync: None,
     }));
     // Links before attaching, so a new program's first packets find reals they may forward to.
     neighbours::refresh(&shared, &neighbours).await;
     pins.drop_unlisted_links(&opts.ifaces)?;
     for (i, name) in opts.ifaces.iter().enumerate() {
         let ifindex = ifaces[i].index;
+        if let Some(note) = &plans[i].note {
+            tracing::info!(iface = %name, "{note}");
+        }
         let attachment = {
             let mut guard = shared.lock().unwrap();
             guard
                 .balancer
                 .dataplane()
-                .attach(name, ifindex, opts.xdp_mode)?
+                .attach(name, ifindex, plans[i].mode)?
         };
         let mode = match attachment {
             Attachment::New(mode) => {
@@ -278,6 +310,29 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         })
     };
     let refusals = refusals::watch(refusal_events, shared.clone())?;
+    let mut sync_tasks = Vec::new();
+    if let (Some(o), Some(socket)) = (&opts.sync, sync_socket) {
+        let stats = Arc::new(sync::SyncStats::default());
+        shared.lock().unwrap().sync = Some(stats.clone());
+        let sender = Arc::new(Mutex::new(sync::Sender::new(
+            socket.try_clone()?,
+            o,
+            stats.clone(),
+        )?));
+        let receiver = sync::Receiver::new(o, stats);
+        sync_tasks.push(sync::watch_events(
+            sync_events,
+            shared.clone(),
+            sender.clone(),
+        )?);
+        sync_tasks.push(sync::send_loop(shared.clone(), sender));
+        sync_tasks.push(sync::receive_loop(socket, shared.clone(), receiver)?);
+        tracing::info!(
+            listen = %o.listen,
+            peers = ?o.peers,
+            "connection sync on"
+        );
+    }
     let listener = bind_socket(&opts.socket)?;
     tracing::info!(socket = %opts.socket.display(), "control API listening");
     let resolver = {
@@ -306,6 +361,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                 balancer,
                 ifaces,
                 checks,
+                sync,
                 ..
             } = &mut *guard;
             let flows = active_flows(balancer)?;
@@ -317,6 +373,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                 ifaces: &attached,
                 flows: &flows,
                 checks,
+                sync: sync.as_deref(),
             };
             metrics::render(balancer, &scrape)
         });
@@ -340,6 +397,9 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     }
     resolver.abort();
     refusals.abort();
+    for task in sync_tasks {
+        task.abort();
+    }
     checker.abort();
     adapter.abort();
     if let Some(server) = metrics_server {

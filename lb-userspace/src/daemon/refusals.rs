@@ -12,19 +12,14 @@ use aya::maps::{MapData, RingBuf};
 use lb_common::RefusalEvent;
 
 use super::Shared;
+use crate::dataplane::ring_records;
 
 pub fn watch(
     ring: RingBuf<MapData>,
     shared: Arc<Mutex<Shared>>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     super::on_readable(ring, "the refusal buffer", move |ring| {
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<RefusalEvent>() {
-                // SAFETY: the data path writes whole RefusalEvents; read unaligned.
-                events.push(unsafe { (item.as_ptr() as *const RefusalEvent).read_unaligned() });
-            }
-        }
+        let events = ring_records::<RefusalEvent>(ring);
         if events.is_empty() {
             return;
         }

@@ -57,6 +57,18 @@ impl Mapping {
         // SAFETY: as in `read`.
         unsafe { self.base.as_ptr().add(i).write_volatile(bucket) }
     }
+
+    /// Writes entry `way` of bucket `i` alone (20 bytes): the data path may write the bucket's
+    /// other entries meanwhile.
+    fn write_entry(&mut self, i: usize, way: usize, entry: ConnEntry) {
+        assert!(i < self.buckets && way < CONN_WAYS);
+        // SAFETY: inside the mapping; a racing writer of the same entry can at worst tear it,
+        // which `ConnEntry::holds` then refuses.
+        unsafe {
+            let bucket = self.base.as_ptr().add(i);
+            std::ptr::addr_of_mut!((*bucket).entries[way]).write_volatile(entry)
+        }
+    }
 }
 
 impl Drop for Mapping {
@@ -74,6 +86,20 @@ impl Drop for Mapping {
 /// The bucket of a flow with hashes `hashes` in a table of `buckets` (a power of two).
 fn bucket_of(hashes: [u32; 2], buckets: usize) -> usize {
     (hashes[1] as usize) & (buckets - 1)
+}
+
+/// The entry of `bucket` a new flow with hashes `hashes` takes, as the data path chooses it:
+/// its own, else the one with the lowest keep score (`ConnValue::keep_score`).
+fn way_for(bucket: &ConnBucket, hashes: [u32; 2]) -> usize {
+    bucket
+        .entries
+        .iter()
+        .position(|e| e.fingerprint[0] == hashes[0])
+        .unwrap_or_else(|| {
+            (0..CONN_WAYS)
+                .min_by_key(|&w| bucket.entries[w].value.keep_score())
+                .expect("a bucket has entries")
+        })
 }
 
 impl Dataplane {
@@ -108,14 +134,7 @@ impl Dataplane {
 
     /// The entry of the flow `key`, if the table holds it (whole).
     pub fn conn(&self, key: &ConnKey) -> Result<Option<ConnValue>> {
-        let table = Mapping::of(self)?;
-        let hashes = key.hashes();
-        let bucket = table.read(bucket_of(hashes, table.buckets));
-        Ok(bucket
-            .entries
-            .iter()
-            .find(|e| e.holds(hashes))
-            .map(|e| e.value))
+        Ok(self.conns_of(std::slice::from_ref(key))?[0])
     }
 
     /// The bucket the flow `key` hashes to, as it is: for tests that age or tear entries.
@@ -141,18 +160,40 @@ impl Dataplane {
             let hashes = key.hashes();
             let i = bucket_of(hashes, table.buckets);
             let mut bucket = table.read(i);
-            let way = bucket
-                .entries
-                .iter()
-                .position(|e| e.fingerprint[0] == hashes[0])
-                .unwrap_or_else(|| {
-                    (0..CONN_WAYS)
-                        .min_by_key(|&w| bucket.entries[w].value.keep_score())
-                        .expect("a bucket has entries")
-                });
+            let way = way_for(&bucket, hashes);
             bucket.entries[way] = ConnEntry::new(hashes, *value);
             table.write(i, bucket);
         }
         Ok(())
+    }
+
+    /// Writes flows' entries while the data path runs (connection sync: entries from a peer
+    /// director): each into the entry `insert_conns` would choose, one entry written at a time.
+    pub fn install_conns(&mut self, flows: &[(ConnKey, ConnValue)]) -> Result<()> {
+        let mut table = Mapping::of(self)?;
+        for (key, value) in flows {
+            let hashes = key.hashes();
+            let i = bucket_of(hashes, table.buckets);
+            let way = way_for(&table.read(i), hashes);
+            table.write_entry(i, way, ConnEntry::new(hashes, *value));
+        }
+        Ok(())
+    }
+
+    /// The entries of these flows, where the table holds them (whole): one mapping for all.
+    pub fn conns_of(&self, keys: &[ConnKey]) -> Result<Vec<Option<ConnValue>>> {
+        let table = Mapping::of(self)?;
+        Ok(keys
+            .iter()
+            .map(|key| {
+                let hashes = key.hashes();
+                table
+                    .read(bucket_of(hashes, table.buckets))
+                    .entries
+                    .iter()
+                    .find(|e| e.holds(hashes))
+                    .map(|e| e.value)
+            })
+            .collect())
     }
 }

@@ -354,10 +354,20 @@ impl Dataplane {
     /// The ring buffer of refusals the data path honoured (one `RefusalEvent` each), for the
     /// daemon to take refusing reals down at once. Taken once.
     pub fn take_refusals(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.take_ring("REFUSALS")
+    }
+
+    /// The ring buffer of new flows' entries (one `SyncEvent` each, while `CONFIG_F_SYNC` is
+    /// on), for the daemon to send to its peer directors. Taken once.
+    pub fn take_sync_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.take_ring("SYNC_EVENTS")
+    }
+
+    fn take_ring(&mut self, name: &str) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
         let map = self
             .ebpf
-            .take_map("REFUSALS")
-            .ok_or_else(|| anyhow!("map REFUSALS missing from the object (or taken)"))?;
+            .take_map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object (or taken)"))?;
         Ok(aya::maps::RingBuf::try_from(map)?)
     }
 
@@ -473,6 +483,19 @@ pub fn pin_to_cpu(cpu: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every record waiting in a ring buffer the data path writes `T`s to (`REFUSALS`,
+/// `SYNC_EVENTS`), in order; records of another size are skipped.
+pub fn ring_records<T: aya::Pod>(ring: &mut aya::maps::RingBuf<MapData>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() == size_of::<T>() {
+            // SAFETY: T is plain data of that size; read unaligned.
+            out.push(unsafe { (item.as_ptr() as *const T).read_unaligned() });
+        }
+    }
+    out
 }
 
 /// Puts `programs` in the program array `map`, slot by slot.

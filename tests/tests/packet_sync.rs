@@ -1,0 +1,285 @@
+//! Connection sync through the compiled program under BPF_PROG_TEST_RUN: the data path reports
+//! exactly one `SyncEvent` per new flow (none for its established packets, none while sync is
+//! off); the daemon's sender and receiver (daemon/sync.rs) carry it over a real UDP socket on
+//! lo to a second balancer whose backend ids and Maglev table differ, which then sends the
+//! flow's next packet to the same real; a datagram from a stranger, with a bad MAC, or
+//! replayed installs nothing and is counted.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use lb_common::{CONN_F_ACKED, ConnValue, SyncEvent};
+use xlb::{
+    config::ServiceAddr,
+    control::Balancer,
+    daemon::sync::{Receiver, Sender, SyncOptions, SyncStats},
+    dataplane::{BALANCER_PROGRAM, ring_records},
+    sync::{Refusal, SyncEntry, encode},
+};
+use xlb_tests::*;
+
+const SERVICE: &str = "198.18.0.100:80/tcp";
+const UDP_SERVICE: &str = "198.18.0.100:53/udp";
+const VIP: &str = "198.18.0.100";
+const CLIENT: &str = "198.18.1.1";
+const REALS: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
+const RING: u32 = 65537;
+const KEY: &[u8] = b"a shared key of enough bytes";
+
+/// The director whose flows are synced: the web service and a UDP one.
+fn director() -> Balancer {
+    let mut b = balancer();
+    add_dr_service(&mut b, SERVICE, &REALS);
+    add_dr_service(&mut b, UDP_SERVICE, &REALS);
+    b
+}
+
+/// Its peer: another service first (so its backend ids differ), then the same web service
+/// with the last real drained (out of its Maglev table: a real-set change).
+fn peer() -> Balancer {
+    let mut b = balancer();
+    add_dr_service(
+        &mut b,
+        "198.18.0.110:80/tcp",
+        &["198.18.0.21", "198.18.0.22"],
+    );
+    let web = add_dr_service(&mut b, SERVICE, &REALS);
+    b.set_draining(&web, ip(REALS[2]), true).unwrap();
+    b
+}
+
+/// The real a frame was sent to (its destination MAC).
+fn sent_to(b: &mut Balancer, frame: &Frame) -> IpAddr {
+    let (verdict, out) = b
+        .dataplane()
+        .test_run(BALANCER_PROGRAM, &frame.bytes())
+        .unwrap();
+    assert_eq!(verdict, XDP_TX);
+    REALS
+        .iter()
+        .map(|r| ip(r))
+        .find(|&r| out[..6] == real_mac(r))
+        .expect("sent to one of the service's reals")
+}
+
+fn tcp(sport: u16, flags: u8) -> Frame {
+    Frame::tcp(CLIENT, VIP, sport, 80, flags)
+}
+
+#[test]
+fn one_event_per_new_flow_none_for_established_packets_none_when_off() {
+    let mut b = director();
+    let mut ring = b.dataplane().take_sync_events().unwrap();
+    let web: ServiceAddr = SERVICE.parse().unwrap();
+
+    // Off (the default): new flows are tracked, not reported.
+    sent_to(&mut b, &tcp(40000, SYN));
+    assert!(
+        b.dataplane()
+            .conn(&conn_key(&tcp(40000, SYN)))
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        ring_records::<SyncEvent>(&mut ring).is_empty(),
+        "reported while sync is off"
+    );
+
+    b.set_sync(true).unwrap();
+    for (i, sport) in (41000..41010).enumerate() {
+        let syn = tcp(sport, SYN);
+        let real = sent_to(&mut b, &syn);
+        let got = ring_records::<SyncEvent>(&mut ring);
+        assert_eq!(got.len(), 1, "flow {i}: {got:?}");
+        let e = got[0];
+        assert_eq!(e.key, conn_key(&syn));
+        assert_eq!(Some(e.backend_id), b.real_backend_id(&web, real));
+        assert_ne!(e.at_ns, 0);
+        // Its established packets: forwarded, never reported.
+        for _ in 0..5 {
+            assert_eq!(sent_to(&mut b, &tcp(sport, ACK)), real);
+        }
+        assert!(
+            ring_records::<SyncEvent>(&mut ring).is_empty(),
+            "an established packet reported"
+        );
+    }
+    // A UDP flow: its first datagram only.
+    let dgram = Frame::udp(CLIENT, VIP, 5000, 53);
+    for _ in 0..4 {
+        sent_to(&mut b, &dgram);
+    }
+    let got = ring_records::<SyncEvent>(&mut ring);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].key, conn_key(&dgram));
+    // Off again: nothing more.
+    b.set_sync(false).unwrap();
+    sent_to(&mut b, &tcp(42000, SYN));
+    assert!(ring_records::<SyncEvent>(&mut ring).is_empty());
+}
+
+/// A source port from `from` on whose flow Maglev sends to `real` (all reals in the table).
+fn port_to(real: &str, from: u16) -> u16 {
+    (from..)
+        .find(|&p| {
+            predict(
+                &equal_weight(&REALS),
+                RING,
+                five_tuple_hash(&tcp(p, SYN), true),
+            ) == ip(real)
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_peer_installs_the_flows_and_keeps_them_on_their_real() {
+    let mut a = director();
+    let mut ring = a.dataplane().take_sync_events().unwrap();
+    a.set_sync(true).unwrap();
+    let mut b = peer();
+    let mut unsynced = peer();
+
+    let listen = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to_b = listen.local_addr().unwrap();
+    listen
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let from_a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let opts = |peer: SocketAddr| SyncOptions {
+        peers: vec![peer],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        key: KEY.to_vec(),
+    };
+    let a_stats = Arc::new(SyncStats::default());
+    let mut sender = Sender::new(from_a, &opts(to_b), a_stats.clone()).unwrap();
+    let b_stats = Arc::new(SyncStats::default());
+    let mut receiver = Receiver::new(&opts("127.0.0.1:1".parse().unwrap()), b_stats.clone());
+
+    // Flows on each real, the drained one's among them.
+    let ports: Vec<u16> = REALS
+        .iter()
+        .flat_map(|r| {
+            let first = port_to(r, 43000);
+            [first, port_to(r, first + 1)]
+        })
+        .collect();
+    let mut on_a = Vec::new();
+    for &p in &ports {
+        on_a.push(sent_to(&mut a, &tcp(p, SYN)));
+        sent_to(&mut a, &tcp(p, ACK));
+    }
+    sender.take_events(&a, &ring_records::<SyncEvent>(&mut ring));
+    sender.flush();
+    let mut buf = [0u8; 2048];
+    let (len, from) = listen.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        len,
+        16 + 24 * ports.len() + 32,
+        "one datagram of 24-byte entries"
+    );
+    let installed = receiver.take(&mut b, from.ip(), &buf[..len]).unwrap();
+    assert_eq!(installed, ports.len());
+    assert_eq!(a_stats.entries_sent.load(Relaxed), ports.len() as u64);
+    assert_eq!(a_stats.batches_sent.load(Relaxed), 1);
+    assert_eq!(b_stats.entries_installed.load(Relaxed), ports.len() as u64);
+
+    // The peer sends each flow's next packet to the real it started on; without sync, the
+    // flows of the drained real (and any Maglev moved) would go elsewhere.
+    let mut moved_without_sync = 0;
+    for (&p, &real) in ports.iter().zip(&on_a) {
+        assert_eq!(sent_to(&mut b, &tcp(p, ACK)), real, "port {p}");
+        if sent_to(&mut unsynced, &tcp(p, ACK)) != real {
+            moved_without_sync += 1;
+        }
+    }
+    println!(
+        "{moved_without_sync} of {} flows would move without sync",
+        ports.len()
+    );
+    assert!(
+        moved_without_sync >= 2,
+        "the drained real's flows move without sync"
+    );
+
+    // A refresh re-sends the flows still active (the ACKs were just seen), nothing else.
+    sender.refresh(&mut a).unwrap();
+    sender.flush();
+    let (len, from) = listen.recv_from(&mut buf).unwrap();
+    assert_eq!(from.ip(), ip("127.0.0.1"));
+    let (_, refreshed) = xlb::sync::decode(&buf[..len], KEY).unwrap();
+    assert_eq!(refreshed.len(), ports.len());
+    assert!(refreshed.iter().all(|e| e.flags & CONN_F_ACKED != 0));
+    assert_eq!(sender.announced(), ports.len());
+}
+
+#[test]
+fn strangers_forgeries_and_replays_change_nothing() {
+    let mut b = peer();
+    let stats = Arc::new(SyncStats::default());
+    let peer_addr: IpAddr = ip("198.18.11.1");
+    let mut receiver = Receiver::new(
+        &SyncOptions {
+            peers: vec![SocketAddr::new(peer_addr, 8848)],
+            listen: "127.0.0.1:0".parse().unwrap(),
+            key: KEY.to_vec(),
+        },
+        stats.clone(),
+    );
+    let flow = SyncEntry {
+        client: ip(CLIENT),
+        client_port: 44000,
+        service: SERVICE.parse().unwrap(),
+        dport: 80,
+        real: ip(REALS[2]),
+        real_port: 0,
+        flags: CONN_F_ACKED,
+    };
+    let key = conn_key(&tcp(44000, ACK));
+    let mut seq = xlb::sync::Sequencer::default();
+    let good = encode(&[flow], KEY, || seq.advance()).remove(0);
+    let forged = encode(&[flow], b"not the shared key at all", || seq.advance()).remove(0);
+    let refused = |why: Refusal| {
+        stats.refused[Refusal::ALL.iter().position(|&r| r == why).unwrap()].load(Relaxed)
+    };
+
+    // Well signed, from a stranger; signed with another key, from the peer's address.
+    assert_eq!(receiver.take(&mut b, ip("198.18.10.1"), &good).unwrap(), 0);
+    assert_eq!(refused(Refusal::NotPeer), 1);
+    assert_eq!(receiver.take(&mut b, peer_addr, &forged).unwrap(), 0);
+    assert_eq!(refused(Refusal::BadMac), 1);
+    assert_eq!(
+        receiver.take(&mut b, peer_addr, b"XLBS garbage").unwrap(),
+        0
+    );
+    assert_eq!(refused(Refusal::Malformed), 1);
+    assert_eq!(b.dataplane().conn(&key).unwrap(), None::<ConnValue>);
+    assert_eq!(stats.entries_installed.load(Relaxed), 0);
+
+    // The genuine batch, then the same again.
+    assert_eq!(receiver.take(&mut b, peer_addr, &good).unwrap(), 1);
+    let web: ServiceAddr = SERVICE.parse().unwrap();
+    let entry = b.dataplane().conn(&key).unwrap().expect("installed");
+    assert_eq!(
+        Some(u32::from(entry.backend_id)),
+        b.real_backend_id(&web, ip(REALS[2]))
+    );
+    assert_eq!(receiver.take(&mut b, peer_addr, &good).unwrap(), 0);
+    assert_eq!(refused(Refusal::Replay), 1);
+    assert_eq!(stats.entries_installed.load(Relaxed), 1);
+
+    // An entry naming a real (or service) this director does not have: counted, skipped.
+    let stranger_real = SyncEntry {
+        real: ip("198.18.0.99"),
+        ..flow
+    };
+    let unknown_service = SyncEntry {
+        service: "198.18.0.120:80/tcp".parse().unwrap(),
+        ..flow
+    };
+    let batch = encode(&[stranger_real, unknown_service], KEY, || seq.advance()).remove(0);
+    assert_eq!(receiver.take(&mut b, peer_addr, &batch).unwrap(), 0);
+    assert_eq!(stats.entries_unknown.load(Relaxed), 2);
+}
