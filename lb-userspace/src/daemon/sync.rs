@@ -293,7 +293,7 @@ impl Receiver {
         self.stats
             .entries_unknown
             .fetch_add((entries.len() - flows.len()) as u64, Relaxed);
-        b.dataplane().install_conns(&flows)?;
+        b.dataplane().insert_conns(&flows)?;
         self.stats
             .entries_installed
             .fetch_add(flows.len() as u64, Relaxed);

@@ -152,24 +152,10 @@ impl Dataplane {
     }
 
     /// Writes these flows' entries as the data path records a new flow: into the flow's own
-    /// entry, else its bucket's with the lowest keep score (`ConnValue::keep_score`). (A bucket is rewritten whole: only
-    /// while the data path is not using the table, as tests and benchmarks do.)
+    /// entry, else its bucket's with the lowest keep score (`ConnValue::keep_score`). One entry
+    /// is written at a time, so it is safe while the data path runs (connection sync installs
+    /// a peer director's flows with it; tests and benchmarks fill tables with it).
     pub fn insert_conns(&mut self, flows: &[(ConnKey, ConnValue)]) -> Result<()> {
-        let mut table = Mapping::of(self)?;
-        for (key, value) in flows {
-            let hashes = key.hashes();
-            let i = bucket_of(hashes, table.buckets);
-            let mut bucket = table.read(i);
-            let way = way_for(&bucket, hashes);
-            bucket.entries[way] = ConnEntry::new(hashes, *value);
-            table.write(i, bucket);
-        }
-        Ok(())
-    }
-
-    /// Writes flows' entries while the data path runs (connection sync: entries from a peer
-    /// director): each into the entry `insert_conns` would choose, one entry written at a time.
-    pub fn install_conns(&mut self, flows: &[(ConnKey, ConnValue)]) -> Result<()> {
         let mut table = Mapping::of(self)?;
         for (key, value) in flows {
             let hashes = key.hashes();
