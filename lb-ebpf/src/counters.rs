@@ -13,6 +13,16 @@ pub fn global(which: Global) {
     }
 }
 
+/// Returns `verdict`, counting it as `Global::Passed` when it is XDP_PASS: every program that
+/// can hand a frame to the kernel ends through this.
+#[inline(always)]
+pub fn count_pass(verdict: u32) -> u32 {
+    if verdict == aya_ebpf::bindings::xdp_action::XDP_PASS {
+        global(Global::Passed);
+    }
+    verdict
+}
+
 /// The decapsulator's counters.
 #[inline(always)]
 pub fn decap(which: Decap) {

@@ -33,11 +33,7 @@ use crate::{drop::DropReason, forward_tun::Unfit, maps::ICMP_PROGRAM, parse::Fra
 /// The balancer: packets for a service go to one real per flow; everything else passes.
 #[xdp]
 pub fn xlb_balancer(ctx: XdpContext) -> u32 {
-    let verdict = balance(&ctx);
-    if verdict == xdp_action::XDP_PASS {
-        counters::global(Global::Passed);
-    }
-    verdict
+    counters::count_pass(balance(&ctx))
 }
 
 #[inline(always)]
@@ -124,22 +120,14 @@ pub fn xlb_nat_forward(ctx: XdpContext) -> u32 {
 /// for the frames no service claims.
 #[xdp]
 pub fn xlb_nat_reply(ctx: XdpContext) -> u32 {
-    let verdict = nat::translate_reply(&ctx);
-    if verdict == xdp_action::XDP_PASS {
-        counters::global(Global::Passed);
-    }
-    verdict
+    counters::count_pass(nat::translate_reply(&ctx))
 }
 
 /// ICMP errors about NAT flows, translated for the other side (nat_icmp.rs). Tail-called by
 /// `xlb_icmp`.
 #[xdp]
 pub fn xlb_nat_icmp(ctx: XdpContext) -> u32 {
-    let verdict = nat_icmp::translate_error(&ctx);
-    if verdict == xdp_action::XDP_PASS {
-        counters::global(Global::Passed);
-    }
-    verdict
+    counters::count_pass(nat_icmp::translate_error(&ctx))
 }
 
 /// Echo requests go to `xlb_echo`, ICMP errors to a VIP go to the real of the flow they
@@ -149,13 +137,9 @@ pub fn xlb_nat_icmp(ctx: XdpContext) -> u32 {
 pub fn xlb_icmp(ctx: XdpContext) -> u32 {
     // IPIP / IP6IP6: a real's refusal of a flow (reschedule.rs).
     if let Some(tunnel) = reschedule::tunnel(&ctx) {
-        let verdict = reschedule::refusal(&ctx, &tunnel);
-        if verdict == xdp_action::XDP_PASS {
-            counters::global(Global::Passed);
-        }
-        return verdict;
+        return counters::count_pass(reschedule::refusal(&ctx, &tunnel));
     }
-    let verdict = match parse::icmp(&ctx) {
+    counters::count_pass(match parse::icmp(&ctx) {
         Some((family, l3_off, icmp_off)) => {
             if echo::is_request(&ctx, family, icmp_off) {
                 // SAFETY: the context is the program's own; a failed tail call returns here.
@@ -164,24 +148,18 @@ pub fn xlb_icmp(ctx: XdpContext) -> u32 {
             icmp_error::forward_error(&ctx, family, l3_off, icmp_off)
         }
         None => xdp_action::XDP_PASS,
-    };
-    if verdict == xdp_action::XDP_PASS {
-        counters::global(Global::Passed);
-    }
-    verdict
+    })
 }
 
 /// Echo requests to a VIP answered (echo.rs); other echo requests pass. Tail-called by
 /// `xlb_icmp`.
 #[xdp]
 pub fn xlb_echo(ctx: XdpContext) -> u32 {
-    let verdict = parse::icmp(&ctx)
-        .and_then(|(family, l3_off, icmp_off)| echo::answer(&ctx, family, l3_off, icmp_off))
-        .unwrap_or(xdp_action::XDP_PASS);
-    if verdict == xdp_action::XDP_PASS {
-        counters::global(Global::Passed);
-    }
-    verdict
+    counters::count_pass(
+        parse::icmp(&ctx)
+            .and_then(|(family, l3_off, icmp_off)| echo::answer(&ctx, family, l3_off, icmp_off))
+            .unwrap_or(xdp_action::XDP_PASS),
+    )
 }
 
 /// The decapsulator, for real servers of TUN services: unwraps tunnelled packets for local
