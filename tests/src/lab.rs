@@ -690,8 +690,12 @@ impl Lab {
 
     /// One HTTP request from the lab's client on a new connection: the body, or None.
     pub fn curl(&self, max_time: &str, args: &[&str]) -> Option<String> {
-        let topo = self.topology();
-        let ns = topo.ns(&topo.client).to_string();
+        self.curl_from(&self.topology().client, max_time, args)
+    }
+
+    /// `curl` from the lab's host `host`.
+    pub fn curl_from(&self, host: &str, max_time: &str, args: &[&str]) -> Option<String> {
+        let ns = self.topology().ns(host).to_string();
         let mut full = vec![
             "netns",
             "exec",

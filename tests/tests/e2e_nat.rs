@@ -125,6 +125,8 @@ fn end_to_end(lab: Lab) {
     assert_eq!(got.len(), TRANSFER_BYTES);
     assert!(got.iter().enumerate().all(|(i, b)| *b as usize == i % 251));
 
+    path_mtu_discovery(lab, &url, &seen);
+
     // UDP: datagrams from 90 source ports, answered from the VIP's port 53 by all three reals,
     // each of which sees the client's (or the SNAT) address.
     let udp = sh(
@@ -244,6 +246,50 @@ fn end_to_end(lab: Lab) {
 
 /// ADDR PORT N: N datagrams, each from a socket of its own (a source port each); prints one
 /// line per answer: the answer's two words and the address it came from.
+/// Path MTU discovery through the director: the far client sits behind a router whose link
+/// to it has MTU 1400 but advertises an MSS of 1460, so the real's full-size segments of a
+/// download do not fit that link. The router answers "fragmentation needed" to the VIP (the
+/// segments' source); the download completes only if the director translates that error back
+/// to the real (NAT: about the real's own flow; full NAT: about its flow with the SNAT address),
+/// which then lowers its path MTU: linux's TCP does no MTU probing by default, so without the
+/// translation the transfer stalls until curl gives up.
+fn path_mtu_discovery(lab: Lab, url: &str, seen_by_reals: &str) {
+    let topo = lab.topology();
+    let far = topo.ipv4("far").to_string();
+    // What a real's reply is addressed to: the client itself (NAT), the SNAT address (full NAT).
+    let reply_to = if seen_by_reals == topo.ipv4(&topo.client) {
+        far.clone()
+    } else {
+        seen_by_reals.to_string()
+    };
+    let learned = |real: &str| {
+        let route = text(&sh("ip", &["-n", topo.ns(real), "route", "get", &reply_to]));
+        route.contains("mtu 1400")
+    };
+    assert!(
+        topo.reals.iter().all(|r| !learned(r)),
+        "a real knows the far path's MTU before any traffic"
+    );
+    let download = topo.state_file("far-download.bin");
+    lab.curl_from(
+        "far",
+        "10",
+        &["-o", &download, &format!("{url}bytes?n={TRANSFER_BYTES}")],
+    )
+    .unwrap_or_else(|| {
+        panic!(
+            "download to the far client (path MTU 1400) failed\n{}",
+            lab.diagnostics()
+        )
+    });
+    let got = std::fs::read(&download).unwrap();
+    assert_eq!(got.len(), TRANSFER_BYTES);
+    assert!(got.iter().enumerate().all(|(i, b)| *b as usize == i % 251));
+    let learned_by: Vec<&String> = topo.reals.iter().filter(|r| learned(r)).collect();
+    eprintln!("path MTU 1400 towards {reply_to} learned by {learned_by:?}");
+    assert_eq!(learned_by.len(), 1, "{learned_by:?}");
+}
+
 const UDP_CLIENT: &str = r#"
 import socket, sys
 addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
