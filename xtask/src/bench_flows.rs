@@ -96,7 +96,7 @@ pub fn run(calls: usize, counts: &[(&'static str, usize)]) -> Result<Vec<FlowsRo
 }
 
 /// The client of flow `i`: one address per `PORTS` flows, from 198.19.0.0/16 or fd00:19::/64.
-fn client(i: usize, v6: bool) -> (String, u16) {
+pub fn client(i: usize, v6: bool) -> (String, u16) {
     let host = i / PORTS + 1;
     let port = (1024 + i % PORTS) as u16;
     if v6 {
@@ -168,7 +168,7 @@ fn measure(name: &str, vip: &str, kind: Kind, flows: usize, calls: usize) -> Res
 }
 
 /// Fisher-Yates with a fixed-seed xorshift: the same order in every run.
-fn shuffle<T>(v: &mut [T]) {
+pub fn shuffle<T>(v: &mut [T]) {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in (1..v.len()).rev() {
         x ^= x << 13;

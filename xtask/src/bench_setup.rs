@@ -21,7 +21,7 @@ const REALS6: [&str; 3] = ["fd00:18::11", "fd00:18::12", "fd00:18::13"];
 const TUN_SERVICE4: &str = "198.18.0.101:80/tcp";
 const TUN_SERVICE6: &str = "[fd00:18::101]:80/tcp";
 pub const TUN_REALS4: [&str; 3] = ["10.1.0.11", "10.1.0.12", "10.1.0.13"];
-const TUN_REALS6: [&str; 3] = ["fd00:1::11", "fd00:1::12", "fd00:1::13"];
+pub const TUN_REALS6: [&str; 3] = ["fd00:1::11", "fd00:1::12", "fd00:1::13"];
 pub const TUN_SRC4: &str = "198.18.0.2";
 const TUN_SRC6: &str = "fd00:18::2";
 /// GUE services (over IPv4, over IPv6) and an IPv4 service over the IPv6 reals (4in6).

@@ -4,6 +4,7 @@ mod bench;
 mod bench_charts;
 mod bench_control;
 mod bench_flows;
+mod bench_katran;
 mod bench_lab;
 mod bench_rate;
 mod bench_setup;
@@ -61,6 +62,10 @@ struct BenchArgs {
     /// Run one part only.
     #[arg(long, value_enum, conflicts_with = "skip_lab")]
     only: Option<BenchPart>,
+    /// Katran's balancer object, built from its sources (BENCHMARKS.md says how): with
+    /// `--only katran`, xlb and Katran side by side on the same frames.
+    #[arg(long, value_name = "PATH")]
+    katran_obj: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,6 +78,8 @@ enum BenchPart {
     Lab,
     /// Connection sync: bytes per new flow, first-packet-to-peer delay, data-path cost on/off.
     Sync,
+    /// xlb beside Katran's balancer on the same frames (needs --katran-obj; only when asked).
+    Katran,
 }
 
 fn main() -> ExitCode {
@@ -120,6 +127,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             if part(BenchPart::Sync) {
                 add_to_summary("sync", bench_sync::run(args.quick)?)?;
+            }
+            if args.only == Some(BenchPart::Katran) {
+                let Some(obj) = &args.katran_obj else {
+                    bail!("--only katran needs --katran-obj PATH");
+                };
+                bench_katran::run(obj, calls)?;
             }
             if part(BenchPart::Lab) && !args.skip_lab {
                 add_to_summary("lab", bench_lab::run(args.quick)?)?;

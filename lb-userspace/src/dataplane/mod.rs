@@ -453,8 +453,9 @@ impl Dataplane {
 /// A test run's verdict and output frame.
 pub type TestRunOutput = (u32, Vec<u8>);
 
-/// Runs `prog` once on `frame`, arriving on the interface `ingress` (lo if None).
-fn run_once(prog: &Xdp, frame: &[u8], ingress: Option<u32>) -> Result<TestRunOutput> {
+/// Runs `prog` once on `frame`, arriving on the interface `ingress` (lo if None). Public for
+/// benches that load other XDP programs (bench_katran.rs).
+pub fn run_once(prog: &Xdp, frame: &[u8], ingress: Option<u32>) -> Result<TestRunOutput> {
     let mut out = vec![0u8; frame.len() + 256];
     let ctx = ingress.map(|i| xdp_md(frame, i));
     let opts = TestRunOptions {
