@@ -160,7 +160,7 @@ fn bandwidth_and_delay(rate: u32, seconds: u32) -> Result<Value> {
             let events = ring_records::<SyncEvent>(&mut ring);
             at_ns.extend(events.iter().map(|e| (e.key, e.at_ns)));
             sender.take_events(&a, &events);
-            sender.flush();
+            sender.flush(&mut a);
             while let Ok((len, from)) = inbox.recv_from(&mut buf) {
                 receiver.take(&mut b, from.ip(), &buf[..len])?;
                 let installed = monotonic_ns();
