@@ -335,6 +335,8 @@ fn answer_to(sent: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Also: the peer announces each flow it takes over (its first packet there), and a third
+/// director learns the flows, NAT state included, from it.
 #[test]
 fn a_peer_translates_synced_nat_flows_as_their_director_does() {
     let mut a = nat_director(false);
@@ -343,6 +345,7 @@ fn a_peer_translates_synced_nat_flows_as_their_director_does() {
     let mut b = nat_director(true);
     let mut unsynced = nat_director(true);
     let mut c = nat_director(true);
+    let mut d = nat_director(false);
 
     let listen = UdpSocket::bind("127.0.0.1:0").unwrap();
     listen
@@ -394,13 +397,20 @@ fn a_peer_translates_synced_nat_flows_as_their_director_does() {
     assert_eq!(b_stats.nat_skipped.load(Relaxed), 0);
 
     // The peer sends the next request exactly as A did, and translates the real's answer
-    // exactly as A did; the peer without sync cannot translate the answers at all.
+    // exactly as A did; the peer without sync cannot translate the answers at all. The peer
+    // (syncing too) announces each flow it takes over on its first packet, once.
+    let mut b_ring = b.dataplane().take_sync_events().unwrap();
+    b.set_sync(true).unwrap();
+    let mut taken_over = Vec::new();
     for (vip, sport, ack, request, answer, reply) in &flows {
         assert_eq!(
             b.dataplane().test_run(BALANCER_PROGRAM, ack).unwrap(),
             (XDP_TX, request.clone()),
             "{vip}:{sport}: request"
         );
+        let events = ring_records::<SyncEvent>(&mut b_ring);
+        assert_eq!(events.len(), 1, "{vip}:{sport}: announced on takeover");
+        taken_over.extend(events);
         assert_eq!(
             b.dataplane().test_run(BALANCER_PROGRAM, answer).unwrap(),
             (XDP_TX, reply.clone()),
@@ -416,6 +426,40 @@ fn a_peer_translates_synced_nat_flows_as_their_director_does() {
             "{vip}:{sport}: translated without sync"
         );
     }
+    for (_, _, ack, _, _, _) in &flows {
+        b.dataplane().test_run(BALANCER_PROGRAM, ack).unwrap();
+    }
+    assert!(
+        ring_records::<SyncEvent>(&mut b_ring).is_empty(),
+        "a taken-over flow announced twice"
+    );
+    // What it announces carries the NAT state it installed: a third director (or the old
+    // master, restarted) learns the flows back from it and translates them as A did.
+    let mut b_sender = Sender::new(
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+        &opts(listen.local_addr().unwrap()),
+        Arc::new(SyncStats::default()),
+    )
+    .unwrap();
+    b_sender.take_events(&b, &taken_over);
+    b_sender.flush(&mut b);
+    let (len, from) = listen.recv_from(&mut buf).unwrap();
+    let mut third = Receiver::new(&opts(from), Arc::new(SyncStats::default()));
+    third.set_route(ip(CLIENT), TEST_IFINDEX);
+    assert_eq!(third.take(&mut d, from.ip(), &buf[..len]).unwrap(), 6);
+    for (vip, sport, ack, request, answer, reply) in &flows {
+        assert_eq!(
+            d.dataplane().test_run(BALANCER_PROGRAM, ack).unwrap(),
+            (XDP_TX, request.clone()),
+            "{vip}:{sport}: request through the third"
+        );
+        assert_eq!(
+            d.dataplane().test_run(BALANCER_PROGRAM, answer).unwrap(),
+            (XDP_TX, reply.clone()),
+            "{vip}:{sport}: reply through the third"
+        );
+    }
+
     // The full-NAT flows' reply tuples are held on the peer: its allocator, which claims an
     // SNAT port by inserting its reply tuple where none is, cannot hand them to another flow.
     let held = b.dataplane().nat_replies().unwrap();

@@ -13,7 +13,15 @@
 //!   peer's copy of an active flow never ages out of its table.
 //! - `Receiver::take` accepts a datagram only from a peer's address, with the shared key's MAC
 //!   and a fresh sequence; it maps each entry's (service, real) to its own backend and writes
-//!   the entry into its connection table. Anything refused changes nothing and is counted.
+//!   the entry into its connection table, marked `CONN_F_SYNCED`. Anything refused changes
+//!   nothing and is counted.
+//! - NAT flows carry what their replies need (`sync::NatState`), read from the data path's NAT
+//!   tables at `flush`; the receiver installs the reply translation (dataplane/nat.rs), its
+//!   reply leaving by the interface of its own route to the client (looked up by the receive
+//!   loop, cached).
+//! - Takeover: the first packet a director forwards on a flow marked `CONN_F_SYNCED` clears
+//!   the mark and is announced as a new flow's (lb-ebpf's conntrack.rs), so the director now
+//!   forwarding the flow refreshes it for the others (a restarted old master learns it back).
 
 use std::{
     collections::HashMap,
@@ -27,7 +35,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use lb_common::{CONN_F_CLOSING, ConnKey, ConnValue, SnatEndpoint, SyncEvent};
+use lb_common::{CONN_F_CLOSING, CONN_F_SYNCED, ConnKey, ConnValue, SnatEndpoint, SyncEvent};
 
 use super::Shared;
 use crate::{
@@ -370,7 +378,7 @@ impl Receiver {
                 let value = ConnValue {
                     // Below MAX_BACKENDS (2^16).
                     backend_id: id as u16,
-                    flags: e.flags,
+                    flags: e.flags | CONN_F_SYNCED,
                     generation,
                     last_seen_s: now,
                 };
