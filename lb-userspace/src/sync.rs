@@ -142,7 +142,8 @@ fn mac(key: &[u8]) -> Hmac<Sha256> {
     Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length")
 }
 
-fn family_of(addr: IpAddr) -> u8 {
+/// `FAMILY_V4` or `FAMILY_V6`.
+pub fn family_of(addr: IpAddr) -> u8 {
     match addr {
         IpAddr::V4(_) => FAMILY_V4,
         IpAddr::V6(_) => FAMILY_V6,

@@ -168,18 +168,17 @@ fn nat_state(b: &mut Balancer, e: &SyncEntry) -> Option<NatState> {
     Some(NatState {
         mac,
         snat: match snat {
-            Some(s) => Some((addr_of(&s.addr, family_of(e.client))?, u16::from_be(s.port))),
+            Some(s) => Some((
+                addr_of(&s.addr, sync::family_of(e.client))?,
+                u16::from_be(s.port),
+            )),
             None => None,
         },
     })
 }
 
-fn family_of(addr: IpAddr) -> u8 {
-    addr_bytes(addr).1
-}
-
-/// What a director announced and still sends: its own new flows (not those it installed for a
-/// peer, which that peer refreshes).
+/// What a director announced and still sends: its own new flows and those it took over (not
+/// those it installed for a peer and does not forward, which that peer refreshes).
 pub struct Sender {
     socket: UdpSocket,
     peers: Vec<SocketAddr>,
