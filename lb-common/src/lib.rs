@@ -294,6 +294,10 @@ pub const CONN_BOUNCE_MASK: u16 = 0x0f << CONN_BOUNCE_SHIFT;
 /// Connection flag: a packet other than a SYN was seen (the client's ACK): a later SYN is a new
 /// connection, not a retransmission.
 pub const CONN_F_ACKED: u16 = 1 << 1;
+/// Connection flag: installed from a peer director's connection sync. The data path clears it
+/// on the first packet it forwards on the flow and announces the flow as its own (a takeover),
+/// so its new director keeps the peers' copies fresh.
+pub const CONN_F_SYNCED: u16 = 1 << 2;
 /// Connection flags, bits 12-15: sixteenths of a second of the time the SYN was scheduled (with
 /// `last_seen_s`), so a retransmitted SYN is told from a duplicate by its age.
 pub const CONN_SYN_FRAC_SHIFT: u16 = 12;

@@ -15,9 +15,9 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, CONFIG_F_SYNC, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING,
-    CONN_SYN_FRAC_MASK, CONN_SYN_FRAC_SHIFT, ConnBucket, ConnEntry, ConnKey, ConnValue, FragKey,
-    FragValue, Global, MAX_BOUNCES, RefusalEvent, SYN_RETRY_MAX_16THS, SYN_RETRY_MIN_16THS,
-    ServiceValue, SyncEvent,
+    CONN_F_SYNCED, CONN_SYN_FRAC_MASK, CONN_SYN_FRAC_SHIFT, ConnBucket, ConnEntry, ConnKey,
+    ConnValue, FragKey, FragValue, Global, MAX_BOUNCES, RefusalEvent, SYN_RETRY_MAX_16THS,
+    SYN_RETRY_MIN_16THS, ServiceValue, SyncEvent,
 };
 
 use crate::{
@@ -159,6 +159,11 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
                     if conn.flags & CONN_F_ACKED == 0 {
                         conn.flags |= CONN_F_ACKED;
                     }
+                    // Taken over from a peer (written once per synced copy): ours to announce.
+                    if conn.flags & CONN_F_SYNCED != 0 {
+                        conn.flags &= !CONN_F_SYNCED;
+                        announce(pkt, conn);
+                    }
                     // Written once per flow, so the cache line stays shared otherwise.
                     if pkt.is_tcp_fin_or_rst() && conn.flags & CONN_F_CLOSING == 0 {
                         conn.flags |= CONN_F_CLOSING;
@@ -203,7 +208,8 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
 
 /// Connection sync: hands the entry just written for `pkt`'s flow to the daemon, which sends
 /// it to the peer directors (`SyncEvent`). Only where an entry is written (never on an
-/// established flow's packets), and only while sync is on.
+/// established flow's packets, but for the first one forwarded on a flow installed from a
+/// peer's sync: `CONN_F_SYNCED`), and only while sync is on.
 #[inline(always)]
 fn announce(pkt: &Packet, value: &ConnValue) {
     if !CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_SYNC != 0) {

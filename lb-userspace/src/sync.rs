@@ -5,14 +5,17 @@
 //! the peers' shared key:
 //!
 //! ```text
-//! header  "XLBS" | version 1 | 0 | count: u16 | sequence: u64      (big endian)
+//! header  "XLBS" | version 2 | 0 | count: u16 | sequence: u64      (big endian)
 //! entry   flow family | proto | real family | flags | client port | flow's dest. port
 //!         | service port | real's port | client | VIP | real      (4 or 16 bytes each)
+//!         [ NAT: neighbour MAC (6) [ full NAT: SNAT port (2) | SNAT address (4 or 16) ] ]
 //! trailer HMAC-SHA256(key, header + entries)                       (32 bytes)
 //! ```
 //!
 //! An IPv4 flow to an IPv4 real takes 24 bytes, an IPv6 one 60: a datagram of at most
-//! `MAX_DATAGRAM` bytes holds 56 IPv4 entries. Backend ids are local to a director, so an entry
+//! `MAX_DATAGRAM` bytes holds 56 IPv4 entries. A NAT flow adds what its peer needs to
+//! translate its replies (`NatState`, flagged in the flags byte): 6 bytes, 12 more for full NAT
+//! over IPv4 (36 a flow, 37 a datagram). Backend ids are local to a director, so an entry
 //! names its real by service and address (and NAT port), which the receiver maps to its own.
 //! The sequence is the sender's wall clock in nanoseconds, strictly increasing: a receiver
 //! refuses a batch whose sequence is not above the last it took from that peer, or that is
@@ -26,11 +29,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, Mac as _};
 use lb_common::{CONN_F_ACKED, CONN_F_CLOSING, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 use sha2::Sha256;
 
-use crate::config::{Proto, ServiceAddr};
+use crate::{
+    config::{Proto, ServiceAddr},
+    netlink::Mac,
+};
 
 /// The sync port when a peer or the listen address names none: IPVS's sync daemon's.
 pub const DEFAULT_SYNC_PORT: u16 = 8848;
@@ -42,12 +48,26 @@ pub const MIN_KEY_LEN: usize = 16;
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(30);
 
 const MAGIC: [u8; 4] = *b"XLBS";
-const VERSION: u8 = 1;
+/// 2: NAT state (version 1 had none; a version-1 peer refuses version 2 as malformed).
+const VERSION: u8 = 2;
 const HEADER_LEN: usize = 16;
 const MAC_LEN: usize = 32;
 const ENTRY_FIXED_LEN: usize = 12;
 /// The connection flags an entry carries (the others are local scheduling state).
 const SYNCED_FLAGS: u16 = CONN_F_ACKED | CONN_F_CLOSING;
+/// Flags-byte bits (above `SYNCED_FLAGS`): the entry carries NAT state, and an SNAT endpoint.
+const WIRE_NAT: u8 = 1 << 7;
+const WIRE_SNAT: u8 = 1 << 6;
+
+/// What a peer needs to translate a NAT flow's replies as its director does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatState {
+    /// Where replies go: the neighbour the flow's requests come from (the client, or the
+    /// router before it; the same for both directors of a VRRP pair, on one segment).
+    pub mac: Mac,
+    /// Full NAT: the source address and port the flow leaves with towards its real.
+    pub snat: Option<(IpAddr, u16)>,
+}
 
 /// One flow as directors tell each other about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,6 +83,8 @@ pub struct SyncEntry {
     pub real_port: u16,
     /// `CONN_F_ACKED` and `CONN_F_CLOSING` of the entry.
     pub flags: u16,
+    /// NAT and full NAT: the reply translation.
+    pub nat: Option<NatState>,
 }
 
 /// Why a datagram was refused as a whole.
@@ -120,7 +142,8 @@ fn mac(key: &[u8]) -> Hmac<Sha256> {
     Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length")
 }
 
-fn family_of(addr: IpAddr) -> u8 {
+/// `FAMILY_V4` or `FAMILY_V6`.
+pub fn family_of(addr: IpAddr) -> u8 {
     match addr {
         IpAddr::V4(_) => FAMILY_V4,
         IpAddr::V6(_) => FAMILY_V6,
@@ -145,20 +168,40 @@ fn addr_len(family: u8) -> Option<usize> {
 /// Bytes `entry` takes in a datagram.
 pub fn entry_len(entry: &SyncEntry) -> usize {
     let len = |a: IpAddr| if a.is_ipv4() { 4 } else { 16 };
-    ENTRY_FIXED_LEN + 2 * len(entry.service.vip) + len(entry.real)
+    let nat = match entry.nat {
+        None => 0,
+        Some(NatState { snat: None, .. }) => 6,
+        Some(NatState {
+            snat: Some((addr, _)),
+            ..
+        }) => 6 + 2 + len(addr),
+    };
+    ENTRY_FIXED_LEN + 2 * len(entry.service.vip) + len(entry.real) + nat
 }
 
 fn encode_entry(out: &mut Vec<u8>, e: &SyncEntry) {
     out.push(family_of(e.service.vip));
     out.push(e.service.proto.number());
     out.push(family_of(e.real));
-    out.push((e.flags & SYNCED_FLAGS) as u8);
+    let wire_flags = match e.nat {
+        None => 0,
+        Some(NatState { snat: None, .. }) => WIRE_NAT,
+        Some(_) => WIRE_NAT | WIRE_SNAT,
+    };
+    out.push((e.flags & SYNCED_FLAGS) as u8 | wire_flags);
     for port in [e.client_port, e.dport, e.service.port, e.real_port] {
         out.extend_from_slice(&port.to_be_bytes());
     }
     push_addr(out, e.client);
     push_addr(out, e.service.vip);
     push_addr(out, e.real);
+    if let Some(nat) = e.nat {
+        out.extend_from_slice(&nat.mac);
+        if let Some((addr, port)) = nat.snat {
+            out.extend_from_slice(&port.to_be_bytes());
+            push_addr(out, addr);
+        }
+    }
 }
 
 /// Packs `entries` into as few datagrams of at most `MAX_DATAGRAM` bytes as they fit in, each
@@ -241,13 +284,30 @@ fn decode_entry(b: &[u8]) -> Option<(SyncEntry, usize)> {
         _ => return None,
     };
     let port = |i: usize| u16::from_be_bytes([fixed[4 + 2 * i], fixed[5 + 2 * i]]);
-    let len = ENTRY_FIXED_LEN + 2 * flow_len + real_len;
+    let mut len = ENTRY_FIXED_LEN + 2 * flow_len + real_len;
     let addrs = b.get(ENTRY_FIXED_LEN..len)?;
     let addr = |bytes: &[u8]| -> IpAddr {
         match bytes.len() {
             4 => Ipv4Addr::from(<[u8; 4]>::try_from(bytes).expect("4 bytes")).into(),
             _ => Ipv6Addr::from(<[u8; 16]>::try_from(bytes).expect("16 bytes")).into(),
         }
+    };
+    let nat = if fixed[3] & WIRE_NAT != 0 {
+        let mac: Mac = b.get(len..len + 6)?.try_into().expect("6 bytes");
+        len += 6;
+        let snat = if fixed[3] & WIRE_SNAT != 0 {
+            // Of the flow's family: an SNAT address is the VIP's.
+            let end = b.get(len..len + 2 + flow_len)?;
+            len += 2 + flow_len;
+            Some((addr(&end[2..]), u16::from_be_bytes([end[0], end[1]])))
+        } else {
+            None
+        };
+        Some(NatState { mac, snat })
+    } else if fixed[3] & WIRE_SNAT != 0 {
+        return None;
+    } else {
+        None
     };
     let entry = SyncEntry {
         client: addr(&addrs[..flow_len]),
@@ -261,6 +321,7 @@ fn decode_entry(b: &[u8]) -> Option<(SyncEntry, usize)> {
         real_port: port(3),
         real: addr(&addrs[2 * flow_len..]),
         flags: u16::from(fixed[3]) & SYNCED_FLAGS,
+        nat,
     };
     Some((entry, len))
 }
@@ -322,6 +383,7 @@ mod tests {
             real: IpAddr::from([198, 18, 12, 11]),
             real_port: 0,
             flags: CONN_F_ACKED,
+            nat: None,
         }
     }
 
@@ -335,6 +397,19 @@ mod tests {
             real: "fd00::12:11".parse().unwrap(),
             real_port: 8080,
             flags: CONN_F_CLOSING,
+            nat: None,
+        }
+    }
+
+    /// A full-NAT flow over IPv4 (`snat`) or a NAT one.
+    fn nat(n: u8, snat: bool) -> SyncEntry {
+        SyncEntry {
+            nat: Some(NatState {
+                mac: [2, 0, 0xc6, 0x12, 0, n],
+                snat: snat.then(|| (IpAddr::from([198, 18, 14, 200]), 1024 + n as u16)),
+            }),
+            real_port: 8080,
+            ..v4(n)
         }
     }
 
@@ -377,6 +452,53 @@ mod tests {
         let wire: usize = datagrams.iter().map(|d| d.len() + 28).sum();
         assert!(wire / entries.len() <= 64, "{} bytes a flow", wire / 1000);
         assert!(encode(&[], KEY, seq()).is_empty());
+    }
+
+    #[test]
+    fn nat_state_comes_back_as_sent_within_the_budget() {
+        let mut entries: Vec<_> = (0..100).map(|i| nat(i, i % 2 == 0)).collect();
+        let mut v6_fullnat = v6();
+        v6_fullnat.nat = Some(NatState {
+            mac: [2, 0, 0, 0, 0, 1],
+            snat: Some(("fd00::14:200".parse().unwrap(), 65535)),
+        });
+        entries.push(v6_fullnat);
+        entries.push(v4(7));
+        let datagrams = encode(&entries, KEY, seq());
+        let back: Vec<SyncEntry> = datagrams
+            .iter()
+            .flat_map(|d| decode(d, KEY).unwrap().1)
+            .collect();
+        assert_eq!(back, entries);
+        assert_eq!(entry_len(&nat(1, false)), 30);
+        assert_eq!(entry_len(&nat(1, true)), 36);
+        assert_eq!(entry_len(&v6_fullnat), 60 + 6 + 18);
+        // Full NAT over IPv4 only, with IPv4 and UDP headers: within 64 bytes a flow.
+        let fullnat: Vec<_> = (0..1000).map(|i| nat((i % 250) as u8, true)).collect();
+        let datagrams = encode(&fullnat, KEY, seq());
+        assert_eq!(datagrams.len(), 1000usize.div_ceil(37));
+        let wire: usize = datagrams.iter().map(|d| d.len() + 28).sum();
+        assert!(wire / fullnat.len() <= 64, "{} bytes a flow", wire / 1000);
+    }
+
+    #[test]
+    fn an_snat_endpoint_without_nat_state_or_cut_short_is_malformed() {
+        let mut d = encode(&[nat(1, true)], KEY, seq()).remove(0);
+        d.truncate(d.len() - MAC_LEN);
+        let reseal = |mut d: Vec<u8>| {
+            let mut m = mac(KEY);
+            m.update(&d);
+            let tag = m.finalize().into_bytes();
+            d.extend_from_slice(&tag);
+            d
+        };
+        let mut no_nat = d.clone();
+        no_nat[HEADER_LEN + 3] &= !WIRE_NAT;
+        assert_eq!(decode(&reseal(no_nat), KEY), Err(Refusal::Malformed));
+        let mut short = d.clone();
+        short.pop();
+        assert_eq!(decode(&reseal(short), KEY), Err(Refusal::Malformed));
+        assert!(decode(&reseal(d), KEY).is_ok());
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! End-to-end: the VRRP pair (scripts/lab ha up): two directors on the clients' segment, both
-//! running xlb with one configuration, keepalived (from packaging/keepalived) moving the VIP;
-//! DR reals. Real HTTP traffic from the client namespace.
+//! running xlb with one configuration, keepalived (from packaging/keepalived) moving the VIP
+//! and the full-NAT service's SNAT address; DR reals (also the full-NAT service's). Real HTTP
+//! traffic from the client namespace.
 //!
 //! One test function runs the scenarios in order (they share fixed namespace names): the lab
-//! with connection sync, then the lab without it (`XLB_LAB_SYNC=0`), to count what sync
-//! saves. Run it under the shared lab lock (`flock /tmp/xlb-netns.lock cargo test --release -p
+//! with connection sync (the master goes dark), again with sync (only the master's xlb daemon
+//! dies: keepalived's `track_script` hands the VIP over), then the lab without sync
+//! (`XLB_LAB_SYNC=0`), to count what sync saves. Run it under the shared lab lock (`flock /tmp/xlb-netns.lock cargo test --release -p
 //! xlb-tests --test e2e_ha`): the figures it prints mean little while other labs load the CPUs.
 
 use std::{
@@ -19,8 +21,9 @@ use xlb_tests::lab::{
 };
 
 const LAB: Lab = Lab::new("ha");
-/// Long-lived connections held across the takeover.
+/// Long-lived connections held across the takeover, to the DR service and the full-NAT one.
 const CONNECTIONS: usize = 24;
+const NAT_CONNECTIONS: usize = 8;
 /// New connections a second from the client while the master dies, and each one's timeout.
 const CHURN_RATE: &str = "40";
 const CHURN_TIMEOUT_S: f64 = 1.0;
@@ -102,8 +105,9 @@ fn churn(topo: &Topology, seconds: u32) -> std::thread::JoinHandle<Vec<(f64, f64
 
 /// What a takeover did.
 struct Takeover {
-    /// Long-lived connections still answering from the real they started on.
+    /// Long-lived connections still answering from the real they started on (DR, full NAT).
     kept: usize,
+    nat_kept: usize,
     /// From the master's links going down to the VIP on the other director (polled).
     vip_moved: Duration,
     /// New connections that failed, of how many made while the master died.
@@ -123,6 +127,7 @@ fn takeover(topo: &Topology) -> Takeover {
     let first = master(topo).expect("a VRRP master");
     let other = topo.directors.iter().find(|d| **d != first).unwrap();
     let mut conns = Connections::open(topo.ns(&topo.client), &web.vip4, web.port, CONNECTIONS, 40);
+    let mut nat_conns = fullnat_connections(topo);
     let load = churn(topo, 10);
     std::thread::sleep(Duration::from_secs(1));
     let spare = topo.ipv4(&topo.spares[0]);
@@ -155,6 +160,7 @@ fn takeover(topo: &Topology) -> Takeover {
     // kill comes after the takeover (about 3.5 s).
     conns.run_for(Duration::from_secs(5));
     let kept = conns.survivors_after(kill + vip_moved).len();
+    let nat_kept = nat_conns.survivors_after(kill + vip_moved).len();
     let rows = load.join().unwrap();
     let after: Vec<&(f64, f64, bool)> = rows.iter().filter(|r| r.0 >= killed_at).collect();
     let failed: Vec<&(f64, f64, bool)> = rows.iter().filter(|r| !r.2).collect();
@@ -166,12 +172,14 @@ fn takeover(topo: &Topology) -> Takeover {
     println!(
         "takeover: VIP on {other} {} ms after {first}'s links went down; {} of {} new \
          connections failed; new connections through again {:.0} ms after the kill; {} of \
-         {CONNECTIONS} long-lived connections kept their real ({} errors: {:?})",
+         {CONNECTIONS} long-lived connections kept their real, {} of {NAT_CONNECTIONS} full-NAT \
+         ones ({} errors: {:?})",
         vip_moved.as_millis(),
         failed.len(),
         rows.len(),
         back * 1000.0,
         kept,
+        nat_kept,
         conns.errors.len(),
         conns.errors.iter().take(3).collect::<Vec<_>>()
     );
@@ -197,11 +205,76 @@ fn takeover(topo: &Topology) -> Takeover {
     assert!(new_flows(topo, other, &svc) > 0, "{}", diagnostics());
     Takeover {
         kept,
+        nat_kept,
         vip_moved,
         failed: failed.len(),
         made: rows.len(),
         window: Duration::from_secs_f64(back.max(0.0)),
     }
+}
+
+/// Long-lived connections to the full-NAT service (its SNAT address on the VRRP master).
+fn fullnat_connections(topo: &Topology) -> Connections {
+    let fullnat = topo.service("fullnat");
+    Connections::open(
+        topo.ns(&topo.client),
+        &fullnat.vip4,
+        fullnat.port,
+        NAT_CONNECTIONS,
+        40,
+    )
+}
+
+/// The bound on a takeover after the master's daemon dies: keepalived's `track_script` fails
+/// twice a second apart (`fall 2`, `interval 1`, a `timeout` of 2 s each at worst), and the
+/// backup takes over at the latest when it misses the master's adverts (3.6 s; at once when
+/// the master's priority-0 advert says it gave up): docs/operations.md.
+const DAEMON_DEATH_WINDOW: Duration = Duration::from_secs(2 * 2 + 4);
+
+/// Only the master's xlb daemon dies (SIGKILL; keepalived and the pinned data path stay): the
+/// `track_script` takes the VIP (and the SNAT address) to the backup, whose synced copies keep
+/// the long-lived connections on their reals, DR and full NAT.
+fn daemon_dies(topo: &Topology) {
+    let web = topo.service("web");
+    let first = master(topo).expect("a VRRP master");
+    let other = topo.directors.iter().find(|d| **d != first).unwrap();
+    let mut conns = Connections::open(topo.ns(&topo.client), &web.vip4, web.port, CONNECTIONS, 30);
+    let mut nat_conns = fullnat_connections(topo);
+    // Synced (every 20 ms) before the kill.
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = std::fs::read_to_string(&topo.daemon(&first).spawned.pid_file).unwrap();
+    let kill = Instant::now();
+    assert!(sh("kill", &["-KILL", pid.trim()]).status.success());
+    let mut moved = Duration::ZERO;
+    wait_for(
+        "the backup to take the VIP after the master's daemon died",
+        DAEMON_DEATH_WINDOW,
+        || {
+            moved = kill.elapsed();
+            master(topo).as_deref() == Some(other.as_str())
+        },
+    );
+    conns.run_for(Duration::from_secs(6));
+    let kept = conns.survivors_after(kill + moved).len();
+    let nat_kept = nat_conns.survivors_after(kill + moved).len();
+    println!(
+        "{first}'s xlb daemon killed: VIP on {other} after {} ms; {kept} of {CONNECTIONS} \
+         long-lived connections kept their real, {nat_kept} of {NAT_CONNECTIONS} full-NAT ones \
+         ({:?})",
+        moved.as_millis(),
+        conns
+            .errors
+            .iter()
+            .chain(&nat_conns.errors)
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (kept, nat_kept),
+        (CONNECTIONS, NAT_CONNECTIONS),
+        "connections lost when the master's daemon died\n{}",
+        diagnostics()
+    );
 }
 
 #[test]
@@ -244,40 +317,52 @@ fn vrrp_pair() {
         takeover(&topo)
     };
 
+    {
+        let _lab = LAB.up();
+        daemon_dies(&LAB.topology());
+    }
+
     let without_sync = {
         let _lab = LAB.up_with(&[("XLB_LAB_SYNC", "0")]);
         takeover(&LAB.topology())
     };
 
-    let figures: BTreeMap<&str, String> = [
-        ("with sync", &with_sync),
-        ("without sync", &without_sync),
-    ]
-    .into_iter()
-    .map(|(name, t)| {
-        (
-            name,
-            format!(
-                "{} of {CONNECTIONS} long-lived connections kept their real; VIP moved in {} ms; \
-                 {} of {} new connections failed, new connections back after {} ms",
-                t.kept,
-                t.vip_moved.as_millis(),
-                t.failed,
-                t.made,
-                t.window.as_millis()
-            ),
-        )
-    })
-    .collect();
+    let figures: BTreeMap<&str, String> =
+        [("with sync", &with_sync), ("without sync", &without_sync)]
+            .into_iter()
+            .map(|(name, t)| {
+                (
+                    name,
+                    format!(
+                        "{} of {CONNECTIONS} long-lived connections kept their real, {} of \
+                 {NAT_CONNECTIONS} full-NAT ones; VIP moved in {} ms; {} of {} new connections \
+                 failed, new connections back after {} ms",
+                        t.kept,
+                        t.nat_kept,
+                        t.vip_moved.as_millis(),
+                        t.failed,
+                        t.made,
+                        t.window.as_millis()
+                    ),
+                )
+            })
+            .collect();
     println!("{figures:#?}");
     assert_eq!(
-        with_sync.kept, CONNECTIONS,
-        "with sync, every long-lived connection keeps its real"
+        (with_sync.kept, with_sync.nat_kept),
+        (CONNECTIONS, NAT_CONNECTIONS),
+        "with sync, every long-lived connection keeps its real (full NAT: and its SNAT source)"
     );
     // Without sync, the new master places the flows it never saw by its table, which changed
     // since they were made (a real added, one drained): some move and break.
     assert!(
         without_sync.kept < CONNECTIONS,
         "without sync no connection moved: the scenario does not exercise sync"
+    );
+    // Without sync, the new master gives a full-NAT flow it never saw a new SNAT source: its
+    // real, which knows no such connection, resets it.
+    assert!(
+        without_sync.nat_kept < NAT_CONNECTIONS,
+        "without sync every full-NAT connection survived: the scenario does not exercise NAT sync"
     );
 }

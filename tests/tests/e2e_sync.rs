@@ -147,6 +147,7 @@ fn sync_keeps_flows_on_their_real_across_a_real_set_change_and_a_director_loss()
         real: real_addr(&topo.reals[0]).parse().unwrap(),
         real_port: 0,
         flags: CONN_F_ACKED,
+        nat: None,
     };
     let flow_key = conn_key(&Frame::tcp(&client, &web_vip, 1, web.port, 0x10));
     let mut seq = Sequencer::default();

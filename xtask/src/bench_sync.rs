@@ -8,7 +8,9 @@
 //!   datagrams every `FLUSH_EVERY` and sends them over UDP on lo to the daemon's receiver,
 //!   which installs them in director B's connection table. Bytes on the wire per new flow
 //!   (UDP payload plus IPv4 and UDP headers), and the delay from the data path's event (its
-//!   `bpf_ktime_get_ns`) to the entry written on B (CLOCK_MONOTONIC): p50 and p99.
+//!   `bpf_ktime_get_ns`) to the entry written on B (CLOCK_MONOTONIC): p50 and p99. The same
+//!   again for full-NAT flows (`fullnat`): each entry then carries its NAT state (the reply
+//!   neighbour's MAC and the SNAT endpoint), which B installs in its NAT tables too.
 
 use std::{
     collections::HashMap,
@@ -21,6 +23,7 @@ use anyhow::{Result, ensure};
 use lb_common::{ConnKey, SyncEvent};
 use serde_json::{Value, json};
 use xlb::{
+    control::Balancer,
     daemon::{
         checks::monotonic_ns,
         sync::{FLUSH_EVERY, Receiver, Sender, SyncOptions, SyncStats, conn_key},
@@ -30,7 +33,9 @@ use xlb::{
 use xlb_tests::{Frame, SYN};
 
 use crate::{
-    bench_setup::{CLIENT4, balancer_with_services, establish, pin_to_one_cpu},
+    bench_setup::{
+        CLIENT4, FULLNAT_VIP4, balancer_with_services, establish, nat_balancer, pin_to_one_cpu,
+    },
     bench_stats::{ROUND, Stats, over, stats},
 };
 
@@ -39,10 +44,10 @@ const VIP4: &str = "198.18.0.100";
 const HEADERS: usize = 28;
 const KEY: &[u8] = b"the bench's shared sync key";
 
-/// A new flow's SYN: flow `n` of the run, each from its own client address and port.
-fn new_flow(n: u32) -> Vec<u8> {
+/// A new flow's SYN to `vip`: flow `n` of the run, each from its own client address and port.
+fn new_flow(vip: &str, n: u32) -> Vec<u8> {
     let client = format!("198.19.{}.{}", (n >> 8) & 0xff, n & 0xff);
-    Frame::tcp(&client, VIP4, 10000 + (n >> 16) as u16, 80, SYN).bytes()
+    Frame::tcp(&client, vip, 10000 + (n >> 16) as u16, 80, SYN).bytes()
 }
 
 pub fn run(quick: bool) -> Result<Value> {
@@ -50,11 +55,12 @@ pub fn run(quick: bool) -> Result<Value> {
     let calls = if quick { 20_000 } else { 100_000 };
     let cost = datapath_cost(calls)?;
     let seconds = if quick { 2 } else { 5 };
-    let wire = bandwidth_and_delay(1000, seconds)?;
+    let wire = bandwidth_and_delay(1000, seconds, false)?;
     let mut out = cost;
     for (k, v) in wire.as_object().expect("an object") {
         out[k] = v.clone();
     }
+    out["fullnat"] = bandwidth_and_delay(1000, seconds, true)?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(out)
 }
@@ -122,11 +128,16 @@ fn datapath_cost(calls: usize) -> Result<Value> {
 }
 
 /// `rate` new flows a second for `seconds` on A, synced to B: bytes per flow and the delay.
-fn bandwidth_and_delay(rate: u32, seconds: u32) -> Result<Value> {
-    let mut a = balancer_with_services()?;
+/// `fullnat`: full-NAT flows (NAT directors), else DR ones.
+fn bandwidth_and_delay(rate: u32, seconds: u32, fullnat: bool) -> Result<Value> {
+    let (director, vip) = match fullnat {
+        true => (nat_balancer as fn() -> Result<Balancer>, FULLNAT_VIP4),
+        false => (balancer_with_services as fn() -> Result<Balancer>, VIP4),
+    };
+    let mut a = director()?;
     let mut ring = a.dataplane().take_sync_events()?;
     a.set_sync(true)?;
-    let mut b = balancer_with_services()?;
+    let mut b = director()?;
     let inbox = UdpSocket::bind("127.0.0.1:0")?;
     inbox.set_nonblocking(true)?;
     let opts = SyncOptions {
@@ -136,7 +147,8 @@ fn bandwidth_and_delay(rate: u32, seconds: u32) -> Result<Value> {
     };
     let a_stats = Arc::new(SyncStats::default());
     let mut sender = Sender::new(UdpSocket::bind("127.0.0.1:0")?, &opts, a_stats.clone())?;
-    let mut receiver = Receiver::new(&opts, Arc::new(SyncStats::default()));
+    let b_stats = Arc::new(SyncStats::default());
+    let mut receiver = Receiver::new(&opts, b_stats.clone());
 
     let flows = rate * seconds;
     let every = Duration::from_secs(1) / rate;
@@ -144,6 +156,7 @@ fn bandwidth_and_delay(rate: u32, seconds: u32) -> Result<Value> {
     let mut next_flush = start + FLUSH_EVERY;
     let mut at_ns: HashMap<ConnKey, u64> = HashMap::new();
     let (mut delays, mut wire, mut datagrams) = (Vec::new(), 0usize, 0usize);
+    let mut with_nat = 0;
     let mut buf = [0u8; 2048];
     let mut n = 0;
     // Until a flush after the last flow found every event's entry on the peer.
@@ -151,7 +164,8 @@ fn bandwidth_and_delay(rate: u32, seconds: u32) -> Result<Value> {
     while !(drained_after_last && at_ns.is_empty()) {
         let now = Instant::now();
         if n < flows && now >= start + every * n {
-            a.dataplane().test_run(BALANCER_PROGRAM, &new_flow(n))?;
+            a.dataplane()
+                .test_run(BALANCER_PROGRAM, &new_flow(vip, n))?;
             n += 1;
         }
         if now >= next_flush {
@@ -160,12 +174,18 @@ fn bandwidth_and_delay(rate: u32, seconds: u32) -> Result<Value> {
             let events = ring_records::<SyncEvent>(&mut ring);
             at_ns.extend(events.iter().map(|e| (e.key, e.at_ns)));
             sender.take_events(&a, &events);
-            sender.flush();
+            sender.flush(&mut a);
             while let Ok((len, from)) = inbox.recv_from(&mut buf) {
-                receiver.take(&mut b, from.ip(), &buf[..len])?;
+                let entries = receiver
+                    .check(from.ip(), &buf[..len])
+                    .ok_or_else(|| anyhow::anyhow!("our own batch refused"))?;
+                // The clients reached by the interface the test runs take.
+                for client in receiver.unrouted(&entries) {
+                    receiver.set_route(client, xlb_tests::TEST_IFINDEX);
+                }
+                receiver.install(&mut b, &entries)?;
                 let installed = monotonic_ns();
-                let (_, entries) = xlb::sync::decode(&buf[..len], KEY)
-                    .map_err(|e| anyhow::anyhow!("decoding our own batch: {e:?}"))?;
+                with_nat += entries.iter().filter(|e| e.nat.is_some()).count();
                 for e in &entries {
                     if let Some(t) = at_ns.remove(&conn_key(e)) {
                         delays.push(installed.saturating_sub(t));
@@ -187,11 +207,20 @@ fn bandwidth_and_delay(rate: u32, seconds: u32) -> Result<Value> {
         "{} of {flows} flows reached the peer",
         delays.len()
     );
+    if fullnat {
+        use std::sync::atomic::Ordering::Relaxed;
+        ensure!(
+            with_nat == flows as usize && b_stats.nat_skipped.load(Relaxed) == 0,
+            "{with_nat} of {flows} full-NAT flows synced with their NAT state, {} not installed",
+            b_stats.nat_skipped.load(Relaxed)
+        );
+    }
     let d = stats(delays);
     let per_flow = wire as f64 / flows as f64;
+    let what = if fullnat { "full-NAT" } else { "DR" };
     println!(
-        "sync: {flows} new flows at {rate}/s: {datagrams} datagrams, {per_flow:.1} bytes on the \
-         wire a flow; first packet to the peer's entry: p50 {:.1} ms, p99 {:.1} ms",
+        "sync: {flows} new {what} flows at {rate}/s: {datagrams} datagrams, {per_flow:.1} bytes \
+         on the wire a flow; first packet to the peer's entry: p50 {:.1} ms, p99 {:.1} ms",
         d.median as f64 / 1e6,
         d.p99 as f64 / 1e6
     );

@@ -527,6 +527,16 @@ impl Balancer {
             .map(|r| (r.backend_id, r.generation))
     }
 
+    /// A service's forwarding mode, if this director has the service.
+    pub fn service_mode(&self, s: &ServiceAddr) -> Option<Mode> {
+        self.services.get(s).map(|st| st.config.mode)
+    }
+
+    /// The MAC of an interface the data path is attached to.
+    pub fn interface_mac(&self, ifindex: u32) -> Option<Mac> {
+        self.ifaces.get(&ifindex).copied()
+    }
+
     pub fn real_backend_id(&self, s: &ServiceAddr, real: IpAddr) -> Option<u32> {
         self.services.get(s)?.reals.get(&real).map(|r| r.backend_id)
     }

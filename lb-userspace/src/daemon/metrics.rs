@@ -251,7 +251,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         "xlb_sync_refused_total",
         "Connection sync: datagrams refused whole, by reason: not_peer (source is no \
          --sync-peer), bad_mac, replay (sequence not fresh), malformed; and entries refused, \
-         reason unknown (a service or real this director does not have).",
+         reason unknown (a service or real this director does not have), and NAT flows \
+         installed without their reply translation, reason nat_skipped (another NAT mode here, \
+         the client's route leaves by an interface xlb is not on, or the reply tuple is \
+         another flow's).",
     );
     let mut sync_events_lost = Family::counter(
         "xlb_sync_events_lost_total",
@@ -344,6 +347,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             sync_refused.add(&[("reason", why.name())], get(count));
         }
         sync_refused.add(&[("reason", "unknown")], get(&s.entries_unknown));
+        sync_refused.add(&[("reason", "nat_skipped")], get(&s.nat_skipped));
     }
     conn_entries.add(&[], scrape.flows.entries as f64);
     conn_capacity.add(&[], b.dataplane().conn_capacity()?.into());

@@ -13,7 +13,15 @@
 //!   peer's copy of an active flow never ages out of its table.
 //! - `Receiver::take` accepts a datagram only from a peer's address, with the shared key's MAC
 //!   and a fresh sequence; it maps each entry's (service, real) to its own backend and writes
-//!   the entry into its connection table. Anything refused changes nothing and is counted.
+//!   the entry into its connection table, marked `CONN_F_SYNCED`. Anything refused changes
+//!   nothing and is counted.
+//! - NAT flows carry what their replies need (`sync::NatState`), read from the data path's NAT
+//!   tables at `flush`; the receiver installs the reply translation (dataplane/nat.rs), its
+//!   reply leaving by the interface of its own route to the client (looked up by the receive
+//!   loop, cached).
+//! - Takeover: the first packet a director forwards on a flow marked `CONN_F_SYNCED` clears
+//!   the mark and is announced as a new flow's (lb-ebpf's conntrack.rs), so the director now
+//!   forwarding the flow refreshes it for the others (a restarted old master learns it back).
 
 use std::{
     collections::HashMap,
@@ -27,13 +35,15 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use lb_common::{ConnKey, ConnValue, SyncEvent};
+use lb_common::{CONN_F_CLOSING, CONN_F_SYNCED, ConnKey, ConnValue, SnatEndpoint, SyncEvent};
 
 use super::Shared;
 use crate::{
+    config::Mode,
     control::{Balancer, addr_bytes, addr_of, is_active, now_coarse_s},
-    dataplane::ring_records,
-    sync::{self, Refusal, ReplayGuard, Sequencer, SyncEntry},
+    dataplane::{NatFlow, ReplyPath, ring_records},
+    netlink::Neighbours,
+    sync::{self, NatState, Refusal, ReplayGuard, Sequencer, SyncEntry},
 };
 
 /// How often queued entries are sent: the most a new flow waits before its datagram leaves.
@@ -62,6 +72,8 @@ pub struct SyncStats {
     pub entries_installed: AtomicU64,
     /// Entries naming a service or real this director does not have.
     pub entries_unknown: AtomicU64,
+    /// NAT flows installed without their reply translation (see `Receiver::install_nat`).
+    pub nat_skipped: AtomicU64,
     /// Datagrams refused, by `Refusal` (in `Refusal::ALL`'s order).
     pub refused: [AtomicU64; 4],
 }
@@ -126,11 +138,47 @@ fn entry_of(
         real,
         real_port,
         flags,
+        nat: None,
     })
 }
 
-/// What a director announced and still sends: its own new flows (not those it installed for a
-/// peer, which that peer refreshes).
+/// A synced flow's NAT ends, as the data path keys them.
+fn nat_flow(e: &SyncEntry) -> NatFlow {
+    let real_port = if e.real_port != 0 {
+        e.real_port
+    } else {
+        e.dport
+    };
+    NatFlow {
+        flow: conn_key(e),
+        real: addr_bytes(e.real).0,
+        real_port: real_port.to_be(),
+    }
+}
+
+/// The NAT state of a flow of a NAT service, as this director's data path holds it.
+fn nat_state(b: &mut Balancer, e: &SyncEntry) -> Option<NatState> {
+    let mode = b.service_mode(&e.service).filter(|m| m.is_nat())?;
+    let state = b
+        .dataplane()
+        .nat_state(&nat_flow(e), mode == Mode::Fullnat)
+        .inspect_err(|err| tracing::debug!("reading a NAT flow's state: {err:#}"))
+        .ok()??;
+    let (mac, snat) = state;
+    Some(NatState {
+        mac,
+        snat: match snat {
+            Some(s) => Some((
+                addr_of(&s.addr, sync::family_of(e.client))?,
+                u16::from_be(s.port),
+            )),
+            None => None,
+        },
+    })
+}
+
+/// What a director announced and still sends: its own new flows and those it took over (not
+/// those it installed for a peer and does not forward, which that peer refreshes).
 pub struct Sender {
     socket: UdpSocket,
     peers: Vec<SocketAddr>,
@@ -168,12 +216,17 @@ impl Sender {
         }
     }
 
-    /// Sends the queue to every peer, in as few datagrams as it fits in.
-    pub fn flush(&mut self) {
+    /// Sends the queue to every peer, in as few datagrams as it fits in; NAT flows with the
+    /// state their replies need, read now (the data path records it after it announced the
+    /// flow, in the NAT program it tail-calls).
+    pub fn flush(&mut self, b: &mut Balancer) {
         if self.queue.is_empty() {
             return;
         }
-        let entries = std::mem::take(&mut self.queue);
+        let mut entries = std::mem::take(&mut self.queue);
+        for e in &mut entries {
+            e.nat = nat_state(b, e);
+        }
         let datagrams = sync::encode(&entries, &self.key, || self.sequences.advance());
         for peer in &self.peers {
             for d in &datagrams {
@@ -228,11 +281,18 @@ impl Sender {
     }
 }
 
-/// The receiving side: which addresses are peers, the key, the sequences seen.
+/// Clients whose interface is remembered, at most: the cache is emptied when full.
+const ROUTES_CACHED: usize = 65536;
+
+/// The receiving side: which addresses are peers, the key, the sequences seen, and by which
+/// interface NAT flows' clients are reached here.
 pub struct Receiver {
     peers: Vec<IpAddr>,
     key: Vec<u8>,
     guard: ReplayGuard,
+    /// Client address -> the interface its route leaves by (the kernel's FIB, looked up by
+    /// the receive loop before a batch is installed).
+    routes: HashMap<IpAddr, u32>,
     stats: Arc<SyncStats>,
 }
 
@@ -242,14 +302,22 @@ impl Receiver {
             peers: opts.peers.iter().map(|p| p.ip().to_canonical()).collect(),
             key: opts.key.clone(),
             guard: ReplayGuard::default(),
+            routes: HashMap::new(),
             stats,
         }
     }
 
-    /// Takes a datagram from `from`: refused as a whole (and counted) unless a peer sent it
-    /// with the key's MAC and a fresh sequence; then each entry whose service and real this
-    /// director has is written into its connection table. Returns the entries installed.
+    /// Takes a datagram from `from`: `check`, then `install`. Returns the entries installed.
     pub fn take(&mut self, b: &mut Balancer, from: IpAddr, datagram: &[u8]) -> Result<usize> {
+        match self.check(from, datagram) {
+            Some(entries) => self.install(b, &entries),
+            None => Ok(0),
+        }
+    }
+
+    /// The entries of a datagram from `from`, unless it is refused as a whole (and counted):
+    /// it must come from a peer, with the key's MAC and a fresh sequence.
+    pub fn check(&mut self, from: IpAddr, datagram: &[u8]) -> Option<Vec<SyncEntry>> {
         let from = from.to_canonical();
         let checked = if !self.peers.contains(&from) {
             Err(Refusal::NotPeer)
@@ -261,43 +329,110 @@ impl Receiver {
                 }
             })
         };
-        let entries = match checked {
-            Ok(entries) => entries,
+        match checked {
+            Ok(entries) => {
+                self.stats.batches_received.fetch_add(1, Relaxed);
+                self.stats
+                    .entries_received
+                    .fetch_add(entries.len() as u64, Relaxed);
+                Some(entries)
+            }
             Err(why) => {
                 self.stats.refuse(why);
                 tracing::debug!(%from, reason = why.name(), "sync batch refused");
-                return Ok(0);
+                None
             }
-        };
-        self.stats.batches_received.fetch_add(1, Relaxed);
-        self.stats
-            .entries_received
-            .fetch_add(entries.len() as u64, Relaxed);
+        }
+    }
+
+    /// The clients of these entries' NAT flows whose interface is not known yet.
+    pub fn unrouted(&self, entries: &[SyncEntry]) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = entries
+            .iter()
+            .filter(|e| e.nat.is_some() && !self.routes.contains_key(&e.client))
+            .map(|e| e.client)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Remembers that `client` is reached through interface `ifindex`.
+    pub fn set_route(&mut self, client: IpAddr, ifindex: u32) {
+        if self.routes.len() >= ROUTES_CACHED {
+            self.routes.clear();
+        }
+        self.routes.insert(client, ifindex);
+    }
+
+    /// Writes each entry whose service and real this director has into its connection table,
+    /// with a NAT flow's reply translation (and full NAT's source) where its service here is
+    /// of the same mode. Returns the entries installed.
+    pub fn install(&mut self, b: &mut Balancer, entries: &[SyncEntry]) -> Result<usize> {
         let now = now_coarse_s();
-        let flows: Vec<(ConnKey, ConnValue)> = entries
+        let known: Vec<(&SyncEntry, ConnKey, ConnValue)> = entries
             .iter()
             .filter_map(|e| {
                 let (id, generation) = b.synced_backend(&e.service, e.real, e.real_port)?;
-                Some((
-                    conn_key(e),
-                    ConnValue {
-                        // Below MAX_BACKENDS (2^16).
-                        backend_id: id as u16,
-                        flags: e.flags,
-                        generation,
-                        last_seen_s: now,
-                    },
-                ))
+                let value = ConnValue {
+                    // Below MAX_BACKENDS (2^16).
+                    backend_id: id as u16,
+                    flags: e.flags | CONN_F_SYNCED,
+                    generation,
+                    last_seen_s: now,
+                };
+                Some((e, conn_key(e), value))
             })
             .collect();
         self.stats
             .entries_unknown
-            .fetch_add((entries.len() - flows.len()) as u64, Relaxed);
+            .fetch_add((entries.len() - known.len()) as u64, Relaxed);
+        let flows: Vec<(ConnKey, ConnValue)> = known.iter().map(|(_, k, v)| (*k, *v)).collect();
         b.dataplane().insert_conns(&flows)?;
         self.stats
             .entries_installed
             .fetch_add(flows.len() as u64, Relaxed);
+        for (e, _, _) in &known {
+            if let Some(nat) = e.nat
+                && !self.install_nat(b, e, nat, now)?
+            {
+                self.stats.nat_skipped.fetch_add(1, Relaxed);
+            }
+        }
         Ok(flows.len())
+    }
+
+    /// A NAT flow's reply translation: false if it cannot be installed here (the service is
+    /// not of the same NAT mode, the client's route leaves by an interface xlb is not attached
+    /// to, or the reply tuple is another flow's).
+    fn install_nat(
+        &self,
+        b: &mut Balancer,
+        e: &SyncEntry,
+        nat: NatState,
+        now: u32,
+    ) -> Result<bool> {
+        let fullnat = nat.snat.is_some();
+        let same_mode =
+            b.service_mode(&e.service) == Some(if fullnat { Mode::Fullnat } else { Mode::Nat });
+        let Some(&ifindex) = self.routes.get(&e.client) else {
+            return Ok(false);
+        };
+        let (true, Some(src_mac)) = (same_mode, b.interface_mac(ifindex)) else {
+            return Ok(false);
+        };
+        let snat = nat.snat.map(|(addr, port)| SnatEndpoint {
+            addr: addr_bytes(addr).0,
+            port: port.to_be(),
+            _pad: [0; 2],
+        });
+        let path = ReplyPath {
+            ifindex,
+            src_mac,
+            mac: nat.mac,
+        };
+        b.dataplane()
+            .install_nat_flow(&nat_flow(e), snat, path, now, e.flags & CONN_F_CLOSING)
     }
 }
 
@@ -335,7 +470,8 @@ pub(super) fn send_loop(
                     }
                 }
             }
-            sender.lock().unwrap().flush();
+            let mut s = shared.lock().unwrap();
+            sender.lock().unwrap().flush(&mut s.balancer);
         }
     })
 }
@@ -347,6 +483,7 @@ pub(super) fn receive_loop(
     mut receiver: Receiver,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let socket = tokio::net::UdpSocket::from_std(socket)?;
+    let routes = Neighbours::new()?;
     Ok(tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         loop {
@@ -358,8 +495,18 @@ pub(super) fn receive_loop(
                     continue;
                 }
             };
+            let Some(entries) = receiver.check(from.ip(), &buf[..len]) else {
+                continue;
+            };
+            for client in receiver.unrouted(&entries) {
+                match routes.next_hop(client).await {
+                    Ok(Some((_, ifindex))) => receiver.set_route(client, ifindex),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(%client, "route lookup: {e:#}"),
+                }
+            }
             let mut s = shared.lock().unwrap();
-            if let Err(e) = receiver.take(&mut s.balancer, from.ip(), &buf[..len]) {
+            if let Err(e) = receiver.install(&mut s.balancer, &entries) {
                 tracing::warn!("installing synced flows: {e:#}");
             }
         }

@@ -17,10 +17,12 @@ use lb_common::{Backend, DEFAULT_CONN_CAPACITY, ServiceKey, ServiceValue, conn_b
 
 mod conns;
 mod maps;
+mod nat;
 mod pins;
 mod sys;
 mod tables;
 
+pub use nat::{NatFlow, ReplyPath};
 pub use pins::{DEFAULT_PIN_ROOT, PinDir};
 
 use self::{
