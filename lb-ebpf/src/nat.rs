@@ -160,20 +160,8 @@ pub fn set_ends<const A: usize>(
     l4_check: bool,
 ) -> Option<u64> {
     let ip_check = checked(ptr_at::<[u8; 2]>(ctx, pkt.l3_off + IPV4_CHECK)?);
-    let ip_src = match src {
-        Some(_) => checked(ptr_at::<[u8; A]>(
-            ctx,
-            pkt.l3_off + addr_off::<A>(End::Src),
-        )?),
-        None => core::ptr::null_mut(),
-    };
-    let ip_dst = match dst {
-        Some(_) => checked(ptr_at::<[u8; A]>(
-            ctx,
-            pkt.l3_off + addr_off::<A>(End::Dst),
-        )?),
-        None => core::ptr::null_mut(),
-    };
+    let ip_src = addr_at::<A>(ctx, pkt, End::Src, src.is_some())?;
+    let ip_dst = addr_at::<A>(ctx, pkt, End::Dst, dst.is_some())?;
     let with_l4 = pkt.fragment != Fragment::Later;
     let ports = if with_l4 {
         checked(ptr_at::<[u16; 2]>(ctx, pkt.l4_off + L4_SPORT)?)
@@ -228,6 +216,23 @@ pub fn set_ends<const A: usize>(
         check_at.write_unaligned(new);
         Some(change + csum::change(check, new))
     }
+}
+
+/// Where an end's address lies in the packet, bounds-checked; null if that end is not `set`.
+#[inline(always)]
+fn addr_at<const A: usize>(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    end: End,
+    set: bool,
+) -> Option<*mut [u8; A]> {
+    if !set {
+        return Some(core::ptr::null_mut());
+    }
+    Some(checked(ptr_at::<[u8; A]>(
+        ctx,
+        pkt.l3_off + addr_off::<A>(end),
+    )?))
 }
 
 /// Writes `port` over the one at `at`; returns the change to a one's complement sum.
