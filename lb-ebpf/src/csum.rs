@@ -2,7 +2,8 @@
 //!
 //! Sums are taken over 16-bit words as they lie in memory (native order): one's complement
 //! addition commutes with byte swapping, so a checksum summed and stored in native order is
-//! right on the wire, and it mixes with `bpf_csum_diff`, which sums packet memory the same way.
+//! right on the wire, and it mixes with `bpf_csum_diff`, which sums packet memory the same way
+//! (`diff` computes what that helper returns for a few words, without the call).
 
 use aya_ebpf::helpers::bpf_csum_diff;
 
@@ -51,6 +52,38 @@ pub fn packet<const N: usize>(bytes: *mut [u8; N]) -> Option<u64> {
         return None;
     }
     Some(sum as u32 as u64)
+}
+
+/// How a sum changes when the `N` bytes at `old` become `new` (N a multiple of 4, both at even
+/// offsets of what the checksum covers): the sum of the old words complemented and the new
+/// words, as `bpf_csum_diff` returns it, modulo 0xffff. An IPv4 address's is computed here:
+/// the helper call costs more than its sum. Read a byte at a time (the packet's words may be
+/// unaligned, which the BPF target reads bytewise anyway): a word is its even byte plus its
+/// odd byte times 256 (native order), so the bytes of each parity are summed apart and ~w is
+/// 0xffff - w. Longer ranges (an IPv6 address) go to the helper: summed inline, their bytes
+/// need more registers than the NAT programs have left, and spill onto a full stack.
+///
+/// # Safety
+/// Both pointers must be valid for `N` bytes (bounds-checked packet or map memory).
+#[inline(always)]
+pub unsafe fn diff<const N: usize>(old: *const [u8; N], new: *const [u8; N]) -> Option<u64> {
+    if N > 4 {
+        // SAFETY: both ranges are N bytes the caller vouches for; the helper only reads them.
+        let sum = unsafe { bpf_csum_diff(old as *mut u32, N as u32, new as *mut u32, N as u32, 0) };
+        return (sum >= 0).then_some(sum as u32 as u64);
+    }
+    let (old, new) = (old as *const u8, new as *const u8);
+    let (mut even, mut odd) = (0u64, 0u64);
+    let mut i = 0;
+    while i + 1 < N {
+        // SAFETY: bytes i and i + 1 of N the caller vouches for.
+        unsafe {
+            even += *new.add(i) as u64 + 0xff - *old.add(i) as u64;
+            odd += *new.add(i + 1) as u64 + 0xff - *old.add(i + 1) as u64;
+        }
+        i += 2;
+    }
+    Some(even + (odd << 8))
 }
 
 /// A checksum after one 16-bit word of the header changed from `old` to `new` (RFC 1624,

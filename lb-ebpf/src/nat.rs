@@ -21,7 +21,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::{bpf_csum_diff, bpf_get_prandom_u32},
+    helpers::bpf_get_prandom_u32,
     programs::XdpContext,
 };
 use lb_common::{
@@ -80,37 +80,21 @@ const fn addr_off<const A: usize>(end: End) -> usize {
     }
 }
 
-/// Writes `addr` over the address at `ip_addr` and, for IPv4, updates the header checksum at
-/// `ip_check`. Returns the changes to a one's complement sum: of the address (what a
-/// pseudo-header sees) and of the IPv4 checksum field (0 for IPv6).
+/// Writes `addr` over the address at `ip_addr`; returns the change to a one's complement sum
+/// (what a pseudo-header, and an IPv4 header's checksum, see), None if the checksum helper
+/// refuses (nothing written).
 ///
 /// # Safety
-/// Both pointers must have been bounds-checked (`ip_check` is not used for IPv6).
+/// `ip_addr` must have been bounds-checked.
 #[inline(always)]
-unsafe fn write_addr<const A: usize>(
-    ip_addr: *mut [u8; A],
-    ip_check: *mut [u8; 2],
-    addr: &[u8; 16],
-) -> Option<(u64, u64)> {
-    let new_addr = addr.as_ptr() as *mut u32;
-    // SAFETY: both ranges are A bytes (a multiple of 4) of packet or map memory, only read.
-    let diff = unsafe { bpf_csum_diff(ip_addr as *mut u32, A as u32, new_addr, A as u32, 0) };
-    if diff < 0 {
-        return None;
-    }
-    let diff = diff as u32 as u64;
-    let mut check_change = 0;
-    // SAFETY: the caller bounds-checked both pointers.
+unsafe fn write_addr<const A: usize>(ip_addr: *mut [u8; A], addr: &[u8; 16]) -> Option<u64> {
+    // SAFETY: both ranges are A bytes (4 or 16) of packet or map memory; the caller
+    // bounds-checked the packet's.
     unsafe {
-        if A == 4 {
-            let old = ip_check.read_unaligned();
-            let new = csum::add_partial(old, diff);
-            ip_check.write_unaligned(new);
-            check_change = csum::change(old, new);
-        }
+        let diff = csum::diff::<A>(ip_addr, addr.as_ptr() as *const [u8; A])?;
         core::ptr::copy_nonoverlapping(addr.as_ptr(), ip_addr as *mut u8, A);
+        Some(diff)
     }
-    Some((diff, check_change))
 }
 
 /// Sets one address of the IP header at `l3_off` (`A`: 4 or 16 bytes; an IPv4 header's
@@ -126,34 +110,61 @@ pub fn set_addr<const A: usize>(
     let ip_addr = checked(ptr_at::<[u8; A]>(ctx, l3_off + addr_off::<A>(end))?);
     let ip_check = checked(ptr_at::<[u8; 2]>(ctx, l3_off + IPV4_CHECK)?);
     // SAFETY: both bounds-checked.
-    unsafe { write_addr(ip_addr, ip_check, addr) }.map(|(diff, _)| diff)
+    unsafe {
+        let diff = write_addr(ip_addr, addr)?;
+        if A == 4 {
+            update_ip_check(ip_check, diff);
+        }
+        Some(diff)
+    }
 }
 
-/// Sets one end (address and port) of the packet, with both checksums updated incrementally.
-/// `addr` is the new address (IPv4 in its first 4 bytes; `A` is 4 or 16), read where it lies
-/// (a map value): nothing large is copied to the stack, which the balancer's programs have
-/// little of. Every pointer is bounds-checked before anything is written: a frame too short
-/// for its TCP checksum is left whole (None). A later fragment has no L4 header: only its
-/// address changes (the first fragment's checksum already covers the new pseudo-header).
+/// Updates the IPv4 header checksum at `at` for addresses that changed the sum by `diff`;
+/// returns the change to a one's complement sum of the header.
+///
+/// # Safety
+/// `at` must have been bounds-checked.
+#[inline(always)]
+unsafe fn update_ip_check(at: *mut [u8; 2], diff: u64) -> u64 {
+    // SAFETY: the caller bounds-checked it.
+    let old = unsafe { at.read_unaligned() };
+    let new = csum::add_partial(old, diff);
+    unsafe { at.write_unaligned(new) };
+    csum::change(old, new)
+}
+
+/// A new address (IPv4 in its first 4 bytes) and port (network order) for one end of a
+/// packet. The address is read where it lies (a map value): nothing large is copied to the
+/// stack, which the balancer's programs have little of.
+#[derive(Clone, Copy)]
+pub struct Endpoint<'a> {
+    pub addr: &'a [u8; 16],
+    pub port: u16,
+}
+
+/// Sets the given ends (address and port) of the packet (`A`: 4 or 16 address bytes), with
+/// both checksums updated incrementally, once for both ends. Every pointer is bounds-checked
+/// before anything is written: a frame too short for its TCP checksum is left whole (None). A
+/// later fragment has no L4 header: only its addresses change (the first fragment's checksum
+/// already covers the new pseudo-header).
 ///
 /// `l4_check` false leaves the TCP/UDP checksum alone (a packet quoted in an ICMP error may
 /// end before it). Returns how much the one's complement sum of the header bytes changed:
 /// what the checksum of an ICMP error that quotes the packet needs.
 #[inline(always)]
-pub fn set_end<const A: usize>(
+pub fn set_ends<const A: usize>(
     ctx: &XdpContext,
     pkt: &Packet,
-    end: End,
-    addr: &[u8; 16],
-    port: u16,
+    src: Option<Endpoint>,
+    dst: Option<Endpoint>,
     l4_check: bool,
 ) -> Option<u64> {
-    let ip_addr = checked(ptr_at::<[u8; A]>(ctx, pkt.l3_off + addr_off::<A>(end))?);
     let ip_check = checked(ptr_at::<[u8; 2]>(ctx, pkt.l3_off + IPV4_CHECK)?);
+    let ip_src = addr_at::<A>(ctx, pkt, End::Src, src.is_some())?;
+    let ip_dst = addr_at::<A>(ctx, pkt, End::Dst, dst.is_some())?;
     let with_l4 = pkt.fragment != Fragment::Later;
-    let l4_port = if with_l4 {
-        let port_off = if end == End::Src { L4_SPORT } else { L4_DPORT };
-        checked(ptr_at::<u16>(ctx, pkt.l4_off + port_off)?)
+    let ports = if with_l4 {
+        checked(ptr_at::<[u16; 2]>(ctx, pkt.l4_off + L4_SPORT)?)
     } else {
         core::ptr::null_mut()
     };
@@ -163,16 +174,32 @@ pub fn set_end<const A: usize>(
     } else {
         core::ptr::null_mut()
     };
-    // SAFETY: every pointer was bounds-checked by ptr_at above.
+    // SAFETY: every pointer was bounds-checked by ptr_at above (a null one is never used).
     unsafe {
-        let (diff, check_change) = write_addr(ip_addr, ip_check, addr)?;
-        let mut change = diff + check_change;
+        // The addresses' change, which the IPv4 header and the pseudo-header both see.
+        let mut addrs = 0;
+        if let Some(e) = src {
+            addrs += write_addr(ip_src, e.addr)?;
+        }
+        if let Some(e) = dst {
+            addrs += write_addr(ip_dst, e.addr)?;
+        }
+        let mut change = addrs;
+        if A == 4 {
+            change += update_ip_check(ip_check, addrs);
+        }
         if !with_l4 {
             return Some(change);
         }
-        let old_port = l4_port.read_unaligned();
-        l4_port.write_unaligned(port);
-        change += csum::change(old_port.to_ne_bytes(), port.to_ne_bytes());
+        let ports = ports as *mut u16;
+        let mut l4 = addrs;
+        if let Some(e) = src {
+            l4 += write_port(ports.add(L4_SPORT / 2), e.port);
+        }
+        if let Some(e) = dst {
+            l4 += write_port(ports.add(L4_DPORT / 2), e.port);
+        }
+        change += l4 - addrs;
         if check_at.is_null() {
             return Some(change);
         }
@@ -181,8 +208,7 @@ pub fn set_end<const A: usize>(
         if pkt.proto == PROTO_UDP && check == [0, 0] {
             return Some(change);
         }
-        let mut new = csum::add_partial(check, diff);
-        new = csum::replace(new, old_port.to_ne_bytes(), port.to_ne_bytes());
+        let mut new = csum::add_partial(check, l4);
         // A computed UDP checksum of 0 is sent as all ones (0 means "none", RFC 768).
         if pkt.proto == PROTO_UDP && new == [0, 0] {
             new = [0xff, 0xff];
@@ -192,20 +218,62 @@ pub fn set_end<const A: usize>(
     }
 }
 
-/// `set_end` for the packet's family; see there.
+/// Where an end's address lies in the packet, bounds-checked; null if that end is not `set`.
+#[inline(always)]
+fn addr_at<const A: usize>(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    end: End,
+    set: bool,
+) -> Option<*mut [u8; A]> {
+    if !set {
+        return Some(core::ptr::null_mut());
+    }
+    Some(checked(ptr_at::<[u8; A]>(
+        ctx,
+        pkt.l3_off + addr_off::<A>(end),
+    )?))
+}
+
+/// Writes `port` over the one at `at`; returns the change to a one's complement sum.
+///
+/// # Safety
+/// `at` must have been bounds-checked.
+#[inline(always)]
+unsafe fn write_port(at: *mut u16, port: u16) -> u64 {
+    // SAFETY: the caller bounds-checked it.
+    let old = unsafe { at.read_unaligned() };
+    unsafe { at.write_unaligned(port) };
+    csum::change(old.to_ne_bytes(), port.to_ne_bytes())
+}
+
+/// `set_ends` for one end.
+#[inline(always)]
+pub fn set_end<const A: usize>(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    end: End,
+    to: Endpoint,
+    l4_check: bool,
+) -> Option<u64> {
+    match end {
+        End::Src => set_ends::<A>(ctx, pkt, Some(to), None, l4_check),
+        End::Dst => set_ends::<A>(ctx, pkt, None, Some(to), l4_check),
+    }
+}
+
+/// `set_ends` for the packet's family, TCP/UDP checksum included; see there.
 #[inline(always)]
 pub fn set_either(
     ctx: &XdpContext,
     pkt: &Packet,
-    end: End,
-    addr: &[u8; 16],
-    port: u16,
-    l4_check: bool,
+    src: Option<Endpoint>,
+    dst: Option<Endpoint>,
 ) -> Option<u64> {
     if pkt.family == FAMILY_V4 {
-        set_end::<4>(ctx, pkt, end, addr, port, l4_check)
+        set_ends::<4>(ctx, pkt, src, dst, true)
     } else {
-        set_end::<16>(ctx, pkt, end, addr, port, l4_check)
+        set_ends::<16>(ctx, pkt, src, dst, true)
     }
 }
 
@@ -262,6 +330,10 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
         ptr_at::<[u8; 2]>(ctx, pkt.l4_off + check_off)?;
     }
     let dport = if b.port != 0 { b.port } else { pkt.dport };
+    let to_real = Endpoint {
+        addr: &b.addr,
+        port: dport,
+    };
     if scratch.service_flags & SERVICE_F_FULLNAT != 0 {
         // Decided before anything is rewritten: the flow is known by the client's tuple.
         let known_flow = scratch.new_flow == 0;
@@ -276,16 +348,23 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
         ) else {
             return Some(drop::drop(ctx, DropReason::SnatExhausted));
         };
-        set_either(ctx, pkt, End::Src, &snat.addr, snat.port, true)?;
-    } else if scratch.new_flow != 0 || pkt.fragment == Fragment::First {
-        // Recorded when the flow is (re)scheduled, and for each first fragment (fragments are
-        // scheduled without the connection table).
-        let key = tuple(pkt, b.addr, pkt.src, dport, pkt.sport);
-        let value = reply_value(ctx, pkt, pkt.sport, pkt.dport, &old_macs);
-        // A full LRU evicts its oldest entry; a failed insert leaves the replies untranslated.
-        let _ = NAT_REPLIES.insert(&key, &value, 0);
+        let to_snat = Endpoint {
+            addr: &snat.addr,
+            port: snat.port,
+        };
+        set_either(ctx, pkt, Some(to_snat), Some(to_real))?;
+    } else {
+        if scratch.new_flow != 0 || pkt.fragment == Fragment::First {
+            // Recorded when the flow is (re)scheduled, and for each first fragment (fragments
+            // are scheduled without the connection table).
+            let key = tuple(pkt, b.addr, pkt.src, dport, pkt.sport);
+            let value = reply_value(ctx, pkt, pkt.sport, pkt.dport, &old_macs);
+            // A full LRU evicts its oldest entry; a failed insert leaves the replies
+            // untranslated.
+            let _ = NAT_REPLIES.insert(&key, &value, 0);
+        }
+        set_either(ctx, pkt, None, Some(to_real))?;
     }
-    set_either(ctx, pkt, End::Dst, &b.addr, dport, true)?;
     write_macs(macs, &b.mac, &b.src_mac);
     Some(egress::send(ctx, b))
 }
@@ -469,11 +548,16 @@ fn reply(ctx: &XdpContext) -> Option<u32> {
         // Its later fragments carry no ports: they find this entry through the ports kept here.
         conntrack::remember_fragment_ports(pkt);
     }
-    set_either(ctx, pkt, End::Src, &r.vip, r.vport, true)?;
+    let to_vip = Endpoint {
+        addr: &r.vip,
+        port: r.vport,
+    };
     // Full NAT: the destination (an SNAT address and port) goes back to the client's.
-    if r.client != pkt.dst || r.client_port != dport {
-        set_either(ctx, pkt, End::Dst, &r.client, r.client_port, true)?;
-    }
+    let to_client = (r.client != pkt.dst || r.client_port != dport).then_some(Endpoint {
+        addr: &r.client,
+        port: r.client_port,
+    });
+    set_either(ctx, pkt, Some(to_vip), to_client)?;
     write_macs(macs, &r.mac, &r.src_mac);
     counters::global(Global::NatReplied);
     Some(egress::send_via(ctx, r.ifindex))

@@ -146,7 +146,7 @@ fn quoted_end<const A: usize>(
     quoted.l4_off = flow.l4_off;
     let check_off = if flow.proto == PROTO_TCP { 16 } else { 6 };
     let l4_check = flow.l4_off + check_off + 2 <= err.end;
-    nat::set_end::<A>(ctx, &quoted, end, addr, port, l4_check)
+    nat::set_end::<A>(ctx, &quoted, end, nat::Endpoint { addr, port }, l4_check)
 }
 
 /// Sets one address of the error's own IP header; returns its change to the ICMP checksum's
