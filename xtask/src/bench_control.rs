@@ -295,34 +295,38 @@ fn restore_memory_scrape(scrapes: usize) -> Result<(Value, Value, Value)> {
     // Scrapes: the active-flow walk plus the page, as the daemon's /metrics handler does (its
     // checks have no tasks here: the reals are unchecked).
     let (checks, _reports) = Checks::new(1);
-    let scrape_with = |b: &mut Balancer, flows: usize| -> Result<((f64, f64), usize)> {
-        let mut bytes = 0;
-        let mut samples = Vec::new();
-        for _ in 0..scrapes {
-            let ((counts, page), took) = timed(|| {
-                let counts = active_flows(b)?;
-                let scrape = metrics::Scrape {
-                    ifaces: &[("bench", 0, "none")],
-                    flows: &counts,
-                    checks: &checks,
-                    sync: None,
-                };
-                let page = metrics::render(b, &scrape)?;
-                Ok((counts, page))
-            })?;
-            let counted: u64 = counts.active.values().sum();
-            // A few of the flows written share a full bucket and are not held (see
-            // `lb_common::conn_buckets`).
-            ensure!(
-                counted as usize <= flows && counted as usize >= flows * 999 / 1000,
-                "the scrape counted {counted} flows, {flows} written"
-            );
-            bytes = page.len();
-            samples.push(took);
-        }
-        Ok((medians_ms(&samples), bytes))
-    };
-    let ((no_flows_ms, no_flows_wall_ms), page_bytes) = scrape_with(&mut b, 0)?;
+    let mut page = xlb::metrics::Page::default();
+    let mut scrape_with =
+        |b: &mut Balancer, flows: usize, n: usize| -> Result<((f64, f64), usize)> {
+            let mut bytes = 0;
+            let mut samples = Vec::new();
+            for _ in 0..n {
+                let ((counts, page), took) = timed(|| {
+                    let counts = active_flows(b)?;
+                    let scrape = metrics::Scrape {
+                        ifaces: &[("bench", 0, "none")],
+                        flows: &counts,
+                        checks: &checks,
+                        sync: None,
+                    };
+                    let page = metrics::render(&mut page, b, &scrape)?;
+                    Ok((counts, page))
+                })?;
+                let counted: u64 = counts.active.values().sum();
+                // A few of the flows written share a full bucket and are not held (see
+                // `lb_common::conn_buckets`).
+                ensure!(
+                    counted as usize <= flows && counted as usize >= flows * 999 / 1000,
+                    "the scrape counted {counted} flows, {flows} written"
+                );
+                bytes = page.len();
+                samples.push(took);
+            }
+            Ok((medians_ms(&samples), bytes))
+        };
+    // The first scrape builds the page's series; the next ones reuse them (`metrics::Page`).
+    let ((first_ms, first_wall_ms), _) = scrape_with(&mut b, 0, 1)?;
+    let ((no_flows_ms, no_flows_wall_ms), page_bytes) = scrape_with(&mut b, 0, scrapes)?;
     let ids: Vec<u32> = (0..SERVICES * REALS_PER_SERVICE)
         .map(|i| {
             b.real_backend_id(&service_addr(i / REALS_PER_SERVICE), real_addr(i))
@@ -330,11 +334,13 @@ fn restore_memory_scrape(scrapes: usize) -> Result<(Value, Value, Value)> {
         })
         .collect::<Result<_>>()?;
     b.dataplane().insert_conns(&flows(SCRAPE_FLOWS, &ids))?;
-    let ((with_flows_ms, with_flows_wall_ms), _) = scrape_with(&mut b, SCRAPE_FLOWS)?;
+    let ((with_flows_ms, with_flows_wall_ms), _) = scrape_with(&mut b, SCRAPE_FLOWS, scrapes)?;
     let scrape = json!({
         "services": SERVICES,
         "reals_per_service": REALS_PER_SERVICE,
         "page_bytes": page_bytes,
+        "first_cpu_ms": first_ms,
+        "first_wall_ms": first_wall_ms,
         "no_flows_cpu_ms": no_flows_ms,
         "no_flows_wall_ms": no_flows_wall_ms,
         "tracked_flows": SCRAPE_FLOWS,
@@ -343,7 +349,7 @@ fn restore_memory_scrape(scrapes: usize) -> Result<(Value, Value, Value)> {
         "target_ms": TARGET_SCRAPE_MS,
     });
     println!(
-        "{:<34} {no_flows_ms} ms CPU ({no_flows_wall_ms} wall) with no flows, {with_flows_ms} ({with_flows_wall_ms}) with {SCRAPE_FLOWS} tracked, {} KiB page  target <= {TARGET_SCRAPE_MS} ms  {}",
+        "{:<34} {no_flows_ms} ms CPU ({no_flows_wall_ms} wall) with no flows, {with_flows_ms} ({with_flows_wall_ms}) with {SCRAPE_FLOWS} tracked, first scrape {first_ms} ({first_wall_ms}), {} KiB page  target <= {TARGET_SCRAPE_MS} ms  {}",
         format!("/metrics, {SERVICES} x {REALS_PER_SERVICE}"),
         page_bytes / 1024,
         verdict(with_flows_ms <= TARGET_SCRAPE_MS)

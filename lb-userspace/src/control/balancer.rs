@@ -485,6 +485,11 @@ impl Balancer {
         }
     }
 
+    /// The services, in the order `config` lists them (without copying the configuration).
+    pub fn services(&self) -> impl Iterator<Item = ServiceAddr> + '_ {
+        self.services.keys().copied()
+    }
+
     /// The services whose weights follow check latency (read once a second: no config copy).
     pub fn adaptive_services(&self) -> Vec<ServiceAddr> {
         self.services

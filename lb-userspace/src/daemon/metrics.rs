@@ -1,6 +1,7 @@
 //! Prometheus metrics: `xlb daemon --metrics ADDR:PORT` serves `GET /metrics` in the text
-//! exposition format. Every scrape reads the kernel's counters afresh; nothing is cached, so
-//! the figures are exactly what `xlb stats` and `xlb status` show.
+//! exposition format. Every scrape reads the kernel's counters afresh, so the figures are
+//! exactly what `xlb stats` and `xlb status` show; only the page's series (names and labels)
+//! are kept from one scrape to the next (`metrics::Page`).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -9,7 +10,6 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use lb_common::{Counters, Global};
-use prometheus::{TextEncoder, proto::MetricFamily};
 use tokio::net::TcpListener;
 
 use super::{checks::Checks, sync::SyncStats};
@@ -17,7 +17,7 @@ use crate::{
     control::{Balancer, Flows},
     dataplane::ebpf_object_digest,
     health::Health,
-    metrics::Family,
+    metrics::Page,
 };
 
 /// Binds the metrics address; done before the program is attached so a bad address changes
@@ -91,163 +91,161 @@ pub struct Scrape<'a> {
 /// The metrics page for the balancer's current state. Names follow Prometheus conventions:
 /// `xlb_` prefix, counters end in `_total`, base units, labels `service` and `real`; the sum of
 /// one metric over its labels always means something (hence drops apart from forwards).
-pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
-    let mut svc_packets = Family::counter(
+/// `page` holds the last scrape's series, reused.
+pub fn render(page: &mut Page, b: &mut Balancer, scrape: &Scrape) -> Result<String> {
+    let mut svc_packets = page.counter(
         "xlb_service_packets_total",
         "Packets for the service, forwarded or dropped.",
     );
-    let mut svc_bytes = Family::counter(
+    let mut svc_bytes = page.counter(
         "xlb_service_bytes_total",
         "Bytes of the service's packets (frames as received).",
     );
-    let mut svc_flows = Family::counter(
+    let mut svc_flows = page.counter(
         "xlb_service_new_flows_total",
         "Flows scheduled through the service's Maglev table.",
     );
-    let mut real_packets =
-        Family::counter("xlb_real_packets_total", "Packets forwarded to the real.");
-    let mut real_bytes = Family::counter(
+    let mut real_packets = page.counter("xlb_real_packets_total", "Packets forwarded to the real.");
+    let mut real_bytes = page.counter(
         "xlb_real_bytes_total",
         "Bytes forwarded to the real (frames as received).",
     );
-    let mut real_flows =
-        Family::counter("xlb_real_new_flows_total", "New flows given to the real.");
-    let mut real_refusals = Family::counter(
+    let mut real_flows = page.counter("xlb_real_new_flows_total", "New flows given to the real.");
+    let mut real_refusals = page.counter(
         "xlb_real_refusals_total",
         "Connections the real refused (no socket on the port: its xlb_realserver program sent \
          the SYN or datagram back), each re-scheduled to another real or dropped.",
     );
-    let mut real_weight = Family::gauge("xlb_real_weight", "The real's configured weight.");
-    let mut real_effective_weight = Family::gauge(
+    let mut real_weight = page.gauge("xlb_real_weight", "The real's configured weight.");
+    let mut real_effective_weight = page.gauge(
         "xlb_real_effective_weight",
         "The weight the Maglev table uses (differs from xlb_real_weight under adaptive weights).",
     );
-    let mut real_in_table = Family::gauge(
+    let mut real_in_table = page.gauge(
         "xlb_real_in_table",
         "1 if the real receives new flows (in the Maglev table).",
     );
-    let mut real_state = Family::gauge(
+    let mut real_state = page.gauge(
         "xlb_real_state",
         "1, labelled with the real's current state: up, down, checking (no verdict yet), \
          draining, unresolved (next-hop MAC unknown), fallback (the sorry server).",
     );
-    let mut real_up = Family::gauge(
+    let mut real_up = page.gauge(
         "xlb_real_up",
         "1 if the real passes its health checks (or has none).",
     );
-    let mut real_draining =
-        Family::gauge("xlb_real_draining", "1 if the operator drained the real.");
-    let mut real_resolved = Family::gauge(
+    let mut real_draining = page.gauge("xlb_real_draining", "1 if the operator drained the real.");
+    let mut real_resolved = page.gauge(
         "xlb_real_resolved",
         "1 if the real's next-hop MAC is known.",
     );
-    let mut real_active = Family::gauge(
+    let mut real_active = page.gauge(
         "xlb_real_active_flows",
         "Tracked flows of the real that sent a packet recently (60 s, 2 s once closing).",
     );
-    let mut check_latency = Family::gauge(
+    let mut check_latency = page.gauge(
         "xlb_real_check_latency_seconds",
         "How long the real's last health check took.",
     );
-    let mut refusal_down_delay = Family::gauge(
+    let mut refusal_down_delay = page.gauge(
         "xlb_real_refusal_down_seconds",
         "How long after the data path honoured its refusal the real was last taken down.",
     );
-    let mut passed = Family::counter(
+    let mut passed = page.counter(
         "xlb_passed_packets_total",
         "Frames handed to the kernel untouched (not for a service, or not parseable).",
     );
-    let mut forwarded = Family::counter(
+    let mut forwarded = page.counter(
         "xlb_forwarded_packets_total",
         "Packets forwarded to a real.",
     );
-    let mut dropped = Family::counter(
+    let mut dropped = page.counter(
         "xlb_dropped_packets_total",
         "Packets for a service dropped, by reason: no_backend (no usable real), malformed \
          (cannot be scheduled), too_big (IPv4 without DF too big to tunnel).",
     );
-    let mut untracked_fragments = Family::counter(
+    let mut untracked_fragments = page.counter(
         "xlb_untracked_fragments_total",
         "Later fragments whose first fragment was not seen, passed to the kernel.",
     );
-    let mut icmp_too_big = Family::counter(
+    let mut icmp_too_big = page.counter(
         "xlb_icmp_too_big_sent_total",
         "ICMP fragmentation-needed / ICMPv6 packet-too-big replies sent for TUN packets too \
          big to encapsulate.",
     );
-    let mut icmp_errors_forwarded = Family::counter(
+    let mut icmp_errors_forwarded = page.counter(
         "xlb_icmp_errors_forwarded_total",
         "ICMP errors to a VIP (unreachable, too big, time exceeded) forwarded to the real of the \
          flow they quote, and errors about NAT flows translated and sent on.",
     );
-    let mut syn_retries_moved = Family::counter(
+    let mut syn_retries_moved = page.counter(
         "xlb_syn_retries_moved_total",
         "Retransmitted SYNs of flows whose real never answered, moved to another real.",
     );
-    let mut echo_replies = Family::counter(
+    let mut echo_replies = page.counter(
         "xlb_echo_replies_total",
         "ICMP echo requests to a VIP answered by the data path.",
     );
-    let mut nat_replies = Family::counter(
+    let mut nat_replies = page.counter(
         "xlb_nat_replies_total",
         "Replies of NAT flows from their real, translated back to the VIP and sent on.",
     );
-    let mut refusals_rescheduled = Family::counter(
+    let mut refusals_rescheduled = page.counter(
         "xlb_refusals_rescheduled_total",
         "Refusals (a real sent a SYN or datagram back: no socket on that port) re-scheduled to \
          another real.",
     );
-    let mut conn_misses = Family::counter(
+    let mut conn_misses = page.counter(
         "xlb_conntrack_misses_total",
         "Packets other than TCP SYNs that found no connection-table entry and were \
          scheduled through Maglev (new UDP flows, TCP flows the table lost or evicted).",
     );
-    let mut conn_stale = Family::counter(
+    let mut conn_stale = page.counter(
         "xlb_conntrack_stale_total",
         "Tracked flows whose real went away or changed, scheduled again.",
     );
-    let mut conn_entries = Family::gauge(
+    let mut conn_entries = page.gauge(
         "xlb_conntrack_entries",
         "Flows in the connection table (active or not, until their entry is taken).",
     );
-    let mut conn_capacity = Family::gauge(
+    let mut conn_capacity = page.gauge(
         "xlb_conntrack_capacity",
         "Flows the connection table is sized for (one bucket of 3 entries per flow).",
     );
-    let mut attach = Family::gauge(
+    let mut attach = page.gauge(
         "xlb_xdp_attach_info",
         "The interfaces the balancer is attached to and their XDP mode (native or generic).",
     );
-    let mut real_iface = Family::gauge(
+    let mut real_iface = page.gauge(
         "xlb_real_interface_info",
         "The attached interface the real is reached through (absent while unresolved).",
     );
-    let mut sync_entries_sent = Family::counter(
+    let mut sync_entries_sent = page.counter(
         "xlb_sync_entries_sent_total",
         "Connection sync: flow entries sent to peer directors (new flows and refreshes, once \
          per peer).",
     );
-    let mut sync_batches_sent = Family::counter(
+    let mut sync_batches_sent = page.counter(
         "xlb_sync_batches_sent_total",
         "Connection sync: datagrams sent to peer directors.",
     );
-    let mut sync_send_errors = Family::counter(
+    let mut sync_send_errors = page.counter(
         "xlb_sync_send_errors_total",
         "Connection sync: datagrams the kernel would not send (buffer full, no route).",
     );
-    let mut sync_batches_received = Family::counter(
+    let mut sync_batches_received = page.counter(
         "xlb_sync_batches_received_total",
         "Connection sync: datagrams taken from peers (from a peer, MAC right, sequence fresh).",
     );
-    let mut sync_entries_received = Family::counter(
+    let mut sync_entries_received = page.counter(
         "xlb_sync_entries_received_total",
         "Connection sync: flow entries in the datagrams taken.",
     );
-    let mut sync_entries_installed = Family::counter(
+    let mut sync_entries_installed = page.counter(
         "xlb_sync_entries_installed_total",
         "Connection sync: flow entries written into the connection table.",
     );
-    let mut sync_refused = Family::counter(
+    let mut sync_refused = page.counter(
         "xlb_sync_refused_total",
         "Connection sync: datagrams refused whole, by reason: not_peer (source is no \
          --sync-peer), bad_mac, replay (sequence not fresh), malformed; and entries refused, \
@@ -256,29 +254,46 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
          the client's route leaves by an interface xlb is not on, or the reply tuple is \
          another flow's).",
     );
-    let mut sync_events_lost = Family::counter(
+    let mut sync_events_lost = page.counter(
         "xlb_sync_events_lost_total",
         "Connection sync: new flows the data path could not report (its buffer full); sent \
          with the next refresh instead, if still active.",
     );
-    let mut build = Family::gauge(
+    let mut build = page.gauge(
         "xlb_build_info",
         "The xlb version and a digest of its embedded eBPF object.",
     );
 
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
-    let service_counters = b.dataplane().all_service_counters()?;
-    let backend_counters = b.dataplane().all_backend_counters()?;
+    let services: Vec<_> = b
+        .services()
+        .map(|svc| {
+            (
+                svc,
+                b.service_id(&svc).unwrap_or_default(),
+                b.real_status(&svc),
+            )
+        })
+        .collect();
+    // The counters of the ids in use only: ids are given out from the lowest free one.
+    let ids_below = |ids: &mut dyn Iterator<Item = u32>| ids.max().map_or(0, |id| id + 1);
+    let service_counters = b
+        .dataplane()
+        .service_counters(ids_below(&mut services.iter().map(|s| s.1)))?;
+    let backend_counters = b.dataplane().backend_counters(ids_below(
+        &mut services
+            .iter()
+            .flat_map(|s| s.2.iter().map(|r| r.backend_id)),
+    ))?;
     let counters = |all: &[Counters], id: u32| all.get(id as usize).copied().unwrap_or_default();
-    for svc in b.config().services {
-        let name = svc.service.to_string();
+    for (svc, id, reals) in services {
+        let name = svc.to_string();
         let service = ("service", name.as_str());
-        let id = b.service_id(&svc.service).unwrap_or_default();
         let c = counters(&service_counters, id);
         svc_packets.add(&[service], c.packets as f64);
         svc_bytes.add(&[service], c.bytes as f64);
         svc_flows.add(&[service], c.new_flows as f64);
-        for r in b.real_status(&svc.service) {
+        for r in reals {
             let addr = r.addr.to_string();
             let labels = [("real", addr.as_str()), service];
             let c = counters(&backend_counters, r.backend_id);
@@ -299,10 +314,10 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
             }
             let active = scrape.flows.active.get(&r.backend_id).copied().unwrap_or(0);
             real_active.add(&labels, active as f64);
-            if let Some(latency) = scrape.checks.last_latency(&svc.service, r.addr) {
+            if let Some(latency) = scrape.checks.last_latency(&svc, r.addr) {
                 check_latency.add(&labels, latency);
             }
-            if let Some(delay) = scrape.checks.refusal_down_delay(&svc.service, r.addr) {
+            if let Some(delay) = scrape.checks.refusal_down_delay(&svc, r.addr) {
                 refusal_down_delay.add(&labels, delay);
             }
         }
@@ -362,7 +377,7 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         1.0,
     );
 
-    let families: Vec<MetricFamily> = [
+    page.encode([
         svc_packets,
         svc_bytes,
         svc_flows,
@@ -405,12 +420,5 @@ pub fn render(b: &mut Balancer, scrape: &Scrape) -> Result<String> {
         sync_events_lost,
         attach,
         build,
-    ]
-    .into_iter()
-    // A family without samples (no service yet, no checked real) is left out, as a
-    // registry leaves out a vector with no children.
-    .filter(|f| !f.0.get_metric().is_empty())
-    .map(|f| f.0)
-    .collect();
-    Ok(TextEncoder::new().encode_to_string(&families)?)
+    ])
 }

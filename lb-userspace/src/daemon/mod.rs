@@ -355,6 +355,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     let metrics_server = metrics_listener.map(|listener| {
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
         let shared = shared.clone();
+        let page = Mutex::new(crate::metrics::Page::default());
         let render = Arc::new(move || {
             let mut guard = shared.lock().unwrap();
             let Shared {
@@ -375,7 +376,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
                 checks,
                 sync: sync.as_deref(),
             };
-            metrics::render(balancer, &scrape)
+            metrics::render(&mut page.lock().unwrap(), balancer, &scrape)
         });
         tokio::spawn(metrics::serve(listener, render))
     });

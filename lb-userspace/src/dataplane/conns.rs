@@ -9,8 +9,10 @@ use lb_common::{CONN_WAYS, ConnBucket, ConnEntry, ConnKey, ConnValue};
 
 use super::{Dataplane, sys};
 
-/// A shared mapping of the whole connection table, unmapped on drop.
-struct Mapping {
+/// A shared mapping of the whole connection table, unmapped on drop. The `Dataplane` keeps one
+/// (`conn_table`): mapping the table inserts every page (64 MiB at the default capacity), which
+/// cost each walk, so each scrape, about 10 ms.
+pub(super) struct Mapping {
     base: NonNull<ConnBucket>,
     buckets: usize,
 }
@@ -52,7 +54,7 @@ impl Mapping {
         unsafe { self.base.as_ptr().add(i).read_volatile() }
     }
 
-    fn write(&mut self, i: usize, bucket: ConnBucket) {
+    fn write(&self, i: usize, bucket: ConnBucket) {
         assert!(i < self.buckets);
         // SAFETY: as in `read`.
         unsafe { self.base.as_ptr().add(i).write_volatile(bucket) }
@@ -60,7 +62,7 @@ impl Mapping {
 
     /// Writes entry `way` of bucket `i` alone (20 bytes): the data path may write the bucket's
     /// other entries meanwhile.
-    fn write_entry(&mut self, i: usize, way: usize, entry: ConnEntry) {
+    fn write_entry(&self, i: usize, way: usize, entry: ConnEntry) {
         assert!(i < self.buckets && way < CONN_WAYS);
         // SAFETY: inside the mapping; a racing writer of the same entry can at worst tear it,
         // which `ConnEntry::holds` then refuses.
@@ -70,6 +72,11 @@ impl Mapping {
         }
     }
 }
+
+// SAFETY: the mapping is plain shared memory, read and written with volatile accesses whatever
+// the thread (the data path writes it concurrently anyway).
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
@@ -103,6 +110,15 @@ fn way_for(bucket: &ConnBucket, hashes: [u32; 2]) -> usize {
 }
 
 impl Dataplane {
+    /// The connection table's mapping, made on first use and kept.
+    fn conn_table(&self) -> Result<&Mapping> {
+        if let Some(table) = self.conn_table.get() {
+            return Ok(table);
+        }
+        let table = Mapping::of(self)?;
+        Ok(self.conn_table.get_or_init(|| table))
+    }
+
     /// Buckets of the connection table, as the kernel has it.
     fn conn_buckets(&self) -> Result<u32> {
         let map: aya::maps::Array<_, ConnBucket> = aya::maps::Array::try_from(self.map("CONNS")?)?;
@@ -117,7 +133,7 @@ impl Dataplane {
     /// Every entry in use (for status, metrics and tests, not per packet): one scan of the
     /// mapped table.
     pub fn conns(&self) -> Result<Vec<ConnValue>> {
-        let table = Mapping::of(self)?;
+        let table = self.conn_table()?;
         let mut out = Vec::new();
         for i in 0..table.buckets {
             let bucket = table.read(i);
@@ -139,13 +155,13 @@ impl Dataplane {
 
     /// The bucket the flow `key` hashes to, as it is: for tests that age or tear entries.
     pub fn conn_bucket(&self, key: &ConnKey) -> Result<ConnBucket> {
-        let table = Mapping::of(self)?;
+        let table = self.conn_table()?;
         Ok(table.read(bucket_of(key.hashes(), table.buckets)))
     }
 
     /// Overwrites the bucket the flow `key` hashes to (see `conn_bucket`).
     pub fn set_conn_bucket(&mut self, key: &ConnKey, bucket: ConnBucket) -> Result<()> {
-        let mut table = Mapping::of(self)?;
+        let table = self.conn_table()?;
         let i = bucket_of(key.hashes(), table.buckets);
         table.write(i, bucket);
         Ok(())
@@ -156,7 +172,7 @@ impl Dataplane {
     /// is written at a time, so it is safe while the data path runs (connection sync installs
     /// a peer director's flows with it; tests and benchmarks fill tables with it).
     pub fn insert_conns(&mut self, flows: &[(ConnKey, ConnValue)]) -> Result<()> {
-        let mut table = Mapping::of(self)?;
+        let table = self.conn_table()?;
         for (key, value) in flows {
             let hashes = key.hashes();
             let i = bucket_of(hashes, table.buckets);
@@ -168,7 +184,7 @@ impl Dataplane {
 
     /// The entries of these flows, where the table holds them (whole): one mapping for all.
     pub fn conns_of(&self, keys: &[ConnKey]) -> Result<Vec<Option<ConnValue>>> {
-        let table = Mapping::of(self)?;
+        let table = self.conn_table()?;
         Ok(keys
             .iter()
             .map(|key| {

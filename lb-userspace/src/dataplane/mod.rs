@@ -139,6 +139,8 @@ pub struct Dataplane {
     /// The pin directory's lock, held while we manage it.
     _pins_lock: Option<std::fs::File>,
     tables: MaglevTables,
+    /// The connection table, mapped (see `conns::Mapping`).
+    conn_table: std::sync::OnceLock<conns::Mapping>,
 }
 
 impl Dataplane {
@@ -195,6 +197,7 @@ impl Dataplane {
             adopting,
             _pins_lock: pins_lock,
             tables: MaglevTables::default(),
+            conn_table: std::sync::OnceLock::new(),
         })
     }
 

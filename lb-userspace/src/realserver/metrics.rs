@@ -1,14 +1,14 @@
 //! The decapsulator's counters on a real server, in the Prometheus text format.
 
 use anyhow::Result;
-use prometheus::TextEncoder;
 
 use super::decap::Attached;
-use crate::metrics::Family;
+use crate::metrics::Page;
 
 /// A real server's decapsulator counters (`xlb realserver metrics`).
 pub fn render_decap(iface: &str, d: &Attached) -> Result<String> {
-    let mut packets = Family::counter(
+    let mut page = Page::default();
+    let mut packets = page.counter(
         "xlb_decap_packets_total",
         "Tunnelled packets the decapsulator saw, by result: decapsulated (passed on without \
          the outer header), refused (inner destination not a local VIP), malformed, fragment \
@@ -17,10 +17,10 @@ pub fn render_decap(iface: &str, d: &Attached) -> Result<String> {
     for (which, n) in &d.counters {
         packets.add(&[("iface", iface), ("result", which.name())], *n as f64);
     }
-    let mut vips = Family::gauge(
+    let mut vips = page.gauge(
         "xlb_decap_vips",
         "VIPs the decapsulator accepts tunnelled packets for.",
     );
     vips.add(&[("iface", iface)], d.vips.len() as f64);
-    Ok(TextEncoder::new().encode_to_string(&[packets.0, vips.0])?)
+    page.encode([packets, vips])
 }
