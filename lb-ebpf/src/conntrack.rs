@@ -7,7 +7,8 @@
 //! The connection table is set-associative (`CONNS`, an array of 64-byte buckets of
 //! `CONN_WAYS` entries): a lookup reads one cache line, where a hash map reads a bucket, then
 //! an element elsewhere. A flow's bucket and fingerprint come from its 5-tuple hashes
-//! (`ConnKey::hashes`, whose first is Maglev's own). A new flow takes its bucket's entry that
+//! (`ConnKey::hashes`: the table's own, cheaper than Maglev's, which a tracked DR flow's packets
+//! never compute). A new flow takes its bucket's entry that
 //! was seen least recently (an ACKed flow's counts as seen `CONN_ACKED_KEEP_S` later); a flow whose entry was taken, or whose entry is torn (two CPUs
 //! wrote it at once), misses and goes through Maglev again, which gives it the same real as
 //! long as the service's reals did not change.
@@ -16,8 +17,8 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, CONFIG_F_SYNC, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING,
     CONN_F_SYNCED, CONN_SYN_FRAC_MASK, CONN_SYN_FRAC_SHIFT, ConnBucket, ConnEntry, ConnKey,
-    ConnValue, FragKey, FragValue, Global, MAX_BOUNCES, RefusalEvent, SYN_RETRY_MAX_16THS,
-    SYN_RETRY_MIN_16THS, ServiceValue, SyncEvent,
+    ConnValue, FragKey, FragValue, Global, MAX_BOUNCES, RefusalEvent, SERVICE_F_TUN,
+    SYN_RETRY_MAX_16THS, SYN_RETRY_MIN_16THS, ServiceValue, SyncEvent,
 };
 
 use crate::{
@@ -29,9 +30,11 @@ use crate::{
 /// A backend the packet may be sent to, and whether this packet starts a new flow.
 pub struct Choice {
     pub backend_id: u32,
-    pub backend: Backend,
+    /// The real's entry in BACKENDS, not a copy.
+    pub backend: &'static Backend,
     pub new_flow: bool,
-    /// The flow's 5-tuple hash (Maglev's): IPv6 flow label and GUE source port of TUN.
+    /// For a TUN service, the flow's 5-tuple hash (Maglev's): IPv6 flow label and GUE source
+    /// port. 0 for the other modes, which have no use for it.
     pub flow_hash: u32,
 }
 
@@ -62,8 +65,18 @@ pub fn touch(last_seen_s: &mut u32, now_ns: u64) {
 }
 
 #[inline(always)]
-fn backend(id: u32) -> Option<Backend> {
-    BACKENDS.get(id).copied()
+fn backend(id: u32) -> Option<&'static Backend> {
+    BACKENDS.get(id)
+}
+
+/// `Choice::flow_hash` of a tracked flow's packet: computed for TUN services only.
+#[inline(always)]
+fn tun_flow_hash(pkt: &Packet, svc: &ServiceValue) -> u32 {
+    if svc.flags & SERVICE_F_TUN != 0 {
+        maglev::five_tuple_hash(pkt, true)
+    } else {
+        0
+    }
 }
 
 /// The flow's bucket in the connection table.
@@ -111,16 +124,16 @@ fn victim(bucket: *mut ConnBucket, hashes: [u32; 2]) -> *mut ConnEntry {
 /// The real a flow's entry names, if it still serves the service as it did when recorded: a
 /// fingerprint that matched by chance cannot send a flow to another service's real.
 #[inline(always)]
-fn tracked(conn: &ConnValue, svc: &ServiceValue, flow_hash: u32) -> Option<Choice> {
+fn tracked(conn: &ConnValue, svc: &ServiceValue, pkt: &Packet) -> Option<Choice> {
     let b = backend(conn.backend_id.into())?;
-    if b.generation != conn.generation || !maglev::usable(&b, svc) {
+    if b.generation != conn.generation || !maglev::usable(b, svc) {
         return None;
     }
     Some(Choice {
         backend_id: conn.backend_id.into(),
         backend: b,
         new_flow: false,
-        flow_hash,
+        flow_hash: tun_flow_hash(pkt, svc),
     })
 }
 
@@ -129,7 +142,7 @@ fn tracked(conn: &ConnValue, svc: &ServiceValue, flow_hash: u32) -> Option<Choic
 fn schedule(svc: &ServiceValue, hash: u32, flow_hash: u32) -> Option<Choice> {
     let backend_id = maglev::pick(svc.id, hash)?;
     let b = backend(backend_id)?;
-    if !maglev::usable(&b, svc) {
+    if !maglev::usable(b, svc) {
         return None;
     }
     Some(Choice {
@@ -143,7 +156,7 @@ fn schedule(svc: &ServiceValue, hash: u32, flow_hash: u32) -> Option<Choice> {
 /// The real for a whole (unfragmented) packet: its tracked flow's, or a fresh Maglev choice.
 #[inline(always)]
 pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
-    let hashes = maglev::five_tuple_hashes(pkt, true);
+    let hashes = maglev::conn_hashes(pkt);
     let bucket = bucket(hashes)?;
     let found = find(bucket, hashes);
     let now = now_ns();
@@ -153,7 +166,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
                 // SAFETY: an entry of CONNS; a concurrent writer of the same flow writes the
                 // same fields with equally valid values.
                 let conn = unsafe { &mut (*entry).value };
-                if let Some(choice) = tracked(conn, svc, hashes[0]) {
+                if let Some(choice) = tracked(conn, svc, pkt) {
                     touch(&mut conn.last_seen_s, now);
                     // Written once per flow: a later SYN is a new connection.
                     if conn.flags & CONN_F_ACKED == 0 {
@@ -176,8 +189,9 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
         }
     }
     let t16 = now / (NS_PER_S / 16);
-    let sched_hash = maglev::sched_hash(pkt, svc, hashes[0]);
-    let mut choice = schedule(svc, sched_hash, hashes[0])?;
+    let five_tuple = maglev::five_tuple_hash(pkt, true);
+    let sched_hash = maglev::sched_hash(pkt, svc, five_tuple);
+    let mut choice = schedule(svc, sched_hash, five_tuple)?;
     if pkt.is_tcp_syn()
         && let Some(entry) = found
         // SAFETY: an entry of CONNS, only read.
@@ -280,14 +294,15 @@ fn retransmitted_syn(
 /// Maglev's.
 #[inline(always)]
 pub fn peek(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
-    let hashes = maglev::five_tuple_hashes(pkt, true);
+    let hashes = maglev::conn_hashes(pkt);
     if let Some(entry) = bucket(hashes).and_then(|b| find(b, hashes)) {
         // SAFETY: an entry of CONNS, only read.
-        if let Some(choice) = tracked(unsafe { &(*entry).value }, svc, hashes[0]) {
+        if let Some(choice) = tracked(unsafe { &(*entry).value }, svc, pkt) {
             return Some(choice);
         }
     }
-    schedule(svc, maglev::sched_hash(pkt, svc, hashes[0]), hashes[0])
+    let five_tuple = maglev::five_tuple_hash(pkt, true);
+    schedule(svc, maglev::sched_hash(pkt, svc, five_tuple), five_tuple)
 }
 
 /// The real for a fragment: scheduled on addresses only (never on ports, which later fragments
@@ -350,7 +365,7 @@ pub enum Refused {
 /// (every director picks the same), and the entry rewritten.
 #[inline(always)]
 pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
-    let hashes = maglev::five_tuple_hashes(pkt, true);
+    let hashes = maglev::conn_hashes(pkt);
     let Some(entry) = bucket(hashes).and_then(|b| find(b, hashes)) else {
         return Refused::Forged;
     };
@@ -386,7 +401,8 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
     if bounces >= MAX_BOUNCES {
         return Refused::Bounced;
     }
-    let hash = maglev::sched_hash(pkt, svc, hashes[0]);
+    let five_tuple = maglev::five_tuple_hash(pkt, true);
+    let hash = maglev::sched_hash(pkt, svc, five_tuple);
     let Some((id, next)) = maglev::pick_other(svc, hash, refusing) else {
         return Refused::Bounced;
     };
@@ -404,6 +420,6 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
         backend_id: id,
         backend: next,
         new_flow: true,
-        flow_hash: hashes[0],
+        flow_hash: five_tuple,
     })
 }

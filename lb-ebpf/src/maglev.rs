@@ -2,7 +2,7 @@
 
 use lb_common::{
     BACKEND_F_FORWARD, Backend, FAMILY_V4, NO_BACKEND, REFUSAL_PROBES, SERVICE_F_HASH_SRC_IP,
-    ServiceValue, flow_hash, flow_hash_pair,
+    ServiceValue, conn_hash, flow_hash,
 };
 
 use crate::{
@@ -30,13 +30,24 @@ pub fn sched_hash(pkt: &Packet, svc: &ServiceValue, five_tuple: u32) -> u32 {
 /// source of an IP6IP6 outer flow label, whatever the service's scheduling hash.
 #[inline(always)]
 pub fn five_tuple_hash(pkt: &Packet, with_ports: bool) -> u32 {
-    five_tuple_hashes(pkt, with_ports)[0]
+    over_five_tuple(pkt, with_ports, |w| flow_hash(w), |w| flow_hash(w))
 }
 
-/// `five_tuple_hash` and the connection table's second hash, in one pass: `ConnKey::hashes`
-/// of the packet's flow.
+/// The connection table's hashes of the packet's flow: `ConnKey::hashes`.
 #[inline(always)]
-pub fn five_tuple_hashes(pkt: &Packet, with_ports: bool) -> [u32; 2] {
+pub fn conn_hashes(pkt: &Packet) -> [u32; 2] {
+    over_five_tuple(pkt, true, |w| conn_hash(w), |w| conn_hash(w))
+}
+
+/// `hash` of the 5-tuple's words: addresses (one word each for IPv4, four for IPv6), ports
+/// (zero when `with_ports` is false), protocol.
+#[inline(always)]
+fn over_five_tuple<R>(
+    pkt: &Packet,
+    with_ports: bool,
+    v4: impl FnOnce(&[u32; 4]) -> R,
+    v6: impl FnOnce(&[u32; 10]) -> R,
+) -> R {
     let src = words(&pkt.src);
     let dst = words(&pkt.dst);
     let ports = if with_ports {
@@ -46,9 +57,9 @@ pub fn five_tuple_hashes(pkt: &Packet, with_ports: bool) -> [u32; 2] {
     };
     let proto = pkt.proto as u32;
     if pkt.family == FAMILY_V4 {
-        flow_hash_pair(&[src[0], dst[0], ports, proto])
+        v4(&[src[0], dst[0], ports, proto])
     } else {
-        flow_hash_pair(&[
+        v6(&[
             src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], ports, proto,
         ])
     }
@@ -91,7 +102,7 @@ pub fn pick(service_id: u32, hash: u32) -> Option<u32> {
 /// and the slot is computed without a wrap-around branch, so the verifier walks it once per
 /// path (64 short iterations), not once per combination of branches.
 #[inline(always)]
-pub fn pick_other(svc: &ServiceValue, hash: u32, not: u32) -> Option<(u32, Backend)> {
+pub fn pick_other(svc: &ServiceValue, hash: u32, not: u32) -> Option<(u32, &'static Backend)> {
     let table = MAGLEV.get(svc.id)?;
     let size = table.get(0)?[0] as u64;
     if size == 0 {
@@ -112,5 +123,5 @@ pub fn pick_other(svc: &ServiceValue, hash: u32, not: u32) -> Option<(u32, Backe
     if !usable(b, svc) {
         return None;
     }
-    Some((found, *b))
+    Some((found, b))
 }
