@@ -98,13 +98,22 @@ pub fn balancer_with_capacity(conn_capacity: u32) -> Balancer {
 /// Adds a DR service of `reals` (weight 100 each, each reached at its `real_mac`).
 pub fn add_dr_service(b: &mut Balancer, service: &str, reals: &[&str]) -> ServiceAddr {
     let addr: ServiceAddr = service.parse().unwrap();
-    let mut cfg = ServiceConfig::new(addr);
+    add_service_with_reals(b, ServiceConfig::new(addr), reals, 0);
+    addr
+}
+
+/// Adds service `cfg` (its mode, SNAT addresses and the like as the caller set them) with
+/// `reals` at port `port` (0: the service's own; NAT modes only otherwise), weight 100 each,
+/// each reached at its `real_mac`.
+pub fn add_service_with_reals(b: &mut Balancer, mut cfg: ServiceConfig, reals: &[&str], port: u16) {
     for r in reals {
         b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
-        cfg.reals.push(RealConfig::new(ip(r), 100));
+        cfg.reals.push(RealConfig {
+            port,
+            ..RealConfig::new(ip(r), 100)
+        });
     }
     b.add_service(cfg).unwrap();
-    addr
 }
 
 /// A freshly loaded decapsulator with no VIPs.

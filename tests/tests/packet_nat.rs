@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use lb_common::{Global, NatKey, NatReply};
 use xlb::{
-    config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
+    config::{Mode, ServiceAddr, ServiceConfig},
     control::Balancer,
     dataplane::BALANCER_PROGRAM,
     netlink::Mac,
@@ -30,14 +30,7 @@ fn nat_service(service: &str, reals: &[&str], port: u16) -> (Balancer, ServiceAd
     let addr: ServiceAddr = service.parse().unwrap();
     let mut cfg = ServiceConfig::new(addr);
     cfg.mode = Mode::Nat;
-    for r in reals {
-        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
-        cfg.reals.push(RealConfig {
-            port,
-            ..RealConfig::new(ip(r), 100)
-        });
-    }
-    b.add_service(cfg).unwrap();
+    add_service_with_reals(&mut b, cfg, reals, port);
     (b, addr)
 }
 
@@ -431,13 +424,7 @@ fn fragments_of_a_reply_are_translated_with_their_first() {
 fn a_dr_director_does_not_look_for_nat_replies() {
     // The same reply with a DR service only: nothing is translated, nothing looked up.
     let mut b = balancer();
-    let addr: ServiceAddr = "198.18.0.100:80/tcp".parse().unwrap();
-    let mut cfg = ServiceConfig::new(addr);
-    for r in REALS4 {
-        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
-        cfg.reals.push(RealConfig::new(ip(r), 100));
-    }
-    b.add_service(cfg).unwrap();
+    add_dr_service(&mut b, "198.18.0.100:80/tcp", &REALS4);
     let request = Frame::tcp(CLIENT4, VIP4, 46000, 80, SYN);
     let (verdict, _) = run(&mut b, &request.bytes());
     assert_eq!(verdict, XDP_TX);
@@ -464,14 +451,7 @@ fn fullnat_service(service: &str, reals: &[&str], snat: &[&str]) -> Balancer {
     let mut cfg = ServiceConfig::new(addr);
     cfg.mode = Mode::Fullnat;
     cfg.snat = snat.iter().map(|a| ip(a)).collect();
-    for r in reals {
-        b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
-        cfg.reals.push(RealConfig {
-            port: MAPPED,
-            ..RealConfig::new(ip(r), 100)
-        });
-    }
-    b.add_service(cfg).unwrap();
+    add_service_with_reals(&mut b, cfg, reals, MAPPED);
     b
 }
 

@@ -14,7 +14,7 @@ use std::{
 
 use lb_common::{CONN_F_ACKED, ConnValue, SyncEvent};
 use xlb::{
-    config::{Mode, RealConfig, ServiceAddr, ServiceConfig},
+    config::{Mode, ServiceAddr, ServiceConfig},
     control::Balancer,
     daemon::sync::{Receiver, Sender, SyncOptions, SyncStats},
     dataplane::{BALANCER_PROGRAM, ring_records},
@@ -305,14 +305,7 @@ fn nat_director(other_first: bool) -> Balancer {
         if mode == Mode::Fullnat {
             cfg.snat = vec![ip(SNAT)];
         }
-        for r in REALS {
-            b.set_link(ip(r), Some(link(real_mac(ip(r))))).unwrap();
-            cfg.reals.push(RealConfig {
-                port: MAPPED,
-                ..RealConfig::new(ip(r), 100)
-            });
-        }
-        b.add_service(cfg).unwrap();
+        add_service_with_reals(&mut b, cfg, &REALS, MAPPED);
     }
     b
 }
