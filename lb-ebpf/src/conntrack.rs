@@ -17,9 +17,8 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, CONFIG_F_SYNC, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING,
     CONN_F_SYNCED, CONN_SYN_FRAC_MASK, CONN_SYN_FRAC_SHIFT, ConnBucket, ConnEntry, ConnKey,
-    ConnValue, FragKey, FragValue, Global, MAX_BOUNCES, RefusalEvent, SERVICE_F_GUE,
-    SERVICE_F_OUTER_V6, SERVICE_F_TUN, SYN_RETRY_MAX_16THS, SYN_RETRY_MIN_16THS, ServiceValue,
-    SyncEvent,
+    ConnValue, FragKey, FragValue, Global, MAX_BOUNCES, RefusalEvent, SYN_RETRY_MAX_16THS,
+    SYN_RETRY_MIN_16THS, ServiceValue, SyncEvent,
 };
 
 use crate::{
@@ -70,14 +69,11 @@ fn backend(id: u32) -> Option<&'static Backend> {
     BACKENDS.get(id)
 }
 
-/// `Choice::flow_hash` of a tracked flow's packet: computed only for a TUN service whose outer
-/// headers carry per-flow bits (GUE's source port, the IPv6 flow label, tunnel-source host
-/// bits); plain IPIP from one source has no use for it.
+/// `Choice::flow_hash` of a tracked flow's packet: Maglev's 5-tuple hash, computed only for a
+/// service whose outer headers use it.
 #[inline(always)]
 fn tun_flow_hash(pkt: &Packet, svc: &ServiceValue) -> u32 {
-    let per_flow_outer =
-        svc.flags & (SERVICE_F_GUE | SERVICE_F_OUTER_V6) != 0 || svc.tunnel_src_host_bits != 0;
-    if svc.flags & SERVICE_F_TUN != 0 && per_flow_outer {
+    if svc.tun_uses_flow_hash() {
         maglev::five_tuple_hash(pkt, true)
     } else {
         0

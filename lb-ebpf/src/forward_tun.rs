@@ -117,6 +117,8 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
     };
     let backend = &choice.backend;
     let tunnel = Tunnel::of(svc, pkt);
+    // Each use of the flow hash below is one `ServiceValue::tun_uses_flow_hash` lists: a
+    // tracked flow's packets compute the hash only for those.
     let gue_sport = if tunnel.gue_dport != 0 {
         (GUE_SPORT_BASE | (choice.flow_hash & GUE_SPORT_MASK) as u16).to_be()
     } else {
