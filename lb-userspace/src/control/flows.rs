@@ -36,16 +36,19 @@ pub struct Flows {
 
 pub fn active_flows(b: &mut Balancer) -> Result<Flows> {
     let now = now_coarse_s();
-    let conns = b.dataplane().conns()?;
     // Counted by index (a backend id is 16 bits) rather than a hash-map update per flow, then
     // kept where non-zero.
     let mut active = vec![0u64; lb_common::MAX_BACKENDS as usize];
-    for v in conns.iter().filter(|v| is_active(v, now)) {
-        active[usize::from(v.backend_id)] += 1;
-    }
+    let mut entries = 0;
+    b.dataplane().for_each_conn(|v| {
+        entries += 1;
+        if is_active(v, now) {
+            active[usize::from(v.backend_id)] += 1;
+        }
+    })?;
     Ok(Flows {
         active: (0u32..).zip(active).filter(|&(_, n)| n != 0).collect(),
-        entries: conns.len() as u64,
+        entries,
     })
 }
 

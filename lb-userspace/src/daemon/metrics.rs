@@ -3,7 +3,7 @@
 //! exactly what `xlb stats` and `xlb status` show; only the page's series (names and labels)
 //! are kept from one scrape to the next (`metrics::Page`).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, fmt::Write, net::SocketAddr, sync::Arc};
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
@@ -286,15 +286,19 @@ pub fn render(page: &mut Page, b: &mut Balancer, scrape: &Scrape) -> Result<Stri
             .flat_map(|s| s.2.iter().map(|r| r.backend_id)),
     ))?;
     let counters = |all: &[Counters], id: u32| all.get(id as usize).copied().unwrap_or_default();
+    // Label values written into two buffers kept for the scrape, not a String per real.
+    let (mut name, mut addr) = (String::new(), String::new());
     for (svc, id, reals) in services {
-        let name = svc.to_string();
+        name.clear();
+        write!(name, "{svc}")?;
         let service = ("service", name.as_str());
         let c = counters(&service_counters, id);
         svc_packets.add(&[service], c.packets as f64);
         svc_bytes.add(&[service], c.bytes as f64);
         svc_flows.add(&[service], c.new_flows as f64);
         for r in reals {
-            let addr = r.addr.to_string();
+            addr.clear();
+            write!(addr, "{}", r.addr)?;
             let labels = [("real", addr.as_str()), service];
             let c = counters(&backend_counters, r.backend_id);
             real_packets.add(&labels, c.packets as f64);

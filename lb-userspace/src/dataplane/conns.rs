@@ -130,22 +130,25 @@ impl Dataplane {
         self.conn_buckets()
     }
 
-    /// Every entry in use (for status, metrics and tests, not per packet): one scan of the
-    /// mapped table.
+    /// Every entry in use (for status and tests, not per packet): one scan of the mapped
+    /// table.
     pub fn conns(&self) -> Result<Vec<ConnValue>> {
-        let table = self.conn_table()?;
         let mut out = Vec::new();
+        self.for_each_conn(|v| out.push(*v))?;
+        Ok(out)
+    }
+
+    /// Hands every entry in use to `visit`, in one scan of the mapped table, without collecting
+    /// them: what a scrape does, which only counts them.
+    pub fn for_each_conn(&self, mut visit: impl FnMut(&ConnValue)) -> Result<()> {
+        let table = self.conn_table()?;
         for i in 0..table.buckets {
             let bucket = table.read(i);
-            out.extend(
-                bucket
-                    .entries
-                    .iter()
-                    .filter(|e| e.value.last_seen_s != 0)
-                    .map(|e| e.value),
-            );
+            for e in bucket.entries.iter().filter(|e| e.value.last_seen_s != 0) {
+                visit(&e.value);
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The entry of the flow `key`, if the table holds it (whole).
