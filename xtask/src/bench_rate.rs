@@ -13,8 +13,8 @@
 //! this setup), the balancer on an established DR flow, and on an established TUN flow. Each
 //! path's figure is its median over the rounds; its ratio is that over the ceiling's median.
 //!
-//! Many flows (`_100k`): 100,000 DR flows and as many TUN flows are established first (the
-//! connection table sized for them, as bench_flows.rs does), and the bounce program sends each
+//! Many flows (`_100k`): 100,000 DR flows, or as many TUN flows, are established first in a
+//! balancer of their own (its connection table sized for them, as bench_flows.rs does), and the bounce program sends each
 //! frame as the next of them, in an order that strides across the whole set (see `flow_step`),
 //! so that the balancer pays the table's memory misses. The data path's miss counter tells
 //! what share of frames found their flow (`hit_ratio`). The bounce rewrites the source on
@@ -208,29 +208,18 @@ fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
         samples[i].push(sample.with_context(|| format!("forwarding rate of {path}"))?);
         Ok(())
     };
-    for round in 0..rounds {
-        // The data-path bench's services, one established flow per mode and the many flows,
-        // the table sized for them. Dropped at the end of the round, which detaches it.
-        let mut balancer = bench_setup::balancer_with_capacity(
-            2 * MANY_FLOWS + xlb_tests::BALANCER_CONN_CAPACITY,
-        )?;
+    for _ in 0..rounds {
+        // The data-path bench's services, one established flow per mode. Dropped at the end
+        // of the round, which detaches it.
+        let mut balancer = bench_setup::balancer_with_services()?;
         let (dr, tun) = frames_of_established_flows(&mut balancer)?;
-        let started = Instant::now();
-        let dr_many = establish_many(&mut balancer, DR_VIP4, MANY_FLOWS)?;
-        let tun_many = establish_many(&mut balancer, TUN_VIP4, MANY_FLOWS)?;
-        if round == 0 {
-            eprintln!(
-                "established 2 x {MANY_FLOWS} flows in {:.1} s",
-                started.elapsed().as_secs_f64()
-            );
-        }
 
         // The ceiling and the balancer take turns on the same pair. The ceiling's bounce
         // cycles over the many flows (it pays the same as theirs).
         let link = bench_progs.attach_swap(FWD_IF)?;
         record(
             CEILING,
-            bench_progs.rate(gen_ifindex, &dr_many, MANY_FLOWS, frames, None),
+            bench_progs.rate(gen_ifindex, &many_ack(DR_VIP4, 0), MANY_FLOWS, frames, None),
         )?;
         bench_progs.detach_swap(link)?;
 
@@ -238,13 +227,8 @@ fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
         balancer
             .dataplane()
             .attach(FWD_IF, fwd, XdpModeChoice::Native)?;
-        for (path, frame, flows) in [
-            ("dr_established_v4", &dr, 1),
-            ("dr_established_v4_100k", &dr_many, MANY_FLOWS),
-            ("tun_established_v4", &tun, 1),
-            ("tun_established_v4_100k", &tun_many, MANY_FLOWS),
-        ] {
-            let sample = bench_progs.rate(gen_ifindex, frame, flows, frames, Some(&mut balancer));
+        for (path, frame) in [("dr_established_v4", &dr), ("tun_established_v4", &tun)] {
+            let sample = bench_progs.rate(gen_ifindex, frame, 1, frames, Some(&mut balancer));
             record(path, sample)?;
         }
 
@@ -255,6 +239,28 @@ fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
             bench_progs.rate(gen_ifindex, &dr, 1, frames, Some(&mut balancer)),
         )?;
         drop(balancer);
+
+        // Many flows: per path a balancer of its own, its table sized for them, as
+        // bench_flows.rs has (sharing one, the flows of the path run first, ACKed, would be
+        // kept over the other's).
+        for (path, vip) in [
+            ("dr_established_v4_100k", DR_VIP4),
+            ("tun_established_v4_100k", TUN_VIP4),
+        ] {
+            let mut many = bench_setup::balancer_with_capacity(MANY_FLOWS)?;
+            establish_many(&mut many, vip, MANY_FLOWS)?;
+            bench_setup::move_reals(&mut many, &[(fwd, DIRECTOR_MAC)], fwd, fwd)?;
+            many.dataplane()
+                .attach(FWD_IF, fwd, XdpModeChoice::Native)?;
+            let sample = bench_progs.rate(
+                gen_ifindex,
+                &many_ack(vip, 0),
+                MANY_FLOWS,
+                frames,
+                Some(&mut many),
+            );
+            record(path, sample)?;
+        }
 
         // The NAT director (bench.rs's), its flows started on `fwd` so that their replies
         // leave there too: each flow's requests, then its real's replies.
@@ -318,9 +324,14 @@ fn many_client(i: u32) -> (String, u16) {
     (addr.to_string(), MANY_PORT + port_add)
 }
 
-/// Establishes `flows` flows to `vip`:80 (their SYNs, under BPF_PROG_TEST_RUN) and returns
-/// flow 0's ACK, the frame the bounce program turns into each of them.
-fn establish_many(b: &mut Balancer, vip: &str, flows: u32) -> Result<Vec<u8>> {
+/// Flow `i`'s ACK to `vip`:80; flow 0's is the frame the bounce program turns into each flow's.
+fn many_ack(vip: &str, i: u32) -> Vec<u8> {
+    let (client, port) = many_client(i);
+    Frame::tcp(&client, vip, port, 80, ACK).bytes()
+}
+
+/// Establishes `flows` flows to `vip`:80 (their SYNs, under BPF_PROG_TEST_RUN).
+fn establish_many(b: &mut Balancer, vip: &str, flows: u32) -> Result<()> {
     for i in 0..flows {
         let (client, port) = many_client(i);
         let syn = Frame::tcp(&client, vip, port, 80, SYN).bytes();
@@ -331,8 +342,7 @@ fn establish_many(b: &mut Balancer, vip: &str, flows: u32) -> Result<Vec<u8>> {
             bench_setup::verdict_name(verdict)
         );
     }
-    let (client, port) = many_client(0);
-    Ok(Frame::tcp(&client, vip, port, 80, ACK).bytes())
+    Ok(())
 }
 
 /// The bounce's step through `flows` flows: coprime with `flows`, so that a cycle sends each
