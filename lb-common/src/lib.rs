@@ -610,9 +610,29 @@ pub struct BenchBounce {
     pub busy_frames: u64,
     /// Where the frames are sent back out of (XDP_REDIRECT).
     pub out_ifindex: u32,
-    /// The frame restored before each send: `frame[..len]`.
+    /// The frame restored before each send: `frame[..len]` (IPv4 and TCP without options:
+    /// flow 0's frame, whose source each send changes to the flow's).
     pub len: u32,
+    /// The flows the sends cycle over (at least 1); each send is flow `flow`'s frame (see
+    /// [`bench_flow_source`]), and `flow` then steps by `flow_step` modulo `flows` (coprime
+    /// with `flows`: every flow once per cycle, neighbours far apart).
+    pub flows: u32,
+    pub flow_step: u32,
+    pub flow: u32,
+    pub _pad: u32,
     pub frame: [u8; BENCH_FRAME_MAX],
+}
+
+/// Source ports per source address in the forwarding-rate bench's flows.
+pub const BENCH_FLOW_PORT_BITS: u32 = 14;
+
+/// Flow `flow` of the forwarding-rate bench: what its source address and source port add to
+/// flow 0's (the low bits go to the port, the rest to the address).
+pub const fn bench_flow_source(flow: u32) -> (u32, u16) {
+    (
+        flow >> BENCH_FLOW_PORT_BITS,
+        (flow & ((1 << BENCH_FLOW_PORT_BITS) - 1)) as u16,
+    )
 }
 
 /// Indexes of the decapsulator's per-CPU counter array (`DECAP_STATS`).
@@ -770,7 +790,7 @@ const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipValue>() == 20);
     assert!(core::mem::size_of::<DecapConfig>() == 4);
-    assert!(core::mem::size_of::<BenchBounce>() == 40 + BENCH_FRAME_MAX);
+    assert!(core::mem::size_of::<BenchBounce>() == 56 + BENCH_FRAME_MAX);
     assert!(core::mem::size_of::<RefusalEvent>() == 16);
     assert!(core::mem::size_of::<SyncEvent>() == 64);
     assert!(core::mem::size_of::<NatReply>() == 60);

@@ -28,7 +28,6 @@ use xlb_tests::{
 
 use crate::{
     bench_flows::{self, FlowsRow},
-    bench_rate::Rates,
     bench_setup::{
         CLIENT4, CLIENT6, FULLNAT_VIP4, MTU, NAT_VIP4, ROUTER_MAC, TUN_REALS4, TUN_SRC4,
         balancer_with_services, establish, establish_nat, nat_balancer, pin_to_one_cpu,
@@ -150,10 +149,10 @@ pub fn out_dir() -> std::path::PathBuf {
 }
 
 /// Writes `summary.json` afresh (later stages of the run add their own keys to it).
-pub fn write_summary(dp: &DataPath, rates: &Rates) -> Result<()> {
+pub fn write_summary(dp: &DataPath) -> Result<()> {
     let out = out_dir().join("summary.json");
     fs::create_dir_all(out_dir())?;
-    let summary = summary_json(dp, rates)?;
+    let summary = summary_json(dp)?;
     // Atomic: a reader never sees half a file.
     let tmp = out.with_extension("json.tmp");
     fs::write(&tmp, serde_json::to_string_pretty(&summary)? + "\n")
@@ -494,7 +493,7 @@ fn p99_ok(net: Stats) -> bool {
     net.p99 <= 2 * net.median
 }
 
-fn summary_json(dp: &DataPath, rates: &Rates) -> Result<Value> {
+fn summary_json(dp: &DataPath) -> Result<Value> {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .context("reading the kernel release")?
         .trim()
@@ -531,7 +530,6 @@ fn summary_json(dp: &DataPath, rates: &Rates) -> Result<Value> {
         }
     }
     summary.insert("raw".into(), Value::Object(raw));
-    summary.insert("rate".into(), rates.to_json());
     summary.insert("calls_per_path".into(), json!(dp.calls));
     summary.insert("cpu".into(), json!(dp.cpu));
     summary.insert("kernel".into(), json!(kernel));

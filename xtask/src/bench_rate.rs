@@ -13,6 +13,13 @@
 //! this setup), the balancer on an established DR flow, and on an established TUN flow. Each
 //! path's figure is its median over the rounds; its ratio is that over the ceiling's median.
 //!
+//! Many flows (`_100k`): 100,000 DR flows, or as many TUN flows, are established first in a
+//! balancer of their own (its connection table sized for them, as bench_flows.rs does), and the bounce program sends each
+//! frame as the next of them, in an order that strides across the whole set (see `flow_step`),
+//! so that the balancer pays the table's memory misses. The data path's miss counter tells
+//! what share of frames found their flow (`hit_ratio`). The bounce rewrites the source on
+//! every path, the ceiling's and one flow's too, so that all pay the same on its side.
+//!
 //! The NAT paths: the NAT director of bench.rs on `fwd`, on an established NAT and full-NAT
 //! flow's requests and on their reals' replies (each translated back and sent out of `fwd`).
 //!
@@ -35,14 +42,14 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::{Xdp, XdpMode},
 };
-use lb_common::{BENCH_FRAME_MAX, BenchBounce, Global};
+use lb_common::{BENCH_FRAME_MAX, BenchBounce, Global, bench_flow_source};
 use serde_json::{Map, Value, json};
 use xlb::{
     control::Balancer,
-    dataplane::{EBPF_OBJECT, XdpModeChoice},
+    dataplane::{BALANCER_PROGRAM, EBPF_OBJECT, XdpModeChoice},
 };
 
-use xlb_tests::DIRECTOR_MAC;
+use xlb_tests::{ACK, DIRECTOR_MAC, Frame, SYN, XDP_TX};
 
 use crate::bench_setup;
 
@@ -65,15 +72,26 @@ pub const QUICK_FRAMES: u32 = 300_000;
 const DEFAULT_ROUNDS: usize = 5;
 const QUICK_ROUNDS: usize = 3;
 
+/// The flows of the many-flow paths (`_100k`).
+const MANY_FLOWS: u32 = 100_000;
+/// Flow 0 of the many flows; flow i's source adds `bench_flow_source(i)` to it.
+const MANY_CLIENT: [u8; 4] = [198, 19, 0, 1];
+const MANY_PORT: u16 = 1024;
+/// The DR and TUN VIPs of the data-path bench's services (bench_setup.rs).
+const DR_VIP4: &str = "198.18.0.100";
+const TUN_VIP4: &str = "198.18.0.101";
+
 /// The rate goal of the issue: DR and TUN at least this share of the ceiling.
 pub const GOAL: f64 = 0.85;
 
 /// The measured paths, the ceiling first.
 const CEILING: &str = "ceiling";
-const PATHS: [&str; 8] = [
+const PATHS: [&str; 10] = [
     CEILING,
     "dr_established_v4",
+    "dr_established_v4_100k",
     "tun_established_v4",
+    "tun_established_v4_100k",
     "dr_redirect_v4",
     "nat_established_v4",
     "nat_reply_v4",
@@ -89,6 +107,9 @@ struct Sample {
     mpps: f64,
     /// Every frame of the run over the bench's wall-clock time from injection to the end.
     wall_mpps: f64,
+    /// The balancer's connection-table misses over the run, and its frames (paths whose
+    /// frames look up the table).
+    misses: Option<(u64, u64)>,
 }
 
 /// One path's figures.
@@ -102,6 +123,9 @@ pub struct Rate {
     pub ratio: f64,
     /// Median over the rounds by the wall clock (lower when other tasks share the CPU).
     pub wall_mpps: f64,
+    /// Frames that found their flow in the connection table, of all the rounds' frames (the
+    /// DR and TUN paths).
+    pub hit_ratio: Option<f64>,
 }
 
 pub struct Rates {
@@ -119,19 +143,22 @@ impl Rates {
                 "kind": "bounce",
                 "burst": BURST,
                 "budget_per_round": u64::from(self.frames) * BUDGET_FACTOR,
+                "many_flows": MANY_FLOWS,
+                "flow_step": flow_step(MANY_FLOWS),
             }),
         );
         m.insert("goal_ratio".into(), json!(GOAL));
         for r in &self.rows {
-            m.insert(
-                r.name.into(),
-                json!({
-                    "mpps": round2(r.mpps),
-                    "ratio": round2(r.ratio),
-                    "rounds_mpps": r.rounds.iter().map(|&x| round2(x)).collect::<Vec<_>>(),
-                    "wall_mpps": round2(r.wall_mpps),
-                }),
-            );
+            let mut figures = json!({
+                "mpps": round2(r.mpps),
+                "ratio": round2(r.ratio),
+                "rounds_mpps": r.rounds.iter().map(|&x| round2(x)).collect::<Vec<_>>(),
+                "wall_mpps": round2(r.wall_mpps),
+            });
+            if let Some(hits) = r.hit_ratio {
+                figures["hit_ratio"] = json!((hits * 1e4).round() / 1e4);
+            }
+            m.insert(r.name.into(), figures);
         }
         Value::Object(m)
     }
@@ -155,6 +182,7 @@ pub fn run(quick: bool) -> Result<Rates> {
         ns.name
     );
     let result = measure(frames, rounds);
+    // Also removed on a panic (Netns's drop); here its error is reported.
     ns.remove()?;
     let rows = result?;
     let rates = Rates { frames, rows };
@@ -172,51 +200,94 @@ fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
     let rdr = ifindex(RDR_IF)?;
 
     let mut samples: Vec<Vec<Sample>> = PATHS.iter().map(|_| Vec::new()).collect();
+    let mut record = |path: &str, sample: Result<Sample>| -> Result<()> {
+        let i = PATHS
+            .iter()
+            .position(|&p| p == path)
+            .expect("a path of PATHS");
+        samples[i].push(sample.with_context(|| format!("forwarding rate of {path}"))?);
+        Ok(())
+    };
     for _ in 0..rounds {
         // The data-path bench's services, one established flow per mode. Dropped at the end
         // of the round, which detaches it.
         let mut balancer = bench_setup::balancer_with_services()?;
         let (dr, tun) = frames_of_established_flows(&mut balancer)?;
 
-        // The ceiling and the balancer take turns on the same pair.
+        // The ceiling and the balancer take turns on the same pair. The ceiling's bounce
+        // cycles over the many flows (it pays the same as theirs).
         let link = bench_progs.attach_swap(FWD_IF)?;
-        samples[0].push(bench_progs.rate(gen_ifindex, &dr, frames, None)?);
+        record(
+            CEILING,
+            bench_progs.rate(gen_ifindex, &many_ack(DR_VIP4, 0), MANY_FLOWS, frames, None),
+        )?;
         bench_progs.detach_swap(link)?;
 
         bench_setup::move_reals(&mut balancer, &[(fwd, DIRECTOR_MAC)], fwd, fwd)?;
         balancer
             .dataplane()
             .attach(FWD_IF, fwd, XdpModeChoice::Native)?;
-        samples[1].push(bench_progs.rate(gen_ifindex, &dr, frames, Some(&mut balancer))?);
-        samples[2].push(bench_progs.rate(gen_ifindex, &tun, frames, Some(&mut balancer))?);
+        for (path, frame) in [("dr_established_v4", &dr), ("tun_established_v4", &tun)] {
+            let sample = bench_progs.rate(gen_ifindex, frame, 1, frames, Some(&mut balancer));
+            record(path, sample)?;
+        }
 
         let ifaces = [(fwd, DIRECTOR_MAC), (rdr, DIRECTOR_MAC)];
         bench_setup::move_reals(&mut balancer, &ifaces, fwd, rdr)?;
-        samples[3].push(bench_progs.rate(gen_ifindex, &dr, frames, Some(&mut balancer))?);
+        record(
+            "dr_redirect_v4",
+            bench_progs.rate(gen_ifindex, &dr, 1, frames, Some(&mut balancer)),
+        )?;
         drop(balancer);
+
+        // Many flows: per path a balancer of its own, its table sized for them, as
+        // bench_flows.rs has (sharing one, the flows of the path run first, ACKed, would be
+        // kept over the other's).
+        for (path, vip) in [
+            ("dr_established_v4_100k", DR_VIP4),
+            ("tun_established_v4_100k", TUN_VIP4),
+        ] {
+            let mut many = bench_setup::balancer_with_capacity(MANY_FLOWS)?;
+            establish_many(&mut many, vip, MANY_FLOWS)?;
+            bench_setup::move_reals(&mut many, &[(fwd, DIRECTOR_MAC)], fwd, fwd)?;
+            many.dataplane()
+                .attach(FWD_IF, fwd, XdpModeChoice::Native)?;
+            let sample = bench_progs.rate(
+                gen_ifindex,
+                &many_ack(vip, 0),
+                MANY_FLOWS,
+                frames,
+                Some(&mut many),
+            );
+            record(path, sample)?;
+        }
 
         // The NAT director (bench.rs's), its flows started on `fwd` so that their replies
         // leave there too: each flow's requests, then its real's replies.
         let mut nat = bench_setup::nat_balancer()?;
         bench_setup::move_reals(&mut nat, &[(fwd, DIRECTOR_MAC)], fwd, fwd)?;
         let flows = [
-            bench_setup::establish_nat(&mut nat, bench_setup::NAT_VIP4, 40002, Some(fwd))?,
-            bench_setup::establish_nat(&mut nat, bench_setup::FULLNAT_VIP4, 40002, Some(fwd))?,
+            (
+                "nat_established_v4",
+                "nat_reply_v4",
+                bench_setup::establish_nat(&mut nat, bench_setup::NAT_VIP4, 40002, Some(fwd))?,
+            ),
+            (
+                "fullnat_established_v4",
+                "fullnat_reply_v4",
+                bench_setup::establish_nat(&mut nat, bench_setup::FULLNAT_VIP4, 40002, Some(fwd))?,
+            ),
         ];
         nat.dataplane().attach(FWD_IF, fwd, XdpModeChoice::Native)?;
-        for (i, (request, reply)) in flows.iter().enumerate() {
-            samples[4 + 2 * i].push(bench_progs.rate(
-                gen_ifindex,
-                request,
-                frames,
-                Some(&mut nat),
-            )?);
-            samples[5 + 2 * i].push(bench_progs.rate_replies(
-                gen_ifindex,
-                reply,
-                frames,
-                &mut nat,
-            )?);
+        for (request_path, reply_path, (request, reply)) in &flows {
+            record(
+                request_path,
+                bench_progs.rate(gen_ifindex, request, 1, frames, Some(&mut nat)),
+            )?;
+            record(
+                reply_path,
+                bench_progs.rate_replies(gen_ifindex, reply, frames, &mut nat),
+            )?;
         }
     }
     let medians: Vec<f64> = samples
@@ -233,8 +304,63 @@ fn measure(frames: u32, rounds: usize) -> Result<Vec<Rate>> {
             rounds: samples.iter().map(|x| x.mpps).collect(),
             ratio: mpps / medians[0],
             wall_mpps: median(samples.iter().map(|x| x.wall_mpps)),
+            hit_ratio: hit_ratio(&samples),
         })
         .collect())
+}
+
+/// Frames that found their flow, of all the samples' frames (None: no table lookups counted).
+fn hit_ratio(samples: &[Sample]) -> Option<f64> {
+    let (misses, frames) = samples.iter().try_fold((0, 0), |(m, f), s| {
+        s.misses.map(|(sm, sf)| (m + sm, f + sf))
+    })?;
+    (frames > 0).then(|| 1.0 - misses as f64 / frames as f64)
+}
+
+/// Flow `i` of the many flows: its client address and port.
+fn many_client(i: u32) -> (String, u16) {
+    let (addr_add, port_add) = bench_flow_source(i);
+    let addr = std::net::Ipv4Addr::from(u32::from_be_bytes(MANY_CLIENT) + addr_add);
+    (addr.to_string(), MANY_PORT + port_add)
+}
+
+/// Flow `i`'s ACK to `vip`:80; flow 0's is the frame the bounce program turns into each flow's.
+fn many_ack(vip: &str, i: u32) -> Vec<u8> {
+    let (client, port) = many_client(i);
+    Frame::tcp(&client, vip, port, 80, ACK).bytes()
+}
+
+/// Establishes `flows` flows to `vip`:80 (their SYNs, under BPF_PROG_TEST_RUN).
+fn establish_many(b: &mut Balancer, vip: &str, flows: u32) -> Result<()> {
+    for i in 0..flows {
+        let (client, port) = many_client(i);
+        let syn = Frame::tcp(&client, vip, port, 80, SYN).bytes();
+        let (verdict, _) = b.dataplane().test_run(BALANCER_PROGRAM, &syn)?;
+        ensure!(
+            verdict == XDP_TX,
+            "SYN {client}:{port} -> {vip}:80 returned {}",
+            bench_setup::verdict_name(verdict)
+        );
+    }
+    Ok(())
+}
+
+/// The bounce's step through `flows` flows: coprime with `flows`, so that a cycle sends each
+/// flow once, and near `flows` times the golden ratio's fraction, so that consecutive frames
+/// are flows far apart (and their neighbours in the cycle too).
+pub fn flow_step(flows: u32) -> u32 {
+    if flows <= 1 {
+        return 0;
+    }
+    let mut step = (f64::from(flows) * 0.618_034) as u32;
+    while gcd(step, flows) != 1 {
+        step += 1;
+    }
+    step
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// An established DR flow's and an established TUN flow's next frame (IPv4, an ACK). The
@@ -259,8 +385,8 @@ fn median(xs: impl Iterator<Item = f64>) -> f64 {
 
 fn print_table(rates: &Rates) {
     println!(
-        "{:<20} {:>8} {:>10} {:>10}  rounds (Mpps)",
-        "forwarding", "Mpps", "of ceiling", "wall Mpps"
+        "{:<24} {:>8} {:>10} {:>10} {:>9}  rounds (Mpps)",
+        "forwarding", "Mpps", "of ceiling", "wall Mpps", "hit ratio"
     );
     for r in &rates.rows {
         let rounds: Vec<String> = r.rounds.iter().map(|x| format!("{x:.2}")).collect();
@@ -272,8 +398,9 @@ fn print_table(rates: &Rates) {
         } else {
             "MISS"
         };
+        let hits = r.hit_ratio.map_or(String::new(), |h| format!("{h:.4}"));
         println!(
-            "{:<20} {:>8.2} {:>10.2} {:>10.2}  {}  {status}",
+            "{:<24} {:>8.2} {:>10.2} {:>10.2} {hits:>9}  {}  {status}",
             r.name,
             r.mpps,
             r.ratio,
@@ -349,19 +476,21 @@ impl BenchPrograms {
         Ok(())
     }
 
-    /// Ping-pongs `frame` through the forwarder on `fwd` until `frames` of them have been
-    /// timed, and returns the rate. Checks that every frame came back (and, for the balancer,
-    /// that it forwarded every one of them).
+    /// Ping-pongs `frame` (flow 0's of `flows`) through the forwarder on `fwd` until `frames`
+    /// of them have been timed, and returns the rate. Checks that every frame came back (and,
+    /// for the balancer, that it forwarded every one of them).
     fn rate(
         &mut self,
         gen_ifindex: u32,
         frame: &[u8],
+        flows: u32,
         frames: u32,
         balancer: Option<&mut Balancer>,
     ) -> Result<Sample> {
         self.rate_counted(
             gen_ifindex,
             frame,
+            flows,
             frames,
             balancer.map(|b| (b, Global::Forwarded)),
         )
@@ -378,6 +507,7 @@ impl BenchPrograms {
         self.rate_counted(
             gen_ifindex,
             frame,
+            1,
             frames,
             Some((balancer, Global::NatReplied)),
         )
@@ -388,29 +518,19 @@ impl BenchPrograms {
         &mut self,
         gen_ifindex: u32,
         frame: &[u8],
+        flows: u32,
         frames: u32,
         balancer: Option<(&mut Balancer, Global)>,
     ) -> Result<Sample> {
-        ensure!(
-            frame.len() <= BENCH_FRAME_MAX,
-            "a {}-byte frame: the bounce program restores at most {BENCH_FRAME_MAX}",
-            frame.len()
-        );
         let budget = u64::from(frames) * BUDGET_FACTOR;
-        let mut run = BenchBounce {
-            budget,
-            last_ns: 0,
-            busy_ns: 0,
-            busy_frames: 0,
-            out_ifindex: gen_ifindex,
-            len: frame.len() as u32,
-            frame: [0; BENCH_FRAME_MAX],
-        };
-        run.frame[..frame.len()].copy_from_slice(frame);
+        let mut run = bounce_run(frame, flows, budget, gen_ifindex)?;
         self.set_bounce_run(&run)?;
         let mut balancer = balancer;
         let counted_before = match &mut balancer {
-            Some((b, counter)) => Some(b.dataplane().global_counter(*counter)?),
+            Some((b, counter)) => Some((
+                b.dataplane().global_counter(*counter)?,
+                b.dataplane().global_counter(Global::ConnMiss)?,
+            )),
             None => None,
         };
         let before = self.received()?;
@@ -436,13 +556,19 @@ impl BenchPrograms {
             received == total,
             "the bounce program received {received} of {total} frames"
         );
-        if let (Some((b, counter)), Some(before)) = (balancer, counted_before) {
+        let mut misses = None;
+        if let (Some((b, counter)), Some((before, misses_before))) = (balancer, counted_before) {
             let n = b.dataplane().global_counter(counter)? - before;
             ensure!(
                 n == total,
                 "the balancer counted {n} of {total} frames in {}",
                 counter.name()
             );
+            // A NAT reply is looked up in the NAT reply table, not the connection table.
+            if counter == Global::Forwarded {
+                let n = b.dataplane().global_counter(Global::ConnMiss)? - misses_before;
+                misses = Some((n, total));
+            }
         }
         let timed = done.busy_frames - started.busy_frames;
         ensure!(
@@ -455,6 +581,7 @@ impl BenchPrograms {
         Ok(Sample {
             mpps: timed as f64 * 1e3 / timed_ns,
             wall_mpps: total as f64 / elapsed.as_secs_f64() / 1e6,
+            misses,
         })
     }
 
@@ -494,6 +621,38 @@ impl BenchPrograms {
     }
 }
 
+/// The bounce program's run: `budget` frames out of `out_ifindex`, each the next of `flows`
+/// flows whose flow 0 sends `frame`. Refuses what the program cannot restore or rewrite.
+fn bounce_run(frame: &[u8], flows: u32, budget: u64, out_ifindex: u32) -> Result<BenchBounce> {
+    ensure!(
+        frame.len() <= BENCH_FRAME_MAX,
+        "a {}-byte frame: the bounce program restores at most {BENCH_FRAME_MAX}",
+        frame.len()
+    );
+    // Ethernet, IPv4 without options, TCP without options: where the program rewrites the
+    // source.
+    ensure!(
+        frame.len() >= 54 && frame[12..14] == [0x08, 0x00] && frame[14] == 0x45 && frame[23] == 6,
+        "the bounce program rewrites IPv4/TCP frames without options only"
+    );
+    ensure!(flows >= 1, "the bounce program needs at least one flow");
+    let mut run = BenchBounce {
+        budget,
+        last_ns: 0,
+        busy_ns: 0,
+        busy_frames: 0,
+        out_ifindex,
+        len: frame.len() as u32,
+        flows,
+        flow_step: flow_step(flows),
+        flow: 0,
+        _pad: 0,
+        frame: [0; BENCH_FRAME_MAX],
+    };
+    run.frame[..frame.len()].copy_from_slice(frame);
+    Ok(run)
+}
+
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     Ok(ebpf
         .program_mut(name)
@@ -510,10 +669,12 @@ fn ifindex(name: &str) -> Result<u32> {
     }
 }
 
-/// The bench's network namespace, entered by this thread while it exists.
+/// The bench's network namespace, entered by this thread while it exists. Removed by
+/// `remove`, or when dropped (a panic on the way).
 struct Netns {
     name: String,
     home: File,
+    removed: bool,
 }
 
 impl Netns {
@@ -522,7 +683,11 @@ impl Netns {
         let name = format!("{NETNS_PREFIX}{}", std::process::id());
         let home = File::open("/proc/self/ns/net").context("opening this netns")?;
         ip(&["netns", "add", &name])?;
-        let ns = Self { name, home };
+        let ns = Self {
+            name,
+            home,
+            removed: false,
+        };
         let setup = || -> Result<()> {
             setns(&File::open(format!("/run/netns/{}", ns.name))?)?;
             // No IPv6 on the pair: its neighbour and router traffic would reach the sink too.
@@ -539,17 +704,25 @@ impl Netns {
             }
             Ok(())
         };
-        if let Err(e) = setup() {
-            let _ = ns.remove();
-            return Err(e);
-        }
+        setup()?;
         Ok(ns)
     }
 
     /// Returns to the original namespace and deletes this one (and its veths).
-    fn remove(self) -> Result<()> {
+    fn remove(mut self) -> Result<()> {
+        self.removed = true;
         setns(&self.home)?;
         ip(&["netns", "del", &self.name])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if !self.removed {
+            // Nothing to report to: the bench is failing already.
+            let _ = setns(&self.home);
+            let _ = ip(&["netns", "del", &self.name]);
+        }
     }
 }
 
@@ -591,4 +764,57 @@ fn ip(args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flow_step_visits_every_flow_once_per_cycle() {
+        for flows in [1, 2, 7, 1000, MANY_FLOWS] {
+            let step = flow_step(flows);
+            assert!(step < flows, "{flows} flows: step {step}");
+            let mut seen = vec![false; flows as usize];
+            let mut flow = 0;
+            for _ in 0..flows {
+                assert!(!seen[flow as usize], "{flows} flows: {flow} twice");
+                seen[flow as usize] = true;
+                // As the bounce program steps.
+                flow = (flow + step) % flows;
+            }
+            assert_eq!(flow, 0, "{flows} flows: the cycle closes");
+        }
+        // Consecutive frames are flows far apart, not neighbours in a bucket order.
+        assert!(flow_step(MANY_FLOWS) > MANY_FLOWS / 2);
+    }
+
+    #[test]
+    fn the_many_clients_are_distinct_lab_addresses() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..MANY_FLOWS {
+            let (addr, port) = many_client(i);
+            assert!(addr.starts_with("198.19.0."), "flow {i}: {addr}");
+            assert!(port >= MANY_PORT, "flow {i}: port {port}");
+            assert!(seen.insert((addr, port)), "flow {i} repeats another");
+        }
+        assert_eq!(many_client(0), ("198.19.0.1".to_string(), MANY_PORT));
+        assert_eq!(many_client(1 << 14), ("198.19.0.2".to_string(), MANY_PORT));
+    }
+
+    #[test]
+    fn the_bounce_run_refuses_what_it_cannot_rewrite() {
+        let v4 = Frame::tcp("198.18.1.1", DR_VIP4, 40002, 80, ACK).bytes();
+        let run = bounce_run(&v4, MANY_FLOWS, 10, 3).unwrap();
+        assert_eq!(
+            (run.flows, run.flow_step, run.flow),
+            (MANY_FLOWS, flow_step(MANY_FLOWS), 0)
+        );
+        assert_eq!(&run.frame[..v4.len()], &v4[..]);
+        let v6 = Frame::tcp("fd00:18:1::1", "fd00:18::100", 40002, 80, ACK).bytes();
+        let udp = Frame::udp("198.18.1.1", DR_VIP4, 40002, 80).bytes();
+        for (frame, flows) in [(&v6, 1), (&udp, 1), (&v4, 0), (&vec![0u8; 200], 1)] {
+            assert!(bounce_run(frame, flows, 10, 3).is_err());
+        }
+    }
 }

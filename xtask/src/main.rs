@@ -70,8 +70,10 @@ struct BenchArgs {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum BenchPart {
-    /// Per-packet cost under BPF_PROG_TEST_RUN, Mpps over a veth pair, charts.
+    /// Per-packet cost under BPF_PROG_TEST_RUN, its chart.
     Datapath,
+    /// Forwarding rate: Mpps over a veth pair, one flow and 100,000, its chart.
+    Rate,
     /// Maglev builds, real changes, restore, map memory, /metrics scrapes.
     Control,
     /// HTTP through the VIP vs. direct, health-check detection window (DR lab).
@@ -118,9 +120,13 @@ fn run(cli: Cli) -> Result<()> {
                     &bench_flows::COUNTS[..]
                 };
                 let datapath = bench::run(calls, flow_counts)?;
+                bench::write_summary(&datapath)?;
+                bench_charts::render_datapath(&datapath, &bench::out_dir())?;
+            }
+            if part(BenchPart::Rate) {
                 let rates = bench_rate::run(args.quick)?;
-                bench::write_summary(&datapath, &rates)?;
-                bench_charts::render(&datapath, &rates, &bench::out_dir())?;
+                add_to_summary("rate", rates.to_json())?;
+                bench_charts::render_rate(&rates, &bench::out_dir())?;
             }
             if part(BenchPart::Control) {
                 add_to_summary("control", bench_control::run(args.quick)?)?;
