@@ -409,15 +409,15 @@ fn flows(n: usize, backends: &[u32]) -> Vec<(ConnKey, ConnValue)> {
 }
 
 /// `TRAFFIC_SYNS_PER_SERVICE` SYNs to each service, each from its own client in
-/// 198.20.0.0/16. (Not one client's ports to every service: the connection table's hash gives
-/// such flows to many VIPs the same 64-bit hash, and only 2,048 of 20,000 would be held.)
+/// 198.18.160.0/19 and up (below the lab range's end, apart from the VIPs and `flows`'
+/// clients).
 fn traffic_frames() -> Vec<Vec<u8>> {
     (0..SERVICES)
         .flat_map(|s| {
             let vip = service_addr(s).vip.to_string();
             (0..TRAFFIC_SYNS_PER_SERVICE).map(move |i| {
                 let n = s * TRAFFIC_SYNS_PER_SERVICE + i;
-                let client = format!("198.20.{}.{}", n / 256, n % 256);
+                let client = format!("198.18.{}.{}", 160 + n / 256, n % 256);
                 Frame::tcp(&client, &vip, 10_000 + i as u16, 80, SYN).bytes()
             })
         })
