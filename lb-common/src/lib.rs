@@ -176,7 +176,14 @@ pub struct ConnValue {
     /// `CONN_F_CLOSING` once the client sent a FIN or RST: the control plane stops counting the
     /// flow as active soon after (`xlb real wait-drained`), while packets still follow it.
     pub flags: u16,
-    pub generation: u32,
+    /// The real's generation (`Backend::generation`), its low 16 bits: an id is given to
+    /// another real 65,536 times before an entry could mistake one holder for another.
+    pub generation: u16,
+    /// Full NAT, with `CONN_F_SNAT`: the source port the flow's requests leave with (network
+    /// byte order; its address is `SNAT_ADDRS` entry `CONN_SNAT_ADDR_*` of the flags), so an
+    /// established flow needs no `FULLNAT_FLOWS` lookup. 0 otherwise. Where an older build's
+    /// 32-bit generation had its high half (0 below 65,536).
+    pub snat_port: u16,
     /// Coarse monotonic clock, seconds; refreshed at most once a second per flow. 0: a free
     /// entry (the clock is never 0 after boot).
     pub last_seen_s: u32,
@@ -188,6 +195,22 @@ pub struct ConnValue {
 pub const CONN_ACKED_KEEP_S: u32 = 8;
 
 impl ConnValue {
+    /// Whether the entry was recorded for the real `Backend::generation` names.
+    #[inline(always)]
+    pub fn of_generation(&self, generation: u32) -> bool {
+        self.generation == generation as u16
+    }
+
+    /// The entry's full-NAT source (`CONN_SNAT_BITS` of its flags, `snat_port` above them), 0
+    /// if it holds none: what the balancer hands the NAT program (`NatScratch::flow`).
+    #[inline(always)]
+    pub fn snat(&self) -> u32 {
+        if self.flags & CONN_F_SNAT == 0 {
+            return 0;
+        }
+        (self.flags & CONN_SNAT_BITS) as u32 | (self.snat_port as u32) << 16
+    }
+
     /// Of a full bucket's entries, a new flow takes the one with the lowest keep score (a free
     /// entry scores 0): its last-seen second, later for an ACKed flow.
     #[inline(always)]
@@ -207,9 +230,10 @@ pub const CONN_WAYS: usize = 3;
 
 /// One tracked flow in the connection table. The flow's key is not stored: a lookup hashes the
 /// 5-tuple (`ConnKey::hashes`, `[h1, h2]`), reads bucket `h2 & (buckets - 1)` and takes the
-/// entry whose fingerprint is `[h1, h2 ^ conn_seal(backend_id, generation)]`. The seal ties the
-/// fingerprint to the real the entry names, so an entry torn by two CPUs writing it at once
-/// (one's fingerprint, the other's real) reads as a miss, never as another flow's real.
+/// entry whose fingerprint is `[h1, h2 ^ conn_seal(value)]`. The seal ties the fingerprint to
+/// the real the entry names (and to its full-NAT source), so an entry torn by two CPUs writing
+/// it at once (one's fingerprint, the other's real or source) reads as a miss, never as
+/// another flow's real or source.
 /// Everything in it is computable from the flow key and the real: a peer director can install
 /// it (connection sync).
 #[repr(C)]
@@ -224,10 +248,7 @@ impl ConnEntry {
     #[inline(always)]
     pub fn new(hashes: [u32; 2], value: ConnValue) -> Self {
         Self {
-            fingerprint: [
-                hashes[0],
-                hashes[1] ^ conn_seal(value.backend_id, value.generation),
-            ],
+            fingerprint: [hashes[0], hashes[1] ^ conn_seal(&value)],
             value,
         }
     }
@@ -236,15 +257,19 @@ impl ConnEntry {
     #[inline(always)]
     pub fn holds(&self, hashes: [u32; 2]) -> bool {
         self.fingerprint[0] == hashes[0]
-            && self.fingerprint[1]
-                == hashes[1] ^ conn_seal(self.value.backend_id, self.value.generation)
+            && self.fingerprint[1] == hashes[1] ^ conn_seal(&self.value)
     }
 }
 
-/// What binds an entry's fingerprint to its real (see `ConnEntry`).
+/// What binds an entry's fingerprint to its real and its full-NAT source (see `ConnEntry`).
+/// Without a source, the seal of an older build (whose 32-bit generation held the 16 bits of
+/// generation and the 16 of port here): its entries stay valid across a restart.
 #[inline(always)]
-pub fn conn_seal(backend_id: u16, generation: u32) -> u32 {
-    (backend_id as u32) ^ generation.wrapping_mul(0x9e37_79b1)
+pub fn conn_seal(value: &ConnValue) -> u32 {
+    let generation_and_port = (value.snat_port as u32) << 16 | value.generation as u32;
+    (value.backend_id as u32)
+        ^ generation_and_port.wrapping_mul(0x9e37_79b1)
+        ^ ((value.flags & CONN_SNAT_BITS) as u32).wrapping_mul(0x85eb_ca6b)
 }
 
 /// One bucket of the connection table: one 64-byte cache line (the array is mmapable, so the
@@ -310,6 +335,15 @@ pub const CONN_F_ACKED: u16 = 1 << 1;
 /// on the first packet it forwards on the flow and announces the flow as its own (a takeover),
 /// so its new director keeps the peers' copies fresh.
 pub const CONN_F_SYNCED: u16 = 1 << 2;
+/// Connection flag: the entry holds its full-NAT flow's source, `ConnValue::snat_port` and the
+/// index of its address in the service's `SNAT_ADDRS` (bits 4-6), written by `xlb_nat_forward`
+/// once the flow's source is claimed. Cleared with the flow's reply entry (the daemon's expiry),
+/// never synced (a peer finds the source in `FULLNAT_FLOWS`, which sync fills).
+pub const CONN_F_SNAT: u16 = 1 << 3;
+pub const CONN_SNAT_ADDR_SHIFT: u16 = 4;
+pub const CONN_SNAT_ADDR_MASK: u16 = 0x07 << CONN_SNAT_ADDR_SHIFT;
+/// Every flag bit of the full-NAT source (covered by the entry's seal).
+pub const CONN_SNAT_BITS: u16 = CONN_F_SNAT | CONN_SNAT_ADDR_MASK;
 /// Connection flags, bits 12-15: sixteenths of a second of the time the SYN was scheduled (with
 /// `last_seen_s`), so a retransmitted SYN is told from a duplicate by its age.
 pub const CONN_SYN_FRAC_SHIFT: u16 = 12;
@@ -393,13 +427,19 @@ pub struct NatReply {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatScratch {
-    /// The real chosen for a request, and whether the request started its flow.
+    /// The real chosen for a request.
     pub backend_id: u32,
-    pub new_flow: u32,
+    /// `NAT_FLOW_NEW` if the request started its flow; for a flow whose connection-table
+    /// entry holds its full-NAT source, that source as `ConnValue::snat` gives it (bits 3-6
+    /// and 16-31: an older balancer, which set 0 or 1 here, never sets `CONN_F_SNAT`).
+    pub flow: u32,
     /// The request's service: its id (for its SNAT addresses) and `SERVICE_F_*` flags.
     pub service_id: u32,
     pub service_flags: u32,
 }
+
+/// `NatScratch::flow`: the request started its flow.
+pub const NAT_FLOW_NEW: u32 = 1;
 
 /// Director-wide settings the control plane writes once at attach.
 #[repr(C)]
@@ -798,6 +838,18 @@ const _: () = {
     assert!(core::mem::size_of::<SnatEndpoint>() == 20);
     assert!(core::mem::size_of::<NatScratch>() == 16);
     assert!(MAX_BOUNCES <= CONN_BOUNCE_MASK >> CONN_BOUNCE_SHIFT);
+    // A SNAT address index fits its flag bits, which no other flag and not NAT_FLOW_NEW uses.
+    assert!(MAX_SNAT_ADDRS <= (CONN_SNAT_ADDR_MASK >> CONN_SNAT_ADDR_SHIFT) as usize + 1);
+    assert!(
+        CONN_SNAT_BITS
+            & (CONN_F_CLOSING
+                | CONN_F_ACKED
+                | CONN_F_SYNCED
+                | CONN_BOUNCE_MASK
+                | CONN_SYN_FRAC_MASK)
+            == 0
+    );
+    assert!(CONN_SNAT_BITS as u32 & NAT_FLOW_NEW == 0);
 };
 
 #[cfg(feature = "user")]
@@ -876,6 +928,62 @@ mod tests {
             ..entry
         };
         assert!(!torn.holds(key.hashes()));
+    }
+
+    #[test]
+    fn the_seal_covers_the_full_nat_source_and_keeps_older_entries() {
+        let hashes = [0x5161_319e, 0xb048_7c80];
+        let plain = ConnValue {
+            backend_id: 7,
+            generation: 3,
+            last_seen_s: 100,
+            ..ConnValue::default()
+        };
+        // An older build sealed backend_id ^ generation * 0x9e3779b1 (32-bit generation).
+        let older = [hashes[0], hashes[1] ^ (7 ^ 3u32.wrapping_mul(0x9e37_79b1))];
+        assert_eq!(ConnEntry::new(hashes, plain).fingerprint, older);
+        let snat = ConnValue {
+            flags: CONN_F_SNAT | 2 << CONN_SNAT_ADDR_SHIFT,
+            snat_port: 40000u16.to_be(),
+            ..plain
+        };
+        assert_eq!(
+            snat.snat(),
+            (CONN_F_SNAT | 2 << CONN_SNAT_ADDR_SHIFT) as u32 | (40000u16.to_be() as u32) << 16
+        );
+        assert_eq!(plain.snat(), 0);
+        let entry = ConnEntry::new(hashes, snat);
+        assert!(entry.holds(hashes));
+        // Torn: another writer's port, address index, or no source at all.
+        for value in [
+            ConnValue {
+                snat_port: 40001u16.to_be(),
+                ..snat
+            },
+            ConnValue {
+                flags: CONN_F_SNAT | 3 << CONN_SNAT_ADDR_SHIFT,
+                ..snat
+            },
+            ConnValue {
+                flags: 0,
+                snat_port: 0,
+                ..snat
+            },
+        ] {
+            assert!(!ConnEntry { value, ..entry }.holds(hashes));
+        }
+        // The data path's own flag updates keep it whole.
+        let acked = ConnValue {
+            flags: snat.flags | CONN_F_ACKED | CONN_F_CLOSING,
+            ..snat
+        };
+        assert!(
+            ConnEntry {
+                value: acked,
+                ..entry
+            }
+            .holds(hashes)
+        );
     }
 
     #[test]

@@ -16,9 +16,9 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, CONFIG_F_SYNC, CONN_BOUNCE_MASK, CONN_BOUNCE_SHIFT, CONN_F_ACKED, CONN_F_CLOSING,
-    CONN_F_SYNCED, CONN_SYN_FRAC_MASK, CONN_SYN_FRAC_SHIFT, ConnBucket, ConnEntry, ConnKey,
-    ConnValue, FragKey, FragValue, Global, MAX_BOUNCES, RefusalEvent, SYN_RETRY_MAX_16THS,
-    SYN_RETRY_MIN_16THS, ServiceValue, SyncEvent,
+    CONN_F_SNAT, CONN_F_SYNCED, CONN_SNAT_ADDR_SHIFT, CONN_SNAT_BITS, CONN_SYN_FRAC_MASK,
+    CONN_SYN_FRAC_SHIFT, ConnBucket, ConnEntry, ConnKey, ConnValue, FragKey, FragValue, Global,
+    MAX_BOUNCES, RefusalEvent, SYN_RETRY_MAX_16THS, SYN_RETRY_MIN_16THS, ServiceValue, SyncEvent,
 };
 
 use crate::{
@@ -36,6 +36,8 @@ pub struct Choice {
     /// For a TUN service, the flow's 5-tuple hash (Maglev's): IPv6 flow label and GUE source
     /// port. 0 for the other modes, which have no use for it.
     pub flow_hash: u32,
+    /// A tracked full-NAT flow's source, as its entry holds it (`ConnValue::snat`); 0 if none.
+    pub snat: u32,
 }
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -127,7 +129,7 @@ fn victim(bucket: *mut ConnBucket, hashes: [u32; 2]) -> *mut ConnEntry {
 #[inline(always)]
 fn tracked(conn: &ConnValue, svc: &ServiceValue, pkt: &Packet) -> Option<Choice> {
     let b = backend(conn.backend_id.into())?;
-    if b.generation != conn.generation || !maglev::usable(b, svc) {
+    if !conn.of_generation(b.generation) || !maglev::usable(b, svc) {
         return None;
     }
     Some(Choice {
@@ -135,6 +137,7 @@ fn tracked(conn: &ConnValue, svc: &ServiceValue, pkt: &Packet) -> Option<Choice>
         backend: b,
         new_flow: false,
         flow_hash: tun_flow_hash(pkt, svc),
+        snat: conn.snat(),
     })
 }
 
@@ -151,6 +154,7 @@ fn schedule(svc: &ServiceValue, hash: u32, flow_hash: u32) -> Option<Choice> {
         backend: b,
         new_flow: false,
         flow_hash,
+        snat: 0,
     })
 }
 
@@ -204,7 +208,8 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
     let value = ConnValue {
         // Below MAX_BACKENDS (2^16): BACKENDS held an entry for it.
         backend_id: choice.backend_id as u16,
-        generation: choice.backend.generation,
+        generation: choice.backend.generation as u16,
+        snat_port: 0,
         last_seen_s: (t16 / 16) as u32,
         flags: if pkt.is_tcp_fin_or_rst() {
             CONN_F_CLOSING
@@ -246,7 +251,7 @@ fn announce(pkt: &Packet, value: &ConnValue) {
             _pad: [0; 2],
         },
         backend_id: value.backend_id as u32,
-        generation: value.generation,
+        generation: value.generation as u32,
         flags: value.flags,
         _pad: [0; 6],
         // SAFETY: a helper without arguments.
@@ -278,7 +283,7 @@ fn retransmitted_syn(
     let unanswered = conn.backend_id as u32;
     let b = backend(unanswered)?;
     // Only when the entry still names the real this SYN would go to again.
-    if unanswered != fresh.backend_id || b.generation != conn.generation {
+    if unanswered != fresh.backend_id || !conn.of_generation(b.generation) {
         return None;
     }
     let (id, next) = maglev::pick_other(svc, sched_hash, unanswered)?;
@@ -287,6 +292,7 @@ fn retransmitted_syn(
         backend: next,
         new_flow: true,
         flow_hash: fresh.flow_hash,
+        snat: 0,
     })
 }
 
@@ -304,6 +310,34 @@ pub fn peek(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
     }
     let five_tuple = maglev::five_tuple_hash(pkt, true);
     schedule(svc, maglev::sched_hash(pkt, svc, five_tuple), five_tuple)
+}
+
+/// Full NAT: records in the flow's entry the source its requests leave with (`CONN_F_SNAT`:
+/// address `addr_index` of the service's SNAT addresses, `port` in network byte order), so its
+/// next packets need no `FULLNAT_FLOWS` lookup. Only while the entry names `backend_id` (a
+/// source is claimed per real); written only if it changes, so the cache line stays shared.
+#[inline(always)]
+pub fn record_snat(pkt: &Packet, backend_id: u32, addr_index: u32, port: u16) {
+    let hashes = maglev::conn_hashes(pkt);
+    let Some(entry) = bucket(hashes).and_then(|b| find(b, hashes)) else {
+        return;
+    };
+    // SAFETY: an entry of CONNS; see `select`.
+    let entry = unsafe { &mut *entry };
+    let conn = entry.value;
+    let snat_flags = CONN_F_SNAT | ((addr_index as u16) << CONN_SNAT_ADDR_SHIFT);
+    if conn.backend_id as u32 != backend_id
+        || (conn.flags & CONN_SNAT_BITS == snat_flags && conn.snat_port == port)
+    {
+        return;
+    }
+    let value = ConnValue {
+        flags: (conn.flags & !CONN_SNAT_BITS) | snat_flags,
+        snat_port: port,
+        ..conn
+    };
+    // Sealed anew: the seal covers the source. A racing writer can at worst tear it (a miss).
+    *entry = ConnEntry::new(hashes, value);
 }
 
 /// The real for a fragment: scheduled on addresses only (never on ports, which later fragments
@@ -378,7 +412,7 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
     let Some(b) = backend(refusing) else {
         return Refused::Forged;
     };
-    if b.generation != conn.generation || b.service_id != svc.id {
+    if !conn.of_generation(b.generation) || b.service_id != svc.id {
         return Refused::Forged;
     }
     let genuine = match from {
@@ -407,10 +441,13 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
     let Some((id, next)) = maglev::pick_other(svc, hash, refusing) else {
         return Refused::Bounced;
     };
+    // A full-NAT source is claimed per real: the new real's is claimed again.
+    let kept = conn.flags & !(CONN_BOUNCE_MASK | CONN_SNAT_BITS);
     let mut moved = ConnValue {
         backend_id: id as u16,
-        generation: next.generation,
-        flags: (conn.flags & !CONN_BOUNCE_MASK) | ((bounces + 1) << CONN_BOUNCE_SHIFT),
+        generation: next.generation as u16,
+        flags: kept | ((bounces + 1) << CONN_BOUNCE_SHIFT),
+        snat_port: 0,
         last_seen_s: conn.last_seen_s,
     };
     touch(&mut moved.last_seen_s, now_ns());
@@ -422,5 +459,6 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
         backend: next,
         new_flow: true,
         flow_hash: five_tuple,
+        snat: 0,
     })
 }

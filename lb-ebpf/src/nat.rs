@@ -25,8 +25,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, CONFIG_F_NAT, CONN_F_CLOSING, FAMILY_V4, Global, NatKey, NatReply, PROTO_TCP,
-    PROTO_UDP, SERVICE_F_FULLNAT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_TRIES, ServiceValue,
+    Backend, CONFIG_F_NAT, CONN_F_CLOSING, CONN_F_SNAT, CONN_SNAT_ADDR_MASK, CONN_SNAT_ADDR_SHIFT,
+    FAMILY_V4, Global, MAX_SNAT_ADDRS, NAT_FLOW_NEW, NatKey, NatReply, PROTO_TCP, PROTO_UDP,
+    SERVICE_F_FULLNAT, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_TRIES, ServiceValue, SnatAddrs,
     SnatEndpoint,
 };
 
@@ -295,7 +296,11 @@ pub fn hand_over_request(ctx: &XdpContext, svc: &ServiceValue, choice: &Choice) 
         // SAFETY: this CPU's own element.
         unsafe {
             (*s).backend_id = choice.backend_id;
-            (*s).new_flow = choice.new_flow as u32;
+            (*s).flow = if choice.new_flow {
+                NAT_FLOW_NEW
+            } else {
+                choice.snat
+            };
             (*s).service_id = svc.id;
             (*s).service_flags = svc.flags;
         }
@@ -334,27 +339,38 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
         addr: &b.addr,
         port: dport,
     };
+    let new_flow = scratch.flow & NAT_FLOW_NEW != 0;
     if scratch.service_flags & SERVICE_F_FULLNAT != 0 {
-        // Decided before anything is rewritten: the flow is known by the client's tuple.
-        let known_flow = scratch.new_flow == 0;
-        let Some(snat) = source_for(
-            ctx,
-            pkt,
-            scratch.service_id,
-            b,
-            dport,
-            &old_macs,
-            known_flow,
-        ) else {
-            return Some(drop::drop(ctx, DropReason::SnatExhausted));
-        };
-        let to_snat = Endpoint {
-            addr: &snat.addr,
-            port: snat.port,
-        };
-        set_either(ctx, pkt, Some(to_snat), Some(to_real))?;
+        let addrs = SNAT_ADDRS.get(scratch.service_id)?;
+        // A flow the connection table knows, with its source in its entry: no FULLNAT_FLOWS
+        // lookup (the daemon clears that source with the flow's reply entry).
+        let in_entry = scratch.flow & CONN_F_SNAT as u32 != 0;
+        let index = (scratch.flow & CONN_SNAT_ADDR_MASK as u32) >> CONN_SNAT_ADDR_SHIFT;
+        if !new_flow && in_entry && index < addrs.count {
+            let to_snat = Endpoint {
+                addr: addrs.addrs.get(index as usize)?,
+                port: (scratch.flow >> 16) as u16,
+            };
+            set_either(ctx, pkt, Some(to_snat), Some(to_real))?;
+        } else {
+            // Decided before anything is rewritten: the flow is known by the client's tuple.
+            let Some((snat, index)) = source_for(ctx, pkt, addrs, b, dport, &old_macs, !new_flow)
+            else {
+                return Some(drop::drop(ctx, DropReason::SnatExhausted));
+            };
+            if let Some(index) = index
+                && pkt.fragment == Fragment::None
+            {
+                conntrack::record_snat(pkt, scratch.backend_id, index, snat.port);
+            }
+            let to_snat = Endpoint {
+                addr: &snat.addr,
+                port: snat.port,
+            };
+            set_either(ctx, pkt, Some(to_snat), Some(to_real))?;
+        }
     } else {
-        if scratch.new_flow != 0 || pkt.fragment == Fragment::First {
+        if new_flow || pkt.fragment == Fragment::First {
             // Recorded when the flow is (re)scheduled, and for each first fragment (fragments
             // are scheduled without the connection table).
             let key = tuple(pkt, b.addr, pkt.src, dport, pkt.sport);
@@ -407,17 +423,18 @@ fn reply_value(
 /// (`known_flow`, a flow the connection table holds, takes that for granted);
 /// else a fresh one: a random SNAT address and port, claimed by inserting the reply tuple only
 /// if absent (`BPF_NOEXIST`, atomic across CPUs, so two flows never share one), up to
-/// `SNAT_TRIES` times. None: no free port found (the flow is refused and counted).
+/// `SNAT_TRIES` times. None: no free port found (the flow is refused and counted). With the
+/// source, the index of its address in `addrs` (the service's SNAT addresses), if there.
 #[inline(always)]
 fn source_for(
     ctx: &XdpContext,
     pkt: &Packet,
-    service_id: u32,
+    addrs: &SnatAddrs,
     b: &Backend,
     real_port: u16,
     macs: &[u8; 12],
     known_flow: bool,
-) -> Option<SnatEndpoint> {
+) -> Option<(SnatEndpoint, Option<u32>)> {
     let (sport, dport) = if pkt.fragment == Fragment::Later {
         let ports = conntrack::fragment_ports(pkt)?;
         (ports.sport, ports.dport)
@@ -434,7 +451,7 @@ fn source_for(
         // plane deletes it with the flow's reply entry. A flow (re)scheduled, a SYN included (a
         // new connection may reuse an old tuple), checks that the reply entry is still its own.
         if known_flow {
-            return Some(known);
+            return Some((known, index_of(addrs, &known.addr)));
         }
         reply.dst = known.addr;
         reply.dport = known.port;
@@ -442,11 +459,10 @@ fn source_for(
             // SAFETY: an LRU value, only read.
             let r = unsafe { &*r };
             if r.client == pkt.src && r.client_port == sport {
-                return Some(known);
+                return Some((known, index_of(addrs, &known.addr)));
             }
         }
     }
-    let addrs = SNAT_ADDRS.get(service_id)?;
     let count = addrs.count;
     if count == 0 {
         return None;
@@ -456,7 +472,8 @@ fn source_for(
         // SAFETY: a helper without arguments.
         let r = unsafe { bpf_get_prandom_u32() };
         let port = ((SNAT_PORT_MIN as u32 + (r & 0xffff) % SNAT_PORT_COUNT) as u16).to_be();
-        let addr = *addrs.addrs.get(((r >> 16) % count) as usize)?;
+        let index = (r >> 16) % count;
+        let addr = *addrs.addrs.get(index as usize)?;
         reply.dst = addr;
         reply.dport = port;
         if NAT_REPLIES
@@ -469,10 +486,25 @@ fn source_for(
                 _pad: [0; 2],
             };
             let _ = FULLNAT_FLOWS.insert(&flow, &snat, 0);
-            return Some(snat);
+            return Some((snat, Some(index)));
         }
     }
     None
+}
+
+/// Where `addr` is among a service's SNAT addresses; None if no longer among them (the flow
+/// then keeps it, but not in its connection-table entry).
+#[inline(always)]
+fn index_of(addrs: &SnatAddrs, addr: &[u8; 16]) -> Option<u32> {
+    let wanted = u128::from_ne_bytes(*addr);
+    (0..MAX_SNAT_ADDRS as u32)
+        .take_while(|&i| i < addrs.count)
+        .find(|&i| {
+            addrs
+                .addrs
+                .get(i as usize)
+                .is_some_and(|a| u128::from_ne_bytes(*a) == wanted)
+        })
 }
 
 /// A tuple of the packet's flow (protocol and family) with the given ends; ports in network

@@ -218,7 +218,7 @@ fn a_torn_entry_is_a_miss_and_the_flow_goes_to_its_maglev_real() {
     entry.value.backend_id = other_id as u16;
     assert_ne!(
         entry.fingerprint[1],
-        key.hashes()[1] ^ conn_seal(entry.value.backend_id, entry.value.generation)
+        key.hashes()[1] ^ conn_seal(&entry.value)
     );
     b.dataplane().set_conn_bucket(&key, bucket).unwrap();
     assert!(

@@ -5,7 +5,10 @@
 
 use std::net::IpAddr;
 
-use lb_common::{Global, NatKey, NatReply};
+use lb_common::{
+    CONN_F_SNAT, CONN_SNAT_ADDR_MASK, CONN_SNAT_ADDR_SHIFT, CONN_SNAT_BITS, ConnValue, Global,
+    NatKey, NatReply, SnatEndpoint,
+};
 use xlb::{
     config::{Mode, ServiceAddr, ServiceConfig},
     control::Balancer,
@@ -556,14 +559,6 @@ fn full_nat_refuses_and_counts_a_flow_when_no_snat_port_is_free() {
     let real = REALS4[0];
     let mut b = fullnat_service("198.18.0.100:80/tcp", &[real], &[SNAT4]);
     // Every SNAT port towards this real's port is taken (by flows of other clients).
-    let addr16 = |a: &str| {
-        let mut out = [0u8; 16];
-        match ip(a) {
-            IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
-            IpAddr::V6(v6) => out.copy_from_slice(&v6.octets()),
-        }
-        out
-    };
     let taken: Vec<(NatKey, NatReply)> = (lb_common::SNAT_PORT_MIN..=u16::MAX)
         .map(|port| {
             let key = NatKey {
@@ -602,6 +597,118 @@ fn full_nat_refuses_and_counts_a_flow_when_no_snat_port_is_free() {
             .iter()
             .all(|(_, v)| v.client == addr16("198.18.9.9"))
     );
+}
+
+/// The 16-byte form the maps keep an address in (IPv4 in the first four bytes).
+fn addr16(a: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match ip(a) {
+        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => out.copy_from_slice(&v6.octets()),
+    }
+    out
+}
+
+/// The full-NAT source a flow's connection-table entry holds: (SNAT address index, port).
+fn entry_source(b: &mut Balancer, flow: &Frame) -> Option<(u16, u16)> {
+    let v = b
+        .dataplane()
+        .conn(&conn_key(flow))
+        .unwrap()
+        .expect("the flow's entry");
+    (v.flags & CONN_F_SNAT != 0).then(|| {
+        (
+            (v.flags & CONN_SNAT_ADDR_MASK) >> CONN_SNAT_ADDR_SHIFT,
+            u16::from_be(v.snat_port),
+        )
+    })
+}
+
+#[test]
+fn an_established_full_nat_flow_takes_its_source_from_its_connection_entry() {
+    let snat = [SNAT4, SNAT4_B];
+    let mut b = fullnat_service("198.18.0.100:80/tcp", &[REALS4[0]], &snat);
+    let syn = Frame::tcp(CLIENT4, VIP4, 51000, 80, SYN);
+    let ack = Frame {
+        l4: L4::Tcp { flags: ACK },
+        ..syn.clone()
+    };
+    let (_, out) = run(&mut b, &syn.bytes());
+    let (addr, port) = source_of(&out);
+    let index = snat.iter().position(|a| ip(a) == addr).unwrap() as u16;
+    assert_eq!(entry_source(&mut b, &syn), Some((index, port)));
+    let endpoint = |addr: IpAddr, port: u16| SnatEndpoint {
+        addr: addr16(&addr.to_string()),
+        port: port.to_be(),
+        _pad: [0; 2],
+    };
+
+    // With its FULLNAT_FLOWS entry gone, the flow still leaves with its source: the entry's
+    // (a claim would never give it that port again, its reply entry holds it).
+    b.dataplane()
+        .delete_fullnat_flows(&[(conn_key(&syn), endpoint(addr, port))])
+        .unwrap();
+    let (verdict, out) = run(&mut b, &ack.bytes());
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(source_of(&out), (addr, port));
+
+    // An entry without the source (an older build's, a synced one) falls back to
+    // FULLNAT_FLOWS, and gets the source recorded.
+    let mut b = fullnat_service("198.18.0.100:80/tcp", &[REALS4[0]], &snat);
+    let (_, out) = run(&mut b, &syn.bytes());
+    let (addr, port) = source_of(&out);
+    let key = conn_key(&syn);
+    let v = b.dataplane().conn(&key).unwrap().unwrap();
+    let plain = ConnValue {
+        flags: v.flags & !CONN_SNAT_BITS,
+        snat_port: 0,
+        ..v
+    };
+    b.dataplane().insert_conns(&[(key, plain)]).unwrap();
+    assert_eq!(entry_source(&mut b, &syn), None);
+    let (_, out) = run(&mut b, &ack.bytes());
+    assert_eq!(source_of(&out), (addr, port));
+    let index = snat.iter().position(|a| ip(a) == addr).unwrap() as u16;
+    assert_eq!(entry_source(&mut b, &syn), Some((index, port)));
+
+    // The daemon's expiry of the flow's reply entry takes the source out of its entry too: its
+    // next packet claims a source afresh (in the reply table again, for this client).
+    let aged: Vec<(NatKey, NatReply)> = b
+        .dataplane()
+        .nat_replies()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let last_seen_s = v.last_seen_s - xlb::control::NAT_TCP_IDLE_S - 5;
+            (k, NatReply { last_seen_s, ..v })
+        })
+        .collect();
+    b.dataplane().insert_nat_replies(&aged).unwrap();
+    assert_eq!(xlb::control::expire_nat_replies(&mut b).unwrap(), 1);
+    assert_eq!(entry_source(&mut b, &syn), None);
+    let (verdict, out) = run(&mut b, &ack.bytes());
+    assert_eq!(verdict, XDP_TX);
+    let (addr, port) = source_of(&out);
+    let index = snat.iter().position(|a| ip(a) == addr).unwrap() as u16;
+    assert_eq!(entry_source(&mut b, &syn), Some((index, port)));
+    let replies = b.dataplane().nat_replies().unwrap();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(
+        (replies[0].0.dst, u16::from_be(replies[0].0.dport)),
+        (addr16(&addr.to_string()), port)
+    );
+    assert_eq!(replies[0].1.client, addr16(CLIENT4));
+
+    // Entries name their address by its index: another list of SNAT addresses for the service
+    // (id 0, its only one) takes every source out of the table.
+    b.dataplane()
+        .set_snat(0, &[addr16(SNAT4_B), addr16(SNAT4)])
+        .unwrap();
+    assert_eq!(entry_source(&mut b, &syn), None);
+    let (_, out) = run(&mut b, &ack.bytes());
+    assert_eq!(source_of(&out), (addr, port), "kept, from FULLNAT_FLOWS");
+    let index = [SNAT4_B, SNAT4].iter().position(|a| ip(a) == addr).unwrap() as u16;
+    assert_eq!(entry_source(&mut b, &syn), Some((index, port)));
 }
 
 #[test]

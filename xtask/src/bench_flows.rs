@@ -121,7 +121,11 @@ fn measure(name: &str, vip: &str, kind: Kind, flows: usize, calls: usize) -> Res
         let syn = Frame::tcp(&addr, vip, port, 80, SYN).bytes();
         let (verdict, sent) = dp.test_run(BALANCER_PROGRAM, &syn)?;
         if verdict != XDP_TX {
-            bail!("{name}: SYN {i} returned {}", verdict_name(verdict));
+            bail!(
+                "{name}: SYN {i} returned {} ({})",
+                verdict_name(verdict),
+                drop_counts(dp)?
+            );
         }
         acks.push(match kind {
             Kind::NatReply => reply_to(&sent),
@@ -165,6 +169,21 @@ fn measure(name: &str, vip: &str, kind: Kind, flows: usize, calls: usize) -> Res
         net: over(raw, floor),
         hit_ratio: 1.0 - misses as f64 / calls as f64,
     })
+}
+
+/// The data path's drop counters that are not 0 (`drop_snat_exhausted 1`, ...): why a frame
+/// was dropped.
+fn drop_counts(dp: &xlb::dataplane::Dataplane) -> Result<String> {
+    let mut counts = Vec::new();
+    for g in Global::ALL {
+        if g.name().starts_with("drop_") {
+            let n = dp.global_counter(g)?;
+            if n != 0 {
+                counts.push(format!("{} {n}", g.name()));
+            }
+        }
+    }
+    Ok(counts.join(", "))
 }
 
 /// Fisher-Yates with a fixed-seed xorshift: the same order in every run.

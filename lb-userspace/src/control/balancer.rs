@@ -511,13 +511,14 @@ impl Balancer {
     }
 
     /// Connection sync: the (service, real address, real's NAT port) a backend id and
-    /// generation name here, as a peer director knows them (ids are local to a director).
+    /// generation name here, as a peer director knows them (ids are local to a director). The
+    /// generation's low 16 bits, as a connection-table entry keeps it (`ConnValue::generation`).
     pub fn synced_real(&self, id: u32, generation: u32) -> Option<(ServiceAddr, IpAddr, u16)> {
         self.services.iter().find_map(|(svc, st)| {
             st.reals
                 .iter()
                 .chain(st.fallback.iter().map(|(a, r)| (a, r)))
-                .find(|(_, r)| r.backend_id == id && r.generation == generation)
+                .find(|(_, r)| r.backend_id == id && r.generation as u16 == generation as u16)
                 .map(|(addr, r)| (*svc, *addr, r.port))
         })
     }

@@ -116,5 +116,9 @@ pub fn expire_nat_replies(b: &mut Balancer) -> Result<usize> {
         })
         .collect();
     b.dataplane().delete_fullnat_flows(&fullnat)?;
+    // The connection table's copy of that source too (`CONN_F_SNAT`), which its established
+    // packets trust first.
+    let sources: Vec<(NatKey, u16)> = fullnat.iter().map(|(f, s)| (*f, s.port)).collect();
+    b.dataplane().forget_conn_snat(&sources)?;
     Ok(expired.len())
 }

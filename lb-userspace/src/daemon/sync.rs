@@ -35,7 +35,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use lb_common::{CONN_F_CLOSING, CONN_F_SYNCED, ConnKey, ConnValue, SnatEndpoint, SyncEvent};
+use lb_common::{
+    CONN_F_CLOSING, CONN_F_SYNCED, CONN_SNAT_BITS, ConnKey, ConnValue, SnatEndpoint, SyncEvent,
+};
 
 use super::Shared;
 use crate::{
@@ -137,7 +139,7 @@ fn entry_of(
         dport: u16::from_be(key.dport),
         real,
         real_port,
-        flags,
+        flags: flags & !CONN_SNAT_BITS,
         nat: None,
     })
 }
@@ -257,7 +259,7 @@ impl Sender {
         for (key, value) in keys.iter().zip(values) {
             let (entry, id, generation) = self.announced[key];
             let same = value.filter(|v| {
-                u32::from(v.backend_id) == id && v.generation == generation && is_active(v, now)
+                u32::from(v.backend_id) == id && v.of_generation(generation) && is_active(v, now)
             });
             match same {
                 None => {
@@ -265,7 +267,8 @@ impl Sender {
                 }
                 Some(v) if now.saturating_sub(v.last_seen_s) <= recent => {
                     self.queue.push(SyncEntry {
-                        flags: v.flags,
+                        // Its full-NAT source is this director's to hold (see `install`).
+                        flags: v.flags & !CONN_SNAT_BITS,
                         ..entry
                     });
                 }
@@ -377,8 +380,11 @@ impl Receiver {
                 let value = ConnValue {
                     // Below MAX_BACKENDS (2^16).
                     backend_id: id as u16,
-                    flags: e.flags | CONN_F_SYNCED,
-                    generation,
+                    // Never a full-NAT source in the entry (a peer's, or an older build's
+                    // bits): the flow's comes from `FULLNAT_FLOWS`, installed below.
+                    flags: (e.flags & !CONN_SNAT_BITS) | CONN_F_SYNCED,
+                    generation: generation as u16,
+                    snat_port: 0,
                     last_seen_s: now,
                 };
                 Some((e, conn_key(e), value))

@@ -5,7 +5,7 @@
 use std::{os::fd::AsRawFd, ptr::NonNull};
 
 use anyhow::{Result, bail};
-use lb_common::{CONN_WAYS, ConnBucket, ConnEntry, ConnKey, ConnValue};
+use lb_common::{CONN_SNAT_BITS, CONN_WAYS, ConnBucket, ConnEntry, ConnKey, ConnValue, conn_seal};
 
 use super::{Dataplane, sys};
 
@@ -181,6 +181,56 @@ impl Dataplane {
             let i = bucket_of(hashes, table.buckets);
             let way = way_for(&table.read(i), hashes);
             table.write_entry(i, way, ConnEntry::new(hashes, *value));
+        }
+        Ok(())
+    }
+
+    /// Takes a full-NAT source (`CONN_F_SNAT`) out of these flows' entries, each only while it
+    /// still names that port (network byte order): the flow's next packet then finds its source
+    /// in `FULLNAT_FLOWS`, or claims a new one. Resealed; one entry written at a time, so safe
+    /// while the data path runs (a racing write tears the entry, which then reads as a miss).
+    pub fn forget_conn_snat(&mut self, flows: &[(ConnKey, u16)]) -> Result<()> {
+        let table = self.conn_table()?;
+        for (key, port) in flows {
+            let hashes = key.hashes();
+            let i = bucket_of(hashes, table.buckets);
+            let bucket = table.read(i);
+            let Some(way) = bucket.entries.iter().position(|e| e.holds(hashes)) else {
+                continue;
+            };
+            let value = bucket.entries[way].value;
+            if value.snat() == 0 || value.snat_port != *port {
+                continue;
+            }
+            let value = ConnValue {
+                flags: value.flags & !CONN_SNAT_BITS,
+                snat_port: 0,
+                ..value
+            };
+            table.write_entry(i, way, ConnEntry::new(hashes, value));
+        }
+        Ok(())
+    }
+
+    /// Takes the full-NAT source out of every entry that holds one (one scan of the table):
+    /// those flows' next packets find theirs in `FULLNAT_FLOWS`, and record it anew.
+    pub fn forget_every_conn_snat(&mut self) -> Result<()> {
+        let table = self.conn_table()?;
+        for i in 0..table.buckets {
+            let bucket = table.read(i);
+            for (way, e) in bucket.entries.iter().enumerate() {
+                if e.value.snat() == 0 {
+                    continue;
+                }
+                // Resealed as the fingerprint's hashes were: h2 = fingerprint ^ old seal.
+                let hashes = [e.fingerprint[0], e.fingerprint[1] ^ conn_seal(&e.value)];
+                let value = ConnValue {
+                    flags: e.value.flags & !CONN_SNAT_BITS,
+                    snat_port: 0,
+                    ..e.value
+                };
+                table.write_entry(i, way, ConnEntry::new(hashes, value));
+            }
         }
         Ok(())
     }

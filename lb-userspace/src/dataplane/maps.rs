@@ -76,7 +76,14 @@ impl Dataplane {
             *slot = *a;
         }
         let mut map: Array<_, SnatAddrs> = Array::try_from(self.map_mut("SNAT_ADDRS")?)?;
+        let before = map.get(&service_id, 0)?;
         map.set(service_id, value, 0)?;
+        // Connection-table entries name their SNAT address by its index in this list: another
+        // list (a restart whose state file changed it, the id's previous service) would move
+        // them to another address.
+        if before.count != 0 && before != value {
+            self.forget_every_conn_snat()?;
+        }
         Ok(())
     }
 
