@@ -446,13 +446,28 @@ impl NatReplyBody {
     /// written. `last_seen_s` and `flags` are left as they are.
     #[inline(always)]
     pub fn expand(&self, r: &mut NatReply) {
-        copy_bytes(&mut r.vip, &self.vip);
-        copy_bytes(&mut r.client, &self.client);
-        r.vport = self.vport;
-        r.client_port = self.client_port;
-        copy_bytes(&mut r.mac, &self.mac);
-        copy_bytes(&mut r.src_mac, &self.src_mac);
-        r.ifindex = self.ifindex;
+        // By words: both structs are 4-aligned, and each array starts at the same offset
+        // modulo 4 in both (asserted below): the MAC at 0, the source MAC at 2.
+        // SAFETY: every access is within its array (4 + 2 or 2 + 4 bytes of 6, or 4 of 4 or
+        // 16), and aligned for its width.
+        unsafe {
+            let word = |a: *const u8| (a as *const u32).read();
+            let half = |a: *const u8| (a as *const u16).read();
+            let put_word = |a: *mut u8, v: u32| (a as *mut u32).write_volatile(v);
+            let put_half = |a: *mut u8, v: u16| (a as *mut u16).write_volatile(v);
+            put_word(r.vip.as_mut_ptr(), word(self.vip.as_ptr()));
+            put_word(r.client.as_mut_ptr(), word(self.client.as_ptr()));
+            r.vport = self.vport;
+            r.client_port = self.client_port;
+            put_word(r.mac.as_mut_ptr(), word(self.mac.as_ptr()));
+            put_half(r.mac.as_mut_ptr().add(4), half(self.mac.as_ptr().add(4)));
+            put_half(r.src_mac.as_mut_ptr(), half(self.src_mac.as_ptr()));
+            put_word(
+                r.src_mac.as_mut_ptr().add(2),
+                word(self.src_mac.as_ptr().add(2)),
+            );
+            r.ifindex = self.ifindex;
+        }
     }
 
     /// The seal of this body (never 0, so an empty way seals nothing).
@@ -889,6 +904,14 @@ const _: () = {
     assert!(core::mem::size_of::<NatReply>() == 60);
     assert!(core::mem::size_of::<NatReplyWay>() == 64);
     assert!(core::mem::size_of::<NatReplyBody>() == 44);
+    assert!(core::mem::offset_of!(NatReply, vip) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReply, client) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReply, mac) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReply, src_mac) % 4 == 2);
+    assert!(core::mem::offset_of!(NatReplyBody, vip) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReplyBody, client) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReplyBody, mac) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReplyBody, src_mac) % 4 == 2);
     assert!(NAT_REPLY_CACHE_BUCKETS.is_power_of_two());
     assert!(core::mem::size_of::<SnatAddrs>() == 8 + 16 * MAX_SNAT_ADDRS);
     assert!(core::mem::size_of::<SnatEndpoint>() == 20);
