@@ -420,6 +420,153 @@ pub struct NatReply {
     pub _pad: [u8; 2],
 }
 
+/// Ways of the IPv4 NAT reply cache (`NAT_REPLY_CACHE`), two per bucket: as many as the reply
+/// table holds flows.
+pub const NAT_REPLY_CACHE_WAYS: u32 = NAT_CAPACITY;
+pub const NAT_REPLY_CACHE_BUCKETS: u32 = NAT_REPLY_CACHE_WAYS / 2;
+
+/// One way of the IPv4 NAT reply cache: a copy of an IPv4 flow's `NAT_REPLIES` entry (key and
+/// translation) in one 64-byte cache line, where the reply table costs a bucket and an element
+/// elsewhere. `NAT_REPLIES` stays the record (the control plane lists, expires and syncs it);
+/// a reply found here refreshes `last_seen_s` here only, which the control plane's expiry also
+/// reads. `seal` is a hash of `body`: a way two CPUs wrote at once (torn) does not match it,
+/// and its reply takes the reply table instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatReplyWay {
+    pub seal: u32,
+    /// Coarse monotonic clock, seconds, of the last reply found here (or of the copy).
+    pub last_seen_s: u32,
+    pub body: NatReplyBody,
+    pub _pad: [u8; 12],
+}
+
+/// What a `NatReplyWay` seals: the reply tuple (IPv4) and how it is translated back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatReplyBody {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub vip: [u8; 4],
+    pub client: [u8; 4],
+    pub vport: u16,
+    pub client_port: u16,
+    pub mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub ifindex: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl NatReplyBody {
+    /// The cached copy of an IPv4 reply entry.
+    #[inline(always)]
+    pub fn of(key: &NatKey, r: &NatReply) -> Self {
+        let mut body = Self::default();
+        body.fill(key, r);
+        body
+    }
+
+    /// Makes this the cached copy of an IPv4 reply entry, field by field: in place (the data
+    /// path fills map memory, its NAT programs' stacks being full).
+    #[inline(always)]
+    pub fn fill(&mut self, key: &NatKey, r: &NatReply) {
+        copy_bytes(&mut self.src, &key.src);
+        copy_bytes(&mut self.dst, &key.dst);
+        self.sport = key.sport;
+        self.dport = key.dport;
+        copy_bytes(&mut self.vip, &r.vip);
+        copy_bytes(&mut self.client, &r.client);
+        self.vport = r.vport;
+        self.client_port = r.client_port;
+        copy_bytes(&mut self.mac, &r.mac);
+        copy_bytes(&mut self.src_mac, &r.src_mac);
+        self.ifindex = r.ifindex;
+        self.proto = key.proto;
+        copy_bytes(&mut self._pad, &[0; 3]);
+    }
+
+    /// Writes the translation this copies into `r`, whose addresses' last 12 bytes must be
+    /// zero (IPv4; a zeroed element's, where only this writes): only their first 4 are
+    /// written. `last_seen_s` and `flags` are left as they are.
+    #[inline(always)]
+    pub fn expand(&self, r: &mut NatReply) {
+        // By words: both structs are 4-aligned, and each array starts at the same offset
+        // modulo 4 in both (asserted below): the MAC at 0, the source MAC at 2.
+        // SAFETY: every access is within its array (4 + 2 or 2 + 4 bytes of 6, or 4 of 4 or
+        // 16), and aligned for its width.
+        unsafe {
+            let word = |a: *const u8| (a as *const u32).read();
+            let half = |a: *const u8| (a as *const u16).read();
+            let put_word = |a: *mut u8, v: u32| (a as *mut u32).write_volatile(v);
+            let put_half = |a: *mut u8, v: u16| (a as *mut u16).write_volatile(v);
+            put_word(r.vip.as_mut_ptr(), word(self.vip.as_ptr()));
+            put_word(r.client.as_mut_ptr(), word(self.client.as_ptr()));
+            r.vport = self.vport;
+            r.client_port = self.client_port;
+            put_word(r.mac.as_mut_ptr(), word(self.mac.as_ptr()));
+            put_half(r.mac.as_mut_ptr().add(4), half(self.mac.as_ptr().add(4)));
+            put_half(r.src_mac.as_mut_ptr(), half(self.src_mac.as_ptr()));
+            put_word(
+                r.src_mac.as_mut_ptr().add(2),
+                word(self.src_mac.as_ptr().add(2)),
+            );
+            r.ifindex = self.ifindex;
+        }
+    }
+
+    /// The seal of this body (never 0, so an empty way seals nothing).
+    #[inline(always)]
+    pub fn seal(&self) -> u32 {
+        // SAFETY: 44 bytes of plain data, 4-aligned, read as 11 words.
+        let w = |i: usize| unsafe { (self as *const Self as *const u32).add(i).read() };
+        conn_hash(&[
+            w(0),
+            w(1),
+            w(2),
+            w(3),
+            w(4),
+            w(5),
+            w(6),
+            w(7),
+            w(8),
+            w(9),
+            w(10),
+        ])[0]
+            | 1
+    }
+
+    /// Whether this is the reply tuple's copy.
+    #[inline(always)]
+    pub fn is_for(&self, src: &[u8; 4], dst: &[u8; 4], sport: u16, dport: u16, proto: u8) -> bool {
+        self.src == *src
+            && self.dst == *dst
+            && self.sport == sport
+            && self.dport == dport
+            && self.proto == proto
+    }
+}
+
+/// Copies the first `min(N, M)` bytes of `from` over `to`, one volatile store each: LLVM would
+/// otherwise make a short array copy a call to `memmove`, a byte loop on the BPF target.
+#[inline(always)]
+fn copy_bytes<const N: usize, const M: usize>(to: &mut [u8; N], from: &[u8; M]) {
+    let mut i = 0;
+    while i < N && i < M {
+        // SAFETY: `i` is within both arrays.
+        unsafe { core::ptr::write_volatile(to.as_mut_ptr().add(i), from[i]) };
+        i += 1;
+    }
+}
+
+/// The first way of a reply tuple's bucket in the reply cache, from its `ConnKey::hashes`.
+#[inline(always)]
+pub fn nat_reply_cache_way(hashes: [u32; 2]) -> u32 {
+    (hashes[1] & (NAT_REPLY_CACHE_BUCKETS - 1)) * 2
+}
+
 /// What the balancer hands the NAT programs it tail-calls (`NAT_SCRATCH`, per CPU: a frame is
 /// processed on one CPU from the balancer to the end of its tail calls). Kernel-only, but
 /// pinned (a restarted daemon's programs share it with the old ones), so its layout is fixed
@@ -834,6 +981,17 @@ const _: () = {
     assert!(core::mem::size_of::<RefusalEvent>() == 16);
     assert!(core::mem::size_of::<SyncEvent>() == 64);
     assert!(core::mem::size_of::<NatReply>() == 60);
+    assert!(core::mem::size_of::<NatReplyWay>() == 64);
+    assert!(core::mem::size_of::<NatReplyBody>() == 44);
+    assert!(core::mem::offset_of!(NatReply, vip) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReply, client) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReply, mac) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReply, src_mac) % 4 == 2);
+    assert!(core::mem::offset_of!(NatReplyBody, vip) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReplyBody, client) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReplyBody, mac) % 4 == 0);
+    assert!(core::mem::offset_of!(NatReplyBody, src_mac) % 4 == 2);
+    assert!(NAT_REPLY_CACHE_BUCKETS.is_power_of_two());
     assert!(core::mem::size_of::<SnatAddrs>() == 8 + 16 * MAX_SNAT_ADDRS);
     assert!(core::mem::size_of::<SnatEndpoint>() == 20);
     assert!(core::mem::size_of::<NatScratch>() == 16);
@@ -875,6 +1033,7 @@ mod pod {
     unsafe impl aya::Pod for RefusalEvent {}
     unsafe impl aya::Pod for SyncEvent {}
     unsafe impl aya::Pod for NatReply {}
+    unsafe impl aya::Pod for NatReplyWay {}
     unsafe impl aya::Pod for SnatAddrs {}
     unsafe impl aya::Pod for SnatEndpoint {}
 }

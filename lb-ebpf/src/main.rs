@@ -22,6 +22,7 @@ mod nat;
 mod nat_icmp;
 mod parse;
 mod refuse;
+mod reply_cache;
 mod reschedule;
 mod service;
 

@@ -10,8 +10,9 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Config, ConnBucket, Counters, DECAP_CAPACITY, DEFAULT_CONN_CAPACITY,
     DEFAULT_RING_SIZE, Decap, DecapConfig, FRAG_CAPACITY, FragKey, FragValue, Global, MAX_BACKENDS,
-    MAX_IFACES, MAX_SERVICES, NAT_CAPACITY, NatKey, NatReply, NatScratch, RefusalEvent, ServiceKey,
-    ServiceValue, SnatAddrs, SnatEndpoint, SyncEvent, VipKey, VipValue, conn_buckets,
+    MAX_IFACES, MAX_SERVICES, NAT_CAPACITY, NAT_REPLY_CACHE_WAYS, NatKey, NatReply, NatReplyBody,
+    NatReplyWay, NatScratch, RefusalEvent, ServiceKey, ServiceValue, SnatAddrs, SnatEndpoint,
+    SyncEvent, VipKey, VipValue, conn_buckets,
 };
 
 /// Inner Maglev table. Array elements are 8 bytes apart in the kernel whatever the value size,
@@ -55,6 +56,24 @@ pub static CONN_BUCKET_MASK: u32 = 0;
 /// where it goes (nat.rs). Shared, as `CONNS`, so a reply on any CPU finds its flow.
 #[btf_map]
 pub static NAT_REPLIES: LruHashMap<NatKey, NatReply, { NAT_CAPACITY as usize }> = LruHashMap::new();
+
+/// IPv4 NAT replies' translations, copied from `NAT_REPLIES` into a set-associative table of
+/// two 64-byte ways a bucket (reply_cache.rs): a reply reads one cache line. Mmapable, so that
+/// the kernel starts it on a page and each way is one line.
+#[btf_map]
+pub static NAT_REPLY_CACHE: Array<
+    NatReplyWay,
+    { NAT_REPLY_CACHE_WAYS as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
+
+/// Where a reply cache copy is made before it is written into its way, and read into before
+/// its seal is checked; and the translation a reply found there, expanded (reply_cache.rs):
+/// not on the stack, which the NAT programs have no room left on.
+#[btf_map]
+pub static NAT_REPLY_COPY: PerCpuArray<NatReplyBody, 1> = PerCpuArray::new();
+#[btf_map]
+pub static NAT_REPLY_FOUND: PerCpuArray<NatReply, 1> = PerCpuArray::new();
 
 /// Full-NAT flows by the client's tuple: the SNAT address and port their requests leave with.
 /// A flow the connection table holds trusts its entry; a (re)scheduled one only while

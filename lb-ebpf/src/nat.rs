@@ -17,7 +17,8 @@
 //!
 //! Entries are refreshed by replies (once a second, as the connection table's) and marked
 //! closing on the real's FIN or RST; the table is an LRU, and a new flow on the same
-//! tuple overwrites its entry.
+//! tuple overwrites its entry. IPv4 replies look in a one-cache-line copy of the entries first
+//! (reply_cache.rs).
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
@@ -38,6 +39,7 @@ use crate::{
     egress,
     maps::{BACKENDS, CONFIG, FULLNAT_FLOWS, NAT_PROGRAM, NAT_REPLIES, NAT_SCRATCH, SNAT_ADDRS},
     parse::{self, Fragment, Packet, ptr_at},
+    reply_cache,
 };
 
 /// `NAT_PROGRAM` slots.
@@ -377,7 +379,9 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
             let value = reply_value(ctx, pkt, pkt.sport, pkt.dport, &old_macs);
             // A full LRU evicts its oldest entry; a failed insert leaves the replies
             // untranslated.
-            let _ = NAT_REPLIES.insert(&key, &value, 0);
+            if NAT_REPLIES.insert(&key, &value, 0).is_ok() {
+                reply_cache::record(&key, &value);
+            }
         }
         set_either(ctx, pkt, None, Some(to_real))?;
     }
@@ -480,6 +484,7 @@ fn source_for(
             .insert(&reply, &value, BPF_NOEXIST as u64)
             .is_ok()
         {
+            reply_cache::record(&reply, &value);
             let snat = SnatEndpoint {
                 addr,
                 port,
@@ -561,25 +566,44 @@ fn reply(ctx: &XdpContext) -> Option<u32> {
     let pkt = &pkt;
     // As for flows: a frame flooded to us but sent to another host's MAC is its business.
     egress::ingress(ctx)?;
+    // Whether the rewrites can be done, before an entry is touched.
+    let macs = ptr_at::<[u8; 12]>(ctx, 0)?;
     let (sport, dport) = if pkt.fragment == Fragment::Later {
         let ports = conntrack::fragment_ports(pkt)?;
         (ports.sport, ports.dport)
     } else {
         (pkt.sport, pkt.dport)
     };
-    let key = tuple(pkt, pkt.src, pkt.dst, sport, dport);
-    // SAFETY: an LRU value; concurrent writers of one flow write equally valid values.
-    let r = unsafe { &mut *NAT_REPLIES.get_ptr_mut(&key)? };
-    // Whether the rewrites can be done, before the entry is touched.
-    let macs = ptr_at::<[u8; 12]>(ctx, 0)?;
-    conntrack::touch(&mut r.last_seen_s, conntrack::now_ns());
-    if pkt.is_tcp_fin_or_rst() && r.flags & CONN_F_CLOSING == 0 {
-        r.flags |= CONN_F_CLOSING;
-    }
-    if pkt.fragment == Fragment::First {
-        // Its later fragments carry no ports: they find this entry through the ports kept here.
-        conntrack::remember_fragment_ports(pkt);
-    }
+    // An IPv4 reply looks in the reply cache first; a FIN or RST goes to the reply table, which
+    // records that the flow is closing.
+    let cached =
+        if pkt.family == FAMILY_V4 && pkt.fragment == Fragment::None && !pkt.is_tcp_fin_or_rst() {
+            reply_cache::find(pkt)
+        } else {
+            None
+        };
+    // The translation, and where it records when it was last used.
+    let (r, last_seen_s): (&NatReply, *mut u32) = match cached {
+        // SAFETY: a way of the cache (see reply_cache.rs).
+        Some((way, copy)) => (copy, unsafe { &raw mut (*way).last_seen_s }),
+        None => {
+            let key = tuple(pkt, pkt.src, pkt.dst, sport, dport);
+            // SAFETY: an LRU value; concurrent writers of one flow write equally valid values.
+            let r = unsafe { &mut *NAT_REPLIES.get_ptr_mut(&key)? };
+            if pkt.is_tcp_fin_or_rst() && r.flags & CONN_F_CLOSING == 0 {
+                r.flags |= CONN_F_CLOSING;
+            }
+            if pkt.fragment == Fragment::First {
+                // Its later fragments carry no ports: they find this entry through the ports
+                // kept here.
+                conntrack::remember_fragment_ports(pkt);
+            }
+            let last_seen_s = &raw mut r.last_seen_s;
+            (&*r, last_seen_s)
+        }
+    };
+    // SAFETY: a field of map memory (the way's or the entry's).
+    conntrack::touch(unsafe { &mut *last_seen_s }, conntrack::now_ns());
     let to_vip = Endpoint {
         addr: &r.vip,
         port: r.vport,

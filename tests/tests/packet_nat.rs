@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use lb_common::{
     CONN_F_SNAT, CONN_SNAT_ADDR_MASK, CONN_SNAT_ADDR_SHIFT, CONN_SNAT_BITS, ConnValue, Global,
-    NatKey, NatReply, SnatEndpoint,
+    NatKey, NatReply, NatReplyBody, NatReplyWay, SnatEndpoint,
 };
 use xlb::{
     config::{Mode, ServiceAddr, ServiceConfig},
@@ -754,6 +754,94 @@ fn reply_entries_expire_by_their_timeouts() {
     let left = b.dataplane().nat_replies().unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(u16::from_be(left[0].0.dport), 50000);
+}
+
+/// The reply cache's way holding `key`'s copy (index and content).
+fn cached_way(b: &mut Balancer, key: &NatKey) -> Option<(u32, NatReplyWay)> {
+    let ways = b.dataplane().cached_ways(key).unwrap()?;
+    ways.into_iter().find(|(_, w)| {
+        w.body.src == key.src[..4] && w.body.dst == key.dst[..4] && w.body.dport == key.dport
+    })
+}
+
+/// A NAT director with one IPv4 TCP flow from client port `sport`: the real's ACK to it, and
+/// the flow's reply entry.
+fn one_flow(sport: u16) -> (Balancer, Frame, (NatKey, NatReply)) {
+    let (mut b, _) = nat_service("198.18.0.100:80/tcp", &REALS4, MAPPED);
+    let request = Frame::tcp(CLIENT4, VIP4, sport, 80, SYN);
+    run(&mut b, &request.bytes());
+    let real = predict(
+        &equal_weight(&REALS4),
+        RING,
+        five_tuple_hash(&request, true),
+    );
+    let reply = reply_of(&request, real, MAPPED, L4::Tcp { flags: ACK });
+    let entry = b.dataplane().nat_replies().unwrap()[0];
+    (b, reply, entry)
+}
+
+#[test]
+fn ipv4_replies_are_translated_from_whole_cached_copies_only() {
+    let (mut b, reply, (key, _)) = one_flow(50010);
+    let expected = to_client(&reply, VIP4, 80);
+    let (i, copy) = cached_way(&mut b, &key).expect("the flow's reply entry is copied");
+    assert_eq!(copy.seal, copy.body.seal());
+    assert_eq!(
+        run(&mut b, &reply_bytes(&reply)),
+        (XDP_TX, expected.clone())
+    );
+
+    // A torn copy (here: another VIP, under the old seal) is refused: the reply table answers.
+    let other_vip = [198, 18, 0, 200];
+    let torn = NatReplyWay {
+        body: NatReplyBody {
+            vip: other_vip,
+            ..copy.body
+        },
+        ..copy
+    };
+    b.dataplane().set_cached_way(i, torn).unwrap();
+    assert_eq!(
+        run(&mut b, &reply_bytes(&reply)),
+        (XDP_TX, expected.clone())
+    );
+    // Sealed, the same copy is whole, and used: replies are translated from the cache.
+    let whole = NatReplyWay {
+        seal: torn.body.seal(),
+        ..torn
+    };
+    b.dataplane().set_cached_way(i, whole).unwrap();
+    assert_eq!(
+        run(&mut b, &reply_bytes(&reply)),
+        (XDP_TX, to_client(&reply, "198.18.0.200", 80))
+    );
+    // Deleting the flow's reply entry takes its copy with it: its replies pass untouched.
+    b.dataplane().delete_nat_replies(&[key]).unwrap();
+    assert!(cached_way(&mut b, &key).is_none_or(|(_, w)| w.seal != w.body.seal()));
+    let frame = reply_bytes(&reply);
+    assert_eq!(run(&mut b, &frame), (XDP_PASS, frame));
+}
+
+#[test]
+fn replies_found_in_the_cache_keep_their_flow_from_expiring() {
+    let (mut b, reply, (key, entry)) = one_flow(50020);
+    // Its entry and copy idle past the TCP timeout...
+    let aged = NatReply {
+        last_seen_s: entry.last_seen_s - xlb::control::NAT_TCP_IDLE_S - 5,
+        ..entry
+    };
+    b.dataplane().insert_nat_replies(&[(key, aged)]).unwrap();
+    // ...then a reply, found in the cache: the copy is refreshed, not the entry.
+    assert_eq!(run(&mut b, &reply_bytes(&reply)).0, XDP_TX);
+    assert_eq!(b.dataplane().nat_replies().unwrap(), vec![(key, aged)]);
+    let seen = b.dataplane().cached_reply_seen(&key).unwrap();
+    assert!(seen.is_some_and(|s| s >= entry.last_seen_s), "{seen:?}");
+    assert_eq!(xlb::control::expire_nat_replies(&mut b).unwrap(), 0);
+    // Both idle: the flow expires, and its replies pass untouched.
+    b.dataplane().insert_nat_replies(&[(key, aged)]).unwrap();
+    assert_eq!(xlb::control::expire_nat_replies(&mut b).unwrap(), 1);
+    let frame = reply_bytes(&reply);
+    assert_eq!(run(&mut b, &frame), (XDP_PASS, frame));
 }
 
 // ---------------------------------------------------------------------------------------

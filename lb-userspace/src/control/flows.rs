@@ -75,21 +75,22 @@ pub const NAT_CLOSING_IDLE_S: u32 = 10;
 /// loses its translation, as it would lose its IPVS connection entry.
 pub fn expire_nat_replies(b: &mut Balancer) -> Result<usize> {
     let now = now_coarse_s();
-    let expired: Vec<(NatKey, NatReply)> = b
-        .dataplane()
-        .nat_replies()?
-        .into_iter()
-        .filter(|(k, v)| {
-            let limit = if k.proto == lb_common::PROTO_UDP {
-                NAT_UDP_IDLE_S
-            } else if v.flags & lb_common::CONN_F_CLOSING != 0 {
-                NAT_CLOSING_IDLE_S
-            } else {
-                NAT_TCP_IDLE_S
-            };
-            now.saturating_sub(v.last_seen_s) > limit
-        })
-        .collect();
+    let dp = b.dataplane();
+    let mut expired: Vec<(NatKey, NatReply)> = Vec::new();
+    for (k, v) in dp.nat_replies()? {
+        let limit = if k.proto == lb_common::PROTO_UDP {
+            NAT_UDP_IDLE_S
+        } else if v.flags & lb_common::CONN_F_CLOSING != 0 {
+            NAT_CLOSING_IDLE_S
+        } else {
+            NAT_TCP_IDLE_S
+        };
+        let idle = |seen: u32| now.saturating_sub(seen) > limit;
+        // Replies found in the reply cache refresh its copy only.
+        if idle(v.last_seen_s) && dp.cached_reply_seen(&k)?.is_none_or(idle) {
+            expired.push((k, v));
+        }
+    }
     let keys: Vec<NatKey> = expired.iter().map(|(k, _)| *k).collect();
     b.dataplane().delete_nat_replies(&keys)?;
     // A full-NAT flow's SNAT port goes with its reply entry: its established packets trust

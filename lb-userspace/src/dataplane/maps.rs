@@ -160,7 +160,7 @@ impl Dataplane {
             // One at a time: a batch delete stops at the first key the LRU already evicted.
             let _ = sys::delete_elem(fd, key);
         }
-        Ok(())
+        self.forget_cached_replies(keys)
     }
 
     /// Deletes full-NAT flows (client tuple, SNAT endpoint), each only while it still holds
@@ -177,14 +177,15 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes NAT reply entries, as the data path records them (tests fill the table with them).
+    /// Writes NAT reply entries (and their reply cache copies), as the data path records them
+    /// (tests fill the table with them).
     pub fn insert_nat_replies(&mut self, entries: &[(NatKey, NatReply)]) -> Result<()> {
         let mut map: HashMap<_, NatKey, NatReply> =
             HashMap::try_from(self.map_mut("NAT_REPLIES")?)?;
         for (k, v) in entries {
             map.insert(k, v, 0)?;
         }
-        Ok(())
+        self.cache_replies(entries)
     }
 
     /// A whole hash map, with BPF_MAP_LOOKUP_BATCH (a few syscalls instead of two per entry).

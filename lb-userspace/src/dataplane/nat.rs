@@ -1,10 +1,13 @@
 //! A NAT flow's state as connection sync reads it on one director and installs it on another:
 //! the one place userspace writes the reply table (`NAT_REPLIES`) and the full-NAT sources
-//! (`FULLNAT_FLOWS`) the way lb-ebpf's nat.rs records a flow.
+//! (`FULLNAT_FLOWS`) the way lb-ebpf's nat.rs records a flow; and the IPv4 reply cache
+//! (`NAT_REPLY_CACHE`, lb-ebpf's reply_cache.rs) as the control plane sees it.
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapError};
-use lb_common::{NatKey, NatReply, SnatEndpoint};
+use aya::maps::{Array, HashMap, MapError};
+use lb_common::{
+    FAMILY_V4, NatKey, NatReply, NatReplyBody, NatReplyWay, SnatEndpoint, nat_reply_cache_way,
+};
 
 use super::Dataplane;
 use crate::netlink::Mac;
@@ -114,11 +117,102 @@ impl Dataplane {
             _pad: [0; 2],
         };
         replies.insert(key, reply, 0)?;
+        self.cache_replies(&[(key, reply)])?;
         if let Some(snat) = snat {
             let mut flows: HashMap<_, NatKey, SnatEndpoint> =
                 HashMap::try_from(self.map_mut("FULLNAT_FLOWS")?)?;
             flows.insert(f.flow, snat, 0)?;
         }
         Ok(true)
+    }
+}
+
+/// Whether `way` holds a whole copy of `key`'s reply entry.
+fn way_holds(way: &NatReplyWay, key: &NatKey) -> bool {
+    way.body.src == key.src[..4]
+        && way.body.dst == key.dst[..4]
+        && way.body.sport == key.sport
+        && way.body.dport == key.dport
+        && way.body.proto == key.proto
+}
+
+impl Dataplane {
+    /// The ways (index, content) of an IPv4 tuple's bucket in the reply cache, as read now
+    /// (None for IPv6, which is not cached).
+    pub fn cached_ways(&self, key: &NatKey) -> Result<Option<[(u32, NatReplyWay); 2]>> {
+        if key.family != FAMILY_V4 {
+            return Ok(None);
+        }
+        let cache: Array<_, NatReplyWay> = Array::try_from(self.map("NAT_REPLY_CACHE")?)?;
+        let first = nat_reply_cache_way(key.hashes());
+        Ok(Some([
+            (first, cache.get(&first, 0)?),
+            (first + 1, cache.get(&(first + 1), 0)?),
+        ]))
+    }
+
+    /// When a reply last found `key`'s translation in the reply cache: the cache's copy's
+    /// `last_seen_s` (replies found there do not refresh the reply table's). None without a
+    /// whole copy.
+    pub fn cached_reply_seen(&self, key: &NatKey) -> Result<Option<u32>> {
+        Ok(self.cached_ways(key)?.and_then(|ways| {
+            ways.iter()
+                .find(|(_, w)| way_holds(w, key) && w.seal == w.body.seal())
+                .map(|(_, w)| w.last_seen_s)
+        }))
+    }
+
+    /// Copies reply entries just written into the reply cache (IPv4 ones), as the data path
+    /// does when it records a flow: into the way holding the tuple, else into its bucket's way
+    /// seen least recently. A copy the data path writes into the same way meanwhile is torn,
+    /// and its seal refuses it.
+    pub fn cache_replies(&mut self, entries: &[(NatKey, NatReply)]) -> Result<()> {
+        for (key, reply) in entries {
+            let Some([(a, way_a), (b, way_b)]) = self.cached_ways(key)? else {
+                continue;
+            };
+            let i = if way_holds(&way_a, key) {
+                a
+            } else if way_holds(&way_b, key) || way_b.last_seen_s < way_a.last_seen_s {
+                b
+            } else {
+                a
+            };
+            let body = NatReplyBody::of(key, reply);
+            let way = NatReplyWay {
+                seal: body.seal(),
+                last_seen_s: reply.last_seen_s,
+                body,
+                _pad: [0; 12],
+            };
+            self.set_cached_way(i, way)?;
+        }
+        Ok(())
+    }
+
+    /// Writes way `i` of the reply cache whole (tests write torn ways with it).
+    pub fn set_cached_way(&mut self, i: u32, way: NatReplyWay) -> Result<()> {
+        let mut cache: Array<_, NatReplyWay> = Array::try_from(self.map_mut("NAT_REPLY_CACHE")?)?;
+        cache.set(i, way, 0)?;
+        Ok(())
+    }
+
+    /// Removes the reply cache's copies of these tuples' entries: called after their reply
+    /// entries were deleted, so that no reply is translated with a copy the reply table no
+    /// longer holds.
+    pub fn forget_cached_replies(&mut self, keys: &[NatKey]) -> Result<()> {
+        for key in keys {
+            let Some(ways) = self.cached_ways(key)? else {
+                continue;
+            };
+            for (i, way) in ways {
+                if way_holds(&way, key) {
+                    // A whole way of zeros: a copy the data path writes meanwhile is torn, and
+                    // its seal refuses it.
+                    self.set_cached_way(i, NatReplyWay::default())?;
+                }
+            }
+        }
+        Ok(())
     }
 }

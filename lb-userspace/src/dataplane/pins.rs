@@ -28,7 +28,7 @@ const EXTRA_LINK_PREFIX: &str = "link-";
 /// The NAT program array and its hand-over are pinned too: a program array that no process
 /// holds is emptied by the kernel, and while a new daemon replaces the programs, the old
 /// balancer and the new NAT programs (or the reverse) must share the hand-over.
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 15] = [
     "SERVICES",
     "MAGLEV",
     "BACKENDS",
@@ -39,6 +39,7 @@ pub const PINNED_MAPS: [&str; 14] = [
     "BACKEND_STATS",
     "GLOBAL_STATS",
     "NAT_REPLIES",
+    "NAT_REPLY_CACHE",
     "FULLNAT_FLOWS",
     "SNAT_ADDRS",
     "NAT_PROGRAM",
