@@ -910,22 +910,26 @@ pub fn flow_hash<const N: usize>(words: &[u32; N]) -> u32 {
 }
 
 /// The connection table's hash of a flow's words (`ConnKey::hashes`), 64 bits as `[low,
-/// high]`: each pair of words taken as one 64-bit word and mixed in by MurmurHash3's 64-bit
-/// finaliser. Every packet of a tracked flow computes it, so it is cheap: 64-bit arithmetic,
-/// which the BPF ISA has natively, where two 32-bit MurmurHash3s (what it replaced) need a
-/// mask after every shift and twice the rounds. The whole finaliser runs after each word:
-/// a multiply alone carries only upward, so the high bits of one word (an IPv4 address's
-/// last byte) reached few bits of the state, and the next word's bits could cancel them
-/// (flows of one client to neighbouring VIPs shared hashes).
+/// high]`: each pair of words taken as one 64-bit word, mixed in by a multiply and a fold of
+/// the high half onto the low, then MurmurHash3's 64-bit finaliser. Every packet of a tracked
+/// flow computes it, so it is cheap: 64-bit arithmetic, which the BPF ISA has natively, where
+/// two 32-bit MurmurHash3s (what it replaced) need a mask after every shift and twice the
+/// rounds. The fold matters: with a rotate in its place, the high bits of a pair (an IPv4
+/// address's last byte) reached few bits of the state and the next pair's ports could cancel
+/// them (one client's flows to neighbouring VIPs shared hashes).
 #[inline(always)]
 pub fn conn_hash<const N: usize>(words: &[u32; N]) -> [u32; 2] {
     let mut h = CONN_HASH_SEED;
     let mut i = 0;
     while i < N {
         let high = if i + 1 < N { words[i + 1] as u64 } else { 0 };
-        h = fmix64(h ^ (words[i] as u64 | high << 32));
+        h = (h ^ (words[i] as u64 | high << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // A multiply carries only upward: fold the high half down, so that the high bits of
+        // this pair reach the low half, which the next pair's multiply spreads up again.
+        h ^= h >> 32;
         i += 2;
     }
+    let h = fmix64(h);
     [h as u32, (h >> 32) as u32]
 }
 
@@ -1071,7 +1075,7 @@ mod tests {
         };
         key.src[..4].copy_from_slice(&[198, 18, 1, 1]);
         key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
-        assert_eq!(key.hashes(), [0x968c_3dda, 0x55b0_e748]);
+        assert_eq!(key.hashes(), [0xec18_7e79, 0x28a8_ec77]);
         let value = ConnValue {
             backend_id: 7,
             generation: 3,
