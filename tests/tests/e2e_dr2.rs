@@ -166,7 +166,9 @@ fn two_arm_lab_end_to_end() {
     );
     let done = detach("eth0");
     assert!(done.status.success(), "{}", text(&done));
-    assert!(text(&done).contains("removed 16 pins"), "{}", text(&done));
+    // Every pinned map and the two arms' XDP links.
+    let pins = format!("removed {} pins", xlb::dataplane::PINNED_MAPS.len() + 2);
+    assert!(text(&done).contains(&pins), "{}", text(&done));
     assert!(!has_xdp("eth0") && !has_xdp("eth1"));
     assert!(
         LAB.get(&web).is_none(),

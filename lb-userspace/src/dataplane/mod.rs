@@ -23,10 +23,10 @@ mod sys;
 mod tables;
 
 pub use nat::{NatFlow, ReplyPath};
-pub use pins::{DEFAULT_PIN_ROOT, PinDir};
+pub use pins::{DEFAULT_PIN_ROOT, PINNED_MAPS, PinDir};
 
 use self::{
-    pins::{MapLayout, PINNED_MAPS},
+    pins::MapLayout,
     tables::{LiveTable, MaglevTables},
 };
 
