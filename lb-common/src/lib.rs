@@ -113,19 +113,6 @@ pub struct ServiceValue {
     pub _pad: u8,
 }
 
-impl ServiceValue {
-    /// Whether a TUN service's outer headers carry bits of the flow's 5-tuple hash: GUE's
-    /// source port, the IPv6 flow label, tunnel-source host bits (lb-ebpf's forward_tun.rs,
-    /// whose every use of the hash this must cover). Plain IPIP from one source has none, so
-    /// a tracked flow's packets skip the hash.
-    #[inline(always)]
-    pub fn tun_uses_flow_hash(&self) -> bool {
-        self.flags & SERVICE_F_TUN != 0
-            && (self.flags & (SERVICE_F_GUE | SERVICE_F_OUTER_V6) != 0
-                || self.tunnel_src_host_bits != 0)
-    }
-}
-
 /// Backend flag: established flows may be forwarded to it. Cleared when its MAC is unknown or
 /// it is failed over; a drained backend keeps it (it only leaves the Maglev table).
 pub const BACKEND_F_FORWARD: u8 = 1 << 0;

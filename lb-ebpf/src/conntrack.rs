@@ -33,9 +33,10 @@ pub struct Choice {
     /// The real's entry in BACKENDS, not a copy.
     pub backend: &'static Backend,
     pub new_flow: bool,
-    /// For a TUN service, the flow's 5-tuple hash (Maglev's): IPv6 flow label and GUE source
-    /// port. 0 for the other modes, which have no use for it.
-    pub flow_hash: u32,
+    /// The bits a TUN service's outer headers take from the flow (`maglev::outer_hash`): the
+    /// connection table's hash, computed for the lookup anyway, so a tracked flow's packets
+    /// need no second hash.
+    pub outer_hash: u32,
     /// A tracked full-NAT flow's source, as its entry holds it (`ConnValue::snat`); 0 if none.
     pub snat: u32,
 }
@@ -69,17 +70,6 @@ pub fn touch(last_seen_s: &mut u32, now_ns: u64) {
 #[inline(always)]
 fn backend(id: u32) -> Option<&'static Backend> {
     BACKENDS.get(id)
-}
-
-/// `Choice::flow_hash` of a tracked flow's packet: Maglev's 5-tuple hash, computed only for a
-/// service whose outer headers use it.
-#[inline(always)]
-fn tun_flow_hash(pkt: &Packet, svc: &ServiceValue) -> u32 {
-    if svc.tun_uses_flow_hash() {
-        maglev::five_tuple_hash(pkt, true)
-    } else {
-        0
-    }
 }
 
 /// The flow's bucket in the connection table.
@@ -127,7 +117,7 @@ fn victim(bucket: *mut ConnBucket, hashes: [u32; 2]) -> *mut ConnEntry {
 /// The real a flow's entry names, if it still serves the service as it did when recorded: a
 /// fingerprint that matched by chance cannot send a flow to another service's real.
 #[inline(always)]
-fn tracked(conn: &ConnValue, svc: &ServiceValue, pkt: &Packet) -> Option<Choice> {
+fn tracked(conn: &ConnValue, svc: &ServiceValue, hashes: [u32; 2]) -> Option<Choice> {
     let b = backend(conn.backend_id.into())?;
     if !conn.of_generation(b.generation) || !maglev::usable(b, svc) {
         return None;
@@ -136,14 +126,14 @@ fn tracked(conn: &ConnValue, svc: &ServiceValue, pkt: &Packet) -> Option<Choice>
         backend_id: conn.backend_id.into(),
         backend: b,
         new_flow: false,
-        flow_hash: tun_flow_hash(pkt, svc),
+        outer_hash: hashes[0],
         snat: conn.snat(),
     })
 }
 
 /// Maglev's real for scheduling hash `hash`, recording nothing.
 #[inline(always)]
-fn schedule(svc: &ServiceValue, hash: u32, flow_hash: u32) -> Option<Choice> {
+fn schedule(svc: &ServiceValue, hash: u32, outer_hash: u32) -> Option<Choice> {
     let backend_id = maglev::pick(svc.id, hash)?;
     let b = backend(backend_id)?;
     if !maglev::usable(b, svc) {
@@ -153,7 +143,7 @@ fn schedule(svc: &ServiceValue, hash: u32, flow_hash: u32) -> Option<Choice> {
         backend_id,
         backend: b,
         new_flow: false,
-        flow_hash,
+        outer_hash,
         snat: 0,
     })
 }
@@ -171,7 +161,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
                 // SAFETY: an entry of CONNS; a concurrent writer of the same flow writes the
                 // same fields with equally valid values.
                 let conn = unsafe { &mut (*entry).value };
-                if let Some(choice) = tracked(conn, svc, pkt) {
+                if let Some(choice) = tracked(conn, svc, hashes) {
                     touch(&mut conn.last_seen_s, now);
                     // Written once per flow: a later SYN is a new connection.
                     if conn.flags & CONN_F_ACKED == 0 {
@@ -196,7 +186,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
     let t16 = now / (NS_PER_S / 16);
     let five_tuple = maglev::five_tuple_hash(pkt, true);
     let sched_hash = maglev::sched_hash(pkt, svc, five_tuple);
-    let mut choice = schedule(svc, sched_hash, five_tuple)?;
+    let mut choice = schedule(svc, sched_hash, hashes[0])?;
     if pkt.is_tcp_syn()
         && let Some(entry) = found
         // SAFETY: an entry of CONNS, only read.
@@ -291,7 +281,7 @@ fn retransmitted_syn(
         backend_id: id,
         backend: next,
         new_flow: true,
-        flow_hash: fresh.flow_hash,
+        outer_hash: fresh.outer_hash,
         snat: 0,
     })
 }
@@ -304,12 +294,12 @@ pub fn peek(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
     let hashes = maglev::conn_hashes(pkt);
     if let Some(entry) = bucket(hashes).and_then(|b| find(b, hashes)) {
         // SAFETY: an entry of CONNS, only read.
-        if let Some(choice) = tracked(unsafe { &(*entry).value }, svc, pkt) {
+        if let Some(choice) = tracked(unsafe { &(*entry).value }, svc, hashes) {
             return Some(choice);
         }
     }
     let five_tuple = maglev::five_tuple_hash(pkt, true);
-    schedule(svc, maglev::sched_hash(pkt, svc, five_tuple), five_tuple)
+    schedule(svc, maglev::sched_hash(pkt, svc, five_tuple), hashes[0])
 }
 
 /// Full NAT: records in the flow's entry the source its requests leave with (`CONN_F_SNAT`:
@@ -345,7 +335,11 @@ pub fn record_snat(pkt: &Packet, backend_id: u32, addr_index: u32, port: u16) {
 #[inline(always)]
 pub fn select_fragment(pkt: &Packet, svc: &ServiceValue) -> Option<Choice> {
     let five_tuple = maglev::five_tuple_hash(pkt, false);
-    schedule(svc, maglev::sched_hash(pkt, svc, five_tuple), five_tuple)
+    schedule(
+        svc,
+        maglev::sched_hash(pkt, svc, five_tuple),
+        maglev::outer_hash(pkt, false),
+    )
 }
 
 #[inline(always)]
@@ -458,7 +452,7 @@ pub fn refused(pkt: &Packet, svc: &ServiceValue, from: &Sender) -> Refused {
         backend_id: id,
         backend: next,
         new_flow: true,
-        flow_hash: five_tuple,
+        outer_hash: hashes[0],
         snat: 0,
     })
 }

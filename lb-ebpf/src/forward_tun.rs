@@ -117,21 +117,19 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue, choice: &Choi
     };
     let backend = &choice.backend;
     let tunnel = Tunnel::of(svc, pkt);
-    // Each use of the flow hash below is one `ServiceValue::tun_uses_flow_hash` lists: a
-    // tracked flow's packets compute the hash only for those.
     let gue_sport = if tunnel.gue_dport != 0 {
-        (GUE_SPORT_BASE | (choice.flow_hash & GUE_SPORT_MASK) as u16).to_be()
+        (GUE_SPORT_BASE | (choice.outer_hash & GUE_SPORT_MASK) as u16).to_be()
     } else {
         0
     };
-    let src = flow_source(svc, choice.flow_hash);
+    let src = flow_source(svc, choice.outer_hash);
     let outer = Outer {
         src: &src,
         dst: &backend.addr,
         // The flow label spreads flows over the receiver's queues and ECMP paths, which see
         // only the outer addresses otherwise. Fragments hash without ports (later ones have
         // none), so every fragment of a datagram takes the same path.
-        label: choice.flow_hash & 0xf_ffff,
+        label: choice.outer_hash & 0xf_ffff,
         dst_mac: &backend.mac,
         src_mac: &backend.src_mac,
     };

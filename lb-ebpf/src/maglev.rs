@@ -26,11 +26,19 @@ pub fn sched_hash(pkt: &Packet, svc: &ServiceValue, five_tuple: u32) -> u32 {
     five_tuple
 }
 
-/// The hash of addresses, ports (zero when `with_ports` is false) and protocol. Also the
-/// source of an IP6IP6 outer flow label, whatever the service's scheduling hash.
+/// The hash of addresses, ports (zero when `with_ports` is false) and protocol: Maglev's.
 #[inline(always)]
 pub fn five_tuple_hash(pkt: &Packet, with_ports: bool) -> u32 {
     over_five_tuple(pkt, with_ports, |w| flow_hash(w), |w| flow_hash(w))
+}
+
+/// The hash whose bits a TUN service's outer headers carry (GUE's source port, the IPv6 flow
+/// label, tunnel-source host bits): the low half of the connection table's hash, which a whole
+/// packet's lookup has already computed (`conn_hashes(pkt)[0]`); ports left out for a fragment,
+/// so every fragment of a datagram gets the same outer header.
+#[inline(always)]
+pub fn outer_hash(pkt: &Packet, with_ports: bool) -> u32 {
+    over_five_tuple(pkt, with_ports, |w| conn_hash(w), |w| conn_hash(w))[0]
 }
 
 /// The connection table's hashes of the packet's flow: `ConnKey::hashes`.

@@ -219,7 +219,8 @@ fn check_cases(
         let real = predict(&equal_weight(reals), RING, hash);
         let (verdict, out) = run(&mut b, &input);
         assert_eq!(verdict, XDP_TX, "{svc} {}: verdict", c.name);
-        let mut expected = from_director(&input, src, real, hash, gue);
+        let outer = outer_hash(&c.frame, c.frame.fragment.is_none());
+        let mut expected = from_director(&input, src, real, outer, gue);
         let l2 = l2_len(&input);
         let ip_len = if real.is_ipv6() { 40 } else { 20 };
         if gue.is_some() && real.is_ipv6() {
@@ -644,7 +645,15 @@ fn a_gue_real_refuses_in_bare_ip_in_ip_and_the_director_reschedules_in_gue() {
         at_real[6..12].copy_from_slice(&NEXT_HOP_MAC);
         let (verdict, refusal) = d.test_run(&at_real).unwrap();
         assert_eq!(verdict, XDP_TX, "{svc}: refused");
-        let expected = wrapped(&input, first, ip(src), hash, None, (NEXT_HOP_MAC, REAL_MAC));
+        // The real keeps the director's outer header, addresses swapped: its flow label too.
+        let expected = wrapped(
+            &input,
+            first,
+            ip(src),
+            outer_hash(&f, true),
+            None,
+            (NEXT_HOP_MAC, REAL_MAC),
+        );
         assert_eq!(
             refusal, expected,
             "{svc}: bare IP-in-IP back to the director"
@@ -659,7 +668,13 @@ fn a_gue_real_refuses_in_bare_ip_in_ip_and_the_director_reschedules_in_gue() {
         assert_eq!(verdict, XDP_TX, "{svc}: re-scheduled");
         assert_eq!(
             out,
-            from_director(&input, src, next, hash, Some(DEFAULT_GUE_PORT)),
+            from_director(
+                &input,
+                src,
+                next,
+                outer_hash(&f, true),
+                Some(DEFAULT_GUE_PORT)
+            ),
             "{svc}: in GUE to the next real"
         );
         assert_eq!(global(&mut b, Global::RefusalRescheduled), 1);
@@ -742,6 +757,7 @@ fn a_tunnel_source_prefix_gives_each_flow_an_outer_source() {
             let input = f.bytes();
             let hash = five_tuple_hash(&f, true);
             let real = predict(&equal_weight(reals), RING, hash);
+            let hash = outer_hash(&f, true);
             let src = match base {
                 IpAddr::V4(a) => {
                     IpAddr::V4(Ipv4Addr::from(u32::from(a) | (hash & ((1 << bits) - 1))))

@@ -266,7 +266,7 @@ fn errors_about_a_tracked_flow_go_to_its_real_in_tun_mode() {
         let port = port_that_would_move(&f, &reals);
         let flow = Frame::tcp(f.client, f.vip, port, 80, SYN);
         let label = if f.vip == VIP6 {
-            five_tuple_hash(&flow, true) & 0xf_ffff
+            outer_hash(&flow, true) & 0xf_ffff
         } else {
             0
         };

@@ -274,7 +274,11 @@ fn a_tun_refusal_is_accepted_only_from_the_flows_real_address() {
         let f = Frame::tcp(client, vip, 40004, 80, SYN);
         let input = f.bytes();
         let hash = five_tuple_hash(&f, true);
-        let label = if vip == VIP6 { hash & 0xf_ffff } else { 0 };
+        let label = if vip == VIP6 {
+            outer_hash(&f, true) & 0xf_ffff
+        } else {
+            0
+        };
         let first = predict(&equal_weight(reals), RING, hash);
         let (verdict, out) = run(&mut b, &input);
         assert_eq!((verdict, out), (XDP_TX, tun_to(&input, src, first, label)));

@@ -189,8 +189,12 @@ fn ipv6_services_forward_by_ip6ip6_with_the_flow_hash_as_flow_label() {
         let (mut b, _) = tun_service(service, &REALS6, None);
         let input = frame.bytes();
         let with_ports = frame.fragment.is_none();
-        let hash = five_tuple_hash(&frame, with_ports);
-        let real = predict(&equal_weight(&REALS6), RING, hash);
+        let real = predict(
+            &equal_weight(&REALS6),
+            RING,
+            five_tuple_hash(&frame, with_ports),
+        );
+        let hash = outer_hash(&frame, with_ports);
         let (verdict, out) = run(&mut b, &input);
         assert_eq!(verdict, XDP_TX, "{name}: verdict");
         assert_eq!(
@@ -240,8 +244,8 @@ fn outer_lengths_come_from_the_inner_header_not_from_a_padded_frame() {
     };
     let mut input6 = frame6.bytes();
     input6.resize(input6.len() + 6, 0);
-    let hash = five_tuple_hash(&frame6, true);
-    let real6 = predict(&equal_weight(&REALS6), RING, hash);
+    let real6 = predict(&equal_weight(&REALS6), RING, five_tuple_hash(&frame6, true));
+    let hash = outer_hash(&frame6, true);
     let (verdict, out) = run(&mut b6, &input6);
     assert_eq!(verdict, XDP_TX);
     assert_eq!(
@@ -840,7 +844,7 @@ fn hash_kind_src_ip_still_labels_flows_by_five_tuple() {
         let (verdict, out) = run(&mut b, &f.bytes());
         assert_eq!(verdict, XDP_TX);
         let label = u32::from_be_bytes([0, out[15] & 0x0f, out[16], out[17]]);
-        assert_eq!(label, five_tuple_hash(&f, true) & 0xf_ffff);
+        assert_eq!(label, outer_hash(&f, true) & 0xf_ffff);
         labels.insert(label);
         reals.insert(out[14 + 24..14 + 40].to_vec());
     }
