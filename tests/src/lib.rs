@@ -579,18 +579,11 @@ pub fn five_tuple_hash(f: &Frame, with_ports: bool) -> u32 {
 /// tunnel-source host bits): the low half of the connection table's hash of the 5-tuple,
 /// ports left out for fragments (mirrors lb-ebpf's maglev.rs `outer_hash`).
 pub fn outer_hash(f: &Frame, with_ports: bool) -> u32 {
-    let (s, d) = (words(f.src), words(f.dst));
-    let ports = if with_ports {
-        (f.sport.to_be() as u32) << 16 | f.dport.to_be() as u32
-    } else {
-        0
-    };
-    let proto = f.proto() as u32;
-    if f.src.is_ipv4() {
-        lb_common::conn_hash(&[s[0], d[0], ports, proto])[0]
-    } else {
-        lb_common::conn_hash(&[s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports, proto])[0]
+    let mut key = conn_key(f);
+    if !with_ports {
+        (key.sport, key.dport) = (0, 0);
     }
+    key.hashes()[0]
 }
 
 /// The frame's flow as the connection table keys it (`ConnKey::hashes`).
