@@ -198,6 +198,17 @@ impl ConnValue {
         (self.flags & CONN_SNAT_BITS) as u32 | (self.snat_port as u32) << 16
     }
 
+    /// This entry without its full-NAT source: the flow's next packet finds it in
+    /// `FULLNAT_FLOWS` again.
+    #[inline(always)]
+    pub fn without_snat(self) -> Self {
+        Self {
+            flags: self.flags & !CONN_SNAT_BITS,
+            snat_port: 0,
+            ..self
+        }
+    }
+
     /// Of a full bucket's entries, a new flow takes the one with the lowest keep score (a free
     /// entry scores 0): its last-seen second, later for an ACKed flow.
     #[inline(always)]

@@ -5,7 +5,7 @@
 use std::{os::fd::AsRawFd, ptr::NonNull};
 
 use anyhow::{Result, bail};
-use lb_common::{CONN_SNAT_BITS, CONN_WAYS, ConnBucket, ConnEntry, ConnKey, ConnValue, conn_seal};
+use lb_common::{CONN_WAYS, ConnBucket, ConnEntry, ConnKey, ConnValue, conn_seal};
 
 use super::{Dataplane, sys};
 
@@ -202,12 +202,7 @@ impl Dataplane {
             if value.snat() == 0 || value.snat_port != *port {
                 continue;
             }
-            let value = ConnValue {
-                flags: value.flags & !CONN_SNAT_BITS,
-                snat_port: 0,
-                ..value
-            };
-            table.write_entry(i, way, ConnEntry::new(hashes, value));
+            table.write_entry(i, way, ConnEntry::new(hashes, value.without_snat()));
         }
         Ok(())
     }
@@ -224,12 +219,7 @@ impl Dataplane {
                 }
                 // Resealed as the fingerprint's hashes were: h2 = fingerprint ^ old seal.
                 let hashes = [e.fingerprint[0], e.fingerprint[1] ^ conn_seal(&e.value)];
-                let value = ConnValue {
-                    flags: e.value.flags & !CONN_SNAT_BITS,
-                    snat_port: 0,
-                    ..e.value
-                };
-                table.write_entry(i, way, ConnEntry::new(hashes, value));
+                table.write_entry(i, way, ConnEntry::new(hashes, e.value.without_snat()));
             }
         }
         Ok(())

@@ -127,13 +127,16 @@ impl Dataplane {
     }
 }
 
-/// Whether `way` holds a whole copy of `key`'s reply entry.
+/// Whether `way` holds a copy of `key`'s (IPv4) reply entry: the data path's own test.
 fn way_holds(way: &NatReplyWay, key: &NatKey) -> bool {
-    way.body.src == key.src[..4]
-        && way.body.dst == key.dst[..4]
-        && way.body.sport == key.sport
-        && way.body.dport == key.dport
-        && way.body.proto == key.proto
+    let four = |a: &[u8; 16]| [a[0], a[1], a[2], a[3]];
+    way.body.is_for(
+        &four(&key.src),
+        &four(&key.dst),
+        key.sport,
+        key.dport,
+        key.proto,
+    )
 }
 
 impl Dataplane {
